@@ -1,0 +1,1 @@
+//! How components speak the CPI: mTLS with hot-reloaded certificates, Unix sockets, deadlines and trace propagation.

@@ -1,0 +1,1 @@
+//! Framework for provider shims: one trait per CPI service, served with mTLS, health, metrics, tracing and graceful shutdown.

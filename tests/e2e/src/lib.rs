@@ -1,0 +1,1 @@
+//! Cross-component test suites: gRPC over real sockets, leader election, tracing, end-to-end.

@@ -1,0 +1,1 @@
+//! Throwaway certificate authorities and leaf certificates for mTLS tests.
