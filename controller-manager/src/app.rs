@@ -1,0 +1,293 @@
+//! Wiring of the controller-manager: API client, provider shim, secure port, leader election
+//! and the controllers the provider supports and `--controllers` enables.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use kube::config::{KubeConfigOptions, Kubeconfig};
+use tokio::sync::oneshot;
+use tokio::task::JoinSet;
+use tracing::{error, info, warn};
+
+use crate::cloud::{Cloud, CloudError};
+use crate::controllers::node::{NodeController, NodeControllerConfig};
+use crate::leader::{LeaderElector, LeaseConfig, Lost, SharedStatus};
+use crate::metrics::{LeaseLabels, Metrics};
+use crate::names::{ControllerName, ControllerSelection};
+use crate::options::{Options, OptionsError};
+use crate::ratelimit::RateLimitLayer;
+use crate::serve::{self, Health, Scope};
+
+/// Why the controller-manager stopped with an error.
+#[derive(Debug, thiserror::Error)]
+pub enum AppError {
+    /// Invalid flags.
+    #[error(transparent)]
+    Options(#[from] OptionsError),
+    /// The kubeconfig could not be loaded.
+    #[error("loading the API server configuration: {0}")]
+    KubeConfig(String),
+    /// The API client could not be built.
+    #[error("building the API client: {0}")]
+    KubeClient(#[from] kube::Error),
+    /// The provider shim could not be used.
+    #[error(transparent)]
+    Cloud(#[from] CloudError),
+    /// `--cloud-provider` disagrees with the shim.
+    #[error("--cloud-provider={flag:?} but the provider shim reports {shim:?}")]
+    ProviderMismatch {
+        /// Flag value.
+        flag: String,
+        /// Shim's name.
+        shim: String,
+    },
+    /// The secure port could not be served.
+    #[error(transparent)]
+    Serve(#[from] serve::ServeError),
+    /// Leadership was lost; upstream exits so the process restarts as a candidate.
+    #[error("leaderelection lost: {0}")]
+    LeadershipLost(#[from] Lost),
+}
+
+/// Everything controllers need, built once at start-up.
+#[derive(Clone)]
+pub struct Runtime {
+    /// API client (rate limited).
+    pub client: kube::Client,
+    /// Provider shim.
+    pub cloud: Cloud,
+    /// Metrics registry.
+    pub metrics: Arc<Metrics>,
+    /// Health checks.
+    pub health: Health,
+    /// Our leader-election identity (also the event reporting instance).
+    pub identity: String,
+}
+
+/// Loads the API-server configuration from `--kubeconfig`/`--master` or the cluster.
+pub async fn kube_config(options: &Options) -> Result<kube::Config, AppError> {
+    let mut config = if options.kubeconfig.is_empty() {
+        kube::Config::infer()
+            .await
+            .map_err(|e| AppError::KubeConfig(e.to_string()))?
+    } else {
+        let kubeconfig = Kubeconfig::read_from(&options.kubeconfig)
+            .map_err(|e| AppError::KubeConfig(format!("--kubeconfig={}: {e}", options.kubeconfig)))?;
+        kube::Config::from_custom_kubeconfig(kubeconfig, &KubeConfigOptions::default())
+            .await
+            .map_err(|e| AppError::KubeConfig(format!("--kubeconfig={}: {e}", options.kubeconfig)))?
+    };
+    if !options.master.is_empty() {
+        config.cluster_url = options
+            .master
+            .parse()
+            .map_err(|e| AppError::KubeConfig(format!("--master={}: {e}", options.master)))?;
+    }
+    Ok(config)
+}
+
+/// Builds the rate-limited API client.
+pub fn kube_client(config: kube::Config, options: &Options) -> Result<kube::Client, AppError> {
+    let builder = kube::client::ClientBuilder::try_from(config)?;
+    Ok(builder
+        .with_layer(&RateLimitLayer::new(options.kube_api_qps, options.kube_api_burst))
+        .build())
+}
+
+/// Controllers to run: enabled by `--controllers` and supported by the provider.
+pub fn controllers_to_run(selection: &ControllerSelection, cloud: &Cloud) -> Vec<ControllerName> {
+    let capabilities = cloud.capabilities();
+    ControllerName::ALL
+        .into_iter()
+        .filter(|c| {
+            if !selection.is_enabled(*c) {
+                info!(controller = c.canonical(), "controller disabled by --controllers");
+                return false;
+            }
+            if !c.supported_by(&capabilities) {
+                warn!(controller = c.canonical(), "provider does not support this controller; not starting it");
+                return false;
+            }
+            true
+        })
+        .collect()
+}
+
+/// Runs the controller-manager until `shutdown` resolves or leadership is lost.
+pub async fn run(
+    options: Options,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), AppError> {
+    let selection = options.validate()?;
+    let config = kube_config(&options).await?;
+    let client = kube_client(config, &options)?;
+    let endpoint = options.provider_endpoint()?;
+    let cloud = Cloud::connect(
+        &endpoint,
+        options.provider_timeout,
+        options.provider_tls_reload_interval,
+        options.provider_startup_timeout,
+    )
+    .await?;
+    if !options.cloud_provider.is_empty() && options.cloud_provider != cloud.info().name {
+        return Err(AppError::ProviderMismatch {
+            flag: options.cloud_provider.clone(),
+            shim: cloud.info().name.clone(),
+        });
+    }
+    let controllers = controllers_to_run(&selection, &cloud);
+    let metrics = Metrics::new();
+    let health = Health::default();
+    health.add("ping", Scope::Live, Arc::new(|| Ok(())));
+    let identity = format!(
+        "{}_{}",
+        hostname::get()
+            .ok()
+            .and_then(|h| h.into_string().ok())
+            .unwrap_or_else(|| "unknown".into()),
+        uuid::Uuid::new_v4()
+    );
+    let runtime = Runtime {
+        client,
+        cloud,
+        metrics: metrics.clone(),
+        health: health.clone(),
+        identity: identity.clone(),
+    };
+    if options.secure_port != 0 {
+        let acceptor = serve::tls_acceptor(
+            options
+                .tls_cert_file
+                .as_deref()
+                .zip(options.tls_private_key_file.as_deref()),
+        )?;
+        let addr = SocketAddr::new(options.bind_address, options.secure_port);
+        let (_, server) = serve::bind(addr, acceptor, serve::router(health.clone(), metrics.clone())).await?;
+        tokio::spawn(server);
+    }
+    let mut shutdown = Box::pin(shutdown);
+    if !options.leader_elect {
+        let running = start_controllers(&runtime, &options, &controllers);
+        shutdown.await;
+        running.stop().await;
+        return Ok(());
+    }
+    let status = SharedStatus::default();
+    let lease_duration = options.leader_elect_lease_duration;
+    {
+        let status = status.clone();
+        // Upstream NewLeaderHealthzAdaptor(20s): unhealthy when we think we lead but have not
+        // renewed for lease duration + 20 s.
+        health.add(
+            "leaderElection",
+            Scope::Live,
+            Arc::new(move || {
+                let status = status.lock().map_err(|_| "status lock poisoned".to_string())?;
+                match status.last_renew {
+                    Some(at) if status.leading && at.elapsed() > lease_duration + Duration::from_secs(20) => {
+                        Err(format!("failed to renew leadership for {:?}", at.elapsed()))
+                    }
+                    _ => Ok(()),
+                }
+            }),
+        );
+    }
+    let lease_gauge = metrics
+        .leader_election_master_status
+        .get_or_create(&LeaseLabels {
+            name: options.leader_elect_resource_name.clone(),
+        })
+        .clone();
+    let mut elector = LeaderElector::new(
+        runtime.client.clone(),
+        LeaseConfig {
+            namespace: options.leader_elect_resource_namespace.clone(),
+            name: options.leader_elect_resource_name.clone(),
+            identity,
+            lease_duration,
+            renew_deadline: options.leader_elect_renew_deadline,
+            retry_period: options.leader_elect_retry_period,
+        },
+        status,
+    );
+    let fence = tokio::select! {
+        fence = elector.acquire() => fence,
+        () = &mut shutdown => return Ok(()),
+    };
+    lease_gauge.set(1);
+    info!(lease_transitions = fence.lease_transitions, "became leader; starting controllers");
+    let running = start_controllers(&runtime, &options, &controllers);
+    let result = tokio::select! {
+        lost = elector.hold() => Err(AppError::LeadershipLost(lost)),
+        () = &mut shutdown => Ok(()),
+    };
+    lease_gauge.set(0);
+    running.stop().await;
+    if result.is_ok() {
+        elector.release().await;
+    } else {
+        error!("leader election lost; controllers stopped");
+    }
+    result
+}
+
+/// Running controller tasks and the switches that stop them.
+pub struct Running {
+    stops: Vec<oneshot::Sender<()>>,
+    tasks: JoinSet<()>,
+}
+
+impl Running {
+    /// Signals every controller to stop and waits (bounded) for them.
+    pub async fn stop(mut self) {
+        for stop in self.stops.drain(..) {
+            let _ = stop.send(());
+        }
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !self.tasks.is_empty() {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if tokio::time::timeout(left, self.tasks.join_next()).await.is_err() {
+                warn!("controllers did not stop within 10s; aborting them");
+                self.tasks.abort_all();
+                break;
+            }
+        }
+    }
+}
+
+fn start_controllers(runtime: &Runtime, options: &Options, controllers: &[ControllerName]) -> Running {
+    let mut running = Running {
+        stops: Vec::new(),
+        tasks: JoinSet::new(),
+    };
+    for controller in controllers {
+        let (stop_tx, stop_rx) = oneshot::channel::<()>();
+        let stop = async move {
+            let _ = stop_rx.await;
+        };
+        let rt = runtime.clone();
+        match controller {
+            ControllerName::CloudNode => {
+                let config = NodeControllerConfig {
+                    workers: options.concurrent_node_syncs,
+                    status_update_frequency: options.node_status_update_frequency,
+                    status_update_workers: options.node_status_update_workers(),
+                    instance: rt.identity.clone(),
+                };
+                running.tasks.spawn(async move {
+                    rt.metrics.set_running(ControllerName::CloudNode.alias(), true);
+                    NodeController::run(rt.client, rt.cloud, rt.metrics.clone(), config, stop).await;
+                    rt.metrics.set_running(ControllerName::CloudNode.alias(), false);
+                });
+            }
+            other => {
+                warn!(controller = other.canonical(), "controller is not implemented in this build yet; not starting it");
+                continue;
+            }
+        }
+        info!(controller = controller.canonical(), "started controller");
+        running.stops.push(stop_tx);
+    }
+    running
+}

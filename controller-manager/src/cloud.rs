@@ -1,0 +1,223 @@
+//! The controller-manager's view of the provider shim: one multiplexed channel, the shim's
+//! self-description, and typed calls that return [`CpiError`]s.
+
+use std::time::{Duration, Instant};
+
+use cpi_proto::CpiError;
+use cpi_proto::v1::{
+    self, Capability, GetProviderInfoRequest, ProviderInfo, instances_client::InstancesClient,
+    instances_v2_client::InstancesV2Client, provider_client::ProviderClient,
+    zones_client::ZonesClient,
+};
+use cpi_transport::{ClientEndpoint, ClientTls, ConnectOptions, CpiChannel, TlsFiles};
+use tracing::{info, warn};
+
+use crate::options::ProviderEndpoint;
+
+/// Failure to reach or understand the shim at start-up.
+#[derive(Debug, thiserror::Error)]
+pub enum CloudError {
+    /// TLS material for the shim connection could not be loaded.
+    #[error("provider TLS: {0}")]
+    Tls(#[from] cpi_transport::TlsError),
+    /// The channel could not be built.
+    #[error("provider endpoint: {0}")]
+    Connect(#[from] cpi_transport::ConnectError),
+    /// The shim did not answer GetProviderInfo in time.
+    #[error("provider shim at {endpoint} did not answer within {waited:?}: {last}")]
+    Unreachable {
+        /// Endpoint tried.
+        endpoint: String,
+        /// How long we tried.
+        waited: Duration,
+        /// Last error seen.
+        last: CpiError,
+    },
+    /// The shim answered with something we cannot work with.
+    #[error("provider shim at {endpoint}: {message}")]
+    Incompatible {
+        /// Endpoint tried.
+        endpoint: String,
+        /// What is wrong.
+        message: String,
+    },
+}
+
+/// A connected provider shim.
+#[derive(Clone)]
+pub struct Cloud {
+    info: ProviderInfo,
+    channel: CpiChannel,
+}
+
+impl Cloud {
+    /// Builds the channel and reads ProviderInfo, retrying with backoff until `startup_timeout`
+    /// (the shim may start after us).
+    pub async fn connect(
+        endpoint: &ProviderEndpoint,
+        request_timeout: Duration,
+        reload_interval: Duration,
+        startup_timeout: Duration,
+    ) -> Result<Self, CloudError> {
+        let (client_endpoint, shown) = match endpoint {
+            ProviderEndpoint::Unix(path) => (
+                ClientEndpoint::Unix { path: path.clone() },
+                format!("unix://{}", path.display()),
+            ),
+            ProviderEndpoint::Tls {
+                uri,
+                server_name,
+                cert,
+                key,
+                ca,
+            } => {
+                let tls = ClientTls::new(
+                    TlsFiles {
+                        cert: cert.clone(),
+                        key: key.clone(),
+                        ca: ca.clone(),
+                    },
+                    server_name.clone(),
+                    reload_interval,
+                )?;
+                (
+                    ClientEndpoint::Tls {
+                        uri: uri.clone(),
+                        tls,
+                    },
+                    uri.clone(),
+                )
+            }
+        };
+        let channel = cpi_transport::client::connect(
+            client_endpoint,
+            ConnectOptions {
+                request_timeout,
+                ..ConnectOptions::default()
+            },
+        )?;
+        let started = Instant::now();
+        let mut delay = Duration::from_millis(200);
+        let info = loop {
+            match ProviderClient::new(channel.clone())
+                .get_provider_info(GetProviderInfoRequest {})
+                .await
+            {
+                Ok(response) => break response.into_inner(),
+                Err(status) => {
+                    let err = CpiError::from_status(&status);
+                    if started.elapsed() + delay > startup_timeout {
+                        return Err(CloudError::Unreachable {
+                            endpoint: shown,
+                            waited: started.elapsed(),
+                            last: err,
+                        });
+                    }
+                    warn!(endpoint = %shown, error = %err, "provider shim not ready yet; retrying");
+                    tokio::time::sleep(delay).await;
+                    delay = (delay * 2).min(Duration::from_secs(5));
+                }
+            }
+        };
+        if info.name.is_empty() {
+            return Err(CloudError::Incompatible {
+                endpoint: shown,
+                message: "ProviderInfo.name is empty".into(),
+            });
+        }
+        info!(
+            provider = %info.name,
+            shim_version = %info.shim_version,
+            capabilities = ?capabilities(&info),
+            "connected to provider shim"
+        );
+        Ok(Self { info, channel })
+    }
+
+    /// The shim's self-description.
+    pub fn info(&self) -> &ProviderInfo {
+        &self.info
+    }
+
+    /// Services the shim implements.
+    pub fn capabilities(&self) -> Vec<Capability> {
+        capabilities(&self.info)
+    }
+
+    /// Whether the shim implements a service.
+    pub fn has(&self, capability: Capability) -> bool {
+        self.info.capabilities.contains(&(capability as i32))
+    }
+
+    /// Whether `provider_id` belongs to this provider (its prefix is one the shim claims).
+    pub fn owns_provider_id(&self, provider_id: &str) -> bool {
+        owns_provider_id(&self.info, provider_id)
+    }
+
+    /// InstancesV2 client over the shared channel.
+    pub fn instances_v2(&self) -> InstancesV2Client<CpiChannel> {
+        InstancesV2Client::new(self.channel.clone())
+    }
+
+    /// Legacy Instances client over the shared channel.
+    pub fn instances(&self) -> InstancesClient<CpiChannel> {
+        InstancesClient::new(self.channel.clone())
+    }
+
+    /// Legacy Zones client over the shared channel.
+    pub fn zones(&self) -> ZonesClient<CpiChannel> {
+        ZonesClient::new(self.channel.clone())
+    }
+
+    /// Whether objects handed to the shim should carry their raw JSON.
+    pub fn wants_raw_objects(&self) -> bool {
+        self.info.wants_raw_objects
+    }
+}
+
+fn capabilities(info: &ProviderInfo) -> Vec<Capability> {
+    info.capabilities
+        .iter()
+        .filter_map(|c| Capability::try_from(*c).ok())
+        .filter(|c| *c != Capability::Unspecified)
+        .collect()
+}
+
+/// Ownership rule shared by every controller: a providerID is ours when it starts with one of
+/// the prefixes the shim claims (default `<name>://`).
+pub fn owns_provider_id(info: &v1::ProviderInfo, provider_id: &str) -> bool {
+    if info.provider_id_prefixes.is_empty() {
+        let default = format!("{}://", info.name);
+        return provider_id.starts_with(&default);
+    }
+    info.provider_id_prefixes
+        .iter()
+        .any(|prefix| !prefix.is_empty() && provider_id.starts_with(prefix.as_str()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ownership_defaults_to_provider_name_prefix() {
+        let info = ProviderInfo {
+            name: "local".into(),
+            ..Default::default()
+        };
+        assert!(owns_provider_id(&info, "local://m-1"));
+        assert!(!owns_provider_id(&info, "aws:///us-east-1a/i-1"));
+        assert!(!owns_provider_id(&info, "localhost://x"));
+    }
+
+    #[test]
+    fn ownership_uses_claimed_prefixes() {
+        let info = ProviderInfo {
+            name: "hcloud".into(),
+            provider_id_prefixes: vec!["hcloud://".into(), "hrobot://".into()],
+            ..Default::default()
+        };
+        assert!(owns_provider_id(&info, "hrobot://42"));
+        assert!(!owns_provider_id(&info, "talos://x"));
+    }
+}

@@ -1,0 +1,3 @@
+//! The cloud controllers, one module per controller.
+
+pub mod node;

@@ -1,0 +1,849 @@
+//! cloud-node-controller: initialises nodes that carry the
+//! `node.cloudprovider.kubernetes.io/uninitialized` taint from the provider's instance
+//! metadata (upstream `controllers/node/node_controller.go`), mirrors beta labels to their GA
+//! form, and periodically refreshes node addresses.
+//!
+//! Writes per initialised node: one `PUT` of the Node (providerID, labels, taint) and one
+//! `PATCH` of its status (addresses), plus the `Synced` event. Reads come from the watch cache.
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::IpAddr;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use futures::StreamExt;
+use k8s_openapi::api::core::v1::{Node, NodeAddress};
+use k8s_openapi::jiff::Timestamp;
+use kube::api::{Api, Patch, PatchParams, PostParams};
+use kube::runtime::controller::{Action, Controller};
+use kube::runtime::events::{Event, EventType, Recorder};
+use kube::runtime::reflector::{ObjectRef, Store};
+use kube::runtime::watcher;
+use kube::{Resource, ResourceExt};
+use tracing::{Instrument, debug, info, info_span, warn};
+
+use cpi_proto::CpiError;
+use cpi_proto::v1::{self, Capability};
+
+use crate::cloud::Cloud;
+use crate::convert;
+use crate::metrics::Metrics;
+
+/// Taint set by kubelets started with `--cloud-provider=external`.
+pub const TAINT_UNINITIALIZED: &str = "node.cloudprovider.kubernetes.io/uninitialized";
+/// Annotation in which the kubelet publishes `--node-ip`.
+pub const ANNOTATION_PROVIDED_NODE_IP: &str = "alpha.kubernetes.io/provided-node-ip";
+/// GA instance-type label.
+pub const LABEL_INSTANCE_TYPE: &str = "node.kubernetes.io/instance-type";
+/// Deprecated beta instance-type label.
+pub const LABEL_INSTANCE_TYPE_BETA: &str = "beta.kubernetes.io/instance-type";
+/// GA zone label.
+pub const LABEL_ZONE: &str = "topology.kubernetes.io/zone";
+/// Deprecated beta zone label.
+pub const LABEL_ZONE_BETA: &str = "failure-domain.beta.kubernetes.io/zone";
+/// GA region label.
+pub const LABEL_REGION: &str = "topology.kubernetes.io/region";
+/// Deprecated beta region label.
+pub const LABEL_REGION_BETA: &str = "failure-domain.beta.kubernetes.io/region";
+
+/// Beta label → GA label pairs kept in sync (the beta label is the source of truth).
+const LABEL_PAIRS: [(&str, &str); 3] = [
+    (LABEL_ZONE_BETA, LABEL_ZONE),
+    (LABEL_REGION_BETA, LABEL_REGION),
+    (LABEL_INSTANCE_TYPE_BETA, LABEL_INSTANCE_TYPE),
+];
+
+/// Upstream `UpdateNodeSpecBackoff`: 20 attempts, 50 ms apart (jittered).
+const UPDATE_ATTEMPTS: u32 = 20;
+const UPDATE_STEP: Duration = Duration::from_millis(50);
+
+/// What the provider says about one node (upstream `cloudprovider.InstanceMetadata`).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct NodeMetadata {
+    /// Provider ID to set (may be empty with the legacy path when InstanceID is not implemented).
+    pub provider_id: String,
+    /// Instance type; empty when unknown.
+    pub instance_type: String,
+    /// Node addresses; empty when unknown.
+    pub addresses: Vec<NodeAddress>,
+    /// Zone; empty when unknown.
+    pub zone: String,
+    /// Region; empty when unknown.
+    pub region: String,
+    /// Extra labels proposed by the provider.
+    pub additional_labels: BTreeMap<String, String>,
+}
+
+/// A failed node sync; the node is requeued with backoff and keeps its taint.
+#[derive(Debug, thiserror::Error)]
+pub enum SyncError {
+    /// The provider call failed.
+    #[error("{call} for node {node:?}: {source}")]
+    Cloud {
+        /// Which call.
+        call: &'static str,
+        /// Node name.
+        node: String,
+        /// Provider error.
+        source: CpiError,
+    },
+    /// Neither the provider nor the node has a provider ID (InstancesV2 path).
+    #[error("cloud provider does not set node provider ID for node {0}")]
+    NoProviderId(String),
+    /// The provider returned a provider ID we must not write.
+    #[error("provider returned an invalid provider ID {id:?} for node {node:?}: {reason}")]
+    InvalidProviderId {
+        /// Node name.
+        node: String,
+        /// The ID.
+        id: String,
+        /// Why it is refused.
+        reason: &'static str,
+    },
+    /// The provided-node-ip annotation does not match the provider's addresses.
+    #[error("provided node ip for node {node:?} is not valid: {message}")]
+    ProvidedNodeIp {
+        /// Node name.
+        node: String,
+        /// Details.
+        message: String,
+    },
+    /// The zone could not be determined (legacy path).
+    #[error("failed to get zone from cloud provider for node {node:?}: {source}")]
+    Zone {
+        /// Node name.
+        node: String,
+        /// Provider error.
+        source: CpiError,
+    },
+    /// Writing the Node failed.
+    #[error("updating node {node:?}: {source}")]
+    Kube {
+        /// Node name.
+        node: String,
+        /// API error.
+        source: kube::Error,
+    },
+    /// The update kept conflicting with other writers.
+    #[error("updating node {0:?}: still conflicting after {UPDATE_ATTEMPTS} attempts")]
+    Conflicts(String),
+}
+
+/// Shared state of the cloud-node controller.
+pub struct NodeController {
+    client: kube::Client,
+    cloud: Cloud,
+    metrics: Arc<Metrics>,
+    recorder: Recorder,
+    store: Store<Node>,
+    failures: Mutex<HashMap<String, u32>>,
+}
+
+/// Settings of the cloud-node controller.
+#[derive(Debug, Clone)]
+pub struct NodeControllerConfig {
+    /// `--concurrent-node-syncs`.
+    pub workers: u16,
+    /// `--node-status-update-frequency`.
+    pub status_update_frequency: Duration,
+    /// `--concurrent-node-status-updates` resolved.
+    pub status_update_workers: usize,
+    /// Reporting instance for events.
+    pub instance: String,
+}
+
+impl NodeController {
+    /// Runs the controller until `shutdown` resolves.
+    pub async fn run(
+        client: kube::Client,
+        cloud: Cloud,
+        metrics: Arc<Metrics>,
+        config: NodeControllerConfig,
+        shutdown: impl Future<Output = ()> + Send + Sync + 'static,
+    ) {
+        let nodes: Api<Node> = Api::all(client.clone());
+        let controller = Controller::new(nodes, watcher::Config::default().any_semantic())
+            .with_config(kube::runtime::controller::Config::default().concurrency(config.workers));
+        let recorder = Recorder::new(
+            client.clone(),
+            kube::runtime::events::Reporter {
+                controller: "cloud-node-controller".into(),
+                instance: Some(config.instance.clone()),
+            },
+        );
+        let ctx = Arc::new(Self {
+            client,
+            cloud,
+            metrics,
+            recorder,
+            store: controller.store(),
+            failures: Mutex::new(HashMap::new()),
+        });
+        let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+        let status_loop = tokio::spawn(ctx.clone().status_loop(
+            config.status_update_frequency,
+            config.status_update_workers,
+            stop_rx,
+        ));
+        controller
+            .graceful_shutdown_on(shutdown)
+            .run(reconcile, error_policy, ctx)
+            .for_each(|result| async move {
+                if let Err(err) = result {
+                    debug!(error = %err, "cloud-node reconcile failed");
+                }
+            })
+            .await;
+        let _ = stop_tx.send(true);
+        let _ = status_loop.await;
+    }
+
+    fn owned(&self, node: &Node) -> bool {
+        match provider_id_of(node) {
+            Some(id) => self.cloud.owns_provider_id(id),
+            None => true,
+        }
+    }
+
+    /// Fetches metadata for initialisation (rules 10–14 of the upstream controller).
+    async fn instance_metadata(&self, node: &Node) -> Result<Option<NodeMetadata>, SyncError> {
+        let name = node.name_any();
+        if self.cloud.has(Capability::InstancesV2) {
+            let request = v1::InstanceMetadataRequest {
+                node: Some(convert::node(node, self.cloud.wants_raw_objects())),
+            };
+            let response = self
+                .call("InstancesV2/InstanceMetadata", &name, async {
+                    self.cloud.instances_v2().instance_metadata(request).await
+                })
+                .await?;
+            let Some(md) = response.metadata else {
+                return Ok(None);
+            };
+            let mut metadata = metadata_from_proto(md);
+            if metadata.provider_id.is_empty() {
+                match provider_id_of(node) {
+                    Some(id) => metadata.provider_id = id.to_string(),
+                    None => return Err(SyncError::NoProviderId(name)),
+                }
+            }
+            return Ok(Some(metadata));
+        }
+        self.legacy_metadata(node).await.map(Some)
+    }
+
+    async fn legacy_metadata(&self, node: &Node) -> Result<NodeMetadata, SyncError> {
+        let name = node.name_any();
+        let mut instances = self.cloud.instances();
+        let provider_id = match provider_id_of(node) {
+            Some(id) => id.to_string(),
+            None => {
+                let request = v1::NodeNameRequest {
+                    node_name: name.clone(),
+                    consistency: 0,
+                };
+                match self
+                    .call("Instances/InstanceID", &name, instances.instance_id(request))
+                    .await
+                {
+                    Ok(r) => cpi_proto::provider_id::join(&self.cloud.info().name, &r.instance_id),
+                    Err(SyncError::Cloud {
+                        source: CpiError::NotImplemented(_),
+                        ..
+                    }) => {
+                        warn!(node = %name, "provider does not implement InstanceID; continuing without a provider ID");
+                        String::new()
+                    }
+                    Err(err) => return Err(err),
+                }
+            }
+        };
+        let by_name = || v1::NodeNameRequest {
+            node_name: name.clone(),
+            consistency: 0,
+        };
+        let by_id = || v1::ProviderIdRequest {
+            provider_id: provider_id.clone(),
+            consistency: 0,
+        };
+        let mut addresses = None;
+        if !provider_id.is_empty() {
+            addresses = self
+                .call(
+                    "Instances/NodeAddressesByProviderID",
+                    &name,
+                    instances.node_addresses_by_provider_id(by_id()),
+                )
+                .await
+                .ok();
+        }
+        let addresses = match addresses {
+            Some(a) => a,
+            None => {
+                self.call(
+                    "Instances/NodeAddresses",
+                    &name,
+                    instances.node_addresses(by_name()),
+                )
+                .await?
+            }
+        };
+        let mut instance_type = None;
+        if !provider_id.is_empty() {
+            instance_type = self
+                .call(
+                    "Instances/InstanceTypeByProviderID",
+                    &name,
+                    instances.instance_type_by_provider_id(by_id()),
+                )
+                .await
+                .ok();
+        }
+        let instance_type = match instance_type {
+            Some(t) => t,
+            None => {
+                self.call(
+                    "Instances/InstanceType",
+                    &name,
+                    instances.instance_type(by_name()),
+                )
+                .await?
+            }
+        };
+        let mut metadata = NodeMetadata {
+            provider_id: provider_id.clone(),
+            instance_type: instance_type.instance_type.unwrap_or_default(),
+            addresses: convert::addresses_from_proto(&addresses.addresses),
+            ..NodeMetadata::default()
+        };
+        if self.cloud.has(Capability::Zones) {
+            let mut zones = self.cloud.zones();
+            let mut zone = None;
+            if !provider_id.is_empty() {
+                zone = self
+                    .call(
+                        "Zones/GetZoneByProviderID",
+                        &name,
+                        zones.get_zone_by_provider_id(by_id()),
+                    )
+                    .await
+                    .ok();
+            }
+            let zone = match zone {
+                Some(z) => z,
+                None => self
+                    .call(
+                        "Zones/GetZoneByNodeName",
+                        &name,
+                        zones.get_zone_by_node_name(by_name()),
+                    )
+                    .await
+                    .map_err(|err| match err {
+                        SyncError::Cloud { source, .. } => SyncError::Zone {
+                            node: name.clone(),
+                            source,
+                        },
+                        other => other,
+                    })?,
+            };
+            metadata.zone = zone.failure_domain.unwrap_or_default();
+            metadata.region = zone.region.unwrap_or_default();
+        }
+        Ok(metadata)
+    }
+
+    /// Calls the shim, counts the outcome and maps the status to a [`SyncError`].
+    async fn call<T>(
+        &self,
+        method: &'static str,
+        node: &str,
+        fut: impl Future<Output = Result<tonic::Response<T>, tonic::Status>>,
+    ) -> Result<T, SyncError> {
+        match fut.await {
+            Ok(response) => {
+                self.metrics.count_rpc(method, "OK");
+                Ok(response.into_inner())
+            }
+            Err(status) => {
+                let source = CpiError::from_status(&status);
+                self.metrics.count_rpc(method, source.class());
+                Err(SyncError::Cloud {
+                    call: method,
+                    node: node.to_string(),
+                    source,
+                })
+            }
+        }
+    }
+
+    /// Initialises one tainted node: one PUT of the Node, then one status PATCH.
+    async fn initialize(&self, node: &Node) -> Result<(), SyncError> {
+        let name = node.name_any();
+        info!(node = %name, "initializing node with cloud provider");
+        let Some(metadata) = self.instance_metadata(node).await? else {
+            info!(node = %name, "skip sync node: the provider returned nil metadata");
+            return Ok(());
+        };
+        if !metadata.provider_id.is_empty() {
+            validate_provider_id(&name, &metadata.provider_id, &self.cloud)?;
+        }
+        let api: Api<Node> = Api::all(self.client.clone());
+        let mut current = node.clone();
+        let mut updated = None;
+        for attempt in 0..UPDATE_ATTEMPTS {
+            let mut desired = current.clone();
+            apply_initialization(&mut desired, &metadata)?;
+            match api.replace(&name, &PostParams::default(), &desired).await {
+                Ok(node) => {
+                    updated = Some(node);
+                    break;
+                }
+                Err(kube::Error::Api(status)) if status.code == 409 => {
+                    debug!(node = %name, attempt, "conflict initializing node; retrying from the watch cache");
+                    current = self.newer_from_cache(&current).await;
+                }
+                Err(kube::Error::Api(status)) if status.code == 404 => return Ok(()),
+                Err(source) => return Err(SyncError::Kube { node: name, source }),
+            }
+        }
+        let Some(updated) = updated else {
+            return Err(SyncError::Conflicts(name));
+        };
+        let age = creation_age(&updated);
+        if let Some(age) = age {
+            self.metrics.taint_removal_delay.observe(age.as_secs_f64());
+        }
+        self.update_addresses(&updated, &metadata.addresses).await;
+        let reference = updated.object_ref(&());
+        let event = Event {
+            type_: EventType::Normal,
+            reason: "Synced".into(),
+            note: Some("Node synced successfully".into()),
+            action: "NodeInitialization".into(),
+            secondary: None,
+        };
+        if let Err(err) = self.recorder.publish(&event, &reference).await {
+            warn!(node = %name, error = %err, "failed to record Synced event");
+        }
+        if let Some(age) = creation_age(&updated) {
+            self.metrics.initial_node_sync_delay.observe(age.as_secs_f64());
+        }
+        info!(node = %name, provider_id = %metadata.provider_id, "node initialized");
+        Ok(())
+    }
+
+    /// Waits (briefly) for the watch cache to hold a newer version of `node`.
+    async fn newer_from_cache(&self, node: &Node) -> Node {
+        let key = ObjectRef::from_obj(node);
+        let seen = node.resource_version();
+        for _ in 0..10 {
+            if let Some(cached) = self.store.get(&key) {
+                if cached.resource_version() != seen {
+                    return (*cached).clone();
+                }
+            }
+            tokio::time::sleep(jittered(UPDATE_STEP)).await;
+        }
+        self.store.get(&key).map_or_else(|| node.clone(), |n| (*n).clone())
+    }
+
+    /// Applies rules 18–23: patches status.addresses when the provider's list differs.
+    async fn update_addresses(&self, node: &Node, cloud_addresses: &[NodeAddress]) {
+        let name = node.name_any();
+        let new = match desired_addresses(node, cloud_addresses) {
+            Ok(Some(new)) => new,
+            Ok(None) => return,
+            Err(message) => {
+                warn!(node = %name, %message, "not updating node addresses");
+                return;
+            }
+        };
+        let api: Api<Node> = Api::all(self.client.clone());
+        let patch = serde_json::json!({ "status": { "addresses": new } });
+        if let Err(err) = api
+            .patch_status(&name, &PatchParams::default(), &Patch::Merge(&patch))
+            .await
+        {
+            warn!(node = %name, error = %err, "failed to patch node addresses");
+        }
+    }
+
+    /// Mirrors beta labels to GA ones on an initialised node (rule 24).
+    async fn reconcile_labels(&self, node: &Node) -> Result<(), SyncError> {
+        let Some(missing) = labels_to_reconcile(node.labels()) else {
+            return Ok(());
+        };
+        let name = node.name_any();
+        let api: Api<Node> = Api::all(self.client.clone());
+        let patch = serde_json::json!({ "metadata": { "labels": missing } });
+        match api
+            .patch(&name, &PatchParams::default(), &Patch::Merge(&patch))
+            .await
+        {
+            Ok(_) => Ok(()),
+            Err(kube::Error::Api(status)) if status.code == 404 => Ok(()),
+            Err(source) => Err(SyncError::Kube { node: name, source }),
+        }
+    }
+
+    /// The periodic address refresh of initialised nodes (`--node-status-update-frequency`).
+    async fn status_loop(
+        self: Arc<Self>,
+        every: Duration,
+        workers: usize,
+        mut stop: tokio::sync::watch::Receiver<bool>,
+    ) {
+        loop {
+            tokio::select! {
+                _ = tokio::time::sleep(every) => {}
+                _ = stop.changed() => return,
+            }
+            let started = Instant::now();
+            let nodes: Vec<Arc<Node>> = self
+                .store
+                .state()
+                .into_iter()
+                .filter(|n| !has_uninitialized_taint(n) && self.owned(n))
+                .collect();
+            let count = nodes.len();
+            futures::stream::iter(nodes)
+                .for_each_concurrent(workers.max(1), |node| {
+                    let this = self.clone();
+                    async move { this.refresh_addresses(&node).await }
+                })
+                .await;
+            debug!(nodes = count, elapsed = ?started.elapsed(), "node status update pass done");
+        }
+    }
+
+    async fn refresh_addresses(&self, node: &Node) {
+        let name = node.name_any();
+        let addresses = if self.cloud.has(Capability::InstancesV2) {
+            let request = v1::InstanceMetadataRequest {
+                node: Some(convert::node(node, self.cloud.wants_raw_objects())),
+            };
+            match self
+                .call("InstancesV2/InstanceMetadata", &name, async {
+                    self.cloud.instances_v2().instance_metadata(request).await
+                })
+                .await
+            {
+                Ok(r) => r
+                    .metadata
+                    .map(|m| convert::addresses_from_proto(&m.node_addresses))
+                    .unwrap_or_default(),
+                Err(err) => {
+                    warn!(error = %err, "address refresh failed");
+                    return;
+                }
+            }
+        } else {
+            let mut instances = self.cloud.instances();
+            let by_id = provider_id_of(node).map(|id| v1::ProviderIdRequest {
+                provider_id: id.to_string(),
+                consistency: 0,
+            });
+            let mut result = None;
+            if let Some(request) = by_id {
+                result = self
+                    .call(
+                        "Instances/NodeAddressesByProviderID",
+                        &name,
+                        instances.node_addresses_by_provider_id(request),
+                    )
+                    .await
+                    .ok();
+            }
+            if result.is_none() {
+                let request = v1::NodeNameRequest {
+                    node_name: name.clone(),
+                    consistency: 0,
+                };
+                match self
+                    .call(
+                        "Instances/NodeAddresses",
+                        &name,
+                        instances.node_addresses(request),
+                    )
+                    .await
+                {
+                    Ok(r) => result = Some(r),
+                    Err(err) => {
+                        warn!(error = %err, "address refresh failed");
+                        return;
+                    }
+                }
+            }
+            result
+                .map(|r| convert::addresses_from_proto(&r.addresses))
+                .unwrap_or_default()
+        };
+        self.update_addresses(node, &addresses).await;
+    }
+}
+
+async fn reconcile(node: Arc<Node>, ctx: Arc<NodeController>) -> Result<Action, SyncError> {
+    let name = node.name_any();
+    let span = info_span!("cloud-node.sync", node = %name);
+    async move {
+        if !ctx.owned(&node) {
+            debug!("node's provider ID belongs to another provider; leaving it alone");
+            return Ok(Action::await_change());
+        }
+        if has_uninitialized_taint(&node) {
+            ctx.initialize(&node).await?;
+        } else {
+            ctx.reconcile_labels(&node).await?;
+        }
+        if let Ok(mut failures) = ctx.failures.lock() {
+            failures.remove(&name);
+        }
+        Ok(Action::await_change())
+    }
+    .instrument(span)
+    .await
+}
+
+/// Upstream `DefaultTypedControllerRateLimiter` per-item part: 5 ms doubling up to 1000 s.
+fn error_policy(node: Arc<Node>, err: &SyncError, ctx: Arc<NodeController>) -> Action {
+    let name = node.name_any();
+    let attempts = ctx.failures.lock().map_or(0, |mut failures| {
+        let n = failures.entry(name.clone()).or_insert(0);
+        *n = n.saturating_add(1);
+        *n
+    });
+    let delay = backoff(attempts);
+    warn!(node = %name, error = %err, retry_in = ?delay, "error syncing node; requeuing");
+    Action::requeue(delay)
+}
+
+/// Per-item exponential backoff: 5 ms × 2^(n-1), capped at 1000 s.
+pub fn backoff(attempts: u32) -> Duration {
+    let exp = attempts.saturating_sub(1).min(30);
+    Duration::from_millis(5)
+        .saturating_mul(1u32 << exp)
+        .min(Duration::from_secs(1000))
+}
+
+fn jittered(base: Duration) -> Duration {
+    base.mul_f64(1.0 + rand::random::<f64>())
+}
+
+fn creation_age(node: &Node) -> Option<Duration> {
+    let created = node.metadata.creation_timestamp.as_ref()?.0;
+    let age = Timestamp::now().duration_since(created);
+    Duration::try_from(age).ok()
+}
+
+/// The node's providerID, if set and non-empty.
+pub fn provider_id_of(node: &Node) -> Option<&str> {
+    node.spec
+        .as_ref()
+        .and_then(|s| s.provider_id.as_deref())
+        .filter(|id| !id.is_empty())
+}
+
+/// Whether the node carries the uninitialized taint (any value or effect).
+pub fn has_uninitialized_taint(node: &Node) -> bool {
+    node.spec
+        .as_ref()
+        .and_then(|s| s.taints.as_ref())
+        .is_some_and(|taints| taints.iter().any(|t| t.key == TAINT_UNINITIALIZED))
+}
+
+fn metadata_from_proto(md: v1::InstanceMetadata) -> NodeMetadata {
+    NodeMetadata {
+        provider_id: md.provider_id.unwrap_or_default(),
+        instance_type: md.instance_type.unwrap_or_default(),
+        addresses: convert::addresses_from_proto(&md.node_addresses),
+        zone: md.zone.unwrap_or_default(),
+        region: md.region.unwrap_or_default(),
+        additional_labels: md.additional_labels.into_iter().collect(),
+    }
+}
+
+fn validate_provider_id(node: &str, id: &str, cloud: &Cloud) -> Result<(), SyncError> {
+    let invalid = |reason| SyncError::InvalidProviderId {
+        node: node.to_string(),
+        id: id.to_string(),
+        reason,
+    };
+    if cpi_proto::provider_id::split(id).is_none() {
+        return Err(invalid("not of the form <provider>://<instance-id>"));
+    }
+    if !cloud.owns_provider_id(id) {
+        return Err(invalid("its prefix is not one the provider claims"));
+    }
+    Ok(())
+}
+
+/// Applies the upstream node modifiers (rule 15 a–g) to `node`.
+pub fn apply_initialization(node: &mut Node, md: &NodeMetadata) -> Result<(), SyncError> {
+    let name = node.name_any();
+    if let Some(provided) = node.annotations().get(ANNOTATION_PROVIDED_NODE_IP) {
+        node_addresses_from_node_ip(provided, &md.addresses).map_err(|message| {
+            SyncError::ProvidedNodeIp {
+                node: name.clone(),
+                message,
+            }
+        })?;
+    }
+    let spec = node.spec.get_or_insert_with(Default::default);
+    if spec.provider_id.as_deref().unwrap_or_default().is_empty() && !md.provider_id.is_empty() {
+        spec.provider_id = Some(md.provider_id.clone());
+    }
+    if let Some(taints) = spec.taints.as_mut() {
+        taints.retain(|t| t.key != TAINT_UNINITIALIZED);
+    }
+    let labels = node.metadata.labels.get_or_insert_with(Default::default);
+    for (value, keys) in [
+        (&md.instance_type, [LABEL_INSTANCE_TYPE_BETA, LABEL_INSTANCE_TYPE]),
+        (&md.zone, [LABEL_ZONE_BETA, LABEL_ZONE]),
+        (&md.region, [LABEL_REGION_BETA, LABEL_REGION]),
+    ] {
+        if !value.is_empty() {
+            for key in keys {
+                labels.insert(key.to_string(), value.clone());
+            }
+        }
+    }
+    for (key, value) in &md.additional_labels {
+        if is_reserved_label(key) {
+            warn!(node = %name, label = %key, "discarding additional label in a kubernetes.io/k8s.io namespace");
+            continue;
+        }
+        match labels.get(key) {
+            Some(existing) if existing != value => {
+                warn!(node = %name, label = %key, "not overwriting existing label with the provider's value");
+            }
+            Some(_) => {}
+            None => {
+                labels.insert(key.clone(), value.clone());
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Upstream regex `(^|\.)(kubernetes|k8s)\.io/`.
+fn is_reserved_label(key: &str) -> bool {
+    let Some((prefix, _)) = key.split_once('/') else {
+        return false;
+    };
+    ["kubernetes.io", "k8s.io"]
+        .iter()
+        .any(|d| prefix == *d || prefix.ends_with(&format!(".{d}")))
+}
+
+/// GA labels to add or correct so they match their beta counterparts (rule 24); `None` when
+/// nothing needs to change.
+pub fn labels_to_reconcile(labels: &BTreeMap<String, String>) -> Option<BTreeMap<String, String>> {
+    let mut out = BTreeMap::new();
+    for (primary, secondary) in LABEL_PAIRS {
+        let Some(value) = labels.get(primary) else {
+            continue;
+        };
+        if labels.get(secondary) != Some(value) {
+            out.insert(secondary.to_string(), value.clone());
+        }
+    }
+    (!out.is_empty()).then_some(out)
+}
+
+/// Rules 18–22: the address list to write, `Ok(None)` when nothing changes.
+pub fn desired_addresses(
+    node: &Node,
+    cloud: &[NodeAddress],
+) -> Result<Option<Vec<NodeAddress>>, String> {
+    if has_uninitialized_taint(node) || cloud.is_empty() {
+        return Ok(None);
+    }
+    let current: &[NodeAddress] = node
+        .status
+        .as_ref()
+        .and_then(|s| s.addresses.as_deref())
+        .unwrap_or_default();
+    let mut new = cloud.to_vec();
+    if !new.iter().any(|a| a.type_ == "Hostname") {
+        new.extend(current.iter().filter(|a| a.type_ == "Hostname").cloned());
+    }
+    if let Some(provided) = node.annotations().get(ANNOTATION_PROVIDED_NODE_IP) {
+        new = node_addresses_from_node_ip(provided, &new)?;
+    }
+    Ok(node_addresses_change_detected(current, &new).then_some(new))
+}
+
+/// Upstream `nodeAddressesChangeDetected`.
+pub fn node_addresses_change_detected(old: &[NodeAddress], new: &[NodeAddress]) -> bool {
+    if old.len() != new.len() {
+        return true;
+    }
+    let by_type: HashMap<&str, &str> = old
+        .iter()
+        .map(|a| (a.type_.as_str(), a.address.as_str()))
+        .collect();
+    new.iter()
+        .any(|a| by_type.get(a.type_.as_str()) != Some(&a.address.as_str()))
+}
+
+/// Upstream `ParseNodeIPAnnotation`: one IP, or a dual-stack pair of different families.
+pub fn parse_node_ip_annotation(value: &str) -> Result<Vec<IpAddr>, String> {
+    let ips = value
+        .split(',')
+        .map(|s| {
+            s.trim()
+                .parse::<IpAddr>()
+                .map_err(|_| format!("could not parse {s:?} as an IP address"))
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    match ips.as_slice() {
+        [_] => Ok(ips),
+        [a, b] => {
+            if a.is_ipv4() == b.is_ipv4() {
+                Err(format!("dual-stack node IP {value:?} must have one IP of each family"))
+            } else if a.is_unspecified() || b.is_unspecified() {
+                Err(format!("dual-stack node IP {value:?} cannot include an unspecified address"))
+            } else {
+                Ok(ips)
+            }
+        }
+        _ => Err(format!("must contain one IP or a dual-stack pair, got {value:?}")),
+    }
+}
+
+/// Upstream `GetNodeAddressesFromNodeIP`: the addresses matching the node IP(s) first, then
+/// every address whose type none of them has.
+pub fn node_addresses_from_node_ip(
+    provided: &str,
+    cloud: &[NodeAddress],
+) -> Result<Vec<NodeAddress>, String> {
+    let node_ips = parse_node_ip_annotation(provided)?;
+    let mut result = Vec::new();
+    let mut marked: Vec<&str> = Vec::new();
+    for ip in &node_ips {
+        let mut found = false;
+        for address in cloud {
+            if address.address.trim().parse::<IpAddr>().ok() == Some(*ip) {
+                result.push(address.clone());
+                marked.push(address.type_.as_str());
+                found = true;
+            }
+        }
+        if !found {
+            let known: Vec<&str> = cloud.iter().map(|a| a.address.as_str()).collect();
+            return Err(format!(
+                "failed to get node address from cloud provider that matches ip: {ip} (provider addresses: {known:?})"
+            ));
+        }
+    }
+    result.extend(
+        cloud
+            .iter()
+            .filter(|a| !marked.contains(&a.type_.as_str()))
+            .cloned(),
+    );
+    Ok(result)
+}
+
+#[cfg(test)]
+mod tests;

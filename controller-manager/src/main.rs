@@ -1,0 +1,59 @@
+//! `cloud-controller-manager` binary: parses flags and runs the manager.
+
+use std::process::ExitCode;
+
+use clap::Parser;
+use cloud_controller_manager::{app, options::Options};
+
+fn main() -> ExitCode {
+    let options = Options::parse();
+    // One crypto provider for every rustls user in the process (kube, tonic, the secure port).
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(err) => {
+            eprintln!("cloud-controller-manager: starting the async runtime: {err}");
+            return ExitCode::FAILURE;
+        }
+    };
+    runtime.block_on(async {
+        let _telemetry = match cpi_transport::telemetry::init("cloud-controller-manager") {
+            Ok(guard) => Some(guard),
+            Err(err) => {
+                eprintln!("cloud-controller-manager: telemetry disabled: {err}");
+                None
+            }
+        };
+        match app::run(options, shutdown_signal()).await {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(err) => {
+                tracing::error!(error = %err, "cloud-controller-manager stopped");
+                eprintln!("cloud-controller-manager: {err}");
+                ExitCode::FAILURE
+            }
+        }
+    })
+}
+
+/// Resolves on SIGTERM or SIGINT.
+async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(s) => s,
+            Err(_) => {
+                let _ = ctrl_c.await;
+                return;
+            }
+        };
+        tokio::select! {
+            _ = ctrl_c => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = ctrl_c.await;
+    }
+}

@@ -1,0 +1,258 @@
+//! The secure port (upstream 10258): `/healthz`, `/readyz`, `/livez` and `/metrics` over HTTPS,
+//! with a generated self-signed certificate when no serving certificate is given.
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::{Arc, RwLock};
+
+use axum::Router;
+use axum::extract::{Query, State};
+use axum::http::StatusCode;
+use axum::response::IntoResponse;
+use axum::routing::get;
+use hyper_util::rt::TokioIo;
+use hyper_util::service::TowerToHyperService;
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use tokio::net::TcpListener;
+use tokio_rustls::TlsAcceptor;
+use tracing::{debug, info};
+
+use crate::metrics::Metrics;
+
+/// Which endpoints a health check contributes to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Scope {
+    /// `/livez` and `/healthz`: failing means "restart me".
+    Live,
+    /// `/readyz` and `/healthz`: failing means "don't count on me yet".
+    Ready,
+}
+
+/// A named health check.
+pub type Check = Arc<dyn Fn() -> Result<(), String> + Send + Sync>;
+
+/// The set of registered health checks.
+#[derive(Default, Clone)]
+pub struct Health {
+    checks: Arc<RwLock<Vec<(String, Scope, Check)>>>,
+}
+
+impl Health {
+    /// Registers a check.
+    pub fn add(&self, name: &str, scope: Scope, check: Check) {
+        if let Ok(mut checks) = self.checks.write() {
+            checks.push((name.to_string(), scope, check));
+        }
+    }
+
+    /// Runs the checks of `scopes`; returns (all ok, verbose report).
+    pub fn evaluate(&self, scopes: &[Scope]) -> (bool, String) {
+        let mut ok = true;
+        let mut report = String::new();
+        if let Ok(checks) = self.checks.read() {
+            for (name, scope, check) in checks.iter() {
+                if !scopes.contains(scope) {
+                    continue;
+                }
+                match check() {
+                    Ok(()) => report.push_str(&format!("[+]{name} ok\n")),
+                    Err(reason) => {
+                        ok = false;
+                        report.push_str(&format!("[-]{name} failed: {reason}\n"));
+                    }
+                }
+            }
+        }
+        (ok, report)
+    }
+}
+
+/// Failure to start serving.
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    /// The serving certificate could not be read.
+    #[error("--tls-cert-file/--tls-private-key-file {path}: {message}")]
+    Certificate {
+        /// Offending file.
+        path: String,
+        /// What is wrong.
+        message: String,
+    },
+    /// A self-signed certificate could not be generated.
+    #[error("generating a self-signed serving certificate: {0}")]
+    SelfSigned(#[from] rcgen::Error),
+    /// TLS configuration was rejected.
+    #[error("serving TLS configuration: {0}")]
+    Tls(#[from] rustls::Error),
+    /// The port could not be bound.
+    #[error("binding the secure port {addr}: {source}")]
+    Bind {
+        /// Address.
+        addr: SocketAddr,
+        /// Cause.
+        source: std::io::Error,
+    },
+}
+
+#[derive(Clone)]
+struct AppState {
+    health: Health,
+    metrics: Arc<Metrics>,
+}
+
+#[derive(serde::Deserialize)]
+struct VerboseQuery {
+    verbose: Option<String>,
+}
+
+async fn health_endpoint(state: AppState, scopes: &[Scope], query: VerboseQuery) -> impl IntoResponse {
+    let (ok, report) = state.health.evaluate(scopes);
+    let status = if ok {
+        StatusCode::OK
+    } else {
+        StatusCode::INTERNAL_SERVER_ERROR
+    };
+    let body = if query.verbose.is_some() || !ok {
+        format!("{report}{}", if ok { "healthz check passed\n" } else { "healthz check failed\n" })
+    } else {
+        "ok".to_string()
+    };
+    (status, body)
+}
+
+/// Builds the router of the secure port.
+pub fn router(health: Health, metrics: Arc<Metrics>) -> Router {
+    let state = AppState { health, metrics };
+    Router::new()
+        .route(
+            "/healthz",
+            get(|State(s): State<AppState>, Query(q): Query<VerboseQuery>| async move {
+                health_endpoint(s, &[Scope::Live, Scope::Ready], q).await
+            }),
+        )
+        .route(
+            "/livez",
+            get(|State(s): State<AppState>, Query(q): Query<VerboseQuery>| async move {
+                health_endpoint(s, &[Scope::Live], q).await
+            }),
+        )
+        .route(
+            "/readyz",
+            get(|State(s): State<AppState>, Query(q): Query<VerboseQuery>| async move {
+                health_endpoint(s, &[Scope::Ready], q).await
+            }),
+        )
+        .route(
+            "/metrics",
+            get(|State(s): State<AppState>| async move {
+                (
+                    [(
+                        axum::http::header::CONTENT_TYPE,
+                        "text/plain; version=0.0.4; charset=utf-8",
+                    )],
+                    s.metrics.render(),
+                )
+            }),
+        )
+        .with_state(state)
+}
+
+/// Loads (or generates) the serving certificate and builds the TLS acceptor.
+pub fn tls_acceptor(cert_and_key: Option<(&Path, &Path)>) -> Result<TlsAcceptor, ServeError> {
+    let (certs, key) = match cert_and_key {
+        Some((cert, key)) => {
+            let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(cert)
+                .and_then(|it| it.collect::<Result<Vec<_>, _>>())
+                .map_err(|e| ServeError::Certificate {
+                    path: cert.display().to_string(),
+                    message: e.to_string(),
+                })?;
+            if certs.is_empty() {
+                return Err(ServeError::Certificate {
+                    path: cert.display().to_string(),
+                    message: "no certificate found".into(),
+                });
+            }
+            let key = PrivateKeyDer::from_pem_file(key).map_err(|e| ServeError::Certificate {
+                path: key.display().to_string(),
+                message: e.to_string(),
+            })?;
+            (certs, key)
+        }
+        None => {
+            let key = rcgen::KeyPair::generate()?;
+            let params = rcgen::CertificateParams::new(vec![
+                "localhost".to_string(),
+                "127.0.0.1".to_string(),
+            ])?;
+            let cert = params.self_signed(&key)?;
+            (
+                vec![cert.der().clone()],
+                PrivateKeyDer::try_from(key.serialize_der()).map_err(|e| {
+                    ServeError::Certificate {
+                        path: "<generated>".into(),
+                        message: e.to_string(),
+                    }
+                })?,
+            )
+        }
+    };
+    let mut config = rustls::ServerConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()?
+    .with_no_client_auth()
+    .with_single_cert(certs, key)?;
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(TlsAcceptor::from(Arc::new(config)))
+}
+
+/// Binds the secure port now (so errors surface at start-up) and returns the bound address and
+/// the serving future.
+pub async fn bind(
+    addr: SocketAddr,
+    acceptor: TlsAcceptor,
+    router: Router,
+) -> Result<(SocketAddr, impl Future<Output = ()>), ServeError> {
+    let listener = TcpListener::bind(addr)
+        .await
+        .map_err(|source| ServeError::Bind { addr, source })?;
+    let local = listener
+        .local_addr()
+        .map_err(|source| ServeError::Bind { addr, source })?;
+    info!(address = %local, "serving /healthz, /readyz, /livez and /metrics over HTTPS");
+    Ok((local, accept_loop(listener, acceptor, router)))
+}
+
+async fn accept_loop(listener: TcpListener, acceptor: TlsAcceptor, router: Router) {
+    loop {
+        let (stream, peer) = match listener.accept().await {
+            Ok(conn) => conn,
+            Err(err) => {
+                debug!(error = %err, "accept failed");
+                continue;
+            }
+        };
+        let acceptor = acceptor.clone();
+        let service = TowerToHyperService::new(router.clone());
+        tokio::spawn(async move {
+            let handshake =
+                tokio::time::timeout(std::time::Duration::from_secs(10), acceptor.accept(stream));
+            let tls = match handshake.await {
+                Ok(Ok(tls)) => tls,
+                Ok(Err(err)) => {
+                    debug!(%peer, error = %err, "TLS handshake failed");
+                    return;
+                }
+                Err(_) => return,
+            };
+            if let Err(err) = hyper::server::conn::http1::Builder::new()
+                .serve_connection(TokioIo::new(tls), service)
+                .await
+            {
+                debug!(%peer, error = %err, "connection error");
+            }
+        });
+    }
+}
