@@ -1,1 +1,17 @@
-//! How components speak the CPI: mTLS with hot-reloaded certificates, Unix sockets, deadlines and trace propagation.
+//! How components speak the CPI: mutual TLS with certificates hot-reloaded from disk and a SAN
+//! allow-list, plaintext only over a Unix domain socket, default deadlines, and W3C trace-context
+//! propagation in gRPC metadata (plus the OTLP exporter set-up shared by every binary).
+//!
+//! Server: build the router with [`server::server_builder`] (it installs the per-request trace
+//! span), then [`server::serve`] it (or [`server::bind`] first to learn the port). Client:
+//! [`client::connect`] returns a lazily-connecting [`CpiChannel`] for the generated clients.
+
+pub mod client;
+pub mod server;
+pub mod telemetry;
+pub mod tls;
+pub mod trace;
+
+pub use client::{ClientEndpoint, ConnectError, ConnectOptions, CpiChannel, connect};
+pub use server::{Bound, Listen, LocalAddr, ServeError, bind, serve, server_builder};
+pub use tls::{ClientTls, ServerTls, TlsError, TlsFiles};

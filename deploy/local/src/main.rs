@@ -1,0 +1,196 @@
+//! `local-cluster`: the README's one-command demo. Starts a real etcd + kube-apiserver, the
+//! `local` shim and the controller-manager (mutual TLS between them), registers every inventory
+//! machine as a Node the way a kubelet with `--cloud-provider=external` does, and shows the
+//! nodes being initialised.
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use clap::Parser;
+use e2e_tests::Process;
+use k8s_openapi::api::core::v1::{Node, NodeSpec, Taint};
+use kube::api::{Api, PostParams};
+use test_control_plane::ControlPlane;
+use test_pki::{Ca, write_atomic};
+
+/// Flags of `local-cluster`.
+#[derive(Parser, Debug)]
+#[command(about = "Run etcd, kube-apiserver, the local shim and the controller-manager on this machine")]
+struct Flags {
+    /// The local shim's inventory file.
+    #[arg(long, default_value = "provider-shims/local/examples/inventory.yaml")]
+    inventory: PathBuf,
+    /// Exit once every node is initialised instead of running until Ctrl-C.
+    #[arg(long)]
+    exit_when_initialised: bool,
+    /// How long to wait for initialisation before giving up.
+    #[arg(long, default_value = "120")]
+    timeout_seconds: u64,
+}
+
+#[derive(serde::Deserialize)]
+struct Inventory {
+    machines: Vec<Machine>,
+}
+
+#[derive(serde::Deserialize)]
+struct Machine {
+    name: String,
+}
+
+const TAINT: &str = "node.cloudprovider.kubernetes.io/uninitialized";
+
+#[tokio::main]
+async fn main() -> Result<()> {
+    let flags = Flags::parse();
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let inventory_text = std::fs::read_to_string(&flags.inventory)
+        .with_context(|| format!("reading --inventory {}", flags.inventory.display()))?;
+    let inventory: Inventory = serde_yaml::from_str(&inventory_text)
+        .with_context(|| format!("parsing --inventory {}", flags.inventory.display()))?;
+    let inventory_path = std::fs::canonicalize(&flags.inventory)?;
+
+    println!("starting etcd + kube-apiserver ...");
+    let cp = ControlPlane::start().await.context("starting the control plane")?;
+    println!(
+        "  API server {} ({}), kubeconfig {}",
+        cp.server_url(),
+        cp.server_version().git_version,
+        cp.kubeconfig_path().display()
+    );
+    let dir = cp.state_dir().join("local-cluster");
+    std::fs::create_dir_all(&dir)?;
+    let ca = Ca::new("local-cluster-cpi-ca")?;
+    let shim_cert = ca.issue(&["localhost", "127.0.0.1"])?;
+    let ccm_cert = ca.issue(&["cloud-controller-manager"])?;
+    let file = |name: &str| dir.join(name);
+    write_atomic(&file("ca.pem"), ca.cert_pem().as_bytes(), false)?;
+    write_atomic(&file("shim.pem"), shim_cert.chain_pem.as_bytes(), false)?;
+    write_atomic(&file("shim-key.pem"), shim_cert.key_pem.as_bytes(), true)?;
+    write_atomic(&file("ccm.pem"), ccm_cert.chain_pem.as_bytes(), false)?;
+    write_atomic(&file("ccm-key.pem"), ccm_cert.key_pem.as_bytes(), true)?;
+    let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+    let p = |path: PathBuf| path.display().to_string();
+
+    println!("starting the local shim on https://127.0.0.1:{port} (mutual TLS) ...");
+    let mut shim = Process::spawn(
+        "local-shim",
+        "local-shim",
+        &[
+            format!("--inventory={}", inventory_path.display()),
+            format!("--state-dir={}", p(file("state"))),
+            format!("--bind-address=127.0.0.1:{port}"),
+            format!("--tls-cert-file={}", p(file("shim.pem"))),
+            format!("--tls-private-key-file={}", p(file("shim-key.pem"))),
+            format!("--client-ca-file={}", p(file("ca.pem"))),
+            "--allowed-client-sans=cloud-controller-manager".into(),
+            "--metrics-bind-address=127.0.0.1:0".into(),
+        ],
+        &[],
+        &dir,
+    )?;
+    println!("starting the cloud-controller-manager ...");
+    let mut ccm = Process::spawn(
+        "cloud-controller-manager",
+        "cloud-controller-manager",
+        &[
+            format!("--kubeconfig={}", cp.kubeconfig_path().display()),
+            format!("--provider-endpoint=https://127.0.0.1:{port}"),
+            format!("--provider-tls-cert-file={}", p(file("ccm.pem"))),
+            format!("--provider-tls-private-key-file={}", p(file("ccm-key.pem"))),
+            format!("--provider-ca-file={}", p(file("ca.pem"))),
+            "--provider-server-name=localhost".into(),
+            "--bind-address=127.0.0.1".into(),
+            "--cloud-provider=local".into(),
+        ],
+        &[],
+        &dir,
+    )?;
+    println!("  logs: {}", dir.display());
+
+    let client = cp.client()?;
+    let nodes: Api<Node> = Api::all(client);
+    println!("registering {} tainted nodes (as kubelets with --cloud-provider=external do) ...", inventory.machines.len());
+    let started = Instant::now();
+    for machine in &inventory.machines {
+        let node = Node {
+            metadata: kube::api::ObjectMeta {
+                name: Some(machine.name.clone()),
+                ..Default::default()
+            },
+            spec: Some(NodeSpec {
+                taints: Some(vec![Taint {
+                    key: TAINT.into(),
+                    value: Some("true".into()),
+                    effect: "NoSchedule".into(),
+                    time_added: None,
+                }]),
+                ..Default::default()
+            }),
+            status: None,
+        };
+        nodes.create(&PostParams::default(), &node).await?;
+    }
+
+    let mut done = std::collections::BTreeSet::new();
+    let deadline = Duration::from_secs(flags.timeout_seconds);
+    while done.len() < inventory.machines.len() {
+        if started.elapsed() > deadline {
+            bail!(
+                "nodes not initialised after {deadline:?}; see the logs in {}\n--- controller-manager ---\n{}\n--- local-shim ---\n{}",
+                dir.display(),
+                ccm.logs(),
+                shim.logs()
+            );
+        }
+        if let Some(status) = ccm.exit_status() {
+            bail!("the controller-manager exited ({status}):\n{}", ccm.logs());
+        }
+        if let Some(status) = shim.exit_status() {
+            bail!("the local shim exited ({status}):\n{}", shim.logs());
+        }
+        for node in nodes.list(&Default::default()).await?.items {
+            let name = node.metadata.name.clone().unwrap_or_default();
+            let spec = node.spec.clone().unwrap_or_default();
+            let tainted = spec.taints.unwrap_or_default().iter().any(|t| t.key == TAINT);
+            let addresses = node
+                .status
+                .as_ref()
+                .and_then(|s| s.addresses.clone())
+                .unwrap_or_default();
+            if tainted || addresses.is_empty() || done.contains(&name) {
+                continue;
+            }
+            let labels = node.metadata.labels.clone().unwrap_or_default();
+            let label = |k: &str| labels.get(k).cloned().unwrap_or_else(|| "-".into());
+            println!(
+                "  [{:>6.2}s] {name:<10} initialised: providerID={} zone={} region={} type={} addresses={}",
+                started.elapsed().as_secs_f64(),
+                spec.provider_id.unwrap_or_default(),
+                label("topology.kubernetes.io/zone"),
+                label("topology.kubernetes.io/region"),
+                label("node.kubernetes.io/instance-type"),
+                addresses
+                    .iter()
+                    .map(|a| format!("{}={}", a.type_, a.address))
+                    .collect::<Vec<_>>()
+                    .join(",")
+            );
+            done.insert(name);
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    println!("all {} nodes initialised in {:.2?}", done.len(), started.elapsed());
+    if flags.exit_when_initialised {
+        return Ok(());
+    }
+    println!(
+        "\nrunning; look around with:\n  kubectl --kubeconfig {} get nodes -L topology.kubernetes.io/zone,node.kubernetes.io/instance-type -o wide\nedit {} (e.g. set a machine's state) and watch; Ctrl-C stops everything.",
+        cp.kubeconfig_path().display(),
+        inventory_path.display()
+    );
+    tokio::signal::ctrl_c().await?;
+    println!("stopping ...");
+    Ok(())
+}
