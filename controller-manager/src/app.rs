@@ -11,7 +11,9 @@ use tokio::task::JoinSet;
 use tracing::{error, info, warn};
 
 use crate::cloud::{Cloud, CloudError};
+use crate::controllers::NodeInformer;
 use crate::controllers::node::{NodeController, NodeControllerConfig};
+use crate::controllers::node_lifecycle::NodeLifecycleController;
 use crate::leader::{LeaderElector, LeaseConfig, Lost, SharedStatus};
 use crate::metrics::{LeaseLabels, Metrics};
 use crate::names::{ControllerName, ControllerSelection};
@@ -261,14 +263,29 @@ fn start_controllers(runtime: &Runtime, options: &Options, controllers: &[Contro
         stops: Vec::new(),
         tasks: JoinSet::new(),
     };
-    for controller in controllers {
+    let stopper = |running: &mut Running| {
         let (stop_tx, stop_rx) = oneshot::channel::<()>();
-        let stop = async move {
+        running.stops.push(stop_tx);
+        async move {
             let _ = stop_rx.await;
-        };
+        }
+    };
+    // One Node watch serves every node controller.
+    let needs_nodes = controllers
+        .iter()
+        .any(|c| matches!(c, ControllerName::CloudNode | ControllerName::CloudNodeLifecycle));
+    let informer = needs_nodes.then(|| NodeInformer::new(runtime.client.clone()));
+    for controller in controllers {
+        let stop = stopper(&mut running);
         let rt = runtime.clone();
-        match controller {
-            ControllerName::CloudNode => {
+        let alias = controller.alias();
+        match (controller, informer.as_ref()) {
+            (ControllerName::CloudNode, Some(informer)) => {
+                let Some(changes) = informer.subscribe() else {
+                    warn!("node informer cannot be subscribed to; cloud-node controller not started");
+                    continue;
+                };
+                let store = informer.store.clone();
                 let config = NodeControllerConfig {
                     workers: options.concurrent_node_syncs,
                     status_update_frequency: options.node_status_update_frequency,
@@ -276,18 +293,44 @@ fn start_controllers(runtime: &Runtime, options: &Options, controllers: &[Contro
                     instance: rt.identity.clone(),
                 };
                 running.tasks.spawn(async move {
-                    rt.metrics.set_running(ControllerName::CloudNode.alias(), true);
-                    NodeController::run(rt.client, rt.cloud, rt.metrics.clone(), config, stop).await;
-                    rt.metrics.set_running(ControllerName::CloudNode.alias(), false);
+                    rt.metrics.set_running(alias, true);
+                    NodeController::run(
+                        rt.client,
+                        rt.cloud,
+                        rt.metrics.clone(),
+                        (store, changes),
+                        config,
+                        stop,
+                    )
+                    .await;
+                    rt.metrics.set_running(alias, false);
                 });
             }
-            other => {
+            (ControllerName::CloudNodeLifecycle, Some(informer)) => {
+                let controller = NodeLifecycleController::new(
+                    rt.client.clone(),
+                    rt.cloud.clone(),
+                    rt.metrics.clone(),
+                    informer.store.clone(),
+                    rt.identity.clone(),
+                );
+                let period = options.node_monitor_period;
+                running.tasks.spawn(async move {
+                    rt.metrics.set_running(alias, true);
+                    controller.run(period, stop).await;
+                    rt.metrics.set_running(alias, false);
+                });
+            }
+            (other, _) => {
                 warn!(controller = other.canonical(), "controller is not implemented in this build yet; not starting it");
                 continue;
             }
         }
         info!(controller = controller.canonical(), "started controller");
-        running.stops.push(stop_tx);
+    }
+    if let Some(informer) = informer {
+        let stop = stopper(&mut running);
+        running.tasks.spawn(informer.run(stop));
     }
     running
 }

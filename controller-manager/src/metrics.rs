@@ -51,6 +51,16 @@ pub struct Metrics {
     pub cpi_requests: Family<RpcLabels, Counter>,
     /// `ccm_uninitialized_nodes`: nodes still carrying the uninitialized taint.
     pub uninitialized_nodes: Gauge,
+    /// `deletions_suppressed_total{reason}`: node deletions not done because existence was not
+    /// authoritatively NOT_FOUND.
+    pub deletions_suppressed: Family<ReasonLabels, Counter>,
+}
+
+/// Labels of `deletions_suppressed_total`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReasonLabels {
+    /// Why nothing was deleted (the CPI error class or existence answer).
+    pub reason: String,
 }
 
 impl Metrics {
@@ -94,7 +104,14 @@ impl Metrics {
             "Nodes still carrying the node.cloudprovider.kubernetes.io/uninitialized taint",
             uninitialized_nodes.clone(),
         );
+        let deletions_suppressed = Family::<ReasonLabels, Counter>::default();
+        registry.register(
+            "deletions_suppressed",
+            "Node deletions not done because the provider's existence answer was not an authoritative NOT_FOUND",
+            deletions_suppressed.clone(),
+        );
         Arc::new(Self {
+            deletions_suppressed,
             registry,
             running_managed_controllers,
             leader_election_master_status,
@@ -121,6 +138,15 @@ impl Metrics {
             .get_or_create(&RpcLabels {
                 method: method.to_string(),
                 code: code.to_string(),
+            })
+            .inc();
+    }
+
+    /// Counts a node deletion that was not done, by reason.
+    pub fn count_suppressed_deletion(&self, reason: &str) {
+        self.deletions_suppressed
+            .get_or_create(&ReasonLabels {
+                reason: reason.to_string(),
             })
             .inc();
     }

@@ -1,3 +1,61 @@
-//! The cloud controllers, one module per controller.
+//! The cloud controllers, one module per controller, and the node cache they share.
 
 pub mod node;
+pub mod node_lifecycle;
+
+use futures::StreamExt;
+use k8s_openapi::api::core::v1::Node;
+use kube::api::Api;
+use kube::runtime::reflector::{self, ReflectHandle, Store};
+use kube::runtime::{WatchStreamExt, watcher};
+use tracing::warn;
+
+/// Events buffered per subscriber before the shared watch waits for slow consumers.
+const SUBSCRIBER_BUFFER: usize = 1024;
+
+/// One watch of all Nodes shared by every node controller: a read cache plus a handle that
+/// lets a controller subscribe to changes.
+pub struct NodeInformer {
+    /// The shared cache.
+    pub store: Store<Node>,
+    writer: Option<reflector::store::Writer<Node>>,
+    client: kube::Client,
+}
+
+impl NodeInformer {
+    /// Prepares the informer; nothing is watched until [`run`](Self::run).
+    pub fn new(client: kube::Client) -> Self {
+        let (store, writer) = reflector::store_shared(SUBSCRIBER_BUFFER);
+        Self {
+            store,
+            writer: Some(writer),
+            client,
+        }
+    }
+
+    /// A change feed for one controller.
+    pub fn subscribe(&self) -> Option<ReflectHandle<Node>> {
+        self.writer.as_ref().and_then(|w| w.subscribe())
+    }
+
+    /// Drives the watch (relisting on errors and 410s with backoff) until `shutdown`.
+    pub async fn run(mut self, shutdown: impl Future<Output = ()> + Send) {
+        let Some(writer) = self.writer.take() else {
+            return;
+        };
+        let api: Api<Node> = Api::all(self.client.clone());
+        let stream = reflector::reflector(
+            writer,
+            watcher(api, watcher::Config::default().any_semantic()).default_backoff(),
+        );
+        let drive = stream.for_each(|event| async move {
+            if let Err(err) = event {
+                warn!(error = %err, "node watch error; retrying with backoff");
+            }
+        });
+        tokio::select! {
+            () = drive => {}
+            () = shutdown => {}
+        }
+    }
+}

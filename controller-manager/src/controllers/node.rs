@@ -17,8 +17,7 @@ use k8s_openapi::jiff::Timestamp;
 use kube::api::{Api, Patch, PatchParams, PostParams};
 use kube::runtime::controller::{Action, Controller};
 use kube::runtime::events::{Event, EventType, Recorder};
-use kube::runtime::reflector::{ObjectRef, Store};
-use kube::runtime::watcher;
+use kube::runtime::reflector::{ObjectRef, ReflectHandle, Store};
 use kube::{Resource, ResourceExt};
 use tracing::{Instrument, debug, info, info_span, warn};
 
@@ -153,16 +152,17 @@ pub struct NodeControllerConfig {
 }
 
 impl NodeController {
-    /// Runs the controller until `shutdown` resolves.
+    /// Runs the controller over the shared node cache until `shutdown` resolves.
     pub async fn run(
         client: kube::Client,
         cloud: Cloud,
         metrics: Arc<Metrics>,
+        informer: (Store<Node>, ReflectHandle<Node>),
         config: NodeControllerConfig,
         shutdown: impl Future<Output = ()> + Send + Sync + 'static,
     ) {
-        let nodes: Api<Node> = Api::all(client.clone());
-        let controller = Controller::new(nodes, watcher::Config::default().any_semantic())
+        let (store, changes) = informer;
+        let controller = Controller::for_shared_stream(changes, store.clone())
             .with_config(kube::runtime::controller::Config::default().concurrency(config.workers));
         let recorder = Recorder::new(
             client.clone(),
@@ -176,7 +176,7 @@ impl NodeController {
             cloud,
             metrics,
             recorder,
-            store: controller.store(),
+            store,
             failures: Mutex::new(HashMap::new()),
         });
         let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);

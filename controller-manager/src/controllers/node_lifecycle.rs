@@ -1,0 +1,388 @@
+//! cloud-node-lifecycle-controller (upstream `controllers/nodelifecycle`): every
+//! `--node-monitor-period`, NotReady nodes whose instance is authoritatively gone are deleted,
+//! and shut-down instances get (and, once Ready again, lose) the
+//! `node.cloudprovider.kubernetes.io/shutdown` taint. Ready nodes are left alone.
+//!
+//! Only an explicit `NOT_FOUND` existence answer (or `INSTANCE_NOT_FOUND` from the legacy
+//! InstanceID lookup) deletes a node; every other outcome — errors, timeouts, `UNKNOWN` — is
+//! counted in `deletions_suppressed_total{reason}` and leaves the node untouched.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use k8s_openapi::api::core::v1::{Node, Taint};
+use kube::api::{Api, DeleteParams, Patch, PatchParams};
+use kube::runtime::events::{Event, EventType, Recorder};
+use kube::runtime::reflector::Store;
+use kube::{Resource, ResourceExt};
+use tracing::{Instrument, debug, info, info_span, warn};
+
+use cpi_proto::CpiError;
+use cpi_proto::v1::{self, Capability, Consistency, Existence};
+
+use crate::cloud::Cloud;
+use crate::controllers::node::provider_id_of;
+use crate::convert;
+use crate::metrics::Metrics;
+
+/// Taint put on nodes whose instance is shut down.
+pub const TAINT_SHUTDOWN: &str = "node.cloudprovider.kubernetes.io/shutdown";
+
+/// The existence verdict the controller acts on.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Verdict {
+    /// The instance exists.
+    Exists,
+    /// The provider said authoritatively that it does not.
+    Gone,
+    /// Nothing may be concluded; the reason is recorded.
+    Unknown(String),
+}
+
+/// Shared state of the lifecycle controller.
+pub struct NodeLifecycleController {
+    client: kube::Client,
+    cloud: Cloud,
+    metrics: Arc<Metrics>,
+    recorder: Recorder,
+    store: Store<Node>,
+}
+
+impl NodeLifecycleController {
+    /// Creates the controller over a node cache shared with other controllers.
+    pub fn new(
+        client: kube::Client,
+        cloud: Cloud,
+        metrics: Arc<Metrics>,
+        store: Store<Node>,
+        instance: String,
+    ) -> Self {
+        let recorder = Recorder::new(
+            client.clone(),
+            kube::runtime::events::Reporter {
+                controller: "cloud-node-lifecycle-controller".into(),
+                instance: Some(instance),
+            },
+        );
+        Self {
+            client,
+            cloud,
+            metrics,
+            recorder,
+            store,
+        }
+    }
+
+    /// Runs `monitor_nodes` every `period` until `shutdown` resolves.
+    pub async fn run(self, period: Duration, shutdown: impl Future<Output = ()> + Send) {
+        let mut shutdown = std::pin::pin!(shutdown);
+        // Nothing can be judged before the cache holds the nodes.
+        tokio::select! {
+            _ = self.store.wait_until_ready() => {}
+            () = &mut shutdown => return,
+        }
+        loop {
+            self.monitor_nodes().await;
+            tokio::select! {
+                () = tokio::time::sleep(period) => {}
+                () = &mut shutdown => return,
+            }
+        }
+    }
+
+    /// One pass over every node (upstream `MonitorNodes`).
+    pub async fn monitor_nodes(&self) {
+        for node in self.store.state() {
+            let span = info_span!("cloud-node-lifecycle.check", node = %node.name_any());
+            self.check_node(&node).instrument(span).await;
+        }
+    }
+
+    async fn check_node(&self, node: &Node) {
+        if let Some(id) = provider_id_of(node) {
+            if !self.cloud.owns_provider_id(id) {
+                return;
+            }
+        }
+        if ready_status(node) == "True" {
+            if has_taint(node, TAINT_SHUTDOWN) {
+                self.set_shutdown_taint(node, false).await;
+            }
+            return;
+        }
+        match self.existence(node).await {
+            Verdict::Gone => self.delete(node).await,
+            Verdict::Unknown(reason) => {
+                self.metrics.count_suppressed_deletion(&reason);
+                debug!(%reason, "existence unknown; node left alone");
+            }
+            Verdict::Exists => match self.shutdown(node).await {
+                Ok(true) if !has_taint(node, TAINT_SHUTDOWN) => {
+                    self.set_shutdown_taint(node, true).await;
+                }
+                Ok(_) => {}
+                Err(err) => warn!(error = %err, "error checking if node is shutdown"),
+            },
+        }
+    }
+
+    async fn existence(&self, node: &Node) -> Verdict {
+        let name = node.name_any();
+        if self.cloud.has(Capability::InstancesV2) {
+            let request = v1::InstanceExistsRequest {
+                node: Some(convert::node(node, self.cloud.wants_raw_objects())),
+                consistency: Consistency::Strong as i32,
+            };
+            let result = self.cloud.instances_v2().instance_exists(request).await;
+            return self.verdict("InstancesV2/InstanceExists", result);
+        }
+        let provider_id = match provider_id_of(node) {
+            Some(id) => id.to_string(),
+            None => {
+                let request = v1::NodeNameRequest {
+                    node_name: name.clone(),
+                    consistency: Consistency::Strong as i32,
+                };
+                match self.cloud.instances().instance_id(request).await {
+                    Ok(r) => {
+                        self.metrics.count_rpc("Instances/InstanceID", "OK");
+                        let id = r.into_inner().instance_id;
+                        if id.is_empty() {
+                            // Upstream builds "<name>://", which no instance has.
+                            return Verdict::Gone;
+                        }
+                        cpi_proto::provider_id::join(&self.cloud.info().name, &id)
+                    }
+                    Err(status) => {
+                        let err = CpiError::from_status(&status);
+                        self.metrics.count_rpc("Instances/InstanceID", err.class());
+                        if matches!(err, CpiError::InstanceNotFound(_)) {
+                            return Verdict::Gone;
+                        }
+                        warn!(error = %err, "error getting provider ID");
+                        return Verdict::Unknown(err.class().to_string());
+                    }
+                }
+            }
+        };
+        let request = v1::ProviderIdRequest {
+            provider_id,
+            consistency: Consistency::Strong as i32,
+        };
+        let result = self
+            .cloud
+            .instances()
+            .instance_exists_by_provider_id(request)
+            .await;
+        self.verdict("Instances/InstanceExistsByProviderID", result)
+    }
+
+    fn verdict(
+        &self,
+        method: &str,
+        result: Result<tonic::Response<v1::InstanceExistsResponse>, tonic::Status>,
+    ) -> Verdict {
+        match result {
+            Ok(response) => {
+                self.metrics.count_rpc(method, "OK");
+                verdict_from(&response.into_inner())
+            }
+            Err(status) => {
+                let err = CpiError::from_status(&status);
+                self.metrics.count_rpc(method, err.class());
+                warn!(error = %err, "error checking if node exists");
+                Verdict::Unknown(err.class().to_string())
+            }
+        }
+    }
+
+    async fn shutdown(&self, node: &Node) -> Result<bool, CpiError> {
+        let result = if self.cloud.has(Capability::InstancesV2) {
+            let request = v1::InstanceShutdownRequest {
+                node: Some(convert::node(node, self.cloud.wants_raw_objects())),
+                consistency: Consistency::Unspecified as i32,
+            };
+            self.cloud.instances_v2().instance_shutdown(request).await
+        } else {
+            let Some(id) = provider_id_of(node) else {
+                return Ok(false);
+            };
+            let request = v1::ProviderIdRequest {
+                provider_id: id.to_string(),
+                consistency: Consistency::Unspecified as i32,
+            };
+            self.cloud
+                .instances()
+                .instance_shutdown_by_provider_id(request)
+                .await
+        };
+        match result {
+            Ok(response) => Ok(response.into_inner().shutdown),
+            Err(status) => match CpiError::from_status(&status) {
+                CpiError::NotImplemented(_) | CpiError::InstanceNotFound(_) => Ok(false),
+                other => Err(other),
+            },
+        }
+    }
+
+    async fn delete(&self, node: &Node) {
+        let name = node.name_any();
+        let reference = node.object_ref(&());
+        info!(node = %name, "deleting node because it does not exist in the cloud provider");
+        self.event(
+            &reference,
+            EventType::Normal,
+            "DeletingNode",
+            format!("Deleting node {name} because it does not exist in the cloud provider"),
+        )
+        .await;
+        let api: Api<Node> = Api::all(self.client.clone());
+        // Precondition on the UID: never delete a node re-created under the same name since we
+        // looked at it.
+        let params = DeleteParams {
+            preconditions: node.uid().map(|uid| kube::api::Preconditions {
+                uid: Some(uid),
+                resource_version: None,
+            }),
+            ..DeleteParams::default()
+        };
+        if let Err(err) = api.delete(&name, &params).await {
+            warn!(node = %name, error = %err, "failed deleting node");
+            self.event(
+                &reference,
+                EventType::Warning,
+                "DeletingNodeFailed",
+                format!("Failed deleting node {name}: {err}"),
+            )
+            .await;
+        }
+    }
+
+    async fn set_shutdown_taint(&self, node: &Node, present: bool) {
+        let name = node.name_any();
+        let mut taints: Vec<Taint> = node
+            .spec
+            .as_ref()
+            .and_then(|s| s.taints.clone())
+            .unwrap_or_default();
+        taints.retain(|t| !(t.key == TAINT_SHUTDOWN && t.effect == "NoSchedule"));
+        if present {
+            taints.push(Taint {
+                key: TAINT_SHUTDOWN.into(),
+                effect: "NoSchedule".into(),
+                ..Taint::default()
+            });
+        }
+        // resourceVersion makes this an optimistic-concurrency write: a concurrent change to the
+        // taints fails with 409 instead of being overwritten; the next pass retries.
+        let patch = serde_json::json!({
+            "metadata": { "resourceVersion": node.resource_version() },
+            "spec": { "taints": taints },
+        });
+        let api: Api<Node> = Api::all(self.client.clone());
+        match api
+            .patch(&name, &PatchParams::default(), &Patch::Merge(&patch))
+            .await
+        {
+            Ok(_) => info!(node = %name, present, "updated shutdown taint"),
+            Err(err) => warn!(node = %name, error = %err, "failed to update shutdown taint"),
+        }
+    }
+
+    async fn event(
+        &self,
+        reference: &k8s_openapi::api::core::v1::ObjectReference,
+        type_: EventType,
+        reason: &str,
+        note: String,
+    ) {
+        let event = Event {
+            type_,
+            reason: reason.into(),
+            note: Some(note),
+            action: "NodeLifecycle".into(),
+            secondary: None,
+        };
+        if let Err(err) = self.recorder.publish(&event, reference).await {
+            warn!(error = %err, reason, "failed to record event");
+        }
+    }
+}
+
+/// Maps the tri-state answer: only `NOT_FOUND` means gone; `UNSPECIFIED` (an older shim or a
+/// missing field) is as cautious as `UNKNOWN`.
+pub fn verdict_from(response: &v1::InstanceExistsResponse) -> Verdict {
+    match Existence::try_from(response.existence) {
+        Ok(Existence::Exists) => Verdict::Exists,
+        Ok(Existence::NotFound) => Verdict::Gone,
+        Ok(Existence::Unknown) => Verdict::Unknown("UNKNOWN".into()),
+        Ok(Existence::Unspecified) | Err(_) => Verdict::Unknown("UNSPECIFIED".into()),
+    }
+}
+
+/// Status of the node's Ready condition, `Unknown` when absent.
+pub fn ready_status(node: &Node) -> String {
+    node.status
+        .as_ref()
+        .and_then(|s| s.conditions.as_ref())
+        .and_then(|c| c.iter().find(|c| c.type_ == "Ready"))
+        .map_or_else(|| "Unknown".to_string(), |c| c.status.clone())
+}
+
+fn has_taint(node: &Node, key: &str) -> bool {
+    node.spec
+        .as_ref()
+        .and_then(|s| s.taints.as_ref())
+        .is_some_and(|t| t.iter().any(|t| t.key == key))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use k8s_openapi::api::core::v1::{NodeCondition, NodeStatus};
+
+    fn with_ready(status: Option<&str>) -> Node {
+        let mut node = Node::default();
+        node.status = Some(NodeStatus {
+            conditions: status.map(|s| {
+                vec![NodeCondition {
+                    type_: "Ready".into(),
+                    status: s.into(),
+                    ..Default::default()
+                }]
+            }),
+            ..Default::default()
+        });
+        node
+    }
+
+    #[test]
+    fn ready_condition_defaults_to_unknown() {
+        assert_eq!(ready_status(&with_ready(None)), "Unknown");
+        assert_eq!(ready_status(&with_ready(Some("False"))), "False");
+        assert_eq!(ready_status(&with_ready(Some("True"))), "True");
+    }
+
+    #[test]
+    fn only_not_found_is_gone() {
+        let answer = |e: Existence| v1::InstanceExistsResponse {
+            existence: e as i32,
+            ..Default::default()
+        };
+        assert_eq!(verdict_from(&answer(Existence::Exists)), Verdict::Exists);
+        assert_eq!(verdict_from(&answer(Existence::NotFound)), Verdict::Gone);
+        assert!(matches!(
+            verdict_from(&answer(Existence::Unknown)),
+            Verdict::Unknown(_)
+        ));
+        assert!(matches!(
+            verdict_from(&answer(Existence::Unspecified)),
+            Verdict::Unknown(_)
+        ));
+        let future = v1::InstanceExistsResponse {
+            existence: 42,
+            ..Default::default()
+        };
+        assert!(matches!(verdict_from(&future), Verdict::Unknown(_)));
+    }
+}
