@@ -40,7 +40,11 @@ apt_install etcd-server
 mkdir -p "$ASSETS"
 ln -sf "$(command -v etcd)" "$ASSETS/etcd"
 
-if [[ -x "$ASSETS/kube-apiserver" ]] && "$ASSETS/kube-apiserver" --version 2>/dev/null | grep -q "$K8S_VERSION"; then
+# Bump when the build changes in a way the cached binary cannot be checked for cheaply
+# (2: the `/version` endpoint reports $K8S_VERSION, not v0.0.0-master).
+BUILD_RECIPE=2
+if [[ -x "$ASSETS/kube-apiserver" ]] && "$ASSETS/kube-apiserver" --version 2>/dev/null | grep -q "$K8S_VERSION" \
+  && [[ "$(cat "$ASSETS/kube-apiserver.recipe" 2>/dev/null)" == "$BUILD_RECIPE" ]]; then
   log "kube-apiserver $K8S_VERSION cached in $ASSETS"
   echo "$ASSETS"
   exit 0
@@ -82,9 +86,19 @@ dirs=$(grep -Rl --include='*.go' '^// +k8s:openapi-gen=' pkg vendor 2>/dev/null 
   -h vendor/k8s.io/code-generator/hack/boilerplate.go.txt -r "$WORK/openapi-report.txt" >&2
 
 log "building kube-apiserver $K8S_VERSION (a few minutes)"
-go build -ldflags "-X k8s.io/component-base/version.gitVersion=$K8S_VERSION -X k8s.io/component-base/version.gitMajor=1 -X k8s.io/component-base/version.gitMinor=20" \
-  -o "$ASSETS/kube-apiserver.tmp" ./cmd/kube-apiserver
+# In GOPATH mode vendored packages' import paths carry the `k8s.io/kubernetes/vendor/` prefix,
+# and `-X` silently ignores a path that matches no package. Like hack/lib/version.sh, stamp both
+# version packages: component-base (`--version`, logs) and client-go (the `/version` endpoint).
+minor=${K8S_VERSION#v1.}; minor=${minor%%.*}
+ldflags=
+for pkg in k8s.io/kubernetes/vendor/k8s.io/component-base/version k8s.io/kubernetes/vendor/k8s.io/client-go/pkg/version; do
+  ldflags+=" -X $pkg.gitVersion=$K8S_VERSION -X $pkg.gitMajor=1 -X $pkg.gitMinor=$minor -X $pkg.gitTreeState=clean"
+done
+go build -ldflags "$ldflags" -o "$ASSETS/kube-apiserver.tmp" ./cmd/kube-apiserver
+"$ASSETS/kube-apiserver.tmp" --version | grep -q "$K8S_VERSION" \
+  || { log "built kube-apiserver does not report $K8S_VERSION"; exit 1; }
 mv "$ASSETS/kube-apiserver.tmp" "$ASSETS/kube-apiserver"
+echo "$BUILD_RECIPE" >"$ASSETS/kube-apiserver.recipe"
 cd /
 rm -rf "$WORK"
 log "done: $ASSETS"
