@@ -1,1 +1,140 @@
-//! The embedded local provider: machines from an inventory file, state in a crash-safe embedded database.
+//! The embedded local provider: machines from an inventory file, state in a crash-safe embedded
+//! database.
+//!
+//! The inventory (YAML, `--inventory`) is the local "cloud": it is re-read every
+//! `--inventory-reload-interval`, a broken edit keeps the last good version, and a machine absent
+//! from it or `terminated` is authoritatively gone. State the shim must not forget across
+//! restarts (today the fence high-water marks) lives in `<--state-dir>/state.redb`.
+//!
+//! Served: Provider, InstancesV2, Instances and Zones. Provider IDs are `local://<instanceID>`;
+//! nodes carrying any other provider ID are answered NOT_OWNED by the framework.
+
+pub mod instances;
+pub mod inventory;
+pub mod reload;
+pub mod store;
+
+use std::future::Future;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::Parser;
+use cpi_proto::v1::Zone;
+use shim_framework::{RunningShim, ServeFlags, ShimError, ShimServer};
+
+pub use instances::{LocalProvider, PROVIDER_NAME};
+pub use inventory::{Inventory, InventoryError, Machine, MachineState};
+pub use reload::InventoryHandle;
+pub use store::{Store, StoreError};
+
+/// Command line of the `local-shim` binary.
+#[derive(Debug, Clone, Parser)]
+#[command(
+    name = "local-shim",
+    version,
+    about = "The local CPI provider shim: machines from an inventory file"
+)]
+pub struct LocalFlags {
+    /// Serving flags shared by every shim.
+    #[command(flatten)]
+    pub serve: ServeFlags,
+
+    /// Inventory file (YAML) listing the machines.
+    #[arg(long, value_name = "PATH")]
+    pub inventory: PathBuf,
+
+    /// How often the inventory file is checked for changes; 0 disables reloading.
+    #[arg(long, default_value = "2s", value_parser = humantime::parse_duration)]
+    pub inventory_reload_interval: Duration,
+
+    /// Directory of the state database (state.redb).
+    #[arg(long, value_name = "DIR", default_value = "/var/lib/local-shim")]
+    pub state_dir: PathBuf,
+
+    /// Zone of the machine the shim runs on, answered by Zones.GetZone (NotImplemented when
+    /// unset).
+    #[arg(long)]
+    pub zone: Option<String>,
+
+    /// Region answered with --zone; defaults to the inventory's top-level region.
+    #[arg(long, requires = "zone")]
+    pub region: Option<String>,
+}
+
+/// Why the local shim could not start or stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum LocalShimError {
+    /// The inventory could not be loaded at start-up.
+    #[error(transparent)]
+    Inventory(#[from] InventoryError),
+    /// The state database could not be opened.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// Serving failed.
+    #[error(transparent)]
+    Shim(#[from] ShimError),
+}
+
+/// A local shim with its inventory loaded and database open, ready to serve.
+pub struct LocalShim {
+    server: ShimServer,
+    inventory: InventoryHandle,
+    reload_interval: Duration,
+}
+
+impl LocalShim {
+    /// Loads the inventory and opens the state database, failing on either (blocking).
+    pub fn new(flags: &LocalFlags) -> Result<Self, LocalShimError> {
+        let inventory = InventoryHandle::load(&flags.inventory)?;
+        let store = Store::open(&flags.state_dir)?;
+        let own_zone = flags.zone.clone().map(|zone| Zone {
+            failure_domain: Some(zone),
+            region: flags.region.clone(),
+        });
+        let provider = LocalProvider::new(inventory.clone(), own_zone);
+        let server = ShimServer::builder(instances::description())
+            .instances_v2(provider.clone())
+            .instances(provider.clone())
+            .zones(provider)
+            .fence_store(store)
+            .register_metrics(|registry| inventory.register_metrics(registry))
+            .build();
+        tracing::info!(
+            inventory = %flags.inventory.display(),
+            machines = inventory.current().machines().len(),
+            state_dir = %flags.state_dir.display(),
+            "inventory loaded and state database open"
+        );
+        Ok(Self {
+            server,
+            inventory,
+            reload_interval: flags.inventory_reload_interval,
+        })
+    }
+
+    /// The live inventory.
+    pub fn inventory(&self) -> &InventoryHandle {
+        &self.inventory
+    }
+
+    /// Starts serving in the background (see [`ShimServer::start`]) and reloading the inventory.
+    pub async fn start(
+        self,
+        serve: &ServeFlags,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> Result<RunningShim, LocalShimError> {
+        let running = self.server.start(serve, shutdown).await?;
+        // The reloader ends by itself once the served provider (the last handle) is dropped.
+        let _reloader = self.inventory.spawn_reloader(self.reload_interval);
+        Ok(running)
+    }
+
+    /// Serves until SIGTERM, SIGINT or `shutdown`, then drains.
+    pub async fn run(
+        self,
+        serve: &ServeFlags,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> Result<(), LocalShimError> {
+        Ok(self.start(serve, shutdown).await?.wait().await?)
+    }
+}

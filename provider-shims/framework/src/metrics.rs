@@ -1,0 +1,207 @@
+//! Per-RPC metrics and the plain-HTTP endpoint serving them with the health probes.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use axum::Router;
+use axum::extract::State;
+use axum::http::{StatusCode, header};
+use axum::response::IntoResponse;
+use axum::routing::get;
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+use tokio::net::TcpListener;
+
+use crate::error::ShimError;
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct MethodCode {
+    method: String,
+    code: String,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct MethodLabel {
+    method: String,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct InfoLabels {
+    provider: String,
+    version: String,
+}
+
+type HistogramFamily = Family<MethodLabel, Histogram, fn() -> Histogram>;
+
+fn duration_histogram() -> Histogram {
+    // 1 ms .. ~33 s: cloud API calls behind an RPC range from cache hits to slow LB provisioning.
+    Histogram::new(exponential_buckets(0.001, 2.0, 16))
+}
+
+/// The framework's own metrics.
+#[derive(Debug, Clone)]
+pub(crate) struct ShimMetrics {
+    requests: Family<MethodCode, Counter>,
+    duration: HistogramFamily,
+    stale_leader: Counter,
+}
+
+impl ShimMetrics {
+    /// Registers the metrics (and `cpi_shim_info`) in `registry`.
+    pub(crate) fn register(registry: &mut Registry, provider: &str, version: &str) -> Self {
+        let metrics = Self {
+            requests: Family::default(),
+            duration: Family::new_with_constructor(duration_histogram as fn() -> Histogram),
+            stale_leader: Counter::default(),
+        };
+        registry.register(
+            "cpi_shim_requests",
+            "CPI calls served, by method and gRPC code",
+            metrics.requests.clone(),
+        );
+        registry.register(
+            "cpi_shim_request_duration_seconds",
+            "Time spent serving CPI calls, by method",
+            metrics.duration.clone(),
+        );
+        registry.register(
+            "cpi_shim_stale_leader_rejections",
+            "Mutating calls refused because their fence was older than one already seen",
+            metrics.stale_leader.clone(),
+        );
+        let info = Family::<InfoLabels, Gauge>::default();
+        info.get_or_create(&InfoLabels {
+            provider: provider.to_string(),
+            version: version.to_string(),
+        })
+        .set(1);
+        registry.register("cpi_shim_info", "Provider name and shim version", info);
+        metrics
+    }
+
+    /// Records one finished call.
+    pub(crate) fn observe(&self, method: &str, code: tonic::Code, elapsed: Duration) {
+        self.requests
+            .get_or_create(&MethodCode {
+                method: method.to_string(),
+                code: code_name(code).to_string(),
+            })
+            .inc();
+        self.duration
+            .get_or_create(&MethodLabel {
+                method: method.to_string(),
+            })
+            .observe(elapsed.as_secs_f64());
+    }
+
+    /// Records one stale-leader rejection.
+    pub(crate) fn stale_leader(&self) {
+        self.stale_leader.inc();
+    }
+}
+
+/// The canonical upper-snake name of a gRPC code, as every gRPC dashboard labels it.
+pub(crate) fn code_name(code: tonic::Code) -> &'static str {
+    use tonic::Code;
+    match code {
+        Code::Ok => "OK",
+        Code::Cancelled => "CANCELLED",
+        Code::Unknown => "UNKNOWN",
+        Code::InvalidArgument => "INVALID_ARGUMENT",
+        Code::DeadlineExceeded => "DEADLINE_EXCEEDED",
+        Code::NotFound => "NOT_FOUND",
+        Code::AlreadyExists => "ALREADY_EXISTS",
+        Code::PermissionDenied => "PERMISSION_DENIED",
+        Code::ResourceExhausted => "RESOURCE_EXHAUSTED",
+        Code::FailedPrecondition => "FAILED_PRECONDITION",
+        Code::Aborted => "ABORTED",
+        Code::OutOfRange => "OUT_OF_RANGE",
+        Code::Unimplemented => "UNIMPLEMENTED",
+        Code::Internal => "INTERNAL",
+        Code::Unavailable => "UNAVAILABLE",
+        Code::DataLoss => "DATA_LOSS",
+        Code::Unauthenticated => "UNAUTHENTICATED",
+    }
+}
+
+/// State behind the HTTP endpoint.
+#[derive(Clone)]
+struct HttpState {
+    registry: Arc<Registry>,
+    ready: Arc<AtomicBool>,
+}
+
+async fn metrics_handler(State(state): State<HttpState>) -> impl IntoResponse {
+    let mut body = String::new();
+    match prometheus_client::encoding::text::encode(&mut body, &state.registry) {
+        Ok(()) => (
+            StatusCode::OK,
+            [(
+                header::CONTENT_TYPE,
+                "application/openmetrics-text; version=1.0.0; charset=utf-8",
+            )],
+            body,
+        ),
+        Err(err) => (
+            StatusCode::INTERNAL_SERVER_ERROR,
+            [(header::CONTENT_TYPE, "text/plain; charset=utf-8")],
+            format!("encoding metrics: {err}\n"),
+        ),
+    }
+}
+
+async fn ready_handler(State(state): State<HttpState>) -> (StatusCode, &'static str) {
+    if state.ready.load(Ordering::SeqCst) {
+        (StatusCode::OK, "ok\n")
+    } else {
+        (StatusCode::SERVICE_UNAVAILABLE, "not ready: not serving\n")
+    }
+}
+
+/// The plain-HTTP endpoint, bound but not yet serving.
+pub(crate) struct HttpEndpoint {
+    listener: TcpListener,
+    router: Router,
+}
+
+impl HttpEndpoint {
+    /// Binds `addr` now so a taken port fails start-up, before any gRPC is served.
+    pub(crate) async fn bind(
+        addr: SocketAddr,
+        registry: Arc<Registry>,
+        ready: Arc<AtomicBool>,
+    ) -> Result<Self, ShimError> {
+        let listener = TcpListener::bind(addr)
+            .await
+            .map_err(|error| ShimError::MetricsBind { addr, error })?;
+        let router = Router::new()
+            .route("/metrics", get(metrics_handler))
+            .route("/readyz", get(ready_handler))
+            .route("/healthz", get(|| async { "ok\n" }))
+            .route("/livez", get(|| async { "ok\n" }))
+            .with_state(HttpState { registry, ready });
+        Ok(Self { listener, router })
+    }
+
+    /// The bound address (the real port when 0 was asked for).
+    pub(crate) fn local_addr(&self) -> Option<SocketAddr> {
+        self.listener.local_addr().ok()
+    }
+
+    /// Serves until `shutdown` resolves.
+    pub(crate) async fn serve(self, shutdown: impl Future<Output = ()> + Send + 'static) {
+        let addr = self.local_addr();
+        if let Err(err) = axum::serve(self.listener, self.router)
+            .with_graceful_shutdown(shutdown)
+            .await
+        {
+            tracing::error!(?addr, error = %err, "metrics endpoint failed");
+        }
+    }
+}

@@ -1,0 +1,418 @@
+//! The real local shim served over a Unix socket and called through the generated clients.
+#![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use clap::Parser as _;
+use cpi_proto::CpiError;
+use cpi_proto::v1 as pb;
+use cpi_proto::v1::instances_client::InstancesClient;
+use cpi_proto::v1::instances_v2_client::InstancesV2Client;
+use cpi_proto::v1::zones_client::ZonesClient;
+use cpi_transport::{ClientEndpoint, ConnectOptions, CpiChannel};
+use local_shim::{LocalFlags, LocalShim};
+use shim_framework::RunningShim;
+use tokio::sync::oneshot;
+use tonic::Code;
+
+const EXAMPLE: &str = include_str!("../examples/inventory.yaml");
+
+struct Shim {
+    socket: PathBuf,
+    running: RunningShim,
+    stop: oneshot::Sender<()>,
+}
+
+impl Shim {
+    async fn start(dir: &Path, extra: &[&str]) -> Self {
+        let socket = dir.join("local.sock");
+        let mut args = vec![
+            "local-shim".to_string(),
+            format!("--unix-socket={}", socket.display()),
+            "--metrics-bind-address=0".into(),
+            format!("--inventory={}", dir.join("inventory.yaml").display()),
+            format!("--state-dir={}", dir.join("state").display()),
+            "--inventory-reload-interval=50ms".into(),
+            "--shutdown-grace-period=2s".into(),
+        ];
+        args.extend(extra.iter().map(|a| a.to_string()));
+        let flags = LocalFlags::try_parse_from(args).unwrap();
+        let (stop, stopped) = oneshot::channel::<()>();
+        let running = LocalShim::new(&flags)
+            .unwrap()
+            .start(&flags.serve, async move {
+                let _ = stopped.await;
+            })
+            .await
+            .unwrap();
+        Self {
+            socket,
+            running,
+            stop,
+        }
+    }
+
+    fn channel(&self) -> CpiChannel {
+        cpi_transport::connect(
+            ClientEndpoint::Unix {
+                path: self.socket.clone(),
+            },
+            ConnectOptions::default(),
+        )
+        .unwrap()
+    }
+
+    async fn stop(self) {
+        let _ = self.stop.send(());
+        tokio::time::timeout(Duration::from_secs(10), self.running.wait())
+            .await
+            .expect("shim did not stop")
+            .unwrap();
+    }
+}
+
+fn setup() -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("inventory.yaml"), EXAMPLE).unwrap();
+    dir
+}
+
+fn node(name: &str, provider_id: Option<&str>) -> Option<pb::Node> {
+    Some(pb::Node {
+        metadata: Some(pb::ObjectMeta {
+            name: name.into(),
+            ..Default::default()
+        }),
+        provider_id: provider_id.map(str::to_string),
+        ..Default::default()
+    })
+}
+
+async fn existence(client: &mut InstancesV2Client<CpiChannel>, name: &str) -> i32 {
+    client
+        .instance_exists(pb::InstanceExistsRequest {
+            node: node(name, None),
+            consistency: pb::Consistency::Cached as i32,
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .existence
+}
+
+#[tokio::test]
+async fn provider_info_describes_the_local_shim() {
+    let dir = setup();
+    let shim = Shim::start(dir.path(), &[]).await;
+    let info = pb::provider_client::ProviderClient::new(shim.channel())
+        .get_provider_info(pb::GetProviderInfoRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(info.name, "local");
+    assert_eq!(info.provider_id_prefixes, vec!["local://".to_string()]);
+    assert_eq!(
+        info.capabilities,
+        vec![
+            pb::Capability::InstancesV2 as i32,
+            pb::Capability::Instances as i32,
+            pb::Capability::Zones as i32,
+        ]
+    );
+    // Not served yet: load balancers and routes answer UNIMPLEMENTED.
+    let status = pb::load_balancer_client::LoadBalancerClient::new(shim.channel())
+        .get_load_balancer(pb::LoadBalancerRequest::default())
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::Unimplemented);
+    shim.stop().await;
+}
+
+#[tokio::test]
+async fn instances_v2_answers_from_the_inventory() {
+    let dir = setup();
+    let shim = Shim::start(dir.path(), &[]).await;
+    let mut client = InstancesV2Client::new(shim.channel());
+
+    let meta = client
+        .instance_metadata(pb::InstanceMetadataRequest {
+            node: node("node-a", None),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .metadata
+        .unwrap();
+    assert_eq!(meta.provider_id.as_deref(), Some("local://m-a"));
+    assert_eq!(meta.instance_type.as_deref(), Some("standard-2"));
+    assert_eq!(meta.zone.as_deref(), Some("zone-a"));
+    assert_eq!(meta.region.as_deref(), Some("local-1"));
+    assert_eq!(meta.node_addresses[0].address, "10.0.0.10");
+    assert_eq!(meta.additional_labels["example.com/rack"], "rack-1");
+
+    assert_eq!(
+        existence(&mut client, "node-a").await,
+        pb::Existence::Exists as i32
+    );
+    assert_eq!(
+        existence(&mut client, "node-c").await,
+        pb::Existence::Exists as i32
+    );
+    assert_eq!(
+        existence(&mut client, "node-z").await,
+        pb::Existence::NotFound as i32
+    );
+
+    let down = client
+        .instance_shutdown(pb::InstanceShutdownRequest {
+            node: node("whatever", Some("local://m-c")),
+            consistency: pb::Consistency::Strong as i32,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(down.shutdown);
+    assert_eq!(down.power_state, pb::PowerState::Shutdown as i32);
+
+    let status = client
+        .instance_metadata(pb::InstanceMetadataRequest {
+            node: node("node-z", None),
+        })
+        .await
+        .unwrap_err();
+    assert!(matches!(
+        CpiError::from_status(&status),
+        CpiError::InstanceNotFound(_)
+    ));
+
+    // Another provider's node is refused, never reported missing.
+    let status = client
+        .instance_exists(pb::InstanceExistsRequest {
+            node: node("node-a", Some("aws:///eu-west-1a/i-1")),
+            consistency: 0,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::PermissionDenied);
+    shim.stop().await;
+}
+
+#[tokio::test]
+async fn legacy_instances_and_zones_answer_from_the_inventory() {
+    let dir = setup();
+    let shim = Shim::start(dir.path(), &["--zone=zone-a"]).await;
+    let mut instances = InstancesClient::new(shim.channel());
+    let by_name = pb::NodeNameRequest {
+        node_name: "node-b".into(),
+        consistency: 0,
+    };
+    let by_id = |id: &str| pb::ProviderIdRequest {
+        provider_id: id.into(),
+        consistency: 0,
+    };
+    assert_eq!(
+        instances
+            .instance_id(by_name.clone())
+            .await
+            .unwrap()
+            .into_inner()
+            .instance_id,
+        "m-b"
+    );
+    assert_eq!(
+        instances
+            .node_addresses(by_name.clone())
+            .await
+            .unwrap()
+            .into_inner()
+            .addresses
+            .len(),
+        3
+    );
+    assert_eq!(
+        instances
+            .instance_type_by_provider_id(by_id("local://m-c"))
+            .await
+            .unwrap()
+            .into_inner()
+            .instance_type
+            .as_deref(),
+        Some("standard-4")
+    );
+    assert_eq!(
+        instances
+            .instance_exists_by_provider_id(by_id("local://m-x"))
+            .await
+            .unwrap()
+            .into_inner()
+            .existence,
+        pb::Existence::NotFound as i32
+    );
+    assert!(
+        instances
+            .instance_shutdown_by_provider_id(by_id("local://m-c"))
+            .await
+            .unwrap()
+            .into_inner()
+            .shutdown
+    );
+    assert_eq!(
+        instances
+            .current_node_name(pb::CurrentNodeNameRequest {
+                hostname: "node-a".into()
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .node_name,
+        "node-a"
+    );
+    let status = instances
+        .instance_id(pb::NodeNameRequest {
+            node_name: String::new(),
+            consistency: 0,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::InvalidArgument);
+
+    let mut zones = ZonesClient::new(shim.channel());
+    let own = zones
+        .get_zone(pb::GetZoneRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(own.failure_domain.as_deref(), Some("zone-a"));
+    assert_eq!(own.region.as_deref(), Some("local-1"));
+    let b = zones
+        .get_zone_by_node_name(by_name)
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(b.failure_domain.as_deref(), Some("zone-b"));
+    let c = zones
+        .get_zone_by_provider_id(by_id("local://m-c"))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(c.failure_domain.as_deref(), Some("zone-a"));
+    shim.stop().await;
+}
+
+#[tokio::test]
+async fn inventory_edits_are_served_and_broken_edits_are_not() {
+    let dir = setup();
+    let shim = Shim::start(dir.path(), &[]).await;
+    let mut client = InstancesV2Client::new(shim.channel());
+    let path = dir.path().join("inventory.yaml");
+
+    // Terminate node-a.
+    std::fs::write(
+        &path,
+        EXAMPLE.replacen("state: running", "state: terminated", 1),
+    )
+    .unwrap();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    while existence(&mut client, "node-a").await != pb::Existence::NotFound as i32 {
+        assert!(tokio::time::Instant::now() < deadline, "edit not served");
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+
+    // A broken edit (duplicate instance ID) is ignored: node-b stays, node-a stays terminated.
+    std::fs::write(&path, EXAMPLE.replace("instanceID: m-b", "instanceID: m-a")).unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(
+        existence(&mut client, "node-b").await,
+        pb::Existence::Exists as i32
+    );
+    assert_eq!(
+        existence(&mut client, "node-a").await,
+        pb::Existence::NotFound as i32
+    );
+    // A strong read cannot vouch for anything while the file is broken.
+    let strong = client
+        .instance_exists(pb::InstanceExistsRequest {
+            node: node("node-a", None),
+            consistency: pb::Consistency::Strong as i32,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(strong.existence, pb::Existence::Unknown as i32);
+    shim.stop().await;
+}
+
+fn ssh_key(fence: pb::Fence) -> pb::AddSshKeyRequest {
+    pb::AddSshKeyRequest {
+        user: "root".into(),
+        key_data: b"ssh-ed25519 AAAA".to_vec(),
+        fence: Some(fence),
+    }
+}
+
+fn fence(transitions: i64, holder: &str) -> pb::Fence {
+    pb::Fence {
+        lease: "kube-system/cloud-controller-manager".into(),
+        holder_identity: holder.into(),
+        lease_transitions: transitions,
+    }
+}
+
+#[tokio::test]
+async fn fence_marks_survive_a_restart() {
+    let dir = setup();
+    let shim = Shim::start(dir.path(), &[]).await;
+    let status = InstancesClient::new(shim.channel())
+        .add_ssh_key_to_all_instances(ssh_key(fence(5, "ccm-new")))
+        .await
+        .unwrap_err();
+    // The fence was accepted (and recorded); the call itself is not supported.
+    assert!(matches!(
+        CpiError::from_status(&status),
+        CpiError::NotImplemented(_)
+    ));
+    shim.stop().await;
+
+    let shim = Shim::start(dir.path(), &[]).await;
+    let status = InstancesClient::new(shim.channel())
+        .add_ssh_key_to_all_instances(ssh_key(fence(4, "ccm-old")))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(CpiError::from_status(&status), CpiError::StaleLeader(_)),
+        "{status:?}"
+    );
+    shim.stop().await;
+}
+
+#[tokio::test]
+async fn start_up_fails_clearly_on_a_bad_inventory() {
+    let dir = tempfile::tempdir().unwrap();
+    let flags = |inventory: &Path| {
+        LocalFlags::try_parse_from([
+            "local-shim".to_string(),
+            "--unix-socket=/nonexistent/x.sock".into(),
+            format!("--inventory={}", inventory.display()),
+            format!("--state-dir={}", dir.path().join("state").display()),
+        ])
+        .unwrap()
+    };
+    let missing = dir.path().join("missing.yaml");
+    let msg = LocalShim::new(&flags(&missing)).err().unwrap().to_string();
+    assert!(msg.contains("missing.yaml"), "{msg}");
+
+    let invalid = dir.path().join("invalid.yaml");
+    std::fs::write(
+        &invalid,
+        "machines:\n- {name: a, instanceID: i, state: asleep}\n",
+    )
+    .unwrap();
+    let msg = LocalShim::new(&flags(&invalid)).err().unwrap().to_string();
+    assert!(msg.contains("machine \"a\": state"), "{msg}");
+
+    assert!(
+        LocalFlags::try_parse_from(["local-shim", "--unix-socket=/x"]).is_err(),
+        "--inventory is required"
+    );
+}
