@@ -74,11 +74,14 @@ pub async fn kube_config(options: &Options) -> Result<kube::Config, AppError> {
             .await
             .map_err(|e| AppError::KubeConfig(e.to_string()))?
     } else {
-        let kubeconfig = Kubeconfig::read_from(&options.kubeconfig)
-            .map_err(|e| AppError::KubeConfig(format!("--kubeconfig={}: {e}", options.kubeconfig)))?;
+        let kubeconfig = Kubeconfig::read_from(&options.kubeconfig).map_err(|e| {
+            AppError::KubeConfig(format!("--kubeconfig={}: {e}", options.kubeconfig))
+        })?;
         kube::Config::from_custom_kubeconfig(kubeconfig, &KubeConfigOptions::default())
             .await
-            .map_err(|e| AppError::KubeConfig(format!("--kubeconfig={}: {e}", options.kubeconfig)))?
+            .map_err(|e| {
+                AppError::KubeConfig(format!("--kubeconfig={}: {e}", options.kubeconfig))
+            })?
     };
     if !options.master.is_empty() {
         config.cluster_url = options
@@ -93,7 +96,10 @@ pub async fn kube_config(options: &Options) -> Result<kube::Config, AppError> {
 pub fn kube_client(config: kube::Config, options: &Options) -> Result<kube::Client, AppError> {
     let builder = kube::client::ClientBuilder::try_from(config)?;
     Ok(builder
-        .with_layer(&RateLimitLayer::new(options.kube_api_qps, options.kube_api_burst))
+        .with_layer(&RateLimitLayer::new(
+            options.kube_api_qps,
+            options.kube_api_burst,
+        ))
         .build())
 }
 
@@ -104,11 +110,17 @@ pub fn controllers_to_run(selection: &ControllerSelection, cloud: &Cloud) -> Vec
         .into_iter()
         .filter(|c| {
             if !selection.is_enabled(*c) {
-                info!(controller = c.canonical(), "controller disabled by --controllers");
+                info!(
+                    controller = c.canonical(),
+                    "controller disabled by --controllers"
+                );
                 return false;
             }
             if !c.supported_by(&capabilities) {
-                warn!(controller = c.canonical(), "provider does not support this controller; not starting it");
+                warn!(
+                    controller = c.canonical(),
+                    "provider does not support this controller; not starting it"
+                );
                 return false;
             }
             true
@@ -165,7 +177,12 @@ pub async fn run(
                 .zip(options.tls_private_key_file.as_deref()),
         )?;
         let addr = SocketAddr::new(options.bind_address, options.secure_port);
-        let (_, server) = serve::bind(addr, acceptor, serve::router(health.clone(), metrics.clone())).await?;
+        let (_, server) = serve::bind(
+            addr,
+            acceptor,
+            serve::router(health.clone(), metrics.clone()),
+        )
+        .await?;
         tokio::spawn(server);
     }
     let mut shutdown = Box::pin(shutdown);
@@ -185,9 +202,14 @@ pub async fn run(
             "leaderElection",
             Scope::Live,
             Arc::new(move || {
-                let status = status.lock().map_err(|_| "status lock poisoned".to_string())?;
+                let status = status
+                    .lock()
+                    .map_err(|_| "status lock poisoned".to_string())?;
                 match status.last_renew {
-                    Some(at) if status.leading && at.elapsed() > lease_duration + Duration::from_secs(20) => {
+                    Some(at)
+                        if status.leading
+                            && at.elapsed() > lease_duration + Duration::from_secs(20) =>
+                    {
                         Err(format!("failed to renew leadership for {:?}", at.elapsed()))
                     }
                     _ => Ok(()),
@@ -218,7 +240,10 @@ pub async fn run(
         () = &mut shutdown => return Ok(()),
     };
     lease_gauge.set(1);
-    info!(lease_transitions = fence.lease_transitions, "became leader; starting controllers");
+    info!(
+        lease_transitions = fence.lease_transitions,
+        "became leader; starting controllers"
+    );
     let running = start_controllers(&runtime, &options, &controllers);
     let result = tokio::select! {
         lost = elector.hold() => Err(AppError::LeadershipLost(lost)),
@@ -249,7 +274,10 @@ impl Running {
         let deadline = Instant::now() + Duration::from_secs(10);
         while !self.tasks.is_empty() {
             let left = deadline.saturating_duration_since(Instant::now());
-            if tokio::time::timeout(left, self.tasks.join_next()).await.is_err() {
+            if tokio::time::timeout(left, self.tasks.join_next())
+                .await
+                .is_err()
+            {
                 warn!("controllers did not stop within 10s; aborting them");
                 self.tasks.abort_all();
                 break;
@@ -258,7 +286,11 @@ impl Running {
     }
 }
 
-fn start_controllers(runtime: &Runtime, options: &Options, controllers: &[ControllerName]) -> Running {
+fn start_controllers(
+    runtime: &Runtime,
+    options: &Options,
+    controllers: &[ControllerName],
+) -> Running {
     let mut running = Running {
         stops: Vec::new(),
         tasks: JoinSet::new(),
@@ -271,9 +303,12 @@ fn start_controllers(runtime: &Runtime, options: &Options, controllers: &[Contro
         }
     };
     // One Node watch serves every node controller.
-    let needs_nodes = controllers
-        .iter()
-        .any(|c| matches!(c, ControllerName::CloudNode | ControllerName::CloudNodeLifecycle));
+    let needs_nodes = controllers.iter().any(|c| {
+        matches!(
+            c,
+            ControllerName::CloudNode | ControllerName::CloudNodeLifecycle
+        )
+    });
     let informer = needs_nodes.then(|| NodeInformer::new(runtime.client.clone()));
     for controller in controllers {
         let stop = stopper(&mut running);
@@ -282,7 +317,9 @@ fn start_controllers(runtime: &Runtime, options: &Options, controllers: &[Contro
         match (controller, informer.as_ref()) {
             (ControllerName::CloudNode, Some(informer)) => {
                 let Some(changes) = informer.subscribe() else {
-                    warn!("node informer cannot be subscribed to; cloud-node controller not started");
+                    warn!(
+                        "node informer cannot be subscribed to; cloud-node controller not started"
+                    );
                     continue;
                 };
                 let store = informer.store.clone();
@@ -322,7 +359,10 @@ fn start_controllers(runtime: &Runtime, options: &Options, controllers: &[Contro
                 });
             }
             (other, _) => {
-                warn!(controller = other.canonical(), "controller is not implemented in this build yet; not starting it");
+                warn!(
+                    controller = other.canonical(),
+                    "controller is not implemented in this build yet; not starting it"
+                );
                 continue;
             }
         }

@@ -11,7 +11,9 @@ pub fn node(node: &core::Node, raw: bool) -> v1::Node {
     let status = node.status.as_ref();
     v1::Node {
         metadata: Some(meta(&node.metadata)),
-        provider_id: spec.and_then(|s| s.provider_id.clone()).filter(|p| !p.is_empty()),
+        provider_id: spec
+            .and_then(|s| s.provider_id.clone())
+            .filter(|p| !p.is_empty()),
         pod_cidrs: spec.and_then(|s| s.pod_cidrs.clone()).unwrap_or_default(),
         taints: spec
             .and_then(|s| s.taints.as_ref())
@@ -26,16 +28,18 @@ pub fn node(node: &core::Node, raw: bool) -> v1::Node {
             .and_then(|s| s.conditions.as_ref())
             .map(|c| c.iter().map(condition).collect())
             .unwrap_or_default(),
-        node_info: status.and_then(|s| s.node_info.as_ref()).map(|i| v1::NodeSystemInfo {
-            machine_id: i.machine_id.clone(),
-            system_uuid: i.system_uuid.clone(),
-            boot_id: i.boot_id.clone(),
-            kernel_version: i.kernel_version.clone(),
-            os_image: i.os_image.clone(),
-            operating_system: i.operating_system.clone(),
-            architecture: i.architecture.clone(),
-            kubelet_version: i.kubelet_version.clone(),
-        }),
+        node_info: status
+            .and_then(|s| s.node_info.as_ref())
+            .map(|i| v1::NodeSystemInfo {
+                machine_id: i.machine_id.clone(),
+                system_uuid: i.system_uuid.clone(),
+                boot_id: i.boot_id.clone(),
+                kernel_version: i.kernel_version.clone(),
+                os_image: i.os_image.clone(),
+                operating_system: i.operating_system.clone(),
+                architecture: i.architecture.clone(),
+                kubelet_version: i.kubelet_version.clone(),
+            }),
         raw_json: if raw {
             serde_json::to_vec(node).unwrap_or_default()
         } else {
@@ -63,7 +67,12 @@ pub fn meta(m: &ObjectMeta) -> v1::ObjectMeta {
         creation_timestamp: m.creation_timestamp.as_ref().map(timestamp),
         deletion_timestamp: m.deletion_timestamp.as_ref().map(timestamp),
         labels: m.labels.clone().unwrap_or_default().into_iter().collect(),
-        annotations: m.annotations.clone().unwrap_or_default().into_iter().collect(),
+        annotations: m
+            .annotations
+            .clone()
+            .unwrap_or_default()
+            .into_iter()
+            .collect(),
         finalizers: m.finalizers.clone().unwrap_or_default(),
     }
 }

@@ -137,7 +137,10 @@ impl LeaderElector {
         let mut last_error = String::from("no attempt");
         loop {
             tokio::time::sleep(self.config.retry_period).await;
-            let remaining = self.config.renew_deadline.saturating_sub(last_renew.elapsed());
+            let remaining = self
+                .config
+                .renew_deadline
+                .saturating_sub(last_renew.elapsed());
             match tokio::time::timeout(remaining, self.try_acquire_or_renew()).await {
                 Ok(Ok(Attempt::Held(_))) => {
                     last_renew = Instant::now();
@@ -232,7 +235,10 @@ impl LeaderElector {
         let holder = old.holder_identity.clone().unwrap_or_default();
         let ours = holder == self.config.identity;
         if !holder.is_empty() && !ours {
-            let observed_at = self.observed.as_ref().map_or_else(Instant::now, |(_, at)| *at);
+            let observed_at = self
+                .observed
+                .as_ref()
+                .map_or_else(Instant::now, |(_, at)| *at);
             let their_duration = old
                 .lease_duration_seconds
                 .and_then(|s| u64::try_from(s).ok())
@@ -250,7 +256,11 @@ impl LeaderElector {
         let spec = LeaseSpec {
             holder_identity: Some(self.config.identity.clone()),
             lease_duration_seconds: Some(duration_secs),
-            acquire_time: if ours { old.acquire_time.clone() } else { Some(now.clone()) },
+            acquire_time: if ours {
+                old.acquire_time.clone()
+            } else {
+                Some(now.clone())
+            },
             renew_time: Some(now),
             lease_transitions: Some(transitions),
             ..old

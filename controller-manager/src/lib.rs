@@ -6,6 +6,7 @@ pub mod app;
 pub mod cloud;
 pub mod controllers;
 pub mod convert;
+pub mod events;
 pub mod leader;
 pub mod metrics;
 pub mod names;

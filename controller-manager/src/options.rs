@@ -201,16 +201,22 @@ impl Options {
             ));
         }
         if self.concurrent_service_syncs == 0 {
-            return Err(invalid("--concurrent-service-syncs", "must be a positive number"));
+            return Err(invalid(
+                "--concurrent-service-syncs",
+                "must be a positive number",
+            ));
         }
-        if !(self.kube_api_qps > 0.0) {
+        if self.kube_api_qps.is_nan() || self.kube_api_qps <= 0.0 {
             return Err(invalid("--kube-api-qps", "must be positive"));
         }
         if self.node_monitor_period.is_zero() {
             return Err(invalid("--node-monitor-period", "must be positive"));
         }
         if self.node_status_update_frequency.is_zero() {
-            return Err(invalid("--node-status-update-frequency", "must be positive"));
+            return Err(invalid(
+                "--node-status-update-frequency",
+                "must be positive",
+            ));
         }
         if self.tls_cert_file.is_some() != self.tls_private_key_file.is_some() {
             return Err(invalid(
@@ -236,7 +242,10 @@ impl Options {
         let endpoint = self.provider_endpoint.trim();
         if let Some(path) = endpoint.strip_prefix("unix://") {
             if path.is_empty() {
-                return Err(invalid("--provider-endpoint", "unix:// needs a socket path"));
+                return Err(invalid(
+                    "--provider-endpoint",
+                    "unix:// needs a socket path",
+                ));
             }
             return Ok(ProviderEndpoint::Unix(PathBuf::from(path)));
         }
@@ -248,9 +257,8 @@ impl Options {
                 ),
             ));
         };
-        let host = authority_host(rest).ok_or_else(|| {
-            invalid("--provider-endpoint", format!("{endpoint:?} has no host"))
-        })?;
+        let host = authority_host(rest)
+            .ok_or_else(|| invalid("--provider-endpoint", format!("{endpoint:?} has no host")))?;
         let (Some(cert), Some(key), Some(ca)) = (
             self.provider_tls_cert_file.clone(),
             self.provider_tls_private_key_file.clone(),
@@ -311,7 +319,10 @@ mod tests {
     use super::*;
 
     fn parse(args: &[&str]) -> Result<Options, clap::Error> {
-        let mut full = vec!["cloud-controller-manager", "--provider-endpoint=unix:///tmp/s"];
+        let mut full = vec![
+            "cloud-controller-manager",
+            "--provider-endpoint=unix:///tmp/s",
+        ];
         full.extend_from_slice(args);
         Options::try_parse_from(full)
     }
@@ -393,7 +404,10 @@ mod tests {
 
     #[test]
     fn concurrent_node_syncs_must_be_positive() {
-        let err = parse(&["--concurrent-node-syncs=0"]).unwrap().validate().unwrap_err();
+        let err = parse(&["--concurrent-node-syncs=0"])
+            .unwrap()
+            .validate()
+            .unwrap_err();
         assert!(
             err.to_string()
                 .contains("concurrent-node-syncs must be a positive number")
@@ -420,11 +434,8 @@ mod tests {
 
     #[test]
     fn https_endpoint_needs_tls_files() {
-        let o = Options::try_parse_from([
-            "ccm",
-            "--provider-endpoint=https://shim.example:10270",
-        ])
-        .unwrap();
+        let o = Options::try_parse_from(["ccm", "--provider-endpoint=https://shim.example:10270"])
+            .unwrap();
         let err = o.validate().unwrap_err();
         assert!(err.to_string().contains("--provider-ca-file"), "{err}");
     }
@@ -447,8 +458,7 @@ mod tests {
 
     #[test]
     fn plain_http_endpoint_is_refused() {
-        let o =
-            Options::try_parse_from(["ccm", "--provider-endpoint=http://shim:10270"]).unwrap();
+        let o = Options::try_parse_from(["ccm", "--provider-endpoint=http://shim:10270"]).unwrap();
         let err = o.validate().unwrap_err();
         assert!(err.to_string().contains("https://"), "{err}");
     }

@@ -106,7 +106,11 @@ struct VerboseQuery {
     verbose: Option<String>,
 }
 
-async fn health_endpoint(state: AppState, scopes: &[Scope], query: VerboseQuery) -> impl IntoResponse {
+async fn health_endpoint(
+    state: AppState,
+    scopes: &[Scope],
+    query: VerboseQuery,
+) -> impl IntoResponse {
     let (ok, report) = state.health.evaluate(scopes);
     let status = if ok {
         StatusCode::OK
@@ -114,7 +118,14 @@ async fn health_endpoint(state: AppState, scopes: &[Scope], query: VerboseQuery)
         StatusCode::INTERNAL_SERVER_ERROR
     };
     let body = if query.verbose.is_some() || !ok {
-        format!("{report}{}", if ok { "healthz check passed\n" } else { "healthz check failed\n" })
+        format!(
+            "{report}{}",
+            if ok {
+                "healthz check passed\n"
+            } else {
+                "healthz check failed\n"
+            }
+        )
     } else {
         "ok".to_string()
     };
@@ -127,21 +138,27 @@ pub fn router(health: Health, metrics: Arc<Metrics>) -> Router {
     Router::new()
         .route(
             "/healthz",
-            get(|State(s): State<AppState>, Query(q): Query<VerboseQuery>| async move {
-                health_endpoint(s, &[Scope::Live, Scope::Ready], q).await
-            }),
+            get(
+                |State(s): State<AppState>, Query(q): Query<VerboseQuery>| async move {
+                    health_endpoint(s, &[Scope::Live, Scope::Ready], q).await
+                },
+            ),
         )
         .route(
             "/livez",
-            get(|State(s): State<AppState>, Query(q): Query<VerboseQuery>| async move {
-                health_endpoint(s, &[Scope::Live], q).await
-            }),
+            get(
+                |State(s): State<AppState>, Query(q): Query<VerboseQuery>| async move {
+                    health_endpoint(s, &[Scope::Live], q).await
+                },
+            ),
         )
         .route(
             "/readyz",
-            get(|State(s): State<AppState>, Query(q): Query<VerboseQuery>| async move {
-                health_endpoint(s, &[Scope::Ready], q).await
-            }),
+            get(
+                |State(s): State<AppState>, Query(q): Query<VerboseQuery>| async move {
+                    health_endpoint(s, &[Scope::Ready], q).await
+                },
+            ),
         )
         .route(
             "/metrics",

@@ -328,7 +328,8 @@ mod tests {
 
     #[test]
     fn unknown_reason_keeps_code() {
-        let details = ErrorDetails::with_error_info("FROM_THE_FUTURE", ERROR_DOMAIN, HashMap::new());
+        let details =
+            ErrorDetails::with_error_info("FROM_THE_FUTURE", ERROR_DOMAIN, HashMap::new());
         let status = Status::with_error_details(Code::Aborted, "x", details);
         assert_eq!(CpiError::from_status(&status).code(), Code::Aborted);
     }

@@ -39,7 +39,10 @@ pub mod provider_id {
         #[test]
         fn split_accepts_scheme_and_id() {
             assert_eq!(split("local://m-1"), Some(("local", "m-1")));
-            assert_eq!(split("aws:///us-east-1a/i-1"), Some(("aws", "/us-east-1a/i-1")));
+            assert_eq!(
+                split("aws:///us-east-1a/i-1"),
+                Some(("aws", "/us-east-1a/i-1"))
+            );
         }
 
         #[test]

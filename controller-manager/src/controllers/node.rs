@@ -16,7 +16,6 @@ use k8s_openapi::api::core::v1::{Node, NodeAddress};
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{Api, Patch, PatchParams, PostParams};
 use kube::runtime::controller::{Action, Controller};
-use kube::runtime::events::{Event, EventType, Recorder};
 use kube::runtime::reflector::{ObjectRef, ReflectHandle, Store};
 use kube::{Resource, ResourceExt};
 use tracing::{Instrument, debug, info, info_span, warn};
@@ -26,6 +25,7 @@ use cpi_proto::v1::{self, Capability};
 
 use crate::cloud::Cloud;
 use crate::convert;
+use crate::events::{EventType, Recorder};
 use crate::metrics::Metrics;
 
 /// Taint set by kubelets started with `--cloud-provider=external`.
@@ -164,13 +164,7 @@ impl NodeController {
         let (store, changes) = informer;
         let controller = Controller::for_shared_stream(changes, store.clone())
             .with_config(kube::runtime::controller::Config::default().concurrency(config.workers));
-        let recorder = Recorder::new(
-            client.clone(),
-            kube::runtime::events::Reporter {
-                controller: "cloud-node-controller".into(),
-                instance: Some(config.instance.clone()),
-            },
-        );
+        let recorder = Recorder::new(client.clone(), "cloud-node-controller", &config.instance);
         let ctx = Arc::new(Self {
             client,
             cloud,
@@ -243,7 +237,11 @@ impl NodeController {
                     consistency: 0,
                 };
                 match self
-                    .call("Instances/InstanceID", &name, instances.instance_id(request))
+                    .call(
+                        "Instances/InstanceID",
+                        &name,
+                        instances.instance_id(request),
+                    )
                     .await
                 {
                     Ok(r) => cpi_proto::provider_id::join(&self.cloud.info().name, &r.instance_id),
@@ -414,19 +412,18 @@ impl NodeController {
             self.metrics.taint_removal_delay.observe(age.as_secs_f64());
         }
         self.update_addresses(&updated, &metadata.addresses).await;
-        let reference = updated.object_ref(&());
-        let event = Event {
-            type_: EventType::Normal,
-            reason: "Synced".into(),
-            note: Some("Node synced successfully".into()),
-            action: "NodeInitialization".into(),
-            secondary: None,
-        };
-        if let Err(err) = self.recorder.publish(&event, &reference).await {
-            warn!(node = %name, error = %err, "failed to record Synced event");
-        }
+        self.recorder
+            .record(
+                &updated.object_ref(&()),
+                EventType::Normal,
+                "Synced",
+                "Node synced successfully",
+            )
+            .await;
         if let Some(age) = creation_age(&updated) {
-            self.metrics.initial_node_sync_delay.observe(age.as_secs_f64());
+            self.metrics
+                .initial_node_sync_delay
+                .observe(age.as_secs_f64());
         }
         info!(node = %name, provider_id = %metadata.provider_id, "node initialized");
         Ok(())
@@ -437,14 +434,16 @@ impl NodeController {
         let key = ObjectRef::from_obj(node);
         let seen = node.resource_version();
         for _ in 0..10 {
-            if let Some(cached) = self.store.get(&key) {
-                if cached.resource_version() != seen {
-                    return (*cached).clone();
-                }
+            if let Some(cached) = self.store.get(&key)
+                && cached.resource_version() != seen
+            {
+                return (*cached).clone();
             }
             tokio::time::sleep(jittered(UPDATE_STEP)).await;
         }
-        self.store.get(&key).map_or_else(|| node.clone(), |n| (*n).clone())
+        self.store
+            .get(&key)
+            .map_or_else(|| node.clone(), |n| (*n).clone())
     }
 
     /// Applies rules 18–23: patches status.addresses when the provider's list differs.
@@ -697,7 +696,10 @@ pub fn apply_initialization(node: &mut Node, md: &NodeMetadata) -> Result<(), Sy
     }
     let labels = node.metadata.labels.get_or_insert_with(Default::default);
     for (value, keys) in [
-        (&md.instance_type, [LABEL_INSTANCE_TYPE_BETA, LABEL_INSTANCE_TYPE]),
+        (
+            &md.instance_type,
+            [LABEL_INSTANCE_TYPE_BETA, LABEL_INSTANCE_TYPE],
+        ),
         (&md.zone, [LABEL_ZONE_BETA, LABEL_ZONE]),
         (&md.region, [LABEL_REGION_BETA, LABEL_REGION]),
     ] {
@@ -800,14 +802,20 @@ pub fn parse_node_ip_annotation(value: &str) -> Result<Vec<IpAddr>, String> {
         [_] => Ok(ips),
         [a, b] => {
             if a.is_ipv4() == b.is_ipv4() {
-                Err(format!("dual-stack node IP {value:?} must have one IP of each family"))
+                Err(format!(
+                    "dual-stack node IP {value:?} must have one IP of each family"
+                ))
             } else if a.is_unspecified() || b.is_unspecified() {
-                Err(format!("dual-stack node IP {value:?} cannot include an unspecified address"))
+                Err(format!(
+                    "dual-stack node IP {value:?} cannot include an unspecified address"
+                ))
             } else {
                 Ok(ips)
             }
         }
-        _ => Err(format!("must contain one IP or a dual-stack pair, got {value:?}")),
+        _ => Err(format!(
+            "must contain one IP or a dual-stack pair, got {value:?}"
+        )),
     }
 }
 

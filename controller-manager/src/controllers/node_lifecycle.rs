@@ -12,7 +12,6 @@ use std::time::Duration;
 
 use k8s_openapi::api::core::v1::{Node, Taint};
 use kube::api::{Api, DeleteParams, Patch, PatchParams};
-use kube::runtime::events::{Event, EventType, Recorder};
 use kube::runtime::reflector::Store;
 use kube::{Resource, ResourceExt};
 use tracing::{Instrument, debug, info, info_span, warn};
@@ -23,6 +22,7 @@ use cpi_proto::v1::{self, Capability, Consistency, Existence};
 use crate::cloud::Cloud;
 use crate::controllers::node::provider_id_of;
 use crate::convert;
+use crate::events::{EventType, Recorder};
 use crate::metrics::Metrics;
 
 /// Taint put on nodes whose instance is shut down.
@@ -57,13 +57,7 @@ impl NodeLifecycleController {
         store: Store<Node>,
         instance: String,
     ) -> Self {
-        let recorder = Recorder::new(
-            client.clone(),
-            kube::runtime::events::Reporter {
-                controller: "cloud-node-lifecycle-controller".into(),
-                instance: Some(instance),
-            },
-        );
+        let recorder = Recorder::new(client.clone(), "cloud-node-lifecycle-controller", &instance);
         Self {
             client,
             cloud,
@@ -99,10 +93,10 @@ impl NodeLifecycleController {
     }
 
     async fn check_node(&self, node: &Node) {
-        if let Some(id) = provider_id_of(node) {
-            if !self.cloud.owns_provider_id(id) {
-                return;
-            }
+        if let Some(id) = provider_id_of(node)
+            && !self.cloud.owns_provider_id(id)
+        {
+            return;
         }
         if ready_status(node) == "True" {
             if has_taint(node, TAINT_SHUTDOWN) {
@@ -229,13 +223,14 @@ impl NodeLifecycleController {
         let name = node.name_any();
         let reference = node.object_ref(&());
         info!(node = %name, "deleting node because it does not exist in the cloud provider");
-        self.event(
-            &reference,
-            EventType::Normal,
-            "DeletingNode",
-            format!("Deleting node {name} because it does not exist in the cloud provider"),
-        )
-        .await;
+        self.recorder
+            .record(
+                &reference,
+                EventType::Normal,
+                "DeletingNode",
+                &format!("Deleting node {name} because it does not exist in the cloud provider"),
+            )
+            .await;
         let api: Api<Node> = Api::all(self.client.clone());
         // Precondition on the UID: never delete a node re-created under the same name since we
         // looked at it.
@@ -248,13 +243,14 @@ impl NodeLifecycleController {
         };
         if let Err(err) = api.delete(&name, &params).await {
             warn!(node = %name, error = %err, "failed deleting node");
-            self.event(
-                &reference,
-                EventType::Warning,
-                "DeletingNodeFailed",
-                format!("Failed deleting node {name}: {err}"),
-            )
-            .await;
+            self.recorder
+                .record(
+                    &reference,
+                    EventType::Warning,
+                    "DeletingNodeFailed",
+                    &format!("Failed deleting node {name}: {err}"),
+                )
+                .await;
         }
     }
 
@@ -286,25 +282,6 @@ impl NodeLifecycleController {
         {
             Ok(_) => info!(node = %name, present, "updated shutdown taint"),
             Err(err) => warn!(node = %name, error = %err, "failed to update shutdown taint"),
-        }
-    }
-
-    async fn event(
-        &self,
-        reference: &k8s_openapi::api::core::v1::ObjectReference,
-        type_: EventType,
-        reason: &str,
-        note: String,
-    ) {
-        let event = Event {
-            type_,
-            reason: reason.into(),
-            note: Some(note),
-            action: "NodeLifecycle".into(),
-            secondary: None,
-        };
-        if let Err(err) = self.recorder.publish(&event, reference).await {
-            warn!(error = %err, reason, "failed to record event");
         }
     }
 }
@@ -342,18 +319,19 @@ mod tests {
     use k8s_openapi::api::core::v1::{NodeCondition, NodeStatus};
 
     fn with_ready(status: Option<&str>) -> Node {
-        let mut node = Node::default();
-        node.status = Some(NodeStatus {
-            conditions: status.map(|s| {
-                vec![NodeCondition {
-                    type_: "Ready".into(),
-                    status: s.into(),
-                    ..Default::default()
-                }]
+        Node {
+            status: Some(NodeStatus {
+                conditions: status.map(|s| {
+                    vec![NodeCondition {
+                        type_: "Ready".into(),
+                        status: s.into(),
+                        ..Default::default()
+                    }]
+                }),
+                ..Default::default()
             }),
             ..Default::default()
-        });
-        node
+        }
     }
 
     #[test]

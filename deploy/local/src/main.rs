@@ -16,7 +16,9 @@ use test_pki::{Ca, write_atomic};
 
 /// Flags of `local-cluster`.
 #[derive(Parser, Debug)]
-#[command(about = "Run etcd, kube-apiserver, the local shim and the controller-manager on this machine")]
+#[command(
+    about = "Run etcd, kube-apiserver, the local shim and the controller-manager on this machine"
+)]
 struct Flags {
     /// The local shim's inventory file.
     #[arg(long, default_value = "provider-shims/local/examples/inventory.yaml")]
@@ -52,7 +54,9 @@ async fn main() -> Result<()> {
     let inventory_path = std::fs::canonicalize(&flags.inventory)?;
 
     println!("starting etcd + kube-apiserver ...");
-    let cp = ControlPlane::start().await.context("starting the control plane")?;
+    let cp = ControlPlane::start()
+        .await
+        .context("starting the control plane")?;
     println!(
         "  API server {} ({}), kubeconfig {}",
         cp.server_url(),
@@ -70,7 +74,9 @@ async fn main() -> Result<()> {
     write_atomic(&file("shim-key.pem"), shim_cert.key_pem.as_bytes(), true)?;
     write_atomic(&file("ccm.pem"), ccm_cert.chain_pem.as_bytes(), false)?;
     write_atomic(&file("ccm-key.pem"), ccm_cert.key_pem.as_bytes(), true)?;
-    let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port();
     let p = |path: PathBuf| path.display().to_string();
 
     println!("starting the local shim on https://127.0.0.1:{port} (mutual TLS) ...");
@@ -111,7 +117,10 @@ async fn main() -> Result<()> {
 
     let client = cp.client()?;
     let nodes: Api<Node> = Api::all(client);
-    println!("registering {} tainted nodes (as kubelets with --cloud-provider=external do) ...", inventory.machines.len());
+    println!(
+        "registering {} tainted nodes (as kubelets with --cloud-provider=external do) ...",
+        inventory.machines.len()
+    );
     let started = Instant::now();
     for machine in &inventory.machines {
         let node = Node {
@@ -153,7 +162,11 @@ async fn main() -> Result<()> {
         for node in nodes.list(&Default::default()).await?.items {
             let name = node.metadata.name.clone().unwrap_or_default();
             let spec = node.spec.clone().unwrap_or_default();
-            let tainted = spec.taints.unwrap_or_default().iter().any(|t| t.key == TAINT);
+            let tainted = spec
+                .taints
+                .unwrap_or_default()
+                .iter()
+                .any(|t| t.key == TAINT);
             let addresses = node
                 .status
                 .as_ref()
@@ -181,7 +194,11 @@ async fn main() -> Result<()> {
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    println!("all {} nodes initialised in {:.2?}", done.len(), started.elapsed());
+    println!(
+        "all {} nodes initialised in {:.2?}",
+        done.len(),
+        started.elapsed()
+    );
     if flags.exit_when_initialised {
         return Ok(());
     }

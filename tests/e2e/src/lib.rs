@@ -1,1 +1,194 @@
-//! Cross-component test suites: gRPC over real sockets, leader election, tracing, end-to-end.
+//! Support for the cross-component suites: locating the project's binaries, running them as
+//! child processes with their logs captured, and waiting for conditions with a deadline.
+
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// Failure of the test harness itself (not of the system under test).
+#[derive(Debug, thiserror::Error)]
+pub enum HarnessError {
+    /// A project binary has not been built.
+    #[error(
+        "binary {name:?} not found at {path}: build it first with `cargo build --workspace --bins` (tests/run-all.sh does)"
+    )]
+    MissingBinary {
+        /// Binary name.
+        name: String,
+        /// Where it was looked for.
+        path: String,
+    },
+    /// Spawning failed.
+    #[error("spawning {name}: {source}")]
+    Spawn {
+        /// Binary name.
+        name: String,
+        /// Cause.
+        source: std::io::Error,
+    },
+    /// A condition did not become true in time.
+    #[error("timed out after {waited:?} waiting for {what}; last observation: {last}")]
+    Timeout {
+        /// What was awaited.
+        what: String,
+        /// How long.
+        waited: Duration,
+        /// Last observation.
+        last: String,
+    },
+}
+
+/// Path of a workspace binary, next to the running test executable's `deps/` directory.
+pub fn binary(name: &str) -> Result<PathBuf, HarnessError> {
+    let exe = std::env::current_exe().map_err(|e| HarnessError::Spawn {
+        name: name.into(),
+        source: e,
+    })?;
+    // Binaries sit in target/<profile>/; test executables in target/<profile>/deps/.
+    let here = exe.parent().map(Path::to_path_buf).unwrap_or_default();
+    let candidates = [
+        here.join(name),
+        here.parent().map(|p| p.join(name)).unwrap_or_default(),
+    ];
+    candidates
+        .iter()
+        .find(|p| p.is_file())
+        .cloned()
+        .ok_or_else(|| HarnessError::MissingBinary {
+            name: name.into(),
+            path: candidates[1].display().to_string(),
+        })
+}
+
+/// A project binary running as a child process; killed when dropped.
+pub struct Process {
+    name: String,
+    child: Child,
+    log: PathBuf,
+}
+
+impl Process {
+    /// Starts `name` with `args` and extra `env`, logging stdout+stderr to `<log_dir>/<label>.log`.
+    pub fn spawn(
+        name: &str,
+        label: &str,
+        args: &[String],
+        env: &[(&str, String)],
+        log_dir: &Path,
+    ) -> Result<Self, HarnessError> {
+        let path = binary(name)?;
+        let log = log_dir.join(format!("{label}.log"));
+        let spawn_err = |source| HarnessError::Spawn {
+            name: name.into(),
+            source,
+        };
+        let out = File::create(&log).map_err(spawn_err)?;
+        let err = out.try_clone().map_err(spawn_err)?;
+        let mut command = Command::new(path);
+        command
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(out)
+            .stderr(err)
+            .env("RUST_LOG", "info");
+        for (key, value) in env {
+            command.env(key, value);
+        }
+        let child = command.spawn().map_err(spawn_err)?;
+        Ok(Self {
+            name: label.into(),
+            child,
+            log,
+        })
+    }
+
+    /// The process ID.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Everything the process has logged so far.
+    pub fn logs(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Whether the process is still running; `Some(code)` once it exited.
+    pub fn exit_status(&mut self) -> Option<std::process::ExitStatus> {
+        self.child.try_wait().ok().flatten()
+    }
+
+    /// Kills the process hard (SIGKILL), as a crashed node would.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// Asks the process to stop (SIGTERM) and waits up to `grace` for it.
+    pub fn terminate(&mut self, grace: Duration) -> Option<std::process::ExitStatus> {
+        let _ = Command::new("kill")
+            .arg("-TERM")
+            .arg(self.child.id().to_string())
+            .status();
+        let deadline = Instant::now() + grace;
+        while Instant::now() < deadline {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return Some(status);
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        self.kill();
+        None
+    }
+
+    /// A label for messages.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+}
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        if self.exit_status().is_none() {
+            self.kill();
+        }
+        if std::thread::panicking() {
+            eprintln!("---- logs of {} ----\n{}", self.name, self.logs());
+        }
+    }
+}
+
+/// Polls `probe` every 100 ms until it returns `Ok`, or fails after `timeout` with the last
+/// observation it reported.
+pub async fn wait_for<T, F, Fut>(
+    what: &str,
+    timeout: Duration,
+    mut probe: F,
+) -> Result<T, HarnessError>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<T, String>>,
+{
+    let started = Instant::now();
+    loop {
+        let last = match probe().await {
+            Ok(value) => return Ok(value),
+            Err(observation) => observation,
+        };
+        if started.elapsed() >= timeout {
+            return Err(HarnessError::Timeout {
+                what: what.into(),
+                waited: started.elapsed(),
+                last,
+            });
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Writes a `local` shim inventory file and returns its path.
+pub fn write_inventory(dir: &Path, yaml: &str) -> std::io::Result<PathBuf> {
+    let path = dir.join("inventory.yaml");
+    std::fs::write(&path, yaml)?;
+    Ok(path)
+}

@@ -166,8 +166,13 @@ fn provided_node_ip_address_is_not_present() {
         addresses: vec![addr("InternalIP", "10.0.0.1")],
         ..Default::default()
     };
-    let err = apply_initialization(&mut node, &md).unwrap_err().to_string();
-    assert!(err.contains("10.0.0.2") && err.contains("10.0.0.1"), "{err}");
+    let err = apply_initialization(&mut node, &md)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("10.0.0.2") && err.contains("10.0.0.1"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -222,7 +227,10 @@ fn reconcile_labels_secondary_labels_are_different_from_primary() {
 
 #[test]
 fn node_addresses_change_detected_cases() {
-    let base = vec![addr("InternalIP", "10.0.0.1"), addr("ExternalIP", "1.1.1.1")];
+    let base = vec![
+        addr("InternalIP", "10.0.0.1"),
+        addr("ExternalIP", "1.1.1.1"),
+    ];
     assert!(!node_addresses_change_detected(&base, &base));
     let mut ext = base.clone();
     ext[1].address = "2.2.2.2".into();
@@ -231,7 +239,10 @@ fn node_addresses_change_detected_cases() {
     more.push(addr("Hostname", "h"));
     assert!(node_addresses_change_detected(&more, &base));
     assert!(node_addresses_change_detected(&base, &more));
-    let swapped = vec![addr("ExternalIP", "10.0.0.1"), addr("InternalIP", "1.1.1.1")];
+    let swapped = vec![
+        addr("ExternalIP", "10.0.0.1"),
+        addr("InternalIP", "1.1.1.1"),
+    ];
     assert!(node_addresses_change_detected(&base, &swapped));
 }
 
@@ -246,14 +257,19 @@ fn node_addresses_not_update_while_tainted() {
 
 #[test]
 fn cloud_provider_missing_hostname_keeps_kubelet_hostname() {
-    let mut node = Node::default();
-    node.status = Some(NodeStatus {
-        addresses: Some(vec![addr("Hostname", "nodeoverriden")]),
+    let node = Node {
+        status: Some(NodeStatus {
+            addresses: Some(vec![addr("Hostname", "nodeoverriden")]),
+            ..Default::default()
+        }),
         ..Default::default()
-    });
+    };
     let new = desired_addresses(
         &node,
-        &[addr("InternalIP", "10.0.0.1"), addr("ExternalIP", "132.143.154.163")],
+        &[
+            addr("InternalIP", "10.0.0.1"),
+            addr("ExternalIP", "132.143.154.163"),
+        ],
     )
     .unwrap()
     .unwrap();
@@ -269,11 +285,13 @@ fn cloud_provider_missing_hostname_keeps_kubelet_hostname() {
 
 #[test]
 fn empty_cloud_addresses_never_clear() {
-    let mut node = Node::default();
-    node.status = Some(NodeStatus {
-        addresses: Some(vec![addr("InternalIP", "10.0.0.1")]),
+    let node = Node {
+        status: Some(NodeStatus {
+            addresses: Some(vec![addr("InternalIP", "10.0.0.1")]),
+            ..Default::default()
+        }),
         ..Default::default()
-    });
+    };
     assert_eq!(desired_addresses(&node, &[]).unwrap(), None);
 }
 
@@ -282,16 +300,28 @@ mod node_ip {
 
     #[test]
     fn single_internal_ip_match() {
-        let cloud = vec![addr("InternalIP", "10.0.0.1"), addr("ExternalIP", "132.143.154.163")];
-        assert_eq!(node_addresses_from_node_ip("10.0.0.1", &cloud).unwrap(), cloud);
+        let cloud = vec![
+            addr("InternalIP", "10.0.0.1"),
+            addr("ExternalIP", "132.143.154.163"),
+        ];
+        assert_eq!(
+            node_addresses_from_node_ip("10.0.0.1", &cloud).unwrap(),
+            cloud
+        );
     }
 
     #[test]
     fn node_ip_is_external_ip() {
-        let cloud = vec![addr("InternalIP", "10.0.0.1"), addr("ExternalIP", "55.55.55.55")];
+        let cloud = vec![
+            addr("InternalIP", "10.0.0.1"),
+            addr("ExternalIP", "55.55.55.55"),
+        ];
         assert_eq!(
             node_addresses_from_node_ip("55.55.55.55", &cloud).unwrap(),
-            vec![addr("ExternalIP", "55.55.55.55"), addr("InternalIP", "10.0.0.1")]
+            vec![
+                addr("ExternalIP", "55.55.55.55"),
+                addr("InternalIP", "10.0.0.1")
+            ]
         );
     }
 
@@ -304,7 +334,10 @@ mod node_ip {
         ];
         assert_eq!(
             node_addresses_from_node_ip("55.55.55.55", &cloud).unwrap(),
-            vec![addr("InternalIP", "55.55.55.55"), addr("ExternalIP", "55.55.55.55")]
+            vec![
+                addr("InternalIP", "55.55.55.55"),
+                addr("ExternalIP", "55.55.55.55")
+            ]
         );
     }
 
@@ -316,7 +349,10 @@ mod node_ip {
             addr("InternalDNS", "ip-10-0-0-1.ec2.internal"),
             addr("Hostname", "node0"),
         ];
-        assert_eq!(node_addresses_from_node_ip("10.0.0.1", &cloud).unwrap(), cloud);
+        assert_eq!(
+            node_addresses_from_node_ip("10.0.0.1", &cloud).unwrap(),
+            cloud
+        );
     }
 
     #[test]
@@ -328,7 +364,10 @@ mod node_ip {
         ];
         assert_eq!(
             node_addresses_from_node_ip("10.0.0.2", &cloud).unwrap(),
-            vec![addr("InternalIP", "10.0.0.2"), addr("ExternalIP", "132.143.154.163")]
+            vec![
+                addr("InternalIP", "10.0.0.2"),
+                addr("ExternalIP", "132.143.154.163")
+            ]
         );
     }
 
@@ -355,10 +394,16 @@ mod node_ip {
 
     #[test]
     fn dual_stack_ipv6_first_orders_by_node_ip() {
-        let cloud = vec![addr("InternalIP", "10.0.0.1"), addr("InternalIP", "fd00::1")];
+        let cloud = vec![
+            addr("InternalIP", "10.0.0.1"),
+            addr("InternalIP", "fd00::1"),
+        ];
         assert_eq!(
             node_addresses_from_node_ip("fd00::1,10.0.0.1", &cloud).unwrap(),
-            vec![addr("InternalIP", "fd00::1"), addr("InternalIP", "10.0.0.1")]
+            vec![
+                addr("InternalIP", "fd00::1"),
+                addr("InternalIP", "10.0.0.1")
+            ]
         );
     }
 
@@ -375,7 +420,12 @@ mod node_ip {
 
 #[test]
 fn reserved_label_namespaces() {
-    for key in ["kubernetes.io/x", "k8s.io/x", "node.kubernetes.io/x", "a.k8s.io/x"] {
+    for key in [
+        "kubernetes.io/x",
+        "k8s.io/x",
+        "node.kubernetes.io/x",
+        "a.k8s.io/x",
+    ] {
         assert!(is_reserved_label(key), "{key}");
     }
     for key in ["k8snio/x", "app.k8snio/x", "mykubernetes.io/x", "plain"] {

@@ -1,0 +1,114 @@
+//! Fixtures shared by the end-to-end suites.
+#![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use k8s_openapi::api::core::v1::{Node, NodeAddress, NodeSpec, NodeStatus, Taint};
+use kube::api::{Api, PostParams};
+
+/// The inventory used by the suites: two running machines and one shut down.
+pub const INVENTORY: &str = r#"
+region: local-region
+machines:
+  - name: node-a
+    instanceID: m-a
+    instanceType: local.small
+    zone: zone-a
+    addresses:
+      - {type: InternalIP, address: 10.10.0.1}
+      - {type: Hostname, address: node-a.local}
+  - name: node-b
+    instanceID: m-b
+    instanceType: local.large
+    zone: zone-b
+    addresses:
+      - {type: InternalIP, address: 10.10.0.2}
+  - name: node-c
+    instanceID: m-c
+    instanceType: local.small
+    zone: zone-a
+    state: shutdown
+    addresses:
+      - {type: InternalIP, address: 10.10.0.3}
+"#;
+
+/// Creates a Node the way a kubelet with `--cloud-provider=external` registers it.
+pub async fn create_tainted_node(client: &kube::Client, name: &str) -> Node {
+    let nodes: Api<Node> = Api::all(client.clone());
+    let node = Node {
+        metadata: kube::api::ObjectMeta {
+            name: Some(name.into()),
+            ..Default::default()
+        },
+        spec: Some(NodeSpec {
+            taints: Some(vec![Taint {
+                key: "node.cloudprovider.kubernetes.io/uninitialized".into(),
+                value: Some("true".into()),
+                effect: "NoSchedule".into(),
+                time_added: None,
+            }]),
+            ..Default::default()
+        }),
+        status: Some(NodeStatus {
+            addresses: Some(vec![NodeAddress {
+                type_: "Hostname".into(),
+                address: format!("{name}-kubelet"),
+            }]),
+            ..Default::default()
+        }),
+    };
+    nodes.create(&PostParams::default(), &node).await.unwrap()
+}
+
+/// Describes why a node is not initialised yet, or returns it.
+pub fn initialised(node: &Node) -> Result<(), String> {
+    let spec = node.spec.clone().unwrap_or_default();
+    if spec
+        .taints
+        .unwrap_or_default()
+        .iter()
+        .any(|t| t.key == "node.cloudprovider.kubernetes.io/uninitialized")
+    {
+        return Err("still tainted".into());
+    }
+    if spec.provider_id.unwrap_or_default().is_empty() {
+        return Err("no providerID".into());
+    }
+    let has_internal = node
+        .status
+        .as_ref()
+        .and_then(|s| s.addresses.as_ref())
+        .is_some_and(|a| a.iter().any(|a| a.type_ == "InternalIP"));
+    if !has_internal {
+        return Err(format!("no InternalIP yet: {:?}", node.status));
+    }
+    Ok(())
+}
+
+/// Label map of a node.
+pub fn labels(node: &Node) -> BTreeMap<String, String> {
+    node.metadata.labels.clone().unwrap_or_default()
+}
+
+/// Creates a temp dir for one test.
+pub fn tempdir() -> tempfile::TempDir {
+    tempfile::Builder::new()
+        .prefix("ccm-e2e-")
+        .tempdir()
+        .unwrap()
+}
+
+/// A free loopback port.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// Path as an owned string argument.
+pub fn arg(path: &Path) -> String {
+    path.display().to_string()
+}
