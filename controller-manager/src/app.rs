@@ -327,19 +327,17 @@ fn start_controllers(
                     workers: options.concurrent_node_syncs,
                     status_update_frequency: options.node_status_update_frequency,
                     status_update_workers: options.node_status_update_workers(),
-                    instance: rt.identity.clone(),
                 };
+                let controller = NodeController::new(
+                    rt.client.clone(),
+                    rt.cloud.clone(),
+                    rt.metrics.clone(),
+                    store,
+                    &rt.identity,
+                );
                 running.tasks.spawn(async move {
                     rt.metrics.set_running(alias, true);
-                    NodeController::run(
-                        rt.client,
-                        rt.cloud,
-                        rt.metrics.clone(),
-                        (store, changes),
-                        config,
-                        stop,
-                    )
-                    .await;
+                    controller.run(changes, config, stop).await;
                     rt.metrics.set_running(alias, false);
                 });
             }

@@ -147,41 +147,46 @@ pub struct NodeControllerConfig {
     pub status_update_frequency: Duration,
     /// `--concurrent-node-status-updates` resolved.
     pub status_update_workers: usize,
-    /// Reporting instance for events.
-    pub instance: String,
 }
 
 impl NodeController {
-    /// Runs the controller over the shared node cache until `shutdown` resolves.
-    pub async fn run(
+    /// Creates the controller over a node cache shared with other controllers.
+    pub fn new(
         client: kube::Client,
         cloud: Cloud,
         metrics: Arc<Metrics>,
-        informer: (Store<Node>, ReflectHandle<Node>),
-        config: NodeControllerConfig,
-        shutdown: impl Future<Output = ()> + Send + Sync + 'static,
-    ) {
-        let (store, changes) = informer;
-        let controller = Controller::for_shared_stream(changes, store.clone())
-            .with_config(kube::runtime::controller::Config::default().concurrency(config.workers));
-        let recorder = Recorder::new(client.clone(), "cloud-node-controller", &config.instance);
-        let ctx = Arc::new(Self {
+        store: Store<Node>,
+        instance: &str,
+    ) -> Arc<Self> {
+        let recorder = Recorder::new(client.clone(), "cloud-node-controller", instance);
+        Arc::new(Self {
             client,
             cloud,
             metrics,
             recorder,
             store,
             failures: Mutex::new(HashMap::new()),
-        });
+        })
+    }
+
+    /// Runs the controller on the shared change feed until `shutdown` resolves.
+    pub async fn run(
+        self: Arc<Self>,
+        changes: ReflectHandle<Node>,
+        config: NodeControllerConfig,
+        shutdown: impl Future<Output = ()> + Send + Sync + 'static,
+    ) {
+        let controller = Controller::for_shared_stream(changes, self.store.clone())
+            .with_config(kube::runtime::controller::Config::default().concurrency(config.workers));
         let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-        let status_loop = tokio::spawn(ctx.clone().status_loop(
+        let status_loop = tokio::spawn(self.clone().status_loop(
             config.status_update_frequency,
             config.status_update_workers,
             stop_rx,
         ));
         controller
             .graceful_shutdown_on(shutdown)
-            .run(reconcile, error_policy, ctx)
+            .run(reconcile, error_policy, self)
             .for_each(|result| async move {
                 if let Err(err) = result {
                     debug!(error = %err, "cloud-node reconcile failed");
@@ -190,6 +195,46 @@ impl NodeController {
             .await;
         let _ = stop_tx.send(true);
         let _ = status_loop.await;
+    }
+
+    /// Upstream `syncNode`: syncs the cached node of this name (absent → nothing to do).
+    pub async fn sync_node(&self, name: &str) -> Result<(), SyncError> {
+        let Some(node) = self.store.get(&ObjectRef::new(name)) else {
+            return Ok(());
+        };
+        self.sync(&node).await
+    }
+
+    /// Initialises a tainted node, or reconciles the labels of an initialised one.
+    async fn sync(&self, node: &Node) -> Result<(), SyncError> {
+        if !self.owned(node) {
+            debug!("node's provider ID belongs to another provider; leaving it alone");
+            return Ok(());
+        }
+        if has_uninitialized_taint(node) {
+            self.initialize(node).await
+        } else {
+            self.reconcile_labels(node).await
+        }
+    }
+
+    /// Upstream `UpdateNodeStatus`: one address-refresh pass over every initialised node.
+    pub async fn update_node_status(self: &Arc<Self>, workers: usize) {
+        let started = Instant::now();
+        let nodes: Vec<Arc<Node>> = self
+            .store
+            .state()
+            .into_iter()
+            .filter(|n| !has_uninitialized_taint(n) && self.owned(n))
+            .collect();
+        let count = nodes.len();
+        futures::stream::iter(nodes)
+            .for_each_concurrent(workers.max(1), |node| {
+                let this = self.clone();
+                async move { this.refresh_addresses(&node).await }
+            })
+            .await;
+        debug!(nodes = count, elapsed = ?started.elapsed(), "node status update pass done");
     }
 
     fn owned(&self, node: &Node) -> bool {
@@ -497,21 +542,7 @@ impl NodeController {
                 _ = tokio::time::sleep(every) => {}
                 _ = stop.changed() => return,
             }
-            let started = Instant::now();
-            let nodes: Vec<Arc<Node>> = self
-                .store
-                .state()
-                .into_iter()
-                .filter(|n| !has_uninitialized_taint(n) && self.owned(n))
-                .collect();
-            let count = nodes.len();
-            futures::stream::iter(nodes)
-                .for_each_concurrent(workers.max(1), |node| {
-                    let this = self.clone();
-                    async move { this.refresh_addresses(&node).await }
-                })
-                .await;
-            debug!(nodes = count, elapsed = ?started.elapsed(), "node status update pass done");
+            self.update_node_status(workers).await;
         }
     }
 
@@ -585,15 +616,7 @@ async fn reconcile(node: Arc<Node>, ctx: Arc<NodeController>) -> Result<Action, 
     let name = node.name_any();
     let span = info_span!("cloud-node.sync", node = %name);
     async move {
-        if !ctx.owned(&node) {
-            debug!("node's provider ID belongs to another provider; leaving it alone");
-            return Ok(Action::await_change());
-        }
-        if has_uninitialized_taint(&node) {
-            ctx.initialize(&node).await?;
-        } else {
-            ctx.reconcile_labels(&node).await?;
-        }
+        ctx.sync(&node).await?;
         if let Ok(mut failures) = ctx.failures.lock() {
             failures.remove(&name);
         }
