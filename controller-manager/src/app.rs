@@ -10,6 +10,7 @@ use tokio::sync::oneshot;
 use tokio::task::JoinSet;
 use tracing::{error, info, warn};
 
+use crate::apiclient::{RateLimitLayer, RequestMetricsLayer};
 use crate::cloud::{Cloud, CloudError};
 use crate::controllers::NodeInformer;
 use crate::controllers::node::{NodeController, NodeControllerConfig};
@@ -18,7 +19,6 @@ use crate::leader::{LeaderElector, LeaseConfig, Lost, SharedStatus};
 use crate::metrics::{LeaseLabels, Metrics};
 use crate::names::{ControllerName, ControllerSelection};
 use crate::options::{Options, OptionsError};
-use crate::ratelimit::RateLimitLayer;
 use crate::serve::{self, Health, Scope};
 
 /// Why the controller-manager stopped with an error.
@@ -92,10 +92,15 @@ pub async fn kube_config(options: &Options) -> Result<kube::Config, AppError> {
     Ok(config)
 }
 
-/// Builds the rate-limited API client.
-pub fn kube_client(config: kube::Config, options: &Options) -> Result<kube::Client, AppError> {
+/// Builds the rate-limited, instrumented API client.
+pub fn kube_client(
+    config: kube::Config,
+    options: &Options,
+    metrics: Arc<Metrics>,
+) -> Result<kube::Client, AppError> {
     let builder = kube::client::ClientBuilder::try_from(config)?;
     Ok(builder
+        .with_layer(&RequestMetricsLayer::new(metrics))
         .with_layer(&RateLimitLayer::new(
             options.kube_api_qps,
             options.kube_api_burst,
@@ -134,8 +139,9 @@ pub async fn run(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), AppError> {
     let selection = options.validate()?;
+    let metrics = Metrics::new();
     let config = kube_config(&options).await?;
-    let client = kube_client(config, &options)?;
+    let client = kube_client(config, &options, metrics.clone())?;
     let endpoint = options.provider_endpoint()?;
     let cloud = Cloud::connect(
         &endpoint,
@@ -151,7 +157,6 @@ pub async fn run(
         });
     }
     let controllers = controllers_to_run(&selection, &cloud);
-    let metrics = Metrics::new();
     let health = Health::default();
     health.add("ping", Scope::Live, Arc::new(|| Ok(())));
     let identity = format!(

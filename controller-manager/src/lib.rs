@@ -2,6 +2,7 @@
 //! the CPI gRPC protocol, with the controllers, flags, leader election, metrics and health of
 //! the upstream `k8s.io/cloud-provider` framework.
 
+pub mod apiclient;
 pub mod app;
 pub mod cloud;
 pub mod controllers;
@@ -11,5 +12,4 @@ pub mod leader;
 pub mod metrics;
 pub mod names;
 pub mod options;
-pub mod ratelimit;
 pub mod serve;

@@ -51,9 +51,20 @@ pub struct Metrics {
     pub cpi_requests: Family<RpcLabels, Counter>,
     /// `ccm_uninitialized_nodes`: nodes still carrying the uninitialized taint.
     pub uninitialized_nodes: Gauge,
+    /// `rest_client_requests_total{code,method}`: API-server requests by outcome.
+    pub rest_client_requests: Family<ApiRequestLabels, Counter>,
     /// `deletions_suppressed_total{reason}`: node deletions not done because existence was not
     /// authoritatively NOT_FOUND.
     pub deletions_suppressed: Family<ReasonLabels, Counter>,
+}
+
+/// Labels of `rest_client_requests_total` (client-go's names).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ApiRequestLabels {
+    /// HTTP status code, or `<error>`.
+    pub code: String,
+    /// HTTP method.
+    pub method: String,
 }
 
 /// Labels of `deletions_suppressed_total`.
@@ -110,7 +121,14 @@ impl Metrics {
             "Node deletions not done because the provider's existence answer was not an authoritative NOT_FOUND",
             deletions_suppressed.clone(),
         );
+        let rest_client_requests = Family::<ApiRequestLabels, Counter>::default();
+        registry.register(
+            "rest_client_requests",
+            "Number of HTTP requests to the API server, partitioned by status code and method.",
+            rest_client_requests.clone(),
+        );
         Arc::new(Self {
+            rest_client_requests,
             deletions_suppressed,
             registry,
             running_managed_controllers,
@@ -138,6 +156,16 @@ impl Metrics {
             .get_or_create(&RpcLabels {
                 method: method.to_string(),
                 code: code.to_string(),
+            })
+            .inc();
+    }
+
+    /// Counts one API-server request.
+    pub fn count_api_request(&self, method: &str, code: &str) {
+        self.rest_client_requests
+            .get_or_create(&ApiRequestLabels {
+                code: code.to_string(),
+                method: method.to_string(),
             })
             .inc();
     }

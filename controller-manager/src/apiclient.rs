@@ -1,11 +1,14 @@
-//! Client-side rate limiting of API-server requests (`--kube-api-qps`, `--kube-api-burst`), as a
-//! tower layer under the kube client: a token bucket that delays, never drops, requests.
+//! The API-server client stack: client-side rate limiting (`--kube-api-qps`,
+//! `--kube-api-burst`; a token bucket that delays, never drops, requests) and the client-go
+//! style `rest_client_requests_total{code,method}` counter, as tower layers under kube's client.
 
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
+
+use crate::metrics::Metrics;
 
 /// A token bucket refilled at `qps` tokens per second up to `burst` tokens.
 #[derive(Debug)]
@@ -113,6 +116,66 @@ where
     fn call(&mut self, request: R) -> Self::Future {
         self.reserved = false;
         self.inner.call(request)
+    }
+}
+
+/// Layer counting every request by HTTP method and response code.
+#[derive(Clone)]
+pub struct RequestMetricsLayer {
+    metrics: Arc<Metrics>,
+}
+
+impl RequestMetricsLayer {
+    /// Counts into `metrics.rest_client_requests`.
+    pub fn new(metrics: Arc<Metrics>) -> Self {
+        Self { metrics }
+    }
+}
+
+impl<S> tower::Layer<S> for RequestMetricsLayer {
+    type Service = RequestMetrics<S>;
+    fn layer(&self, inner: S) -> Self::Service {
+        RequestMetrics {
+            inner,
+            metrics: self.metrics.clone(),
+        }
+    }
+}
+
+/// Service counting requests by method and code.
+pub struct RequestMetrics<S> {
+    inner: S,
+    metrics: Arc<Metrics>,
+}
+
+impl<S, B, RB> tower::Service<http::Request<B>> for RequestMetrics<S>
+where
+    S: tower::Service<http::Request<B>, Response = http::Response<RB>>,
+    S::Future: Send + 'static,
+    S::Error: 'static,
+    RB: 'static,
+{
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, Self::Error>> + Send>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: http::Request<B>) -> Self::Future {
+        let method = request.method().as_str().to_string();
+        let metrics = self.metrics.clone();
+        let future = self.inner.call(request);
+        Box::pin(async move {
+            let result = future.await;
+            let code = match &result {
+                Ok(response) => response.status().as_u16().to_string(),
+                Err(_) => "<error>".to_string(),
+            };
+            metrics.count_api_request(&method, &code);
+            result
+        })
     }
 }
 
