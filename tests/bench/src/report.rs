@@ -1,0 +1,286 @@
+//! The result of `bench node-init`, printed as text or JSON.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+
+use serde::Serialize;
+
+/// Target: every Node initialised within this many seconds.
+pub const TARGET_INIT_SECONDS: f64 = 5.0;
+/// Target: controller-manager plus shim CPU seconds.
+pub const TARGET_CPU_SECONDS: f64 = 1.2;
+/// Target: controller-manager peak RSS in MiB.
+pub const TARGET_RSS_MIB: f64 = 32.0;
+
+/// CPU seconds the control plane spent in one phase, and the phase's wall time.
+#[derive(Debug, Clone, Copy, Default, Serialize)]
+pub struct PhaseCpu {
+    /// Wall time of the phase.
+    pub wall_seconds: f64,
+    /// kube-apiserver CPU seconds.
+    pub apiserver_cpu_seconds: f64,
+    /// etcd CPU seconds.
+    pub etcd_cpu_seconds: f64,
+    /// The bench process's own CPU seconds (its client and watch).
+    pub bench_cpu_seconds: f64,
+}
+
+impl PhaseCpu {
+    /// `apiserver + etcd` CPU as a share of all cores over the phase.
+    pub fn control_plane_share(&self, cores: usize) -> f64 {
+        let capacity = self.wall_seconds * cores.max(1) as f64;
+        if capacity > 0.0 {
+            (self.apiserver_cpu_seconds + self.etcd_cpu_seconds) / capacity
+        } else {
+            0.0
+        }
+    }
+}
+
+/// Everything `bench node-init` measured.
+#[derive(Debug, Clone, Serialize)]
+pub struct NodeInitReport {
+    /// Number of Nodes.
+    pub nodes: usize,
+    /// `--concurrent-node-syncs` and baseline concurrency.
+    pub workers: u16,
+    /// How the controller-manager reached the shim.
+    pub shim_transport: String,
+    /// kube-apiserver version.
+    pub apiserver_version: String,
+    /// Whether etcd's data directory is on tmpfs.
+    pub etcd_on_tmpfs: bool,
+    /// Cargo profile of the measured binaries (`release` expected).
+    pub build_profile: String,
+    /// CPU cores of the machine.
+    pub cores: usize,
+
+    /// Wall time of registering the tainted Nodes.
+    pub create_seconds: f64,
+    /// From the controller-manager's spawn to the first Node initialised.
+    pub first_node_seconds: f64,
+    /// From the controller-manager's spawn to every Node initialised.
+    pub all_nodes_seconds: f64,
+    /// Whether `all_nodes_seconds` met [`TARGET_INIT_SECONDS`].
+    pub init_target_met: bool,
+    /// Wall time of the same writes issued by a lean client ("API server alone").
+    pub baseline_seconds: f64,
+    /// `all_nodes_seconds / baseline_seconds`.
+    pub ratio: f64,
+
+    /// Controller-manager CPU seconds (user + system), start-up included.
+    pub ccm_cpu_seconds: f64,
+    /// Shim CPU seconds, start-up included.
+    pub shim_cpu_seconds: f64,
+    /// Whether their sum met [`TARGET_CPU_SECONDS`].
+    pub cpu_target_met: bool,
+    /// Controller-manager peak RSS (VmHWM) in MiB.
+    pub ccm_peak_rss_mib: f64,
+    /// Shim peak RSS (VmHWM) in MiB.
+    pub shim_peak_rss_mib: f64,
+    /// Whether `ccm_peak_rss_mib` met [`TARGET_RSS_MIB`].
+    pub rss_target_met: bool,
+
+    /// All API requests of the controller-manager (`rest_client_requests_total`); `None`
+    /// when the binary does not export the metric.
+    pub api_requests: Option<f64>,
+    /// API requests by HTTP method.
+    pub api_requests_by_method: BTreeMap<String, f64>,
+    /// API requests by response code.
+    pub api_requests_by_code: BTreeMap<String, f64>,
+    /// Calls to the shim (`cloudprovider_requests_total`); `None` when not exported.
+    pub cpi_calls: Option<f64>,
+    /// Calls to the shim by method.
+    pub cpi_calls_by_method: BTreeMap<String, f64>,
+
+    /// Control-plane CPU while the Nodes were registered.
+    pub create_phase: PhaseCpu,
+    /// Control-plane CPU from the controller-manager's spawn to the last Node initialised.
+    pub ccm_phase: PhaseCpu,
+    /// Control-plane CPU during the baseline writes.
+    pub baseline_phase: PhaseCpu,
+}
+
+fn verdict(ok: bool) -> &'static str {
+    if ok { "[ok]" } else { "[MISSED]" }
+}
+
+fn per_node(total: f64, nodes: usize) -> f64 {
+    total / nodes.max(1) as f64
+}
+
+impl NodeInitReport {
+    /// API requests per Node.
+    pub fn api_requests_per_node(&self) -> Option<f64> {
+        self.api_requests.map(|total| per_node(total, self.nodes))
+    }
+
+    /// The human-readable report.
+    pub fn render_text(&self) -> String {
+        let n = self.nodes;
+        let mut out = String::new();
+        let tmpfs = if self.etcd_on_tmpfs {
+            " (etcd on tmpfs)"
+        } else {
+            ""
+        };
+        // Writing to a String cannot fail.
+        let _ = writeln!(
+            out,
+            "node-init: {n} nodes, {} workers, local shim over a {}, kube-apiserver {}{tmpfs}, {} build, {} cores",
+            self.workers,
+            self.shim_transport,
+            self.apiserver_version,
+            self.build_profile,
+            self.cores
+        );
+        let create = format!("create {n} tainted nodes");
+        let _ = writeln!(out, "  {create:<40}  {:6.2} s", self.create_seconds);
+        let _ = writeln!(
+            out,
+            "  initialise all nodes (CCM)                {:6.2} s   target <= {TARGET_INIT_SECONDS} s      {}   (first node after {:.2} s, {:.0} nodes/s)",
+            self.all_nodes_seconds,
+            verdict(self.init_target_met),
+            self.first_node_seconds,
+            per_node(n as f64, 1) / self.all_nodes_seconds.max(f64::EPSILON),
+        );
+        let _ = writeln!(
+            out,
+            "  API server alone, same writes             {:6.2} s   ratio {:.1}",
+            self.baseline_seconds, self.ratio
+        );
+        let cpu = self.ccm_cpu_seconds + self.shim_cpu_seconds;
+        let _ = writeln!(
+            out,
+            "  CPU: controller-manager {:.2} s + shim {:.2} s = {:.2} s   target <= {TARGET_CPU_SECONDS} s   {}",
+            self.ccm_cpu_seconds,
+            self.shim_cpu_seconds,
+            cpu,
+            verdict(self.cpu_target_met)
+        );
+        let _ = writeln!(
+            out,
+            "  peak RSS: controller-manager {:.1} MiB (target <= {TARGET_RSS_MIB} MiB) {}, shim {:.1} MiB",
+            self.ccm_peak_rss_mib,
+            verdict(self.rss_target_met),
+            self.shim_peak_rss_mib
+        );
+        let methods: Vec<String> = self
+            .api_requests_by_method
+            .iter()
+            .map(|(m, c)| format!("{m} {:.2}", per_node(*c, n)))
+            .collect();
+        match (self.api_requests_per_node(), self.api_requests) {
+            (Some(per), Some(total)) => {
+                let _ = writeln!(
+                    out,
+                    "  API requests per node: {per:.2} ({})   total {total:.0}",
+                    methods.join(", ")
+                );
+            }
+            _ => {
+                let _ = writeln!(
+                    out,
+                    "  API requests per node: n/a (no rest_client_requests_total in /metrics)"
+                );
+            }
+        }
+        let codes: Vec<String> = self
+            .api_requests_by_code
+            .iter()
+            .map(|(c, v)| format!("{c}: {v:.0}"))
+            .collect();
+        let _ = writeln!(out, "  API responses: {}", codes.join(", "));
+        let cpi: Vec<String> = self
+            .cpi_calls_by_method
+            .iter()
+            .map(|(m, c)| format!("{m} {:.2}", per_node(*c, n)))
+            .collect();
+        match self.cpi_calls {
+            Some(total) => {
+                let _ = writeln!(
+                    out,
+                    "  CPI calls per node: {:.2} ({})",
+                    per_node(total, n),
+                    cpi.join(", ")
+                );
+            }
+            None => {
+                let _ = writeln!(
+                    out,
+                    "  CPI calls per node: n/a (no cloudprovider_requests_total in /metrics)"
+                );
+            }
+        }
+        let _ = writeln!(
+            out,
+            "  control plane CPU (kube-apiserver + etcd, share of {} cores; bench client):",
+            self.cores
+        );
+        for (label, phase) in [
+            ("create", &self.create_phase),
+            ("CCM run", &self.ccm_phase),
+            ("API server alone", &self.baseline_phase),
+        ] {
+            let _ = writeln!(
+                out,
+                "    {label:<17} {:6.2} s wall: apiserver {:5.2} s + etcd {:5.2} s = {:3.0}% busy; bench {:4.2} s",
+                phase.wall_seconds,
+                phase.apiserver_cpu_seconds,
+                phase.etcd_cpu_seconds,
+                phase.control_plane_share(self.cores) * 100.0,
+                phase.bench_cpu_seconds
+            );
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn text_report_names_targets_and_verdicts() {
+        let report = NodeInitReport {
+            nodes: 200,
+            workers: 50,
+            shim_transport: "Unix socket".into(),
+            apiserver_version: "v1.20.2".into(),
+            etcd_on_tmpfs: true,
+            build_profile: "release".into(),
+            cores: 2,
+            create_seconds: 0.5,
+            first_node_seconds: 0.1,
+            all_nodes_seconds: 0.8,
+            init_target_met: true,
+            baseline_seconds: 0.4,
+            ratio: 2.0,
+            ccm_cpu_seconds: 0.2,
+            shim_cpu_seconds: 0.05,
+            cpu_target_met: true,
+            ccm_peak_rss_mib: 40.0,
+            shim_peak_rss_mib: 10.0,
+            rss_target_met: false,
+            api_requests: Some(602.0),
+            api_requests_by_method: [("PUT".to_string(), 200.0), ("GET".to_string(), 2.0)]
+                .into_iter()
+                .collect(),
+            api_requests_by_code: BTreeMap::new(),
+            cpi_calls: Some(200.0),
+            cpi_calls_by_method: BTreeMap::new(),
+            create_phase: PhaseCpu::default(),
+            ccm_phase: PhaseCpu::default(),
+            baseline_phase: PhaseCpu::default(),
+        };
+        let text = report.render_text();
+        assert!(text.contains("initialise all nodes (CCM)"), "{text}");
+        assert!(text.contains("ratio 2.0"), "{text}");
+        assert!(
+            text.contains("40.0 MiB (target <= 32 MiB) [MISSED]"),
+            "{text}"
+        );
+        assert!(text.contains("API requests per node: 3.01"), "{text}");
+        assert!(text.contains("PUT 1.00"), "{text}");
+    }
+}

@@ -1,0 +1,451 @@
+//! The `node-init` run: control plane, tainted Nodes, shim, controller-manager, measurements,
+//! then the "API server alone" baseline.
+
+use std::collections::HashSet;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::Context as _;
+use e2e_tests::{HarnessError, Process};
+use futures::StreamExt;
+use k8s_openapi::api::core::v1::Node;
+use kube::ResourceExt;
+use kube::api::Api;
+use kube::runtime::WatchStreamExt;
+use kube::runtime::watcher;
+use test_control_plane::{ControlPlane, Options};
+
+use crate::NodeInitArgs;
+use crate::metrics::{self, Scraper};
+use crate::nodes::{self, Machine, SET_LABEL};
+use crate::procfs;
+use crate::report::{self, NodeInitReport, PhaseCpu};
+
+const CCM_BINARY: &str = "cloud-controller-manager";
+const SHIM_BINARY: &str = "local-shim";
+const BUILD_HINT: &str = "cargo build --release -p cloud-controller-manager -p local-shim -p bench";
+
+/// Runs `bench node-init`.
+pub async fn node_init(args: &NodeInitArgs) -> anyhow::Result<NodeInitReport> {
+    anyhow::ensure!(args.nodes > 0, "--nodes must be positive");
+    anyhow::ensure!(args.workers > 0, "--workers must be positive");
+    let profile = check_binaries()?;
+    if profile != "release" {
+        eprintln!(
+            "bench: warning: measuring {profile} binaries; targets apply to release builds ({BUILD_HINT})"
+        );
+    }
+    let ticks = procfs::clock_ticks_per_second()?;
+    let cores = std::thread::available_parallelism().map_or(1, usize::from);
+    let n = args.nodes;
+    let workers = usize::from(args.workers);
+
+    let work = tempfile::Builder::new()
+        .prefix("ccm-bench-")
+        .tempdir()
+        .context("creating a work directory")?;
+    let dir = work.path();
+
+    progress(format_args!("starting etcd + kube-apiserver"));
+    let cp = ControlPlane::start_with(Options {
+        extra_apiserver_args: vec![
+            "--max-requests-inflight=2000".into(),
+            "--max-mutating-requests-inflight=1000".into(),
+        ],
+        ..Options::default()
+    })
+    .await
+    .context("starting the test control plane")?;
+    let client = cp.client()?;
+    let cp_pids = ControlPlanePids {
+        apiserver: cp.apiserver_pid().to_string(),
+        etcd: cp.etcd_pid().to_string(),
+    };
+
+    // 1. Inventory and tainted Nodes.
+    let machines: Vec<Machine> = (0..n).map(|i| Machine::new("bench-node", i)).collect();
+    let inventory = dir.join("inventory.yaml");
+    std::fs::write(&inventory, nodes::inventory_yaml(&machines))
+        .with_context(|| format!("writing {}", inventory.display()))?;
+    progress(format_args!(
+        "creating {n} tainted nodes ({} in flight)",
+        args.create_concurrency
+    ));
+    let before = cp_pids.sample(ticks)?;
+    let (_, create_time) =
+        nodes::create_tainted(&client, &machines, "ccm", args.create_concurrency).await?;
+    let create_phase = cp_pids.sample(ticks)?.since(&before, create_time);
+
+    // 2. Shim, then controller-manager.
+    let socket = dir.join("shim.sock");
+    let mut shim = Process::spawn(
+        SHIM_BINARY,
+        "local-shim",
+        &[
+            format!("--inventory={}", inventory.display()),
+            format!("--state-dir={}", dir.join("shim-state").display()),
+            format!("--unix-socket={}", socket.display()),
+            "--metrics-bind-address=127.0.0.1:0".into(),
+        ],
+        &[
+            ("RUST_LOG", args.log_level.clone()),
+            ("NO_COLOR", "1".into()),
+        ],
+        dir,
+    )?;
+    wait_for_socket(&socket, &mut shim).await?;
+
+    let ca = test_pki::Ca::new("bench-ca")?;
+    let serving = ca.issue(&["127.0.0.1"])?;
+    let cert_file = dir.join("ccm-serving.pem");
+    let key_file = dir.join("ccm-serving-key.pem");
+    test_pki::write_atomic(&cert_file, serving.chain_pem.as_bytes(), false)?;
+    test_pki::write_atomic(&key_file, serving.key_pem.as_bytes(), true)?;
+    let port = free_port()?;
+    let scraper = Scraper::new(ca.cert_der(), port)?;
+
+    let initialised = Arc::new(AtomicUsize::new(0));
+    let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
+    let mut watch = tokio::spawn(watch_until_initialised(
+        Api::all(client.clone()),
+        n,
+        initialised.clone(),
+        ready_tx,
+    ));
+    tokio::time::timeout(Duration::from_secs(30), ready_rx)
+        .await
+        .context("the bench's node watch did not list the nodes within 30 s")?
+        .context("the bench's node watch stopped before listing the nodes")?;
+
+    progress(format_args!(
+        "starting the controller-manager ({workers} node workers)"
+    ));
+    let before = cp_pids.sample(ticks)?;
+    let t0 = Instant::now();
+    let mut ccm = Process::spawn(
+        CCM_BINARY,
+        "cloud-controller-manager",
+        &[
+            format!("--kubeconfig={}", cp.kubeconfig_path().display()),
+            format!("--provider-endpoint=unix://{}", socket.display()),
+            "--cloud-provider=local".into(),
+            "--leader-elect=false".into(),
+            "--controllers=cloud-node".into(),
+            "--kube-api-qps=100000".into(),
+            "--kube-api-burst=100000".into(),
+            format!("--concurrent-node-syncs={workers}"),
+            format!("--secure-port={port}"),
+            "--bind-address=127.0.0.1".into(),
+            format!("--tls-cert-file={}", cert_file.display()),
+            format!("--tls-private-key-file={}", key_file.display()),
+        ],
+        &[
+            ("RUST_LOG", args.log_level.clone()),
+            ("NO_COLOR", "1".into()),
+        ],
+        dir,
+    )?;
+
+    // 3. Wait until every Node is initialised.
+    let deadline = t0 + Duration::from_secs(args.timeout_secs);
+    let (first_at, all_at) = loop {
+        tokio::select! {
+            joined = &mut watch => {
+                break joined.context("the node watch panicked")??;
+            }
+            () = tokio::time::sleep(Duration::from_millis(200)) => {
+                if let Some(status) = ccm.exit_status() {
+                    keep_logs(args, dir, &cp);
+                    anyhow::bail!(
+                        "the controller-manager exited ({status}) after {:.1} s with {}/{n} nodes initialised; log tail:\n{}",
+                        t0.elapsed().as_secs_f64(),
+                        initialised.load(Ordering::Relaxed),
+                        tail(&ccm.logs(), 40)
+                    );
+                }
+                if let Some(status) = shim.exit_status() {
+                    keep_logs(args, dir, &cp);
+                    anyhow::bail!(
+                        "the shim exited ({status}); log tail:\n{}",
+                        tail(&shim.logs(), 40)
+                    );
+                }
+                if Instant::now() >= deadline {
+                    watch.abort();
+                    keep_logs(args, dir, &cp);
+                    anyhow::bail!(
+                        "timed out after {} s with {}/{n} nodes initialised; controller-manager log tail:\n{}",
+                        args.timeout_secs,
+                        initialised.load(Ordering::Relaxed),
+                        tail(&ccm.logs(), 40)
+                    );
+                }
+            }
+        }
+    };
+    let all_nodes = all_at.duration_since(t0);
+    let ccm_phase = cp_pids.sample(ticks)?.since(&before, all_nodes);
+    progress(format_args!(
+        "all {n} nodes initialised after {:.2} s",
+        all_nodes.as_secs_f64()
+    ));
+
+    // Let the last Events be posted, then measure before stopping anything.
+    let samples = settled_metrics(&scraper).await?;
+    let ccm_usage = procfs::usage(&ccm.pid().to_string(), ticks)?;
+    let shim_usage = procfs::usage(&shim.pid().to_string(), ticks)?;
+    ccm.terminate(Duration::from_secs(5));
+    shim.terminate(Duration::from_secs(5));
+    keep_logs(args, dir, &cp);
+
+    // 4. The same writes from a lean client, on a fresh set of Nodes.
+    let base_machines: Vec<Machine> = (0..n).map(|i| Machine::new("bench-base", i)).collect();
+    progress(format_args!(
+        "baseline: creating {n} more tainted nodes (not timed)"
+    ));
+    let (created, _) =
+        nodes::create_tainted(&client, &base_machines, "baseline", args.create_concurrency).await?;
+    progress(format_args!(
+        "baseline: PUT + PATCH status + POST event per node, {workers} in flight"
+    ));
+    let before = cp_pids.sample(ticks)?;
+    let baseline =
+        nodes::initialise_like_the_controller(&client, &base_machines, &created, workers).await?;
+    let baseline_phase = cp_pids.sample(ticks)?.since(&before, baseline);
+
+    // 5. The report.
+    let mib = |bytes: u64| bytes as f64 / (1024.0 * 1024.0);
+    let requests = "rest_client_requests_total";
+    let cpi = "cloudprovider_requests_total";
+    let cpu_total = ccm_usage.cpu_seconds + shim_usage.cpu_seconds;
+    Ok(NodeInitReport {
+        nodes: n,
+        workers: args.workers,
+        shim_transport: "Unix socket".into(),
+        apiserver_version: cp.server_version().git_version.clone(),
+        etcd_on_tmpfs: cp.state_dir().starts_with("/dev/shm"),
+        build_profile: profile,
+        cores,
+        create_seconds: create_time.as_secs_f64(),
+        first_node_seconds: first_at.duration_since(t0).as_secs_f64(),
+        all_nodes_seconds: all_nodes.as_secs_f64(),
+        init_target_met: all_nodes.as_secs_f64() <= report::TARGET_INIT_SECONDS,
+        baseline_seconds: baseline.as_secs_f64(),
+        ratio: all_nodes.as_secs_f64() / baseline.as_secs_f64().max(f64::EPSILON),
+        ccm_cpu_seconds: ccm_usage.cpu_seconds,
+        shim_cpu_seconds: shim_usage.cpu_seconds,
+        cpu_target_met: cpu_total <= report::TARGET_CPU_SECONDS,
+        ccm_peak_rss_mib: mib(ccm_usage.peak_rss_bytes),
+        shim_peak_rss_mib: mib(shim_usage.peak_rss_bytes),
+        rss_target_met: mib(ccm_usage.peak_rss_bytes) <= report::TARGET_RSS_MIB,
+        api_requests: metrics::total(&samples, requests),
+        api_requests_by_method: metrics::sum_by(&samples, requests, "method"),
+        api_requests_by_code: metrics::sum_by(&samples, requests, "code"),
+        cpi_calls: metrics::total(&samples, cpi),
+        cpi_calls_by_method: metrics::sum_by(&samples, cpi, "method"),
+        create_phase,
+        ccm_phase,
+        baseline_phase,
+    })
+}
+
+fn progress(message: std::fmt::Arguments<'_>) {
+    eprintln!("bench: {message}");
+}
+
+/// Checks that the measured binaries exist next to this one; returns the Cargo profile.
+fn check_binaries() -> anyhow::Result<String> {
+    for name in [CCM_BINARY, SHIM_BINARY] {
+        match e2e_tests::binary(name) {
+            Ok(_) => {}
+            Err(HarnessError::MissingBinary { path, .. }) => anyhow::bail!(
+                "{name} is not built for this profile (looked for {path}); build it with `{BUILD_HINT}`"
+            ),
+            Err(e) => return Err(e.into()),
+        }
+    }
+    let exe = std::env::current_exe().context("locating the bench executable")?;
+    let mut dir = exe.parent();
+    if dir.and_then(Path::file_name).is_some_and(|d| d == "deps") {
+        dir = dir.and_then(Path::parent);
+    }
+    Ok(dir
+        .and_then(Path::file_name)
+        .map(|d| d.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "unknown".into()))
+}
+
+/// Waits until the shim accepts connections on its Unix socket.
+async fn wait_for_socket(socket: &Path, shim: &mut Process) -> anyhow::Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        if tokio::net::UnixStream::connect(socket).await.is_ok() {
+            return Ok(());
+        }
+        if let Some(status) = shim.exit_status() {
+            anyhow::bail!(
+                "the shim exited ({status}) before serving; log tail:\n{}",
+                tail(&shim.logs(), 40)
+            );
+        }
+        if Instant::now() >= deadline {
+            anyhow::bail!(
+                "the shim did not listen on {} within 30 s; log tail:\n{}",
+                socket.display(),
+                tail(&shim.logs(), 40)
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// Watches the `ccm` set of Nodes until `total` are initialised; signals `ready` once the
+/// initial list is done and keeps `count` up to date. Returns when the first and the last
+/// Node were seen initialised.
+async fn watch_until_initialised(
+    api: Api<Node>,
+    total: usize,
+    count: Arc<AtomicUsize>,
+    ready: tokio::sync::oneshot::Sender<()>,
+) -> anyhow::Result<(Instant, Instant)> {
+    let config = watcher::Config::default().labels(&format!("{SET_LABEL}=ccm"));
+    let mut stream = watcher(api, config).default_backoff().boxed();
+    let mut ready = Some(ready);
+    let mut done: HashSet<String> = HashSet::with_capacity(total);
+    let mut first: Option<Instant> = None;
+    while let Some(event) = stream.next().await {
+        let event = match event {
+            Ok(event) => event,
+            Err(e) => {
+                eprintln!("bench: node watch error (retrying): {e}");
+                continue;
+            }
+        };
+        match event {
+            watcher::Event::Apply(node) | watcher::Event::InitApply(node) => {
+                if nodes::is_initialised(&node) {
+                    if done.insert(node.name_any()) && first.is_none() {
+                        first = Some(Instant::now());
+                    }
+                } else {
+                    done.remove(&node.name_any());
+                }
+            }
+            watcher::Event::Delete(node) => {
+                done.remove(&node.name_any());
+            }
+            watcher::Event::InitDone => {
+                if let Some(tx) = ready.take() {
+                    let _ = tx.send(());
+                }
+            }
+            watcher::Event::Init => {}
+        }
+        count.store(done.len(), Ordering::Relaxed);
+        if ready.is_none() && done.len() >= total {
+            let now = Instant::now();
+            return Ok((first.unwrap_or(now), now));
+        }
+    }
+    anyhow::bail!("the node watch ended")
+}
+
+/// Scrapes the controller-manager's metrics until its API request count stops changing (the
+/// last Events are posted after the Nodes are initialised), for at most 5 s.
+async fn settled_metrics(scraper: &Scraper) -> anyhow::Result<Vec<metrics::Sample>> {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let mut last = scraper.samples().await?;
+    loop {
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        let now = scraper.samples().await?;
+        let name = "rest_client_requests_total";
+        if metrics::sum(&now, name) == metrics::sum(&last, name) || Instant::now() >= deadline {
+            return Ok(now);
+        }
+        last = now;
+    }
+}
+
+/// PIDs of kube-apiserver and etcd.
+struct ControlPlanePids {
+    apiserver: String,
+    etcd: String,
+}
+
+/// CPU seconds of the control plane and of this process at one moment.
+struct CpuSample {
+    apiserver: f64,
+    etcd: f64,
+    bench: f64,
+}
+
+impl ControlPlanePids {
+    fn sample(&self, ticks: f64) -> anyhow::Result<CpuSample> {
+        Ok(CpuSample {
+            apiserver: procfs::cpu_seconds(&self.apiserver, ticks)?,
+            etcd: procfs::cpu_seconds(&self.etcd, ticks)?,
+            bench: procfs::cpu_seconds("self", ticks)?,
+        })
+    }
+}
+
+impl CpuSample {
+    fn since(&self, before: &CpuSample, wall: Duration) -> PhaseCpu {
+        PhaseCpu {
+            wall_seconds: wall.as_secs_f64(),
+            apiserver_cpu_seconds: self.apiserver - before.apiserver,
+            etcd_cpu_seconds: self.etcd - before.etcd,
+            bench_cpu_seconds: self.bench - before.bench,
+        }
+    }
+}
+
+/// A free loopback TCP port (it may be taken again before it is used).
+fn free_port() -> anyhow::Result<u16> {
+    let listener =
+        std::net::TcpListener::bind("127.0.0.1:0").context("finding a free loopback port")?;
+    Ok(listener.local_addr()?.port())
+}
+
+/// The last `lines` lines of `text`.
+fn tail(text: &str, lines: usize) -> String {
+    let all: Vec<&str> = text.lines().collect();
+    all[all.len().saturating_sub(lines)..].join("\n")
+}
+
+/// Copies the process logs and the kube-apiserver log to `--keep-logs`, if given.
+fn keep_logs(args: &NodeInitArgs, dir: &Path, cp: &ControlPlane) {
+    let Some(target) = args.keep_logs.as_ref() else {
+        return;
+    };
+    if let Err(e) = std::fs::create_dir_all(target) {
+        eprintln!("bench: --keep-logs {}: {e}", target.display());
+        return;
+    }
+    let files: [(PathBuf, &str); 3] = [
+        (
+            dir.join("cloud-controller-manager.log"),
+            "cloud-controller-manager.log",
+        ),
+        (dir.join("local-shim.log"), "local-shim.log"),
+        (cp.apiserver_log().to_path_buf(), "kube-apiserver.log"),
+    ];
+    for (from, name) in files {
+        if let Err(e) = std::fs::copy(&from, target.join(name)) {
+            eprintln!("bench: copying {}: {e}", from.display());
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tail_keeps_the_last_lines() {
+        assert_eq!(tail("a\nb\nc\n", 2), "b\nc");
+        assert_eq!(tail("a", 5), "a");
+    }
+}

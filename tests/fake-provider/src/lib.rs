@@ -1,0 +1,642 @@
+//! A scriptable provider shim for controller tests, with the semantics of upstream's
+//! `k8s.io/cloud-provider/fake` cloud where the upstream controller tests rely on them.
+//!
+//! A test fills in a [`FakeCloud`] (a plain struct with public fields, so fixtures read like
+//! upstream's `&fakecloud.Cloud{...}` literals), calls [`FakeCloud::serve`], and points the
+//! controller-manager's `Cloud::connect` at [`ServedFake::socket_path`]. The shim is the real
+//! `shim-framework` server on a Unix socket in a temporary directory, in this process, so the
+//! controllers talk the real CPI over a real socket.
+//!
+//! Upstream semantics kept:
+//! - `NodeAddresses` and `NodeAddressesByProviderID` both answer [`FakeCloud::addresses`], or
+//!   fail with [`FakeCloud::err`]; the zone calls answer [`FakeCloud::zone`] or fail with `err`.
+//! - `InstanceID(name)` fails with `ext_id_err[name]` when set, else answers `ext_id[name]`
+//!   (empty when missing, no error).
+//! - `InstanceType(name)` answers `instance_types[name]`; `InstanceTypeByProviderID(id)`
+//!   answers `instance_types[id]`: the map is keyed by provider ID there, as upstream.
+//! - Existence (both `InstanceExists` and `InstanceExistsByProviderID`) fails with
+//!   `err_by_provider_id`, else answers `EXISTS` / `NOT_FOUND` from `exists_by_provider_id`
+//!   (upstream's `false, nil`), unless [`FakeCloud::existence`] overrides the answer (e.g.
+//!   `UNKNOWN`, which the CPI has and upstream has not).
+//! - Shutdown (both variants) fails with `err_shutdown_by_provider_id`, else answers
+//!   `node_shutdown`.
+//! - `InstanceMetadata(node)` answers `override_metadata` when set (`Some(None)` is upstream's
+//!   `nil` metadata); else fails with `metadata_err`; else `{provider_id[node.name],
+//!   instance_types[node.providerID], addresses, zone, additional_labels}`.
+//! - Every call is logged (upstream `Calls`, same method names) and first sleeps
+//!   `request_delay` (upstream `RequestDelay`).
+//!
+//! Capabilities follow the toggles (`instances_v2_enabled`, `instances_disabled`,
+//! `zones_disabled`) at the time [`FakeCloud::serve`] is called; every other field may be
+//! changed while serving through [`ServedFake::update`].
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::time::Duration;
+
+pub use cpi_proto::CpiError;
+pub use cpi_proto::v1 as proto;
+
+use cpi_proto::v1::{self as pb, Consistency, Existence, NodeAddressType, PowerState};
+use shim_framework::{
+    Instances, InstancesV2, ProviderDescription, RunningShim, ServeFlags, ShimError, ShimServer,
+    Zones, node_name,
+};
+use tokio::sync::oneshot;
+
+/// Provider name used when [`FakeCloud::provider`] is empty (upstream `ProviderName()`).
+pub const DEFAULT_PROVIDER: &str = "fake";
+
+/// How long in-flight calls may run once the fake is shut down.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(1);
+
+/// Method names written to the call log; the same strings as upstream's fake.
+pub mod call {
+    /// `Instances.NodeAddresses`.
+    pub const NODE_ADDRESSES: &str = "node-addresses";
+    /// `Instances.NodeAddressesByProviderID`.
+    pub const NODE_ADDRESSES_BY_PROVIDER_ID: &str = "node-addresses-by-provider-id";
+    /// `Instances.InstanceID`.
+    pub const INSTANCE_ID: &str = "instance-id";
+    /// `Instances.InstanceType`.
+    pub const INSTANCE_TYPE: &str = "instance-type";
+    /// `Instances.InstanceTypeByProviderID`.
+    pub const INSTANCE_TYPE_BY_PROVIDER_ID: &str = "instance-type-by-provider-id";
+    /// `Instances.CurrentNodeName`.
+    pub const CURRENT_NODE_NAME: &str = "current-node-name";
+    /// `Instances.InstanceExistsByProviderID`.
+    pub const INSTANCE_EXISTS_BY_PROVIDER_ID: &str = "instance-exists-by-provider-id";
+    /// `Instances.InstanceShutdownByProviderID`.
+    pub const INSTANCE_SHUTDOWN_BY_PROVIDER_ID: &str = "instance-shutdown-by-provider-id";
+    /// `InstancesV2.InstanceExists`.
+    pub const INSTANCE_EXISTS: &str = "instance-exists";
+    /// `InstancesV2.InstanceShutdown`.
+    pub const INSTANCE_SHUTDOWN: &str = "instance-shutdown";
+    /// `InstancesV2.InstanceMetadata` (upstream logs it as `instance-metadata-by-provider-id`).
+    pub const INSTANCE_METADATA: &str = "instance-metadata";
+    /// `Zones.GetZone`.
+    pub const GET_ZONE: &str = "get-zone";
+    /// `Zones.GetZoneByProviderID`.
+    pub const GET_ZONE_BY_PROVIDER_ID: &str = "get-zone-by-provider-id";
+    /// `Zones.GetZoneByNodeName`.
+    pub const GET_ZONE_BY_NODE_NAME: &str = "get-zone-by-node-name";
+}
+
+/// One call that reached the fake.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FakeCall {
+    /// Method name, one of the [`call`] constants.
+    pub method: &'static str,
+    /// What the call was about: the node name or provider ID argument (empty for `GetZone`).
+    pub subject: String,
+}
+
+/// Upstream `cloudprovider.Zone`; empty strings are sent as absent fields.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct FakeZone {
+    /// Failure domain (zone).
+    pub failure_domain: String,
+    /// Region.
+    pub region: String,
+}
+
+/// The scripted answers of the fake provider, plus its call log (upstream `fakecloud.Cloud`).
+#[derive(Debug, Clone)]
+pub struct FakeCloud {
+    /// Provider name (upstream `Provider`); empty means [`DEFAULT_PROVIDER`].
+    pub provider: String,
+    /// Provider-ID prefixes claimed in `ProviderInfo`; empty means `"<provider>://"`.
+    pub provider_id_prefixes: Vec<String>,
+    /// Serve InstancesV2 (upstream `EnableInstancesV2`; off by default).
+    pub instances_v2_enabled: bool,
+    /// Do not serve Instances (upstream `DisableInstances`).
+    pub instances_disabled: bool,
+    /// Do not serve Zones (upstream `DisableZones`).
+    pub zones_disabled: bool,
+    /// Instance IDs by node name (upstream `ExtID`).
+    pub ext_id: HashMap<String, String>,
+    /// InstanceID errors by node name (upstream `ExtIDErr`).
+    pub ext_id_err: HashMap<String, CpiError>,
+    /// Instance types by node name (InstanceType) or provider ID (InstanceTypeByProviderID,
+    /// InstanceMetadata), as upstream `InstanceTypes`.
+    pub instance_types: HashMap<String, String>,
+    /// Addresses answered by every address call and by InstanceMetadata (upstream `Addresses`).
+    pub addresses: Vec<pb::NodeAddress>,
+    /// Error of the address and zone calls (upstream `Err`).
+    pub err: Option<CpiError>,
+    /// Zone and region (upstream `Zone`).
+    pub zone: FakeZone,
+    /// InstanceMetadata provider IDs by node name (upstream `ProviderID`).
+    pub provider_id: HashMap<String, String>,
+    /// InstanceMetadata error (upstream `MetadataErr`).
+    pub metadata_err: Option<CpiError>,
+    /// Replaces InstanceMetadata's answer; `Some(None)` answers "no metadata" (upstream `nil`).
+    pub override_metadata: Option<Option<pb::InstanceMetadata>>,
+    /// InstanceMetadata additional labels (upstream `AdditionalLabels`).
+    pub additional_labels: HashMap<String, String>,
+    /// Existence answer: `true` → EXISTS, `false` → NOT_FOUND (upstream `ExistsByProviderID`).
+    pub exists_by_provider_id: bool,
+    /// Overrides the existence answer derived from `exists_by_provider_id` (e.g. UNKNOWN).
+    pub existence: Option<Existence>,
+    /// Existence error (upstream `ErrByProviderID`).
+    pub err_by_provider_id: Option<CpiError>,
+    /// Shutdown answer (upstream `NodeShutdown`).
+    pub node_shutdown: bool,
+    /// Shutdown error (upstream `ErrShutdownByProviderID`).
+    pub err_shutdown_by_provider_id: Option<CpiError>,
+    /// Sleep before answering every call (upstream `RequestDelay`).
+    pub request_delay: Duration,
+    /// Every call received, in order (upstream `Calls`).
+    pub calls: Vec<FakeCall>,
+}
+
+impl Default for FakeCloud {
+    fn default() -> Self {
+        Self {
+            provider: DEFAULT_PROVIDER.to_string(),
+            provider_id_prefixes: Vec::new(),
+            instances_v2_enabled: false,
+            instances_disabled: false,
+            zones_disabled: false,
+            ext_id: HashMap::new(),
+            ext_id_err: HashMap::new(),
+            instance_types: HashMap::new(),
+            addresses: Vec::new(),
+            err: None,
+            zone: FakeZone::default(),
+            provider_id: HashMap::new(),
+            metadata_err: None,
+            override_metadata: None,
+            additional_labels: HashMap::new(),
+            exists_by_provider_id: false,
+            existence: None,
+            err_by_provider_id: None,
+            node_shutdown: false,
+            err_shutdown_by_provider_id: None,
+            request_delay: Duration::ZERO,
+            calls: Vec::new(),
+        }
+    }
+}
+
+/// Why the fake could not be served or stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum FakeError {
+    /// The temporary directory for the socket could not be created.
+    #[error("creating the fake provider's socket directory: {0}")]
+    TempDir(#[source] std::io::Error),
+    /// The shim framework refused to start or failed while serving.
+    #[error("fake provider shim: {0}")]
+    Shim(#[from] ShimError),
+    /// The shim did not stop within the grace period.
+    #[error("fake provider shim did not stop within {0:?}")]
+    StopTimeout(Duration),
+}
+
+/// `NodeAddress` of the given type.
+pub fn address(kind: NodeAddressType, address: &str) -> pb::NodeAddress {
+    pb::NodeAddress {
+        r#type: kind as i32,
+        address: address.to_string(),
+    }
+}
+
+/// A `Hostname` address.
+pub fn hostname(name: &str) -> pb::NodeAddress {
+    address(NodeAddressType::Hostname, name)
+}
+
+/// An `InternalIP` address.
+pub fn internal_ip(ip: &str) -> pb::NodeAddress {
+    address(NodeAddressType::InternalIp, ip)
+}
+
+/// An `ExternalIP` address.
+pub fn external_ip(ip: &str) -> pb::NodeAddress {
+    address(NodeAddressType::ExternalIp, ip)
+}
+
+fn non_empty(value: &str) -> Option<String> {
+    (!value.is_empty()).then(|| value.to_string())
+}
+
+impl FakeCloud {
+    /// The provider name announced in `ProviderInfo` (upstream `ProviderName()`).
+    pub fn provider_name(&self) -> &str {
+        if self.provider.is_empty() {
+            DEFAULT_PROVIDER
+        } else {
+            &self.provider
+        }
+    }
+
+    /// The existence answer when no error is scripted.
+    fn existence_answer(&self) -> pb::InstanceExistsResponse {
+        let existence = self.existence.unwrap_or(if self.exists_by_provider_id {
+            Existence::Exists
+        } else {
+            Existence::NotFound
+        });
+        pb::InstanceExistsResponse {
+            existence: existence as i32,
+            power_state: PowerState::Unspecified as i32,
+            detail: String::new(),
+        }
+    }
+
+    fn existence_result(&self) -> Result<pb::InstanceExistsResponse, CpiError> {
+        match &self.err_by_provider_id {
+            Some(err) => Err(err.clone()),
+            None => Ok(self.existence_answer()),
+        }
+    }
+
+    fn shutdown_result(&self) -> Result<pb::InstanceShutdownResponse, CpiError> {
+        if let Some(err) = &self.err_shutdown_by_provider_id {
+            return Err(err.clone());
+        }
+        Ok(pb::InstanceShutdownResponse {
+            shutdown: self.node_shutdown,
+            power_state: if self.node_shutdown {
+                PowerState::Shutdown as i32
+            } else {
+                PowerState::Unspecified as i32
+            },
+        })
+    }
+
+    fn addresses_result(&self) -> Result<pb::NodeAddressesResponse, CpiError> {
+        match &self.err {
+            Some(err) => Err(err.clone()),
+            None => Ok(pb::NodeAddressesResponse {
+                addresses: self.addresses.clone(),
+            }),
+        }
+    }
+
+    fn zone_result(&self) -> Result<pb::Zone, CpiError> {
+        match &self.err {
+            Some(err) => Err(err.clone()),
+            None => Ok(pb::Zone {
+                failure_domain: non_empty(&self.zone.failure_domain),
+                region: non_empty(&self.zone.region),
+            }),
+        }
+    }
+
+    fn metadata_result(&self, node: &pb::Node) -> Result<pb::InstanceMetadataResponse, CpiError> {
+        if let Some(metadata) = &self.override_metadata {
+            return Ok(pb::InstanceMetadataResponse {
+                metadata: metadata.clone(),
+            });
+        }
+        if let Some(err) = &self.metadata_err {
+            return Err(err.clone());
+        }
+        let name = node_name(node);
+        let node_provider_id = node.provider_id.as_deref().unwrap_or_default();
+        Ok(pb::InstanceMetadataResponse {
+            metadata: Some(pb::InstanceMetadata {
+                provider_id: self.provider_id.get(name).and_then(|id| non_empty(id)),
+                instance_type: self
+                    .instance_types
+                    .get(node_provider_id)
+                    .and_then(|t| non_empty(t)),
+                node_addresses: self.addresses.clone(),
+                zone: non_empty(&self.zone.failure_domain),
+                region: non_empty(&self.zone.region),
+                additional_labels: self
+                    .additional_labels
+                    .iter()
+                    .map(|(k, v)| (k.clone(), v.clone()))
+                    .collect(),
+            }),
+        })
+    }
+
+    /// Serves this fake on a Unix socket in a new temporary directory, in the background of the
+    /// current tokio runtime, with the services its toggles enable.
+    pub async fn serve(self) -> Result<ServedFake, FakeError> {
+        let dir = tempfile::Builder::new()
+            .prefix("fake-provider-")
+            .tempdir()
+            .map_err(FakeError::TempDir)?;
+        let socket = dir.path().join("cpi.sock");
+        let description =
+            ProviderDescription::new(self.provider_name(), env!("CARGO_PKG_VERSION"))
+                .with_cluster_id(true)
+                .with_provider_id_prefixes(self.provider_id_prefixes.clone());
+        let (v2, instances, zones) = (
+            self.instances_v2_enabled,
+            !self.instances_disabled,
+            !self.zones_disabled,
+        );
+        let state = Arc::new(Mutex::new(self));
+        let provider = FakeProvider {
+            state: Arc::clone(&state),
+        };
+        let mut builder = ShimServer::builder(description);
+        if v2 {
+            builder = builder.instances_v2(provider.clone());
+        }
+        if instances {
+            builder = builder.instances(provider.clone());
+        }
+        if zones {
+            builder = builder.zones(provider);
+        }
+        let mut flags = ServeFlags::unix(&socket);
+        flags.shutdown_grace_period = SHUTDOWN_GRACE;
+        let (stop, stopped) = oneshot::channel::<()>();
+        let shim = builder
+            .build()
+            .start(&flags, async move {
+                let _ = stopped.await;
+            })
+            .await?;
+        Ok(ServedFake {
+            socket,
+            state,
+            shim: Some(shim),
+            stop: Some(stop),
+            _dir: dir,
+        })
+    }
+}
+
+/// A [`FakeCloud`] being served; stops serving when dropped.
+pub struct ServedFake {
+    socket: PathBuf,
+    state: Arc<Mutex<FakeCloud>>,
+    shim: Option<RunningShim>,
+    stop: Option<oneshot::Sender<()>>,
+    // Last: the directory (and socket) go after the server is told to stop.
+    _dir: tempfile::TempDir,
+}
+
+impl ServedFake {
+    /// Path of the Unix socket the CPI is served on (for `ProviderEndpoint::Unix`).
+    pub fn socket_path(&self) -> &Path {
+        &self.socket
+    }
+
+    /// The shared state, locked (never hold it across an `.await`).
+    pub fn state(&self) -> MutexGuard<'_, FakeCloud> {
+        lock(&self.state)
+    }
+
+    /// Changes the scripted answers while serving.
+    pub fn update(&self, change: impl FnOnce(&mut FakeCloud)) {
+        change(&mut lock(&self.state));
+    }
+
+    /// Method names of every call received so far, in order.
+    pub fn calls(&self) -> Vec<String> {
+        lock(&self.state)
+            .calls
+            .iter()
+            .map(|c| c.method.to_string())
+            .collect()
+    }
+
+    /// Every call received so far, with its subject, in order.
+    pub fn call_log(&self) -> Vec<FakeCall> {
+        lock(&self.state).calls.clone()
+    }
+
+    /// Forgets the calls received so far.
+    pub fn clear_calls(&self) {
+        lock(&self.state).calls.clear();
+    }
+
+    /// Stops serving and waits (at most a few seconds) for the shim to finish.
+    pub async fn shutdown(mut self) -> Result<(), FakeError> {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        let Some(shim) = self.shim.take() else {
+            return Ok(());
+        };
+        let limit = SHUTDOWN_GRACE * 5;
+        match tokio::time::timeout(limit, shim.wait()).await {
+            Ok(result) => result.map_err(FakeError::from),
+            Err(_) => Err(FakeError::StopTimeout(limit)),
+        }
+    }
+}
+
+impl Drop for ServedFake {
+    fn drop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+    }
+}
+
+fn lock(state: &Mutex<FakeCloud>) -> MutexGuard<'_, FakeCloud> {
+    // A test that panicked while holding the lock must not hide the state from the others.
+    state.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// The trait implementations the shim framework serves, over the shared state.
+#[derive(Clone)]
+struct FakeProvider {
+    state: Arc<Mutex<FakeCloud>>,
+}
+
+impl FakeProvider {
+    /// Logs the call, sleeps the scripted delay, then answers from the state.
+    async fn answer<T>(
+        &self,
+        method: &'static str,
+        subject: &str,
+        answer: impl FnOnce(&FakeCloud) -> T,
+    ) -> T {
+        let delay = {
+            let mut state = lock(&self.state);
+            state.calls.push(FakeCall {
+                method,
+                subject: subject.to_string(),
+            });
+            state.request_delay
+        };
+        if !delay.is_zero() {
+            tokio::time::sleep(delay).await;
+        }
+        answer(&lock(&self.state))
+    }
+}
+
+#[tonic::async_trait]
+impl Instances for FakeProvider {
+    async fn node_addresses(
+        &self,
+        node_name: String,
+        _consistency: Consistency,
+    ) -> Result<pb::NodeAddressesResponse, CpiError> {
+        self.answer(call::NODE_ADDRESSES, &node_name, FakeCloud::addresses_result)
+            .await
+    }
+
+    async fn node_addresses_by_provider_id(
+        &self,
+        provider_id: String,
+        _consistency: Consistency,
+    ) -> Result<pb::NodeAddressesResponse, CpiError> {
+        self.answer(
+            call::NODE_ADDRESSES_BY_PROVIDER_ID,
+            &provider_id,
+            FakeCloud::addresses_result,
+        )
+        .await
+    }
+
+    async fn instance_id(
+        &self,
+        node_name: String,
+        _consistency: Consistency,
+    ) -> Result<pb::InstanceIdResponse, CpiError> {
+        self.answer(call::INSTANCE_ID, &node_name, |s| {
+            match s.ext_id_err.get(&node_name) {
+                Some(err) => Err(err.clone()),
+                None => Ok(pb::InstanceIdResponse {
+                    instance_id: s.ext_id.get(&node_name).cloned().unwrap_or_default(),
+                }),
+            }
+        })
+        .await
+    }
+
+    async fn instance_type(
+        &self,
+        node_name: String,
+        _consistency: Consistency,
+    ) -> Result<pb::InstanceTypeResponse, CpiError> {
+        self.answer(call::INSTANCE_TYPE, &node_name, |s| {
+            Ok(pb::InstanceTypeResponse {
+                instance_type: s.instance_types.get(&node_name).and_then(|t| non_empty(t)),
+            })
+        })
+        .await
+    }
+
+    async fn instance_type_by_provider_id(
+        &self,
+        provider_id: String,
+        _consistency: Consistency,
+    ) -> Result<pb::InstanceTypeResponse, CpiError> {
+        self.answer(call::INSTANCE_TYPE_BY_PROVIDER_ID, &provider_id, |s| {
+            Ok(pb::InstanceTypeResponse {
+                instance_type: s
+                    .instance_types
+                    .get(&provider_id)
+                    .and_then(|t| non_empty(t)),
+            })
+        })
+        .await
+    }
+
+    async fn current_node_name(
+        &self,
+        hostname: String,
+    ) -> Result<pb::CurrentNodeNameResponse, CpiError> {
+        self.answer(call::CURRENT_NODE_NAME, &hostname, |_| {
+            Ok(pb::CurrentNodeNameResponse {
+                node_name: hostname.clone(),
+            })
+        })
+        .await
+    }
+
+    async fn instance_exists_by_provider_id(
+        &self,
+        provider_id: String,
+        _consistency: Consistency,
+    ) -> Result<pb::InstanceExistsResponse, CpiError> {
+        self.answer(
+            call::INSTANCE_EXISTS_BY_PROVIDER_ID,
+            &provider_id,
+            FakeCloud::existence_result,
+        )
+        .await
+    }
+
+    async fn instance_shutdown_by_provider_id(
+        &self,
+        provider_id: String,
+        _consistency: Consistency,
+    ) -> Result<pb::InstanceShutdownResponse, CpiError> {
+        self.answer(
+            call::INSTANCE_SHUTDOWN_BY_PROVIDER_ID,
+            &provider_id,
+            FakeCloud::shutdown_result,
+        )
+        .await
+    }
+}
+
+#[tonic::async_trait]
+impl InstancesV2 for FakeProvider {
+    async fn instance_exists(
+        &self,
+        node: pb::Node,
+        _consistency: Consistency,
+    ) -> Result<pb::InstanceExistsResponse, CpiError> {
+        self.answer(
+            call::INSTANCE_EXISTS,
+            node_name(&node),
+            FakeCloud::existence_result,
+        )
+        .await
+    }
+
+    async fn instance_shutdown(
+        &self,
+        node: pb::Node,
+        _consistency: Consistency,
+    ) -> Result<pb::InstanceShutdownResponse, CpiError> {
+        self.answer(
+            call::INSTANCE_SHUTDOWN,
+            node_name(&node),
+            FakeCloud::shutdown_result,
+        )
+        .await
+    }
+
+    async fn instance_metadata(
+        &self,
+        node: pb::Node,
+    ) -> Result<pb::InstanceMetadataResponse, CpiError> {
+        self.answer(call::INSTANCE_METADATA, node_name(&node), |s| {
+            s.metadata_result(&node)
+        })
+        .await
+    }
+}
+
+#[tonic::async_trait]
+impl Zones for FakeProvider {
+    async fn get_zone(&self) -> Result<pb::Zone, CpiError> {
+        self.answer(call::GET_ZONE, "", FakeCloud::zone_result)
+            .await
+    }
+
+    async fn get_zone_by_provider_id(&self, provider_id: String) -> Result<pb::Zone, CpiError> {
+        self.answer(
+            call::GET_ZONE_BY_PROVIDER_ID,
+            &provider_id,
+            FakeCloud::zone_result,
+        )
+        .await
+    }
+
+    async fn get_zone_by_node_name(&self, node_name: String) -> Result<pb::Zone, CpiError> {
+        self.answer(
+            call::GET_ZONE_BY_NODE_NAME,
+            &node_name,
+            FakeCloud::zone_result,
+        )
+        .await
+    }
+}

@@ -1,0 +1,347 @@
+//! The fake served over its Unix socket and called with the generated clients: capabilities
+//! follow the toggles, answers follow upstream's fake, every call is logged.
+#![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use cpi_transport::{ClientEndpoint, ConnectOptions, CpiChannel};
+use fake_provider::{
+    CpiError, FakeCall, FakeCloud, FakeZone, ServedFake, call, external_ip, hostname, internal_ip,
+    proto as pb,
+};
+use pb::{Capability, Existence};
+
+fn channel(fake: &ServedFake) -> CpiChannel {
+    cpi_transport::connect(
+        ClientEndpoint::Unix {
+            path: fake.socket_path().to_path_buf(),
+        },
+        ConnectOptions::default(),
+    )
+    .unwrap()
+}
+
+async fn info(fake: &ServedFake) -> pb::ProviderInfo {
+    pb::provider_client::ProviderClient::new(channel(fake))
+        .get_provider_info(pb::GetProviderInfoRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+}
+
+fn node(name: &str, provider_id: Option<&str>) -> pb::Node {
+    pb::Node {
+        metadata: Some(pb::ObjectMeta {
+            name: name.into(),
+            ..Default::default()
+        }),
+        provider_id: provider_id.map(str::to_string),
+        ..Default::default()
+    }
+}
+
+fn by_id(id: &str) -> pb::ProviderIdRequest {
+    pb::ProviderIdRequest {
+        provider_id: id.into(),
+        consistency: 0,
+    }
+}
+
+fn by_name(name: &str) -> pb::NodeNameRequest {
+    pb::NodeNameRequest {
+        node_name: name.into(),
+        consistency: 0,
+    }
+}
+
+#[tokio::test]
+async fn capabilities_follow_the_toggles() {
+    let legacy = FakeCloud::default().serve().await.unwrap();
+    let i = info(&legacy).await;
+    assert_eq!(i.name, "fake");
+    assert_eq!(i.provider_id_prefixes, vec!["fake://".to_string()]);
+    assert_eq!(
+        i.capabilities,
+        vec![Capability::Instances as i32, Capability::Zones as i32]
+    );
+
+    let v2 = FakeCloud {
+        provider: "aws".into(),
+        provider_id_prefixes: vec!["aws://".into(), "fake://".into()],
+        instances_v2_enabled: true,
+        zones_disabled: true,
+        ..FakeCloud::default()
+    }
+    .serve()
+    .await
+    .unwrap();
+    let i = info(&v2).await;
+    assert_eq!(i.name, "aws");
+    assert_eq!(i.provider_id_prefixes, vec!["aws://", "fake://"]);
+    assert_eq!(
+        i.capabilities,
+        vec![Capability::InstancesV2 as i32, Capability::Instances as i32]
+    );
+    let status = pb::zones_client::ZonesClient::new(channel(&v2))
+        .get_zone(pb::GetZoneRequest {})
+        .await
+        .unwrap_err();
+    assert!(matches!(
+        CpiError::from_status(&status),
+        CpiError::NotImplemented(_)
+    ));
+    legacy.shutdown().await.unwrap();
+    v2.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn legacy_instances_answer_like_upstream() {
+    let fake = FakeCloud {
+        ext_id: HashMap::from([("node0".into(), "12345".into())]),
+        ext_id_err: HashMap::from([("gone".into(), CpiError::InstanceNotFound("gone".into()))]),
+        instance_types: HashMap::from([
+            ("node0".into(), "by-name".into()),
+            ("fake://12345".into(), "by-id".into()),
+        ]),
+        addresses: vec![hostname("node0.cloud.internal"), internal_ip("10.0.0.1")],
+        zone: FakeZone {
+            failure_domain: "us-west-1a".into(),
+            region: "us-west".into(),
+        },
+        ..FakeCloud::default()
+    }
+    .serve()
+    .await
+    .unwrap();
+    let mut instances = pb::instances_client::InstancesClient::new(channel(&fake));
+    let id = instances.instance_id(by_name("node0")).await.unwrap();
+    assert_eq!(id.into_inner().instance_id, "12345");
+    let missing = instances.instance_id(by_name("other")).await.unwrap();
+    assert_eq!(missing.into_inner().instance_id, "");
+    let gone = instances.instance_id(by_name("gone")).await.unwrap_err();
+    assert!(matches!(
+        CpiError::from_status(&gone),
+        CpiError::InstanceNotFound(_)
+    ));
+    let t = instances.instance_type(by_name("node0")).await.unwrap();
+    assert_eq!(t.into_inner().instance_type.as_deref(), Some("by-name"));
+    let t = instances
+        .instance_type_by_provider_id(by_id("fake://12345"))
+        .await
+        .unwrap();
+    assert_eq!(t.into_inner().instance_type.as_deref(), Some("by-id"));
+    let t = instances
+        .instance_type_by_provider_id(by_id("fake://node0"))
+        .await
+        .unwrap();
+    assert_eq!(t.into_inner().instance_type, None);
+    let a = instances
+        .node_addresses_by_provider_id(by_id("fake://12345"))
+        .await
+        .unwrap();
+    assert_eq!(
+        a.into_inner().addresses,
+        vec![hostname("node0.cloud.internal"), internal_ip("10.0.0.1")]
+    );
+    let zone = pb::zones_client::ZonesClient::new(channel(&fake))
+        .get_zone_by_provider_id(by_id("fake://12345"))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(zone.failure_domain.as_deref(), Some("us-west-1a"));
+    assert_eq!(zone.region.as_deref(), Some("us-west"));
+
+    fake.update(|s| s.err = Some(CpiError::Cloud("err!".into())));
+    let err = instances.node_addresses(by_name("node0")).await.unwrap_err();
+    assert_eq!(CpiError::from_status(&err), CpiError::Cloud("err!".into()));
+
+    assert_eq!(
+        fake.calls(),
+        vec![
+            call::INSTANCE_ID,
+            call::INSTANCE_ID,
+            call::INSTANCE_ID,
+            call::INSTANCE_TYPE,
+            call::INSTANCE_TYPE_BY_PROVIDER_ID,
+            call::INSTANCE_TYPE_BY_PROVIDER_ID,
+            call::NODE_ADDRESSES_BY_PROVIDER_ID,
+            call::GET_ZONE_BY_PROVIDER_ID,
+            call::NODE_ADDRESSES,
+        ]
+    );
+    assert_eq!(
+        fake.call_log().last(),
+        Some(&FakeCall {
+            method: call::NODE_ADDRESSES,
+            subject: "node0".into()
+        })
+    );
+    fake.clear_calls();
+    assert!(fake.calls().is_empty());
+}
+
+#[tokio::test]
+async fn existence_is_tri_state_and_errors_stay_errors() {
+    let fake = FakeCloud {
+        instances_v2_enabled: true,
+        ..FakeCloud::default()
+    }
+    .serve()
+    .await
+    .unwrap();
+    let mut v2 = pb::instances_v2_client::InstancesV2Client::new(channel(&fake));
+    let mut legacy = pb::instances_client::InstancesClient::new(channel(&fake));
+    let exists = |n| pb::InstanceExistsRequest {
+        node: Some(n),
+        consistency: 0,
+    };
+    // Upstream `ExistsByProviderID: false, ErrByProviderID: nil` is an authoritative NOT_FOUND.
+    let answer = v2
+        .instance_exists(exists(node("node0", None)))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(answer.existence, Existence::NotFound as i32);
+    fake.update(|s| s.exists_by_provider_id = true);
+    let answer = legacy
+        .instance_exists_by_provider_id(by_id("fake://node0"))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(answer.existence, Existence::Exists as i32);
+    fake.update(|s| s.existence = Some(Existence::Unknown));
+    let answer = v2
+        .instance_exists(exists(node("node0", Some("fake://node0"))))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(answer.existence, Existence::Unknown as i32);
+    fake.update(|s| s.err_by_provider_id = Some(CpiError::Cloud("err!".into())));
+    let err = legacy
+        .instance_exists_by_provider_id(by_id("fake://node0"))
+        .await
+        .unwrap_err();
+    assert_eq!(CpiError::from_status(&err), CpiError::Cloud("err!".into()));
+
+    fake.update(|s| s.node_shutdown = true);
+    let shutdown = legacy
+        .instance_shutdown_by_provider_id(by_id("fake://node0"))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(shutdown.shutdown);
+    fake.update(|s| s.err_shutdown_by_provider_id = Some(CpiError::Cloud("down?".into())));
+    let err = v2
+        .instance_shutdown(pb::InstanceShutdownRequest {
+            node: Some(node("node0", None)),
+            consistency: 0,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(CpiError::from_status(&err), CpiError::Cloud("down?".into()));
+    assert_eq!(
+        fake.calls(),
+        vec![
+            call::INSTANCE_EXISTS,
+            call::INSTANCE_EXISTS_BY_PROVIDER_ID,
+            call::INSTANCE_EXISTS,
+            call::INSTANCE_EXISTS_BY_PROVIDER_ID,
+            call::INSTANCE_SHUTDOWN_BY_PROVIDER_ID,
+            call::INSTANCE_SHUTDOWN,
+        ]
+    );
+}
+
+#[tokio::test]
+async fn instance_metadata_answers_like_upstream() {
+    let fake = FakeCloud {
+        instances_v2_enabled: true,
+        provider_id: HashMap::from([("node0".into(), "fake://12345".into())]),
+        instance_types: HashMap::from([("fake://abc".into(), "t1.micro".into())]),
+        addresses: vec![internal_ip("10.0.0.1"), external_ip("132.143.154.163")],
+        zone: FakeZone {
+            failure_domain: "us-west-1a".into(),
+            region: "us-west".into(),
+        },
+        additional_labels: HashMap::from([("my.custom.label/foo".into(), "bar".into())]),
+        ..FakeCloud::default()
+    }
+    .serve()
+    .await
+    .unwrap();
+    let mut v2 = pb::instances_v2_client::InstancesV2Client::new(channel(&fake));
+    let metadata = |n| pb::InstanceMetadataRequest { node: Some(n) };
+    let md = v2
+        .instance_metadata(metadata(node("node0", None)))
+        .await
+        .unwrap()
+        .into_inner()
+        .metadata
+        .unwrap();
+    assert_eq!(
+        md,
+        pb::InstanceMetadata {
+            provider_id: Some("fake://12345".into()),
+            instance_type: None,
+            node_addresses: vec![internal_ip("10.0.0.1"), external_ip("132.143.154.163")],
+            zone: Some("us-west-1a".into()),
+            region: Some("us-west".into()),
+            additional_labels: HashMap::from([("my.custom.label/foo".into(), "bar".into())]),
+        }
+    );
+    // Instance type is keyed by the node's provider ID; the provider ID by node name.
+    let md = v2
+        .instance_metadata(metadata(node("node1", Some("fake://abc"))))
+        .await
+        .unwrap()
+        .into_inner()
+        .metadata
+        .unwrap();
+    assert_eq!(md.provider_id, None);
+    assert_eq!(md.instance_type.as_deref(), Some("t1.micro"));
+
+    fake.update(|s| s.metadata_err = Some(CpiError::Cloud("metadata error".into())));
+    let err = v2
+        .instance_metadata(metadata(node("node0", None)))
+        .await
+        .unwrap_err();
+    assert_eq!(
+        CpiError::from_status(&err),
+        CpiError::Cloud("metadata error".into())
+    );
+    fake.update(|s| s.override_metadata = Some(None));
+    let none = v2
+        .instance_metadata(metadata(node("node0", None)))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(none.metadata, None);
+    assert_eq!(fake.calls(), vec![call::INSTANCE_METADATA; 4]);
+}
+
+#[tokio::test]
+async fn request_delay_is_applied_per_call() {
+    let fake = FakeCloud {
+        request_delay: Duration::from_millis(50),
+        ..FakeCloud::default()
+    }
+    .serve()
+    .await
+    .unwrap();
+    let mut instances = pb::instances_client::InstancesClient::new(channel(&fake));
+    let started = Instant::now();
+    instances.node_addresses(by_name("node0")).await.unwrap();
+    instances.node_addresses(by_name("node0")).await.unwrap();
+    assert!(started.elapsed() >= Duration::from_millis(100));
+    assert_eq!(fake.calls().len(), 2);
+}
+
+#[tokio::test]
+async fn dropping_the_fake_stops_serving() {
+    let fake = FakeCloud::default().serve().await.unwrap();
+    let path = fake.socket_path().to_path_buf();
+    assert!(path.exists());
+    drop(fake);
+    assert!(!path.exists(), "the socket directory is removed on drop");
+}
