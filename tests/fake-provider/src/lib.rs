@@ -323,10 +323,9 @@ impl FakeCloud {
             .tempdir()
             .map_err(FakeError::TempDir)?;
         let socket = dir.path().join("cpi.sock");
-        let description =
-            ProviderDescription::new(self.provider_name(), env!("CARGO_PKG_VERSION"))
-                .with_cluster_id(true)
-                .with_provider_id_prefixes(self.provider_id_prefixes.clone());
+        let description = ProviderDescription::new(self.provider_name(), env!("CARGO_PKG_VERSION"))
+            .with_cluster_id(true)
+            .with_provider_id_prefixes(self.provider_id_prefixes.clone());
         let (v2, instances, zones) = (
             self.instances_v2_enabled,
             !self.instances_disabled,
@@ -475,8 +474,12 @@ impl Instances for FakeProvider {
         node_name: String,
         _consistency: Consistency,
     ) -> Result<pb::NodeAddressesResponse, CpiError> {
-        self.answer(call::NODE_ADDRESSES, &node_name, FakeCloud::addresses_result)
-            .await
+        self.answer(
+            call::NODE_ADDRESSES,
+            &node_name,
+            FakeCloud::addresses_result,
+        )
+        .await
     }
 
     async fn node_addresses_by_provider_id(

@@ -153,7 +153,10 @@ async fn legacy_instances_answer_like_upstream() {
     assert_eq!(zone.region.as_deref(), Some("us-west"));
 
     fake.update(|s| s.err = Some(CpiError::Cloud("err!".into())));
-    let err = instances.node_addresses(by_name("node0")).await.unwrap_err();
+    let err = instances
+        .node_addresses(by_name("node0"))
+        .await
+        .unwrap_err();
     assert_eq!(CpiError::from_status(&err), CpiError::Cloud("err!".into()));
 
     assert_eq!(
