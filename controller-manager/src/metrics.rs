@@ -51,6 +51,8 @@ pub struct Metrics {
     pub cpi_requests: Family<RpcLabels, Counter>,
     /// `ccm_uninitialized_nodes`: nodes still carrying the uninitialized taint.
     pub uninitialized_nodes: Gauge,
+    /// `ccm_oldest_uninitialized_node_age_seconds`: age of the oldest such node.
+    pub oldest_uninitialized_node_age: Gauge<f64, std::sync::atomic::AtomicU64>,
     /// `rest_client_requests_total{code,method}`: API-server requests by outcome.
     pub rest_client_requests: Family<ApiRequestLabels, Counter>,
     /// `deletions_suppressed_total{reason}`: node deletions not done because existence was not
@@ -127,7 +129,14 @@ impl Metrics {
             "Number of HTTP requests to the API server, partitioned by status code and method.",
             rest_client_requests.clone(),
         );
+        let oldest_uninitialized_node_age = Gauge::<f64, std::sync::atomic::AtomicU64>::default();
+        registry.register(
+            "ccm_oldest_uninitialized_node_age_seconds",
+            "Age of the oldest node still carrying the node.cloudprovider.kubernetes.io/uninitialized taint",
+            oldest_uninitialized_node_age.clone(),
+        );
         Arc::new(Self {
+            oldest_uninitialized_node_age,
             rest_client_requests,
             deletions_suppressed,
             registry,

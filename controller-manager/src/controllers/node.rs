@@ -55,6 +55,8 @@ const LABEL_PAIRS: [(&str, &str); 3] = [
 /// Upstream `UpdateNodeSpecBackoff`: 20 attempts, 50 ms apart (jittered).
 const UPDATE_ATTEMPTS: u32 = 20;
 const UPDATE_STEP: Duration = Duration::from_millis(50);
+/// How often the uninitialised-node gauges are refreshed.
+const GAUGE_PERIOD: Duration = Duration::from_secs(10);
 
 /// What the provider says about one node (upstream `cloudprovider.InstanceMetadata`).
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -182,8 +184,9 @@ impl NodeController {
         let status_loop = tokio::spawn(self.clone().status_loop(
             config.status_update_frequency,
             config.status_update_workers,
-            stop_rx,
+            stop_rx.clone(),
         ));
+        let gauges = tokio::spawn(self.clone().gauge_loop(stop_rx));
         controller
             .graceful_shutdown_on(shutdown)
             .run(reconcile, error_policy, self)
@@ -195,6 +198,17 @@ impl NodeController {
             .await;
         let _ = stop_tx.send(true);
         let _ = status_loop.await;
+        let _ = gauges.await;
+    }
+
+    async fn gauge_loop(self: Arc<Self>, mut stop: tokio::sync::watch::Receiver<bool>) {
+        loop {
+            tokio::select! {
+                _ = tokio::time::sleep(GAUGE_PERIOD) => {}
+                _ = stop.changed() => return,
+            }
+            self.observe_uninitialized();
+        }
     }
 
     /// Upstream `syncNode`: syncs the cached node of this name (absent → nothing to do).
@@ -216,6 +230,25 @@ impl NodeController {
         } else {
             self.reconcile_labels(node).await
         }
+    }
+
+    /// Refreshes the uninitialised-node gauges from the cache.
+    pub fn observe_uninitialized(&self) {
+        let now = Timestamp::now();
+        let mut count = 0i64;
+        let mut oldest = 0f64;
+        for node in self.store.state() {
+            if !has_uninitialized_taint(&node) || !self.owned(&node) {
+                continue;
+            }
+            count += 1;
+            if let Some(created) = node.metadata.creation_timestamp.as_ref() {
+                let age = now.duration_since(created.0).as_secs_f64();
+                oldest = oldest.max(age);
+            }
+        }
+        self.metrics.uninitialized_nodes.set(count);
+        self.metrics.oldest_uninitialized_node_age.set(oldest);
     }
 
     /// Upstream `UpdateNodeStatus`: one address-refresh pass over every initialised node.
@@ -616,7 +649,21 @@ async fn reconcile(node: Arc<Node>, ctx: Arc<NodeController>) -> Result<Action, 
     let name = node.name_any();
     let span = info_span!("cloud-node.sync", node = %name);
     async move {
-        ctx.sync(&node).await?;
+        if let Err(err) = ctx.sync(&node).await {
+            if has_uninitialized_taint(&node) {
+                // Operators must see why a node stays unschedulable without reading our logs;
+                // repeats are aggregated by the recorder.
+                ctx.recorder
+                    .record(
+                        &node.object_ref(&()),
+                        EventType::Warning,
+                        "FailedToInitialize",
+                        &format!("Node initialisation failed and will be retried: {err}"),
+                    )
+                    .await;
+            }
+            return Err(err);
+        }
         if let Ok(mut failures) = ctx.failures.lock() {
             failures.remove(&name);
         }
