@@ -3,9 +3,11 @@
 //! and shut-down instances get (and, once Ready again, lose) the
 //! `node.cloudprovider.kubernetes.io/shutdown` taint. Ready nodes are left alone.
 //!
-//! Only an explicit `NOT_FOUND` existence answer (or `INSTANCE_NOT_FOUND` from the legacy
-//! InstanceID lookup) deletes a node; every other outcome — errors, timeouts, `UNKNOWN` — is
-//! counted in `deletions_suppressed_total{reason}` and leaves the node untouched.
+//! Only the provider's own word deletes a node: an explicit `NOT_FOUND` existence answer, or on
+//! the legacy path an InstanceID lookup answering `INSTANCE_NOT_FOUND` or an empty instance ID
+//! (upstream then asks about `"<name>://"`, which no instance has). Every other outcome —
+//! errors, timeouts, `UNKNOWN` — is counted in `deletions_suppressed_total{reason}` and leaves
+//! the node untouched.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -121,7 +123,6 @@ impl NodeLifecycleController {
     }
 
     async fn existence(&self, node: &Node) -> Verdict {
-        let name = node.name_any();
         if self.cloud.has(Capability::InstancesV2) {
             let request = v1::InstanceExistsRequest {
                 node: Some(convert::node(node, self.cloud.wants_raw_objects())),
@@ -130,33 +131,12 @@ impl NodeLifecycleController {
             let result = self.cloud.instances_v2().instance_exists(request).await;
             return self.verdict("InstancesV2/InstanceExists", result);
         }
-        let provider_id = match provider_id_of(node) {
-            Some(id) => id.to_string(),
-            None => {
-                let request = v1::NodeNameRequest {
-                    node_name: name.clone(),
-                    consistency: Consistency::Strong as i32,
-                };
-                match self.cloud.instances().instance_id(request).await {
-                    Ok(r) => {
-                        self.metrics.count_rpc("Instances/InstanceID", "OK");
-                        let id = r.into_inner().instance_id;
-                        if id.is_empty() {
-                            // Upstream builds "<name>://", which no instance has.
-                            return Verdict::Gone;
-                        }
-                        cpi_proto::provider_id::join(&self.cloud.info().name, &id)
-                    }
-                    Err(status) => {
-                        let err = CpiError::from_status(&status);
-                        self.metrics.count_rpc("Instances/InstanceID", err.class());
-                        if matches!(err, CpiError::InstanceNotFound(_)) {
-                            return Verdict::Gone;
-                        }
-                        warn!(error = %err, "error getting provider ID");
-                        return Verdict::Unknown(err.class().to_string());
-                    }
-                }
+        let provider_id = match self.legacy_provider_id(node, Consistency::Strong).await {
+            Ok(None) | Err(CpiError::InstanceNotFound(_)) => return Verdict::Gone,
+            Ok(Some(id)) => id,
+            Err(err) => {
+                warn!(error = %err, "error getting provider ID");
+                return Verdict::Unknown(err.class().to_string());
             }
         };
         let request = v1::ProviderIdRequest {
@@ -169,6 +149,35 @@ impl NodeLifecycleController {
             .instance_exists_by_provider_id(request)
             .await;
         self.verdict("Instances/InstanceExistsByProviderID", result)
+    }
+
+    /// Legacy path (upstream `getProviderID`): the node's provider ID, else
+    /// `<provider>://<InstanceID>`; `None` when the provider answers an empty instance ID.
+    async fn legacy_provider_id(
+        &self,
+        node: &Node,
+        consistency: Consistency,
+    ) -> Result<Option<String>, CpiError> {
+        if let Some(id) = provider_id_of(node) {
+            return Ok(Some(id.to_string()));
+        }
+        let request = v1::NodeNameRequest {
+            node_name: node.name_any(),
+            consistency: consistency as i32,
+        };
+        match self.cloud.instances().instance_id(request).await {
+            Ok(response) => {
+                self.metrics.count_rpc("Instances/InstanceID", "OK");
+                let id = response.into_inner().instance_id;
+                Ok((!id.is_empty())
+                    .then(|| cpi_proto::provider_id::join(&self.cloud.info().name, &id)))
+            }
+            Err(status) => {
+                let err = CpiError::from_status(&status);
+                self.metrics.count_rpc("Instances/InstanceID", err.class());
+                Err(err)
+            }
+        }
     }
 
     fn verdict(
@@ -198,11 +207,17 @@ impl NodeLifecycleController {
             };
             self.cloud.instances_v2().instance_shutdown(request).await
         } else {
-            let Some(id) = provider_id_of(node) else {
-                return Ok(false);
+            // Upstream `getProviderID`: the node's, else built from InstanceID.
+            let id = match self
+                .legacy_provider_id(node, Consistency::Unspecified)
+                .await
+            {
+                Ok(Some(id)) => id,
+                Ok(None) | Err(CpiError::InstanceNotFound(_)) => return Ok(false),
+                Err(err) => return Err(err),
             };
             let request = v1::ProviderIdRequest {
-                provider_id: id.to_string(),
+                provider_id: id,
                 consistency: Consistency::Unspecified as i32,
             };
             self.cloud

@@ -35,7 +35,9 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
+/// The CPI error model; scripted errors are values of it.
 pub use cpi_proto::CpiError;
+/// The generated `cloudprovider.v1` types (addresses, metadata, existence answers).
 pub use cpi_proto::v1 as proto;
 
 use cpi_proto::v1::{self as pb, Consistency, Existence, NodeAddressType, PowerState};
