@@ -4,7 +4,7 @@
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
@@ -107,12 +107,15 @@ pub async fn node_init(args: &NodeInitArgs) -> anyhow::Result<NodeInitReport> {
     let scraper = Scraper::new(ca.cert_der(), port)?;
 
     let initialised = Arc::new(AtomicUsize::new(0));
+    let ccm_pid = Arc::new(AtomicU32::new(0));
     let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
     let mut watch = tokio::spawn(watch_until_initialised(
         Api::all(client.clone()),
         n,
         initialised.clone(),
         ready_tx,
+        ccm_pid.clone(),
+        ticks,
     ));
     tokio::time::timeout(Duration::from_secs(30), ready_rx)
         .await
@@ -122,6 +125,7 @@ pub async fn node_init(args: &NodeInitArgs) -> anyhow::Result<NodeInitReport> {
     progress(format_args!(
         "starting the controller-manager ({workers} node workers)"
     ));
+    let shim_startup_cpu = procfs::cpu_seconds(&shim.pid().to_string(), ticks)?;
     let before = cp_pids.sample(ticks)?;
     let t0 = Instant::now();
     let mut ccm = Process::spawn(
@@ -147,10 +151,11 @@ pub async fn node_init(args: &NodeInitArgs) -> anyhow::Result<NodeInitReport> {
         ],
         dir,
     )?;
+    ccm_pid.store(ccm.pid(), Ordering::Relaxed);
 
     // 3. Wait until every Node is initialised.
     let deadline = t0 + Duration::from_secs(args.timeout_secs);
-    let (first_at, all_at) = loop {
+    let watched = loop {
         tokio::select! {
             joined = &mut watch => {
                 break joined.context("the node watch panicked")??;
@@ -185,7 +190,7 @@ pub async fn node_init(args: &NodeInitArgs) -> anyhow::Result<NodeInitReport> {
             }
         }
     };
-    let all_nodes = all_at.duration_since(t0);
+    let all_nodes = watched.all.duration_since(t0);
     let ccm_phase = cp_pids.sample(ticks)?.since(&before, all_nodes);
     progress(format_args!(
         "all {n} nodes initialised after {:.2} s",
@@ -229,13 +234,16 @@ pub async fn node_init(args: &NodeInitArgs) -> anyhow::Result<NodeInitReport> {
         build_profile: profile,
         cores,
         create_seconds: create_time.as_secs_f64(),
-        first_node_seconds: first_at.duration_since(t0).as_secs_f64(),
+        first_node_seconds: watched.first.duration_since(t0).as_secs_f64(),
+        ccm_cpu_at_first_node_seconds: watched.ccm_at_first.map(|u| u.cpu_seconds),
+        ccm_peak_rss_at_first_node_mib: watched.ccm_at_first.map(|u| mib(u.peak_rss_bytes)),
         all_nodes_seconds: all_nodes.as_secs_f64(),
         init_target_met: all_nodes.as_secs_f64() <= report::TARGET_INIT_SECONDS,
         baseline_seconds: baseline.as_secs_f64(),
         ratio: all_nodes.as_secs_f64() / baseline.as_secs_f64().max(f64::EPSILON),
         ccm_cpu_seconds: ccm_usage.cpu_seconds,
         shim_cpu_seconds: shim_usage.cpu_seconds,
+        shim_startup_cpu_seconds: shim_startup_cpu,
         cpu_target_met: cpu_total <= report::TARGET_CPU_SECONDS,
         ccm_peak_rss_mib: mib(ccm_usage.peak_rss_bytes),
         shim_peak_rss_mib: mib(shim_usage.peak_rss_bytes),
@@ -260,9 +268,15 @@ fn check_binaries() -> anyhow::Result<String> {
     for name in [CCM_BINARY, SHIM_BINARY] {
         match e2e_tests::binary(name) {
             Ok(_) => {}
-            Err(HarnessError::MissingBinary { path, .. }) => anyhow::bail!(
-                "{name} is not built for this profile (looked for {path}); build it with `{BUILD_HINT}`"
-            ),
+            Err(HarnessError::MissingBinary { .. }) => {
+                let here = std::env::current_exe()
+                    .ok()
+                    .and_then(|exe| exe.parent().map(|d| d.display().to_string()))
+                    .unwrap_or_default();
+                anyhow::bail!(
+                    "{name} is not built next to this bench executable (in {here}); build it with `{BUILD_HINT}`"
+                )
+            }
             Err(e) => return Err(e.into()),
         }
     }
@@ -301,20 +315,33 @@ async fn wait_for_socket(socket: &Path, shim: &mut Process) -> anyhow::Result<()
     }
 }
 
+/// What the node watch saw.
+struct Watched {
+    /// When the first Node was seen initialised.
+    first: Instant,
+    /// When the last one was.
+    all: Instant,
+    /// The controller-manager's usage when the first Node was seen initialised.
+    ccm_at_first: Option<procfs::Usage>,
+}
+
 /// Watches the `ccm` set of Nodes until `total` are initialised; signals `ready` once the
-/// initial list is done and keeps `count` up to date. Returns when the first and the last
-/// Node were seen initialised.
+/// initial list is done and keeps `count` up to date. When the first Node is initialised it
+/// also reads the usage of the process `ccm_pid` (start-up plus initial list).
 async fn watch_until_initialised(
     api: Api<Node>,
     total: usize,
     count: Arc<AtomicUsize>,
     ready: tokio::sync::oneshot::Sender<()>,
-) -> anyhow::Result<(Instant, Instant)> {
+    ccm_pid: Arc<AtomicU32>,
+    ticks: f64,
+) -> anyhow::Result<Watched> {
     let config = watcher::Config::default().labels(&format!("{SET_LABEL}=ccm"));
     let mut stream = watcher(api, config).default_backoff().boxed();
     let mut ready = Some(ready);
     let mut done: HashSet<String> = HashSet::with_capacity(total);
     let mut first: Option<Instant> = None;
+    let mut ccm_at_first = None;
     while let Some(event) = stream.next().await {
         let event = match event {
             Ok(event) => event,
@@ -328,6 +355,8 @@ async fn watch_until_initialised(
                 if nodes::is_initialised(&node) {
                     if done.insert(node.name_any()) && first.is_none() {
                         first = Some(Instant::now());
+                        let pid = ccm_pid.load(Ordering::Relaxed);
+                        ccm_at_first = procfs::usage(&pid.to_string(), ticks).ok();
                     }
                 } else {
                     done.remove(&node.name_any());
@@ -346,7 +375,11 @@ async fn watch_until_initialised(
         count.store(done.len(), Ordering::Relaxed);
         if ready.is_none() && done.len() >= total {
             let now = Instant::now();
-            return Ok((first.unwrap_or(now), now));
+            return Ok(Watched {
+                first: first.unwrap_or(now),
+                all: now,
+                ccm_at_first,
+            });
         }
     }
     anyhow::bail!("the node watch ended")
@@ -395,11 +428,17 @@ impl CpuSample {
     fn since(&self, before: &CpuSample, wall: Duration) -> PhaseCpu {
         PhaseCpu {
             wall_seconds: wall.as_secs_f64(),
-            apiserver_cpu_seconds: self.apiserver - before.apiserver,
-            etcd_cpu_seconds: self.etcd - before.etcd,
-            bench_cpu_seconds: self.bench - before.bench,
+            apiserver_cpu_seconds: round_ms(self.apiserver - before.apiserver),
+            etcd_cpu_seconds: round_ms(self.etcd - before.etcd),
+            bench_cpu_seconds: round_ms(self.bench - before.bench),
         }
     }
+}
+
+/// `seconds` rounded to milliseconds (CPU times are whole clock ticks; this drops the float
+/// noise of their differences).
+fn round_ms(seconds: f64) -> f64 {
+    (seconds * 1000.0).round() / 1000.0
 }
 
 /// A free loopback TCP port (it may be taken again before it is used).
