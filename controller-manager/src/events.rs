@@ -47,6 +47,10 @@ struct Key {
     message: String,
 }
 
+/// How often expired aggregation entries are dropped (not on every event: that made recording
+/// quadratic in the number of recent events).
+const PRUNE_EVERY: Duration = Duration::from_secs(60);
+
 struct Seen {
     namespace: String,
     event_name: String,
@@ -60,7 +64,24 @@ pub struct Recorder {
     client: kube::Client,
     component: String,
     instance: String,
-    seen: Arc<Mutex<HashMap<Key, Seen>>>,
+    seen: Arc<Mutex<Aggregation>>,
+}
+
+#[derive(Default)]
+struct Aggregation {
+    entries: HashMap<Key, Seen>,
+    last_prune: Option<Instant>,
+}
+
+impl Aggregation {
+    fn prune(&mut self) {
+        if self.last_prune.is_some_and(|at| at.elapsed() < PRUNE_EVERY) {
+            return;
+        }
+        self.entries
+            .retain(|_, s| s.last.elapsed() < AGGREGATION_WINDOW);
+        self.last_prune = Some(Instant::now());
+    }
 }
 
 impl Recorder {
@@ -108,16 +129,19 @@ impl Recorder {
         // concurrently.
         let repeat = {
             let mut seen = self.seen.lock().await;
-            seen.retain(|_, s| s.last.elapsed() < AGGREGATION_WINDOW);
-            seen.get_mut(&key).map(|entry| {
-                entry.count += 1;
-                entry.last = Instant::now();
-                (
-                    entry.namespace.clone(),
-                    entry.event_name.clone(),
-                    entry.count,
-                )
-            })
+            seen.prune();
+            seen.entries
+                .get_mut(&key)
+                .filter(|entry| entry.last.elapsed() < AGGREGATION_WINDOW)
+                .map(|entry| {
+                    entry.count += 1;
+                    entry.last = Instant::now();
+                    (
+                        entry.namespace.clone(),
+                        entry.event_name.clone(),
+                        entry.count,
+                    )
+                })
         };
         if let Some((namespace, event_name, count)) = repeat {
             let api: Api<Event> = Api::namespaced(self.client.clone(), &namespace);
@@ -128,7 +152,7 @@ impl Recorder {
             {
                 Ok(_) => return Ok(()),
                 Err(kube::Error::Api(status)) if status.code == 404 => {
-                    self.seen.lock().await.remove(&key);
+                    self.seen.lock().await.entries.remove(&key);
                 }
                 Err(err) => return Err(err),
             }
@@ -167,7 +191,7 @@ impl Recorder {
         };
         let api: Api<Event> = Api::namespaced(self.client.clone(), &namespace);
         api.create(&PostParams::default(), &event).await?;
-        self.seen.lock().await.insert(
+        self.seen.lock().await.entries.insert(
             key,
             Seen {
                 namespace,

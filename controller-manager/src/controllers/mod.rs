@@ -10,6 +10,20 @@ use kube::runtime::reflector::{self, ReflectHandle, Store};
 use kube::runtime::{WatchStreamExt, watcher};
 use tracing::warn;
 
+/// Drops what no controller reads before a Node enters the cache: `managedFields` (most of a
+/// cached Node's memory) and the bulky status lists. Writes stay correct: a PUT without
+/// `managedFields` keeps the server's, a PUT of the main resource ignores `status`, and status
+/// writes are merge patches of the fields they set.
+pub fn trim_node(node: &mut Node) {
+    node.metadata.managed_fields = None;
+    if let Some(status) = node.status.as_mut() {
+        status.images = None;
+        status.volumes_attached = None;
+        status.volumes_in_use = None;
+        status.config = None;
+    }
+}
+
 /// Events buffered per subscriber before the shared watch waits for slow consumers.
 const SUBSCRIBER_BUFFER: usize = 1024;
 
@@ -46,7 +60,9 @@ impl NodeInformer {
         let api: Api<Node> = Api::all(self.client.clone());
         let stream = reflector::reflector(
             writer,
-            watcher(api, watcher::Config::default().any_semantic()).default_backoff(),
+            watcher(api, watcher::Config::default().any_semantic())
+                .default_backoff()
+                .modify(trim_node),
         );
         let drive = stream.for_each(|event| async move {
             if let Err(err) = event {

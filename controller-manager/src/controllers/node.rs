@@ -455,7 +455,7 @@ impl NodeController {
     /// Initialises one tainted node: one PUT of the Node, then one status PATCH.
     async fn initialize(&self, node: &Node) -> Result<(), SyncError> {
         let name = node.name_any();
-        info!(node = %name, "initializing node with cloud provider");
+        debug!(node = %name, "initializing node with cloud provider");
         let Some(metadata) = self.instance_metadata(node).await? else {
             info!(node = %name, "skip sync node: the provider returned nil metadata");
             return Ok(());
@@ -464,10 +464,13 @@ impl NodeController {
             validate_provider_id(&name, &metadata.provider_id, &self.cloud)?;
         }
         let api: Api<Node> = Api::all(self.client.clone());
-        let mut current = node.clone();
+        // One copy of the node per attempt: the first from the reconciled object, later ones from
+        // the newer version the watch cache delivered after a conflict.
+        let mut newer: Option<Arc<Node>> = None;
         let mut updated = None;
         for attempt in 0..UPDATE_ATTEMPTS {
-            let mut desired = current.clone();
+            let base: &Node = newer.as_deref().unwrap_or(node);
+            let mut desired = base.clone();
             apply_initialization(&mut desired, &metadata)?;
             match api.replace(&name, &PostParams::default(), &desired).await {
                 Ok(node) => {
@@ -476,7 +479,8 @@ impl NodeController {
                 }
                 Err(kube::Error::Api(status)) if status.code == 409 => {
                     debug!(node = %name, attempt, "conflict initializing node; retrying from the watch cache");
-                    current = self.newer_from_cache(&current).await;
+                    let fresh = self.newer_from_cache(base).await;
+                    newer = Some(fresh);
                 }
                 Err(kube::Error::Api(status)) if status.code == 404 => return Ok(()),
                 Err(source) => return Err(SyncError::Kube { node: name, source }),
@@ -508,20 +512,20 @@ impl NodeController {
     }
 
     /// Waits (briefly) for the watch cache to hold a newer version of `node`.
-    async fn newer_from_cache(&self, node: &Node) -> Node {
+    async fn newer_from_cache(&self, node: &Node) -> Arc<Node> {
         let key = ObjectRef::from_obj(node);
         let seen = node.resource_version();
         for _ in 0..10 {
             if let Some(cached) = self.store.get(&key)
                 && cached.resource_version() != seen
             {
-                return (*cached).clone();
+                return cached;
             }
             tokio::time::sleep(jittered(UPDATE_STEP)).await;
         }
         self.store
             .get(&key)
-            .map_or_else(|| node.clone(), |n| (*n).clone())
+            .unwrap_or_else(|| Arc::new(node.clone()))
     }
 
     /// Applies rules 18–23: patches status.addresses when the provider's list differs.

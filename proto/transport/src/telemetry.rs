@@ -1,10 +1,10 @@
 //! Process-wide logging and tracing set-up: `tracing` to stderr, plus OTLP export when the
 //! standard `OTEL_EXPORTER_OTLP_*` variables are set.
 //!
-//! An OpenTelemetry layer is installed even without an exporter: its spans get real trace and
-//! span IDs, so a trace context is always propagated to the next hop (a shim exporting spans can
-//! then attach them to the controller-manager's trace even if the controller-manager exports
-//! nothing).
+//! The OpenTelemetry layer is installed only when an OTLP endpoint is configured: it costs CPU on
+//! every span enter/exit (measured at about a tenth of the controller-manager's CPU when
+//! initialising 2000 nodes), which a process that exports nothing should not pay. Without it no
+//! trace context is sent to the next hop.
 //!
 //! Environment:
 //! - `RUST_LOG`: the `tracing` filter (default `info`);
@@ -103,7 +103,7 @@ pub fn init(service_name: &str) -> Result<TelemetryGuard, TelemetryError> {
     tracing_subscriber::registry()
         .with(filter)
         .with(fmt)
-        .with(layer_for(&provider))
+        .with(otlp_endpoint.is_some().then(|| layer_for(&provider)))
         .try_init()?;
     // For libraries that propagate through the global API rather than through this crate.
     opentelemetry::global::set_text_map_propagator(
@@ -129,7 +129,13 @@ pub fn layer_for<S>(provider: &SdkTracerProvider) -> OpenTelemetryLayer<S, SdkTr
 where
     S: Subscriber + for<'span> LookupSpan<'span>,
 {
-    tracing_opentelemetry::layer().with_tracer(provider.tracer(TRACER_NAME))
+    // Busy/idle timing reads the clock on every poll of an instrumented future; thread and
+    // source-location attributes are not worth their per-span allocations.
+    tracing_opentelemetry::layer()
+        .with_tracer(provider.tracer(TRACER_NAME))
+        .with_tracked_inactivity(false)
+        .with_threads(false)
+        .with_location(false)
 }
 
 /// In-process span capture for tests that follow a trace across components.
