@@ -119,6 +119,21 @@ where
     }
 }
 
+/// Sends a write whose response body nobody reads, without deserialising it (a Node in the
+/// response would cost more CPU than the request itself).
+pub async fn send_write(
+    client: &kube::Client,
+    request: Result<http::Request<Vec<u8>>, kube::core::request::Error>,
+) -> Result<(), kube::Error> {
+    let request = request.map_err(kube::Error::BuildRequest)?;
+    client.request_text(request).await.map(drop)
+}
+
+/// Request builder for the cluster-scoped `nodes` resource.
+pub fn nodes() -> kube::core::Request {
+    kube::core::Request::new("/api/v1/nodes")
+}
+
 /// Layer counting every request by HTTP method and response code.
 #[derive(Clone)]
 pub struct RequestMetricsLayer {

@@ -13,9 +13,16 @@ use std::time::{Duration, Instant};
 use k8s_openapi::api::core::v1::{Event, EventSource, ObjectReference};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{MicroTime, ObjectMeta, Time};
 use k8s_openapi::jiff::Timestamp;
-use kube::api::{Api, Patch, PatchParams, PostParams};
+use kube::api::{Patch, PatchParams, PostParams};
 use tokio::sync::Mutex;
 use tracing::debug;
+
+use crate::apiclient::send_write;
+
+/// Request builder for core/v1 Events of one namespace.
+fn events_in(namespace: &str) -> kube::core::Request {
+    kube::core::Request::new(format!("/api/v1/namespaces/{namespace}/events"))
+}
 
 /// Repeats within this window are aggregated into one Event.
 pub const AGGREGATION_WINDOW: Duration = Duration::from_secs(600);
@@ -144,12 +151,13 @@ impl Recorder {
                 })
         };
         if let Some((namespace, event_name, count)) = repeat {
-            let api: Api<Event> = Api::namespaced(self.client.clone(), &namespace);
             let patch = serde_json::json!({ "count": count, "lastTimestamp": Time(now) });
-            match api
-                .patch(&event_name, &PatchParams::default(), &Patch::Merge(&patch))
-                .await
-            {
+            let request = events_in(&namespace).patch(
+                &event_name,
+                &PatchParams::default(),
+                &Patch::Merge(&patch),
+            );
+            match send_write(&self.client, request).await {
                 Ok(_) => return Ok(()),
                 Err(kube::Error::Api(status)) if status.code == 404 => {
                     self.seen.lock().await.entries.remove(&key);
@@ -189,8 +197,12 @@ impl Recorder {
             reporting_instance: Some(self.instance.clone()),
             ..Event::default()
         };
-        let api: Api<Event> = Api::namespaced(self.client.clone(), &namespace);
-        api.create(&PostParams::default(), &event).await?;
+        let body = serde_json::to_vec(&event).map_err(kube::Error::SerdeError)?;
+        send_write(
+            &self.client,
+            events_in(&namespace).create(&PostParams::default(), body),
+        )
+        .await?;
         self.seen.lock().await.entries.insert(
             key,
             Seen {

@@ -23,6 +23,7 @@ use tracing::{Instrument, debug, info, info_span, warn};
 use cpi_proto::CpiError;
 use cpi_proto::v1::{self, Capability};
 
+use crate::apiclient;
 use crate::cloud::Cloud;
 use crate::convert;
 use crate::events::{EventType, Recorder};
@@ -463,7 +464,6 @@ impl NodeController {
         if !metadata.provider_id.is_empty() {
             validate_provider_id(&name, &metadata.provider_id, &self.cloud)?;
         }
-        let api: Api<Node> = Api::all(self.client.clone());
         // One copy of the node per attempt: the first from the reconciled object, later ones from
         // the newer version the watch cache delivered after a conflict.
         let mut newer: Option<Arc<Node>> = None;
@@ -472,9 +472,18 @@ impl NodeController {
             let base: &Node = newer.as_deref().unwrap_or(node);
             let mut desired = base.clone();
             apply_initialization(&mut desired, &metadata)?;
-            match api.replace(&name, &PostParams::default(), &desired).await {
-                Ok(node) => {
-                    updated = Some(node);
+            let body = serde_json::to_vec(&desired).map_err(|e| SyncError::Kube {
+                node: name.clone(),
+                source: kube::Error::SerdeError(e),
+            })?;
+            // A PUT carrying the cached resourceVersion: a concurrent writer makes it fail with
+            // 409 instead of being overwritten. Its response is not needed: the main resource
+            // ignores status, so `desired` is what the server now holds (but for metadata the
+            // server maintains).
+            let request = apiclient::nodes().replace(&name, &PostParams::default(), body);
+            match apiclient::send_write(&self.client, request).await {
+                Ok(()) => {
+                    updated = Some(desired);
                     break;
                 }
                 Err(kube::Error::Api(status)) if status.code == 409 => {
@@ -539,12 +548,14 @@ impl NodeController {
                 return;
             }
         };
-        let api: Api<Node> = Api::all(self.client.clone());
         let patch = serde_json::json!({ "status": { "addresses": new } });
-        if let Err(err) = api
-            .patch_status(&name, &PatchParams::default(), &Patch::Merge(&patch))
-            .await
-        {
+        let request = apiclient::nodes().patch_subresource(
+            "status",
+            &name,
+            &PatchParams::default(),
+            &Patch::Merge(&patch),
+        );
+        if let Err(err) = apiclient::send_write(&self.client, request).await {
             warn!(node = %name, error = %err, "failed to patch node addresses");
         }
     }
