@@ -355,9 +355,10 @@ fn start_controllers(
                     rt.identity.clone(),
                 );
                 let period = options.node_monitor_period;
+                let ready = informer.ready();
                 running.tasks.spawn(async move {
                     rt.metrics.set_running(alias, true);
-                    controller.run(period, stop).await;
+                    controller.run(period, ready, stop).await;
                     rt.metrics.set_running(alias, false);
                 });
             }

@@ -34,6 +34,7 @@ pub struct NodeInformer {
     pub store: Store<Node>,
     writer: Option<reflector::store::Writer<Node>>,
     client: kube::Client,
+    ready: tokio::sync::watch::Sender<bool>,
 }
 
 impl NodeInformer {
@@ -44,7 +45,14 @@ impl NodeInformer {
             store,
             writer: Some(writer),
             client,
+            ready: tokio::sync::watch::channel(false).0,
         }
+    }
+
+    /// Turns true once the initial list is in the cache. (Not `Store::wait_until_ready`: with
+    /// more than one task waiting on it, only the last one to poll is woken.)
+    pub fn ready(&self) -> tokio::sync::watch::Receiver<bool> {
+        self.ready.subscribe()
     }
 
     /// A change feed for one controller.
@@ -64,9 +72,14 @@ impl NodeInformer {
                 .default_backoff()
                 .modify(trim_node),
         );
+        let ready = &self.ready;
         let drive = stream.for_each(|event| async move {
-            if let Err(err) = event {
-                warn!(error = %err, "node watch error; retrying with backoff");
+            match event {
+                Ok(watcher::Event::InitDone) => {
+                    ready.send_replace(true);
+                }
+                Ok(_) => {}
+                Err(err) => warn!(error = %err, "node watch error; retrying with backoff"),
             }
         });
         tokio::select! {

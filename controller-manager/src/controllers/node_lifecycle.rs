@@ -69,12 +69,21 @@ impl NodeLifecycleController {
         }
     }
 
-    /// Runs `monitor_nodes` every `period` until `shutdown` resolves.
-    pub async fn run(self, period: Duration, shutdown: impl Future<Output = ()> + Send) {
+    /// Runs `monitor_nodes` every `period`, once `cache_ready` turns true, until `shutdown`.
+    pub async fn run(
+        self,
+        period: Duration,
+        mut cache_ready: tokio::sync::watch::Receiver<bool>,
+        shutdown: impl Future<Output = ()> + Send,
+    ) {
         let mut shutdown = std::pin::pin!(shutdown);
         // Nothing can be judged before the cache holds the nodes.
         tokio::select! {
-            _ = self.store.wait_until_ready() => {}
+            ready = cache_ready.wait_for(|ready| *ready) => {
+                if ready.is_err() {
+                    return;
+                }
+            }
             () = &mut shutdown => return,
         }
         loop {
@@ -88,7 +97,9 @@ impl NodeLifecycleController {
 
     /// One pass over every node (upstream `MonitorNodes`).
     pub async fn monitor_nodes(&self) {
-        for node in self.store.state() {
+        let nodes = self.store.state();
+        debug!(nodes = nodes.len(), "monitoring nodes");
+        for node in nodes {
             let span = info_span!("cloud-node-lifecycle.check", node = %node.name_any());
             self.check_node(&node).instrument(span).await;
         }
@@ -116,7 +127,7 @@ impl NodeLifecycleController {
                 Ok(true) if !has_taint(node, TAINT_SHUTDOWN) => {
                     self.set_shutdown_taint(node, true).await;
                 }
-                Ok(_) => {}
+                Ok(shutdown) => debug!(shutdown, "instance exists"),
                 Err(err) => warn!(error = %err, "error checking if node is shutdown"),
             },
         }

@@ -71,7 +71,10 @@ async fn inventory_changes_drive_shutdown_taints_and_deletions() {
             "--leader-elect=false".into(),
             "--node-monitor-period=1s".into(),
         ],
-        &[],
+        &[(
+            "RUST_LOG",
+            "info,cloud_controller_manager=debug".to_string(),
+        )],
         d,
     )
     .unwrap();
