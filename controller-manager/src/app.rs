@@ -353,7 +353,8 @@ fn start_controllers(
                     rt.metrics.clone(),
                     informer.store.clone(),
                     rt.identity.clone(),
-                );
+                )
+                .with_deletion_policy(options.deletion_policy());
                 let period = options.node_monitor_period;
                 let ready = informer.ready();
                 running.tasks.spawn(async move {

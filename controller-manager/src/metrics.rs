@@ -53,6 +53,10 @@ pub struct Metrics {
     pub uninitialized_nodes: Gauge,
     /// `ccm_oldest_uninitialized_node_age_seconds`: age of the oldest such node.
     pub oldest_uninitialized_node_age: Gauge<f64, std::sync::atomic::AtomicU64>,
+    /// `ccm_managed_nodes`: nodes owned by this provider, as of the last lifecycle pass.
+    pub managed_nodes: Gauge,
+    /// `ccm_node_deletions_paused`: 1 while the deletion budget is exhausted.
+    pub deletions_paused: Gauge,
     /// `rest_client_requests_total{code,method}`: API-server requests by outcome.
     pub rest_client_requests: Family<ApiRequestLabels, Counter>,
     /// `deletions_suppressed_total{reason}`: node deletions not done because existence was not
@@ -135,7 +139,21 @@ impl Metrics {
             "Age of the oldest node still carrying the node.cloudprovider.kubernetes.io/uninitialized taint",
             oldest_uninitialized_node_age.clone(),
         );
+        let managed_nodes = Gauge::default();
+        registry.register(
+            "ccm_managed_nodes",
+            "Nodes owned by this provider, as of the last cloud-node-lifecycle pass",
+            managed_nodes.clone(),
+        );
+        let deletions_paused = Gauge::default();
+        registry.register(
+            "ccm_node_deletions_paused",
+            "1 while the node deletion budget is exhausted and deletions are held back",
+            deletions_paused.clone(),
+        );
         Arc::new(Self {
+            managed_nodes,
+            deletions_paused,
             oldest_uninitialized_node_age,
             rest_client_requests,
             deletions_suppressed,

@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use clap::Parser;
 
+use crate::controllers::node_lifecycle::{DeletionBudget, DeletionPolicy};
 use crate::names::{ControllerSelection, SelectionError};
 
 /// Parses a Go-style duration (`15s`, `5m0s`, `1h30m`) as accepted by upstream flags.
@@ -94,6 +95,21 @@ pub struct Options {
     /// How often the cloud-node-lifecycle controller checks node existence and shutdown.
     #[arg(long, default_value = "5s", value_parser = parse_duration)]
     pub node_monitor_period: Duration,
+    /// Nodes younger than this are never deleted because the provider says their instance is
+    /// gone (lookups right after launch are often eventually consistent). 0 = upstream.
+    #[arg(long, default_value = "1m", value_parser = parse_duration)]
+    pub node_deletion_grace_period: Duration,
+    /// Consecutive "instance not found" answers (one per monitor period) needed before a node
+    /// is deleted. 1 = upstream.
+    #[arg(long, default_value_t = 2)]
+    pub node_deletion_confirmations: u32,
+    /// At most this percentage of the provider's nodes (at least one) is deleted per
+    /// --node-deletion-budget-window; 0 disables the budget (upstream).
+    #[arg(long, default_value_t = 10.0)]
+    pub node_deletion_budget_percent: f64,
+    /// Window of --node-deletion-budget-percent.
+    #[arg(long, default_value = "10m", value_parser = parse_duration)]
+    pub node_deletion_budget_window: Duration,
     /// How often the route controller reconciles routes.
     #[arg(long, default_value = "10s", value_parser = parse_duration)]
     pub route_reconciliation_period: Duration,
@@ -212,6 +228,18 @@ impl Options {
         if self.node_monitor_period.is_zero() {
             return Err(invalid("--node-monitor-period", "must be positive"));
         }
+        if !(0.0..=100.0).contains(&self.node_deletion_budget_percent) {
+            return Err(invalid(
+                "--node-deletion-budget-percent",
+                "must be between 0 and 100",
+            ));
+        }
+        if self.node_deletion_confirmations == 0 {
+            return Err(invalid(
+                "--node-deletion-confirmations",
+                "must be at least 1",
+            ));
+        }
         if self.node_status_update_frequency.is_zero() {
             return Err(invalid(
                 "--node-status-update-frequency",
@@ -226,6 +254,18 @@ impl Options {
         }
         self.provider_endpoint()?;
         Ok(selection)
+    }
+
+    /// The cloud-node-lifecycle deletion policy these flags describe.
+    pub fn deletion_policy(&self) -> DeletionPolicy {
+        DeletionPolicy {
+            grace_period: self.node_deletion_grace_period,
+            confirmations: self.node_deletion_confirmations,
+            budget: (self.node_deletion_budget_percent > 0.0).then(|| DeletionBudget {
+                fraction: self.node_deletion_budget_percent / 100.0,
+                window: self.node_deletion_budget_window,
+            }),
+        }
     }
 
     /// Number of workers of the periodic address update.
@@ -351,6 +391,16 @@ mod tests {
         assert_eq!(o.bind_address.to_string(), "0.0.0.0");
         assert!(o.configure_cloud_routes);
         assert!(!o.allocate_node_cidrs);
+        let policy = o.deletion_policy();
+        assert_eq!(policy.grace_period, Duration::from_secs(60));
+        assert_eq!(policy.confirmations, 2);
+        assert_eq!(
+            policy.budget,
+            Some(DeletionBudget {
+                fraction: 0.1,
+                window: Duration::from_secs(600)
+            })
+        );
         o.validate().unwrap();
     }
 
@@ -382,6 +432,17 @@ mod tests {
         assert_eq!(o.node_status_update_frequency, Duration::from_secs(600));
         assert!(!o.configure_cloud_routes);
         o.validate().unwrap();
+    }
+
+    #[test]
+    fn upstream_deletion_behaviour_can_be_restored() {
+        let o = parse(&[
+            "--node-deletion-grace-period=0s",
+            "--node-deletion-confirmations=1",
+            "--node-deletion-budget-percent=0",
+        ])
+        .unwrap();
+        assert_eq!(o.deletion_policy(), DeletionPolicy::upstream());
     }
 
     #[test]

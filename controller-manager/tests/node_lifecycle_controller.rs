@@ -27,7 +27,9 @@ use std::collections::HashMap;
 use std::time::Duration;
 
 use cloud_controller_manager::cloud::Cloud;
-use cloud_controller_manager::controllers::node_lifecycle::NodeLifecycleController;
+use cloud_controller_manager::controllers::node_lifecycle::{
+    DeletionPolicy, NodeLifecycleController,
+};
 use cloud_controller_manager::metrics::Metrics;
 use cloud_controller_manager::options::ProviderEndpoint;
 use fake_provider::{CpiError, FakeCall, FakeCloud, ServedFake, call, proto::Existence};
@@ -96,6 +98,16 @@ struct Outcome {
 /// `monitor_nodes` pass over a cache holding only that node, and reads back the node and every
 /// Event about it.
 async fn monitor(fake: FakeCloud, node: Node) -> Outcome {
+    monitor_with(fake, node, DeletionPolicy::upstream(), 1).await
+}
+
+/// [`monitor`] with a deletion policy and several passes.
+async fn monitor_with(
+    fake: FakeCloud,
+    node: Node,
+    policy: DeletionPolicy,
+    passes: usize,
+) -> Outcome {
     let _ = rustls::crypto::ring::default_provider().install_default();
     let cp = ControlPlane::shared().await.expect("shared control plane");
     let client = cp.client().expect("admin client");
@@ -134,8 +146,11 @@ async fn monitor(fake: FakeCloud, node: Node) -> Outcome {
         Metrics::new(),
         cache.store.clone(),
         "node-lifecycle-test".to_string(),
-    );
-    controller.monitor_nodes().await;
+    )
+    .with_deletion_policy(policy);
+    for _ in 0..passes {
+        controller.monitor_nodes().await;
+    }
 
     let after = nodes.get_opt(&name).await.expect("get node");
     let events: Api<Event> = Api::namespaced(client, "default");
@@ -204,6 +219,18 @@ impl Outcome {
 
     /// The node was not written at all, and nothing was recorded about it.
     fn assert_unchanged(&self) {
+        self.assert_node_unchanged();
+        self.assert_events(&[]);
+    }
+
+    /// The node was not written and nothing but the Warning `DeletionSuppressed` (our addition
+    /// to upstream: a NotReady node whose existence could not be checked says so) was emitted.
+    fn assert_kept_with_warning(&self) {
+        self.assert_node_unchanged();
+        self.assert_events(&["DeletionSuppressed"]);
+    }
+
+    fn assert_node_unchanged(&self) {
         let after = self.after();
         assert_eq!(
             after.resource_version(),
@@ -211,7 +238,6 @@ impl Outcome {
             "node was written"
         );
         assert_eq!(after, &self.before);
-        self.assert_events(&[]);
     }
 
     /// Only the shutdown taint was added.
@@ -333,7 +359,7 @@ async fn nodes_deleted_node_is_not_ready_and_provider_returns_err() {
         node("False", Some("fake://node0")),
     )
     .await;
-    o.assert_unchanged();
+    o.assert_kept_with_warning();
     assert_eq!(
         o.log(),
         vec![FakeCall {
@@ -459,7 +485,7 @@ async fn nodes_deleted_instance_v2_node_is_not_ready_and_provider_returns_err() 
         node("False", Some("fake://node0")),
     )
     .await;
-    o.assert_unchanged();
+    o.assert_kept_with_warning();
     assert_eq!(o.calls(), calls_of(&[call::INSTANCE_EXISTS]));
 }
 
@@ -611,7 +637,7 @@ async fn nodes_shutdown_node_with_error_when_getting_provider_id_does_not_have_s
         n,
     )
     .await;
-    o.assert_unchanged();
+    o.assert_kept_with_warning();
     assert_eq!(o.calls(), calls_of(&[call::INSTANCE_ID]));
 }
 
@@ -788,7 +814,7 @@ async fn get_provider_id_cloud_implemented_with_instances_with_unknown_error() {
         n,
     )
     .await;
-    o.assert_unchanged();
+    o.assert_kept_with_warning();
     assert_eq!(o.calls(), calls_of(&[call::INSTANCE_ID]));
 }
 
@@ -810,7 +836,7 @@ async fn existence_unknown_never_deletes() {
         }),
     ] {
         let o = monitor(fake, node("False", Some("fake://node0"))).await;
-        o.assert_unchanged();
+        o.assert_kept_with_warning();
         assert_eq!(o.calls().len(), 1, "{:?}", o.calls());
     }
 }
@@ -838,4 +864,71 @@ async fn ready_node_loses_the_shutdown_taint() {
     assert_eq!(taints_of(o.after()), vec![]);
     assert_eq!(o.calls(), Vec::<String>::new());
     o.assert_events(&[]);
+}
+
+// ---- The deletion policy (beyond upstream: operator-pain-points §1.1, §1.2, §1.7) ----
+
+fn careful(grace_period: Duration, confirmations: u32) -> DeletionPolicy {
+    DeletionPolicy {
+        grace_period,
+        confirmations,
+        budget: None,
+    }
+}
+
+/// A node younger than the grace period survives NOT_FOUND.
+#[tokio::test]
+async fn deletion_policy_grace_period_protects_young_nodes() {
+    let n = node("False", Some("fake://12345"));
+    let o = monitor_with(
+        FakeCloud {
+            exists_by_provider_id: false,
+            ..FakeCloud::default()
+        },
+        n,
+        careful(Duration::from_secs(3600), 1),
+        1,
+    )
+    .await;
+    o.assert_unchanged();
+    o.assert_events(&[]);
+}
+
+/// One NOT_FOUND is not enough when two confirmations are required; two passes are.
+#[tokio::test]
+async fn deletion_policy_needs_consecutive_confirmations() {
+    let fake = || FakeCloud {
+        exists_by_provider_id: false,
+        ..FakeCloud::default()
+    };
+    let once = monitor_with(
+        fake(),
+        node("False", Some("fake://1")),
+        careful(Duration::ZERO, 2),
+        1,
+    )
+    .await;
+    once.assert_unchanged();
+    let twice = monitor_with(
+        fake(),
+        node("False", Some("fake://2")),
+        careful(Duration::ZERO, 2),
+        2,
+    )
+    .await;
+    twice.assert_deleted();
+}
+
+/// The provider could not tell (UNKNOWN): the node is kept and a Warning says why.
+#[tokio::test]
+async fn existence_unknown_is_reported_on_the_node() {
+    let o = monitor(
+        FakeCloud {
+            existence: Some(Existence::Unknown),
+            ..FakeCloud::default()
+        },
+        node("False", Some("fake://12345")),
+    )
+    .await;
+    o.assert_kept_with_warning();
 }

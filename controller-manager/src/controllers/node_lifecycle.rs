@@ -9,8 +9,11 @@
 //! errors, timeouts, `UNKNOWN` — is counted in `deletions_suppressed_total{reason}` and leaves
 //! the node untouched.
 
-use std::sync::Arc;
-use std::time::Duration;
+use std::collections::{HashMap, VecDeque};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use k8s_openapi::jiff::Timestamp;
 
 use k8s_openapi::api::core::v1::{Node, Taint};
 use kube::api::{Api, DeleteParams, Patch, PatchParams};
@@ -30,6 +33,48 @@ use crate::metrics::Metrics;
 /// Taint put on nodes whose instance is shut down.
 pub const TAINT_SHUTDOWN: &str = "node.cloudprovider.kubernetes.io/shutdown";
 
+/// When a node whose instance is gone may actually be deleted (operator-pain-points §1.2, §1.7):
+/// upstream deletes at the first NOT_FOUND; the binary's defaults are more careful.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DeletionPolicy {
+    /// Nodes younger than this (by creationTimestamp) are never deleted for NOT_FOUND: lookups
+    /// right after an instance launches are often eventually consistent.
+    pub grace_period: Duration,
+    /// Consecutive NOT_FOUND answers (one per monitor pass) needed before deleting.
+    pub confirmations: u32,
+    /// At most this fraction of the provider's nodes (and at least one) is deleted per window;
+    /// `None` disables the budget.
+    pub budget: Option<DeletionBudget>,
+}
+
+/// A rate limit on node deletions.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DeletionBudget {
+    /// Fraction of managed nodes, 0 < fraction ≤ 1.
+    pub fraction: f64,
+    /// Sliding window the fraction applies to.
+    pub window: Duration,
+}
+
+impl DeletionPolicy {
+    /// Upstream behaviour: delete at the first authoritative NOT_FOUND, no budget.
+    pub fn upstream() -> Self {
+        Self {
+            grace_period: Duration::ZERO,
+            confirmations: 1,
+            budget: None,
+        }
+    }
+}
+
+/// Per-node confirmation counts and the deletions of the budget window.
+#[derive(Default)]
+struct DeletionState {
+    not_found: HashMap<String, u32>,
+    recent: VecDeque<Instant>,
+    paused_reported: bool,
+}
+
 /// The existence verdict the controller acts on.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Verdict {
@@ -48,6 +93,8 @@ pub struct NodeLifecycleController {
     metrics: Arc<Metrics>,
     recorder: Recorder,
     store: Store<Node>,
+    policy: DeletionPolicy,
+    deletions: Mutex<DeletionState>,
 }
 
 impl NodeLifecycleController {
@@ -66,7 +113,15 @@ impl NodeLifecycleController {
             metrics,
             recorder,
             store,
+            policy: DeletionPolicy::upstream(),
+            deletions: Mutex::default(),
         }
+    }
+
+    /// Replaces the upstream deletion behaviour with `policy`.
+    pub fn with_deletion_policy(mut self, policy: DeletionPolicy) -> Self {
+        self.policy = policy;
+        self
     }
 
     /// Runs `monitor_nodes` every `period`, once `cache_ready` turns true, until `shutdown`.
@@ -99,6 +154,18 @@ impl NodeLifecycleController {
     pub async fn monitor_nodes(&self) {
         let nodes = self.store.state();
         debug!(nodes = nodes.len(), "monitoring nodes");
+        let managed = nodes
+            .iter()
+            .filter(|n| provider_id_of(n).is_none_or(|id| self.cloud.owns_provider_id(id)))
+            .count();
+        if let Ok(mut state) = self.deletions.lock() {
+            let live: std::collections::HashSet<String> =
+                nodes.iter().filter_map(|n| n.uid()).collect();
+            state.not_found.retain(|uid, _| live.contains(uid));
+        }
+        self.metrics
+            .managed_nodes
+            .set(i64::try_from(managed).unwrap_or(i64::MAX));
         for node in nodes {
             let span = info_span!("cloud-node-lifecycle.check", node = %node.name_any());
             self.check_node(&node).instrument(span).await;
@@ -117,11 +184,34 @@ impl NodeLifecycleController {
             }
             return;
         }
-        match self.existence(node).await {
-            Verdict::Gone => self.delete(node).await,
+        let verdict = self.existence(node).await;
+        if verdict != Verdict::Gone
+            && let (Some(uid), Ok(mut state)) = (node.uid(), self.deletions.lock())
+        {
+            state.not_found.remove(&uid);
+        }
+        match verdict {
+            Verdict::Gone => match self.may_delete(node) {
+                Ok(()) => self.delete(node).await,
+                Err(reason) => {
+                    self.metrics.count_suppressed_deletion(reason);
+                    debug!(reason, "instance not found, deletion held back");
+                }
+            },
             Verdict::Unknown(reason) => {
                 self.metrics.count_suppressed_deletion(&reason);
-                debug!(%reason, "existence unknown; node left alone");
+                // A NotReady node whose instance cannot be checked is exactly the case where
+                // deleting would be wrong; say so on the node (aggregated by the recorder).
+                self.recorder
+                    .record(
+                        &node.object_ref(&()),
+                        EventType::Warning,
+                        "DeletionSuppressed",
+                        &format!(
+                            "Node is not ready and the provider could not say whether its instance exists ({reason}); the node is kept"
+                        ),
+                    )
+                    .await;
             }
             Verdict::Exists => match self.shutdown(node).await {
                 Ok(true) if !has_taint(node, TAINT_SHUTDOWN) => {
@@ -131,6 +221,54 @@ impl NodeLifecycleController {
                 Err(err) => warn!(error = %err, "error checking if node is shutdown"),
             },
         }
+    }
+
+    /// Applies the deletion policy to a node the provider reported gone; `Err` names why not.
+    fn may_delete(&self, node: &Node) -> Result<(), &'static str> {
+        let policy = &self.policy;
+        if !policy.grace_period.is_zero() {
+            let young = node
+                .metadata
+                .creation_timestamp
+                .as_ref()
+                .is_none_or(|created| {
+                    let age = Timestamp::now().duration_since(created.0);
+                    Duration::try_from(age).is_ok_and(|age| age < policy.grace_period)
+                });
+            if young {
+                return Err("grace_period");
+            }
+        }
+        let Ok(mut state) = self.deletions.lock() else {
+            return Err("internal");
+        };
+        if let Some(uid) = node.uid() {
+            let seen = state.not_found.entry(uid).or_insert(0);
+            *seen = seen.saturating_add(1);
+            if *seen < policy.confirmations.max(1) {
+                return Err("confirming");
+            }
+        }
+        if let Some(budget) = &policy.budget {
+            let managed = usize::try_from(self.metrics.managed_nodes.get()).unwrap_or(0);
+            if !budget_allows(&mut state.recent, Instant::now(), managed, budget) {
+                self.metrics.deletions_paused.set(1);
+                if !state.paused_reported {
+                    state.paused_reported = true;
+                    warn!(
+                        window = ?budget.window,
+                        "node deletion budget exhausted; deleting no more nodes until the window passes"
+                    );
+                }
+                return Err("budget");
+            }
+            state.paused_reported = false;
+            self.metrics.deletions_paused.set(0);
+        }
+        if let Some(uid) = node.uid() {
+            state.not_found.remove(&uid);
+        }
+        Ok(())
     }
 
     async fn existence(&self, node: &Node) -> Verdict {
@@ -312,6 +450,34 @@ impl NodeLifecycleController {
     }
 }
 
+/// Admits one deletion if fewer than max(1, ⌊fraction × managed⌋) happened within the window,
+/// recording it in `recent`.
+pub fn budget_allows(
+    recent: &mut VecDeque<Instant>,
+    now: Instant,
+    managed: usize,
+    budget: &DeletionBudget,
+) -> bool {
+    while recent
+        .front()
+        .is_some_and(|at| now.duration_since(*at) > budget.window)
+    {
+        recent.pop_front();
+    }
+    // Truncation is intended: the budget is a whole number of nodes.
+    #[allow(
+        clippy::cast_possible_truncation,
+        clippy::cast_sign_loss,
+        clippy::cast_precision_loss
+    )]
+    let allowed = ((managed as f64 * budget.fraction).floor() as usize).max(1);
+    if recent.len() >= allowed {
+        return false;
+    }
+    recent.push_back(now);
+    true
+}
+
 /// Maps the tri-state answer: only `NOT_FOUND` means gone; `UNSPECIFIED` (an older shim or a
 /// missing field) is as cautious as `UNKNOWN`.
 pub fn verdict_from(response: &v1::InstanceExistsResponse) -> Verdict {
@@ -358,6 +524,28 @@ mod tests {
             }),
             ..Default::default()
         }
+    }
+
+    #[test]
+    fn budget_allows_a_fraction_per_window_and_at_least_one() {
+        let budget = DeletionBudget {
+            fraction: 0.1,
+            window: Duration::from_secs(600),
+        };
+        let start = Instant::now();
+        let mut recent = VecDeque::new();
+        // 10% of 30 nodes = 3 deletions per window.
+        for _ in 0..3 {
+            assert!(budget_allows(&mut recent, start, 30, &budget));
+        }
+        assert!(!budget_allows(&mut recent, start, 30, &budget));
+        // Once the window has passed, deletions resume.
+        let later = start + Duration::from_secs(601);
+        assert!(budget_allows(&mut recent, later, 30, &budget));
+        // A small cluster still gets one deletion per window, never zero.
+        let mut small = VecDeque::new();
+        assert!(budget_allows(&mut small, start, 3, &budget));
+        assert!(!budget_allows(&mut small, start, 3, &budget));
     }
 
     #[test]

@@ -70,6 +70,10 @@ async fn inventory_changes_drive_shutdown_taints_and_deletions() {
             "--secure-port=0".into(),
             "--leader-elect=false".into(),
             "--node-monitor-period=1s".into(),
+            // Nodes here are seconds old; keep the confirmation rule (default 2) but not the
+            // grace period, and let both deletions through the budget.
+            "--node-deletion-grace-period=0s".into(),
+            "--node-deletion-budget-percent=100".into(),
         ],
         &[(
             "RUST_LOG",
