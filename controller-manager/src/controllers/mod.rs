@@ -24,6 +24,10 @@ pub fn trim_node(node: &mut Node) {
     }
 }
 
+/// Nodes per page of the initial list: smaller pages bound the transient memory of decoding
+/// (managedFields included) before `trim_node` drops what is not cached.
+const LIST_PAGE_SIZE: u32 = 100;
+
 /// Events buffered per subscriber before the shared watch waits for slow consumers.
 const SUBSCRIBER_BUFFER: usize = 1024;
 
@@ -68,9 +72,14 @@ impl NodeInformer {
         let api: Api<Node> = Api::all(self.client.clone());
         let stream = reflector::reflector(
             writer,
-            watcher(api, watcher::Config::default().any_semantic())
-                .default_backoff()
-                .modify(trim_node),
+            watcher(
+                api,
+                watcher::Config::default()
+                    .any_semantic()
+                    .page_size(LIST_PAGE_SIZE),
+            )
+            .default_backoff()
+            .modify(trim_node),
         );
         let ready = &self.ready;
         let drive = stream.for_each(|event| async move {
