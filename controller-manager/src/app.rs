@@ -11,6 +11,7 @@ use tokio::task::JoinSet;
 use tracing::{error, info, warn};
 
 use crate::apiclient::{RateLimitLayer, RequestMetricsLayer};
+use crate::auth::Authorizer;
 use crate::cloud::{Cloud, CloudError};
 use crate::controllers::NodeInformer;
 use crate::controllers::node::{NodeController, NodeControllerConfig};
@@ -185,7 +186,14 @@ pub async fn run(
         let (_, server) = serve::bind(
             addr,
             acceptor,
-            serve::router(health.clone(), metrics.clone()),
+            serve::router(
+                health.clone(),
+                metrics.clone(),
+                Some(Arc::new(Authorizer::new(
+                    runtime.client.clone(),
+                    options.authorization_always_allow_paths.clone(),
+                ))),
+            ),
         )
         .await?;
         tokio::spawn(server);

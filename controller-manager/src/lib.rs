@@ -4,6 +4,7 @@
 
 pub mod apiclient;
 pub mod app;
+pub mod auth;
 pub mod cloud;
 pub mod controllers;
 pub mod convert;

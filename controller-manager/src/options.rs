@@ -130,6 +130,10 @@ pub struct Options {
     #[arg(long)]
     pub tls_private_key_file: Option<PathBuf>,
 
+    /// Paths of the secure port served without authentication or authorisation; everything
+    /// else needs a bearer token allowed by a SubjectAccessReview (as upstream).
+    #[arg(long, value_delimiter = ',', default_value = "/healthz,/readyz,/livez")]
+    pub authorization_always_allow_paths: Vec<String>,
     /// Where the provider shim listens: `https://HOST:PORT` (mutual TLS) or `unix:///PATH`
     /// (plaintext, sidecar deployments only).
     #[arg(long)]

@@ -18,6 +18,7 @@ use tokio::net::TcpListener;
 use tokio_rustls::TlsAcceptor;
 use tracing::{debug, info};
 
+use crate::auth::{Authorizer, Decision};
 use crate::metrics::Metrics;
 
 /// Which endpoints a health check contributes to.
@@ -132,10 +133,14 @@ async fn health_endpoint(
     (status, body)
 }
 
-/// Builds the router of the secure port.
-pub fn router(health: Health, metrics: Arc<Metrics>) -> Router {
+/// Builds the router of the secure port; with an authoriser every request is reviewed first.
+pub fn router(
+    health: Health,
+    metrics: Arc<Metrics>,
+    authorizer: Option<Arc<Authorizer>>,
+) -> Router {
     let state = AppState { health, metrics };
-    Router::new()
+    let router = Router::new()
         .route(
             "/healthz",
             get(
@@ -172,7 +177,36 @@ pub fn router(health: Health, metrics: Arc<Metrics>) -> Router {
                 )
             }),
         )
-        .with_state(state)
+        .with_state(state);
+    match authorizer {
+        Some(authorizer) => {
+            router.layer(axum::middleware::from_fn_with_state(authorizer, authorize))
+        }
+        None => router,
+    }
+}
+
+/// Reviews one request with the delegated authoriser before it reaches a handler.
+async fn authorize(
+    State(authorizer): State<Arc<Authorizer>>,
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> axum::response::Response {
+    let header = request
+        .headers()
+        .get(axum::http::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok());
+    let verb = request.method().as_str().to_ascii_lowercase();
+    match authorizer.check(request.uri().path(), &verb, header).await {
+        Decision::Allow => next.run(request).await,
+        Decision::Unauthenticated => (StatusCode::UNAUTHORIZED, "Unauthorized\n").into_response(),
+        Decision::Forbidden(why) => {
+            (StatusCode::FORBIDDEN, format!("forbidden: {why}\n")).into_response()
+        }
+        Decision::Error(why) => {
+            (StatusCode::INTERNAL_SERVER_ERROR, format!("{why}\n")).into_response()
+        }
+    }
 }
 
 /// Loads (or generates) the serving certificate and builds the TLS acceptor.

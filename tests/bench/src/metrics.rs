@@ -111,11 +111,13 @@ pub fn sum_by(samples: &[Sample], name: &str, label: &str) -> BTreeMap<String, f
 pub struct Scraper {
     connector: tokio_rustls::TlsConnector,
     port: u16,
+    token: String,
 }
 
 impl Scraper {
-    /// A scraper trusting only the CA certificate `ca_der`.
-    pub fn new(ca_der: &[u8], port: u16) -> anyhow::Result<Self> {
+    /// A scraper trusting only the CA certificate `ca_der` and authenticating with `token`
+    /// (the secure port reviews it with the API server).
+    pub fn new(ca_der: &[u8], port: u16, token: String) -> anyhow::Result<Self> {
         let mut roots = rustls::RootCertStore::empty();
         roots
             .add(CertificateDer::from(ca_der.to_vec()))
@@ -126,6 +128,7 @@ impl Scraper {
         Ok(Self {
             connector: tokio_rustls::TlsConnector::from(Arc::new(config)),
             port,
+            token,
         })
     }
 
@@ -142,8 +145,11 @@ impl Scraper {
             .connect(name, tcp)
             .await
             .context("TLS handshake with the controller-manager's secure port")?;
-        tls.write_all(b"GET /metrics HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
-            .await?;
+        let request = format!(
+            "GET /metrics HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {}\r\nConnection: close\r\n\r\n",
+            self.token
+        );
+        tls.write_all(request.as_bytes()).await?;
         let mut raw = Vec::new();
         // A server that closes without close_notify makes the last read fail; what was read
         // until then is checked below.

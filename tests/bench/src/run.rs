@@ -104,7 +104,7 @@ pub async fn node_init(args: &NodeInitArgs) -> anyhow::Result<NodeInitReport> {
     test_pki::write_atomic(&cert_file, serving.chain_pem.as_bytes(), false)?;
     test_pki::write_atomic(&key_file, serving.key_pem.as_bytes(), true)?;
     let port = free_port()?;
-    let scraper = Scraper::new(ca.cert_der(), port)?;
+    let scraper = Scraper::new(ca.cert_der(), port, cp.admin_token()?)?;
 
     let initialised = Arc::new(AtomicUsize::new(0));
     let ccm_pid = Arc::new(AtomicU32::new(0));

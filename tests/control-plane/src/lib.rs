@@ -356,6 +356,16 @@ impl ControlPlane {
         make_client(self.kube_config_as(user, groups))
     }
 
+    /// The bearer token of the admin user (group `system:masters`).
+    pub fn admin_token(&self) -> Result<String, Error> {
+        read_token(&self.admin_token_file)
+    }
+
+    /// The bearer token of [`UNPRIVILEGED_USER`].
+    pub fn unprivileged_token(&self) -> Result<String, Error> {
+        read_token(&self.unprivileged_token_file)
+    }
+
     /// The admin client configuration (bearer token, real TLS verification against our CA).
     pub fn kube_config(&self) -> kube::Config {
         admin_config(
@@ -535,6 +545,12 @@ fn install_crypto_provider() {
 fn make_client(config: kube::Config) -> Result<kube::Client, Error> {
     install_crypto_provider();
     kube::Client::try_from(config).map_err(Error::kube("building a kube client"))
+}
+
+fn read_token(path: &Path) -> Result<String, Error> {
+    std::fs::read_to_string(path)
+        .map(|t| t.trim().to_string())
+        .map_err(|e| Error::Config(format!("reading token file {}: {e}", path.display())))
 }
 
 /// The admin configuration: bearer token from a file, TLS verified against our CA only.

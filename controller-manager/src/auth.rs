@@ -1,0 +1,172 @@
+//! Delegated authentication and authorisation of the secure port, as upstream's
+//! `DelegatingAuthenticationOptions` / `DelegatingAuthorizationOptions` do it: a bearer token is
+//! checked with a `TokenReview`, the request with a `SubjectAccessReview` for its non-resource
+//! path and verb; members of `system:masters` and the always-allowed paths
+//! (`/healthz`, `/readyz`, `/livez` by default) skip the review. Requests without a token are
+//! `system:anonymous`. Answers are cached for [`CACHE_TTL`] so scrapes do not load the API server.
+
+use std::collections::HashMap;
+use std::collections::hash_map::RandomState;
+use std::hash::BuildHasher;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use k8s_openapi::api::authentication::v1::{TokenReview, TokenReviewSpec, UserInfo};
+use k8s_openapi::api::authorization::v1::{
+    NonResourceAttributes, SubjectAccessReview, SubjectAccessReviewSpec,
+};
+use kube::api::{Api, PostParams};
+use tracing::{debug, warn};
+
+/// How long review answers are reused (upstream's webhook cache TTLs are 10 s).
+pub const CACHE_TTL: Duration = Duration::from_secs(10);
+
+/// The outcome of checking one request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Decision {
+    /// Serve it.
+    Allow,
+    /// The token was not accepted (HTTP 401).
+    Unauthenticated,
+    /// The user may not do this (HTTP 403); the text says who and what.
+    Forbidden(String),
+    /// A review could not be made (HTTP 500); never treated as allowed.
+    Error(String),
+}
+
+/// Checks secure-port requests against the API server.
+pub struct Authorizer {
+    client: kube::Client,
+    always_allow: Vec<String>,
+    hasher: RandomState,
+    ttl: Duration,
+    users: Mutex<HashMap<u64, (Option<UserInfo>, Instant)>>,
+    decisions: Mutex<HashMap<DecisionKey, (bool, Instant)>>,
+}
+
+/// (user name, path, verb) of a cached authorisation decision.
+type DecisionKey = (String, String, String);
+
+impl Authorizer {
+    /// An authoriser reviewing through `client`; `always_allow` paths are served to anyone.
+    pub fn new(client: kube::Client, always_allow: Vec<String>) -> Self {
+        Self {
+            client,
+            always_allow,
+            hasher: RandomState::new(),
+            ttl: CACHE_TTL,
+            users: Mutex::default(),
+            decisions: Mutex::default(),
+        }
+    }
+
+    /// Overrides how long review answers are reused.
+    pub fn with_cache_ttl(mut self, ttl: Duration) -> Self {
+        self.ttl = ttl;
+        self
+    }
+
+    /// Decides whether a `verb` request for `path` with this `Authorization` header is served.
+    pub async fn check(&self, path: &str, verb: &str, authorization: Option<&str>) -> Decision {
+        if self.always_allow.iter().any(|p| p == path) {
+            return Decision::Allow;
+        }
+        let user = match authorization.and_then(|h| h.strip_prefix("Bearer ")) {
+            Some(token) => match self.authenticate(token.trim()).await {
+                Ok(Some(user)) => user,
+                Ok(None) => return Decision::Unauthenticated,
+                Err(err) => return Decision::Error(format!("token review failed: {err}")),
+            },
+            None => UserInfo {
+                username: Some("system:anonymous".into()),
+                groups: Some(vec!["system:unauthenticated".into()]),
+                ..UserInfo::default()
+            },
+        };
+        let groups = user.groups.clone().unwrap_or_default();
+        if groups.iter().any(|g| g == "system:masters") {
+            return Decision::Allow;
+        }
+        let name = user.username.clone().unwrap_or_default();
+        match self.authorize(&user, path, verb).await {
+            Ok(true) => Decision::Allow,
+            Ok(false) => Decision::Forbidden(format!(
+                "user {name:?} cannot {verb} path {path:?} (groups {groups:?})"
+            )),
+            Err(err) => Decision::Error(format!("subject access review failed: {err}")),
+        }
+    }
+
+    async fn authenticate(&self, token: &str) -> Result<Option<UserInfo>, kube::Error> {
+        let key = self.hasher.hash_one(token);
+        if let Ok(users) = self.users.lock()
+            && let Some((user, at)) = users.get(&key)
+            && at.elapsed() < self.ttl
+        {
+            return Ok(user.clone());
+        }
+        let review = TokenReview {
+            spec: TokenReviewSpec {
+                token: Some(token.to_string()),
+                ..TokenReviewSpec::default()
+            },
+            ..TokenReview::default()
+        };
+        let reviewed = Api::<TokenReview>::all(self.client.clone())
+            .create(&PostParams::default(), &review)
+            .await?;
+        let status = reviewed.status.unwrap_or_default();
+        let user = status
+            .authenticated
+            .unwrap_or(false)
+            .then(|| status.user.unwrap_or_default());
+        if user.is_none() {
+            debug!(error = ?status.error, "bearer token rejected by TokenReview");
+        }
+        if let Ok(mut users) = self.users.lock() {
+            users.retain(|_, (_, at)| at.elapsed() < self.ttl);
+            users.insert(key, (user.clone(), Instant::now()));
+        }
+        Ok(user)
+    }
+
+    async fn authorize(
+        &self,
+        user: &UserInfo,
+        path: &str,
+        verb: &str,
+    ) -> Result<bool, kube::Error> {
+        let name = user.username.clone().unwrap_or_default();
+        let key = (name, path.to_string(), verb.to_string());
+        if let Ok(decisions) = self.decisions.lock()
+            && let Some((allowed, at)) = decisions.get(&key)
+            && at.elapsed() < self.ttl
+        {
+            return Ok(*allowed);
+        }
+        let review = SubjectAccessReview {
+            spec: SubjectAccessReviewSpec {
+                user: user.username.clone(),
+                groups: user.groups.clone(),
+                uid: user.uid.clone(),
+                extra: user.extra.clone(),
+                non_resource_attributes: Some(NonResourceAttributes {
+                    path: Some(path.to_string()),
+                    verb: Some(verb.to_string()),
+                }),
+                ..SubjectAccessReviewSpec::default()
+            },
+            ..SubjectAccessReview::default()
+        };
+        let reviewed = Api::<SubjectAccessReview>::all(self.client.clone())
+            .create(&PostParams::default(), &review)
+            .await
+            .inspect_err(|err| warn!(error = %err, "SubjectAccessReview failed"))?;
+        let allowed = reviewed.status.is_some_and(|s| s.allowed);
+        if let Ok(mut decisions) = self.decisions.lock() {
+            decisions.retain(|_, (_, at)| at.elapsed() < self.ttl);
+            decisions.insert(key, (allowed, Instant::now()));
+        }
+        Ok(allowed)
+    }
+}
