@@ -22,149 +22,35 @@
 //!   taint comparisons leave that taint out.
 #![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
 
+mod support;
+
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
-use cloud_controller_manager::cloud::Cloud;
 use cloud_controller_manager::controllers::node::{NodeController, SyncError};
 use cloud_controller_manager::metrics::Metrics;
-use cloud_controller_manager::options::ProviderEndpoint;
-use fake_provider::{
-    CpiError, FakeCloud, FakeZone, ServedFake, call, external_ip, hostname, internal_ip,
-};
+use fake_provider::{CpiError, FakeCloud, FakeZone, call, external_ip, hostname, internal_ip};
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::{Node, NodeAddress, NodeCondition, NodeSpec, NodeStatus, Taint};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use kube::ResourceExt;
-use kube::api::{Api, ListParams, Patch, PatchParams, PostParams};
-use kube::runtime::reflector::{self, ObjectRef, Store};
-use kube::runtime::{WatchStreamExt, watcher};
-use test_control_plane::{ControlPlane, unique_name};
+use kube::api::ListParams;
+use kube::runtime::reflector::Store;
+use kube::runtime::watcher;
+use support::{Harness, NodeCache, harness, taints_of};
+use test_control_plane::unique_name;
 
 const TAINT_UNINITIALIZED: &str = "node.cloudprovider.kubernetes.io/uninitialized";
-const TAINT_NOT_READY: &str = "node.kubernetes.io/not-ready";
 const ANNOTATION_PROVIDED_NODE_IP: &str = "alpha.kubernetes.io/provided-node-ip";
 const IMPROVE_COVERAGE_TAINT: &str = "ImproveCoverageTaint";
 
 // ------------------------------------------------------------------------------------------------
-// Harness
+// Harness (the fake provider, `Cloud`, client and node caches are in `support`)
 // ------------------------------------------------------------------------------------------------
 
-/// The fake provider served, a `Cloud` connected to it, and an admin client of the shared
-/// control plane.
-struct Harness {
-    fake: ServedFake,
-    cloud: Cloud,
-    client: kube::Client,
-}
-
-async fn harness(fake: FakeCloud) -> Harness {
-    let _ = rustls::crypto::ring::default_provider().install_default();
-    let cp = ControlPlane::shared().await.expect("shared control plane");
-    let client = cp.client().expect("admin client");
-    let fake = fake.serve().await.expect("serve the fake provider");
-    let cloud = Cloud::connect(
-        &ProviderEndpoint::Unix(fake.socket_path().to_path_buf()),
-        Duration::from_secs(5),
-        Duration::from_secs(10),
-        Duration::from_secs(5),
-    )
-    .await
-    .expect("connect to the fake provider");
-    Harness {
-        fake,
-        cloud,
-        client,
-    }
-}
-
-/// A node cache watching only the nodes `config` selects; the watch stops on drop.
-struct NodeCache {
-    store: Store<Node>,
-    task: tokio::task::JoinHandle<()>,
-}
-
-impl Drop for NodeCache {
-    fn drop(&mut self) {
-        self.task.abort();
-    }
-}
-
-impl NodeCache {
-    async fn start(client: &kube::Client, config: watcher::Config) -> Self {
-        let (store, writer) = reflector::store();
-        let api: Api<Node> = Api::all(client.clone());
-        let stream = reflector::reflector(writer, watcher(api, config).default_backoff());
-        let task = tokio::spawn(stream.for_each(|_| async {}));
-        tokio::time::timeout(Duration::from_secs(10), store.wait_until_ready())
-            .await
-            .expect("node cache ready in time")
-            .expect("node cache writer alive");
-        Self { store, task }
-    }
-
-    /// Waits until the cache holds every node of `nodes` at (at least) that version.
-    async fn wait_for(&self, nodes: &[Node]) {
-        let fresh = || {
-            nodes.iter().all(|n| {
-                self.store
-                    .get(&ObjectRef::from_obj(n))
-                    .is_some_and(|c| c.resource_version() == n.resource_version())
-            })
-        };
-        for _ in 0..500 {
-            if fresh() {
-                return;
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-        panic!("node cache did not catch up with the created nodes");
-    }
-}
-
 impl Harness {
-    fn nodes(&self) -> Api<Node> {
-        Api::all(self.client.clone())
-    }
-
-    /// Creates the node, then sets its status through the status subresource (create ignores
-    /// status), and returns the node as stored.
-    async fn create(&self, node: Node) -> Node {
-        let name = node.name_any();
-        let status = node.status.clone();
-        let created = self
-            .nodes()
-            .create(&PostParams::default(), &node)
-            .await
-            .expect("create node");
-        match status {
-            Some(status) => self
-                .nodes()
-                .patch_status(
-                    &name,
-                    &PatchParams::default(),
-                    &Patch::Merge(serde_json::json!({ "status": status })),
-                )
-                .await
-                .expect("set node status"),
-            None => created,
-        }
-    }
-
-    async fn get(&self, name: &str) -> Node {
-        self.nodes().get(name).await.expect("get node")
-    }
-
-    /// A cache holding only the node named `name`.
-    async fn cache_for(&self, node: &Node) -> NodeCache {
-        let config =
-            watcher::Config::default().fields(&format!("metadata.name={}", node.name_any()));
-        let cache = NodeCache::start(&self.client, config).await;
-        cache.wait_for(std::slice::from_ref(node)).await;
-        cache
-    }
-
+    /// A node controller over `store`, talking to the fake provider.
     fn controller(&self, store: Store<Node>) -> Arc<NodeController> {
         NodeController::new(
             self.client.clone(),
@@ -322,17 +208,6 @@ fn provider_id_of(node: &Node) -> Option<String> {
         .as_ref()
         .and_then(|s| s.provider_id.clone())
         .filter(|id| !id.is_empty())
-}
-
-/// The node's taints other than the `not-ready` one the API server's admission adds.
-fn taints_of(node: &Node) -> Vec<Taint> {
-    node.spec
-        .as_ref()
-        .and_then(|s| s.taints.clone())
-        .unwrap_or_default()
-        .into_iter()
-        .filter(|t| t.key != TAINT_NOT_READY)
-        .collect()
 }
 
 fn addresses_of(node: &Node) -> Vec<NodeAddress> {

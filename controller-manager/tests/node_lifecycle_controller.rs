@@ -23,67 +23,28 @@
 //! (as upstream's `Test_NodesShutdown` asserts), and the reasons must be exactly the expected ones.
 #![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
 
+mod support;
+
 use std::collections::HashMap;
 use std::time::Duration;
 
-use cloud_controller_manager::cloud::Cloud;
 use cloud_controller_manager::controllers::node_lifecycle::{
     DeletionPolicy, NodeLifecycleController,
 };
 use cloud_controller_manager::metrics::Metrics;
-use cloud_controller_manager::options::ProviderEndpoint;
 use fake_provider::{CpiError, FakeCall, FakeCloud, ServedFake, call, proto::Existence};
-use futures::StreamExt;
 use k8s_openapi::api::core::v1::{Event, Node, NodeCondition, NodeSpec, NodeStatus, Taint};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use kube::ResourceExt;
-use kube::api::{Api, ListParams, Patch, PatchParams, PostParams};
-use kube::runtime::reflector::{self, ObjectRef, Store};
-use kube::runtime::{WatchStreamExt, watcher};
-use test_control_plane::{ControlPlane, unique_name};
+use kube::api::{Api, ListParams};
+use support::{harness, taints_of};
+use test_control_plane::unique_name;
 
 const TAINT_SHUTDOWN: &str = "node.cloudprovider.kubernetes.io/shutdown";
-const TAINT_NOT_READY: &str = "node.kubernetes.io/not-ready";
 
 // ------------------------------------------------------------------------------------------------
-// Harness
+// Harness (the fake provider, `Cloud`, client and node cache are in `support`)
 // ------------------------------------------------------------------------------------------------
-
-/// A node cache watching only the nodes `config` selects; the watch stops on drop.
-struct NodeCache {
-    store: Store<Node>,
-    task: tokio::task::JoinHandle<()>,
-}
-
-impl Drop for NodeCache {
-    fn drop(&mut self) {
-        self.task.abort();
-    }
-}
-
-impl NodeCache {
-    /// A cache holding only `node`, once it holds `node`'s current version.
-    async fn of(client: &kube::Client, node: &Node) -> Self {
-        let (store, writer) = reflector::store();
-        let api: Api<Node> = Api::all(client.clone());
-        let config =
-            watcher::Config::default().fields(&format!("metadata.name={}", node.name_any()));
-        let stream = reflector::reflector(writer, watcher(api, config).default_backoff());
-        let task = tokio::spawn(stream.for_each(|_| async {}));
-        tokio::time::timeout(Duration::from_secs(10), store.wait_until_ready())
-            .await
-            .expect("node cache ready in time")
-            .expect("node cache writer alive");
-        for _ in 0..500 {
-            let cached = store.get(&ObjectRef::from_obj(node));
-            if cached.is_some_and(|c| c.resource_version() == node.resource_version()) {
-                return Self { store, task };
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-        panic!("node cache did not catch up with the created node");
-    }
-}
 
 /// What one `monitor_nodes` pass left behind.
 struct Outcome {
@@ -108,41 +69,13 @@ async fn monitor_with(
     policy: DeletionPolicy,
     passes: usize,
 ) -> Outcome {
-    let _ = rustls::crypto::ring::default_provider().install_default();
-    let cp = ControlPlane::shared().await.expect("shared control plane");
-    let client = cp.client().expect("admin client");
-    let fake = fake.serve().await.expect("serve the fake provider");
-    let cloud = Cloud::connect(
-        &ProviderEndpoint::Unix(fake.socket_path().to_path_buf()),
-        Duration::from_secs(5),
-        Duration::from_secs(10),
-        Duration::from_secs(5),
-    )
-    .await
-    .expect("connect to the fake provider");
-
-    let nodes: Api<Node> = Api::all(client.clone());
-    let name = node.name_any();
-    let status = node.status.clone();
-    let mut before = nodes
-        .create(&PostParams::default(), &node)
-        .await
-        .expect("create node");
-    if let Some(status) = status {
-        before = nodes
-            .patch_status(
-                &name,
-                &PatchParams::default(),
-                &Patch::Merge(serde_json::json!({ "status": status })),
-            )
-            .await
-            .expect("set node status");
-    }
-
-    let cache = NodeCache::of(&client, &before).await;
+    let h = harness(fake).await;
+    let before = h.create(node).await;
+    let name = before.name_any();
+    let cache = h.cache_for(&before).await;
     let controller = NodeLifecycleController::new(
-        client.clone(),
-        cloud,
+        h.client.clone(),
+        h.cloud.clone(),
         Metrics::new(),
         cache.store.clone(),
         "node-lifecycle-test".to_string(),
@@ -152,15 +85,15 @@ async fn monitor_with(
         controller.monitor_nodes().await;
     }
 
-    let after = nodes.get_opt(&name).await.expect("get node");
-    let events: Api<Event> = Api::namespaced(client, "default");
+    let after = h.nodes().get_opt(&name).await.expect("get node");
+    let events: Api<Event> = Api::namespaced(h.client.clone(), "default");
     let events = events
         .list(&ListParams::default().fields(&format!("involvedObject.name={name}")))
         .await
         .expect("list events")
         .items;
     Outcome {
-        fake,
+        fake: h.fake,
         before,
         after,
         events,
@@ -297,17 +230,6 @@ fn node(ready: &str, provider_id: Option<&str>) -> Node {
         ..Default::default()
     });
     node
-}
-
-/// The node's taints other than the `not-ready` one the API server's admission adds.
-fn taints_of(node: &Node) -> Vec<Taint> {
-    node.spec
-        .as_ref()
-        .and_then(|s| s.taints.clone())
-        .unwrap_or_default()
-        .into_iter()
-        .filter(|t| t.key != TAINT_NOT_READY)
-        .collect()
 }
 
 fn err(message: &str) -> Option<CpiError> {

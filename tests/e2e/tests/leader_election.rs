@@ -22,13 +22,11 @@ fn replica(
     label: &str,
     dir: &std::path::Path,
 ) -> Process {
-    Process::spawn(
-        "cloud-controller-manager",
+    spawn_ccm_unix(
+        cp,
+        socket,
         label,
         &[
-            format!("--kubeconfig={}", arg(cp.kubeconfig_path())),
-            format!("--provider-endpoint=unix://{}", arg(socket)),
-            "--secure-port=0".into(),
             "--leader-elect-lease-duration=6s".into(),
             "--leader-elect-renew-deadline=4s".into(),
             "--leader-elect-retry-period=1s".into(),
@@ -38,7 +36,6 @@ fn replica(
         &[],
         dir,
     )
-    .unwrap()
 }
 
 fn leads(p: &Process) -> bool {
@@ -52,25 +49,10 @@ fn runs_controllers(p: &Process) -> bool {
 #[tokio::test]
 async fn only_the_leader_runs_controllers_and_the_standby_takes_over() {
     let _ = rustls::crypto::ring::default_provider().install_default();
-    let cp = ControlPlane::start().await.expect("control plane");
-    let client = cp.client().unwrap();
-    let dir = tempdir();
+    let (cp, client, dir) = start_control_plane().await;
     let d = dir.path();
     let inventory = write_inventory(d, INVENTORY).unwrap();
-    let socket = d.join("shim.sock");
-    let _shim = Process::spawn(
-        "local-shim",
-        "local-shim",
-        &[
-            format!("--inventory={}", arg(&inventory)),
-            format!("--state-dir={}", arg(&d.join("state"))),
-            format!("--unix-socket={}", arg(&socket)),
-            "--metrics-bind-address=127.0.0.1:0".into(),
-        ],
-        &[],
-        d,
-    )
-    .unwrap();
+    let (_shim, socket) = spawn_local_shim_unix(d, &inventory, &[], &[]);
 
     let mut first = replica(&cp, &socket, "ccm-1", d);
     let mut second = replica(&cp, &socket, "ccm-2", d);

@@ -7,19 +7,16 @@ mod common;
 use std::time::Duration;
 
 use common::*;
-use e2e_tests::{Process, wait_for, write_inventory};
+use e2e_tests::{wait_for, write_inventory};
 use k8s_openapi::api::core::v1::Event;
 use k8s_openapi::api::core::v1::Node;
 use kube::api::{Api, ListParams};
-use test_control_plane::ControlPlane;
 use test_pki::{Ca, write_atomic};
 
 #[tokio::test]
 async fn local_shim_and_ccm_initialise_nodes_over_mtls() {
     let _ = rustls::crypto::ring::default_provider().install_default();
-    let cp = ControlPlane::start().await.expect("control plane");
-    let client = cp.client().unwrap();
-    let dir = tempdir();
+    let (cp, client, dir) = start_control_plane().await;
     let d = dir.path();
 
     let ca = Ca::new("cpi-test-ca").unwrap();
@@ -33,28 +30,22 @@ async fn local_shim_and_ccm_initialise_nodes_over_mtls() {
     let inventory = write_inventory(d, INVENTORY).unwrap();
     let port = free_port();
 
-    let _shim = Process::spawn(
-        "local-shim",
-        "local-shim",
+    let _shim = spawn_local_shim(
+        d,
+        &inventory,
         &[
-            format!("--inventory={}", arg(&inventory)),
-            format!("--state-dir={}", arg(&d.join("state"))),
             format!("--bind-address=127.0.0.1:{port}"),
             format!("--tls-cert-file={}", arg(&d.join("shim.pem"))),
             format!("--tls-private-key-file={}", arg(&d.join("shim-key.pem"))),
             format!("--client-ca-file={}", arg(&d.join("ca.pem"))),
             "--allowed-client-sans=cloud-controller-manager".into(),
-            "--metrics-bind-address=127.0.0.1:0".into(),
         ],
         &[],
-        d,
-    )
-    .unwrap();
-    let _ccm = Process::spawn(
-        "cloud-controller-manager",
+    );
+    let _ccm = spawn_ccm(
+        &cp,
         "ccm",
         &[
-            format!("--kubeconfig={}", arg(cp.kubeconfig_path())),
             format!("--provider-endpoint=https://127.0.0.1:{port}"),
             format!("--provider-tls-cert-file={}", arg(&d.join("ccm.pem"))),
             format!(
@@ -69,8 +60,7 @@ async fn local_shim_and_ccm_initialise_nodes_over_mtls() {
         ],
         &[],
         d,
-    )
-    .unwrap();
+    );
 
     create_tainted_node(&client, "node-a").await;
     create_tainted_node(&client, "node-b").await;

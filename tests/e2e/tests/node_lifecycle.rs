@@ -8,10 +8,9 @@ mod common;
 use std::time::Duration;
 
 use common::*;
-use e2e_tests::{Process, wait_for, write_inventory};
+use e2e_tests::{wait_for, write_inventory};
 use k8s_openapi::api::core::v1::{Event, Node, NodeCondition, NodeStatus};
 use kube::api::{Api, ListParams, PostParams};
-use test_control_plane::ControlPlane;
 
 const SHUTDOWN_TAINT: &str = "node.cloudprovider.kubernetes.io/shutdown";
 
@@ -41,33 +40,20 @@ async fn set_ready(nodes: &Api<Node>, name: &str, status: &str) {
 #[tokio::test]
 async fn inventory_changes_drive_shutdown_taints_and_deletions() {
     let _ = rustls::crypto::ring::default_provider().install_default();
-    let cp = ControlPlane::start().await.expect("control plane");
-    let client = cp.client().unwrap();
-    let dir = tempdir();
+    let (cp, client, dir) = start_control_plane().await;
     let d = dir.path();
     let inventory = write_inventory(d, INVENTORY).unwrap();
-    let socket = d.join("shim.sock");
-    let _shim = Process::spawn(
-        "local-shim",
-        "local-shim",
-        &[
-            format!("--inventory={}", arg(&inventory)),
-            format!("--state-dir={}", arg(&d.join("state"))),
-            format!("--unix-socket={}", arg(&socket)),
-            "--inventory-reload-interval=200ms".into(),
-            "--metrics-bind-address=127.0.0.1:0".into(),
-        ],
-        &[],
+    let (_shim, socket) = spawn_local_shim_unix(
         d,
-    )
-    .unwrap();
-    let _ccm = Process::spawn(
-        "cloud-controller-manager",
+        &inventory,
+        &["--inventory-reload-interval=200ms".into()],
+        &[],
+    );
+    let _ccm = spawn_ccm_unix(
+        &cp,
+        &socket,
         "ccm",
         &[
-            format!("--kubeconfig={}", arg(cp.kubeconfig_path())),
-            format!("--provider-endpoint=unix://{}", arg(&socket)),
-            "--secure-port=0".into(),
             "--leader-elect=false".into(),
             "--node-monitor-period=1s".into(),
             // Nodes here are seconds old; keep the confirmation rule (default 2) but not the
@@ -80,8 +66,7 @@ async fn inventory_changes_drive_shutdown_taints_and_deletions() {
             "info,cloud_controller_manager=debug".to_string(),
         )],
         d,
-    )
-    .unwrap();
+    );
     let nodes: Api<Node> = Api::all(client.clone());
     for name in ["node-a", "node-b", "node-c"] {
         create_tainted_node(&client, name).await;

@@ -10,7 +10,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use common::*;
-use e2e_tests::{Process, wait_for, write_inventory};
+use e2e_tests::{wait_for, write_inventory};
 use k8s_openapi::api::core::v1::Node;
 use kube::api::Api;
 use opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::{
@@ -20,7 +20,6 @@ use opentelemetry_proto::tonic::collector::trace::v1::{
     ExportTraceServiceRequest, ExportTraceServiceResponse,
 };
 use opentelemetry_proto::tonic::common::v1::any_value::Value;
-use test_control_plane::ControlPlane;
 
 /// A span as received, flattened with its service name.
 #[derive(Debug, Clone)]
@@ -95,12 +94,9 @@ async fn ccm_reconcile_and_shim_handling_are_one_trace() {
         .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener));
     tokio::spawn(server);
 
-    let cp = ControlPlane::start().await.expect("control plane");
-    let client = cp.client().unwrap();
-    let dir = tempdir();
+    let (cp, client, dir) = start_control_plane().await;
     let d = dir.path();
     let inventory = write_inventory(d, INVENTORY).unwrap();
-    let socket = d.join("shim.sock");
     let env = |service: &str| {
         vec![
             ("OTEL_EXPORTER_OTLP_ENDPOINT", otlp.clone()),
@@ -108,32 +104,15 @@ async fn ccm_reconcile_and_shim_handling_are_one_trace() {
             ("OTEL_SERVICE_NAME", service.to_string()),
         ]
     };
-    let _shim = Process::spawn(
-        "local-shim",
-        "local-shim",
-        &[
-            format!("--inventory={}", arg(&inventory)),
-            format!("--state-dir={}", arg(&d.join("state"))),
-            format!("--unix-socket={}", arg(&socket)),
-            "--metrics-bind-address=127.0.0.1:0".into(),
-        ],
-        &env("local-shim"),
-        d,
-    )
-    .unwrap();
-    let _ccm = Process::spawn(
-        "cloud-controller-manager",
+    let (_shim, socket) = spawn_local_shim_unix(d, &inventory, &[], &env("local-shim"));
+    let _ccm = spawn_ccm_unix(
+        &cp,
+        &socket,
         "ccm",
-        &[
-            format!("--kubeconfig={}", arg(cp.kubeconfig_path())),
-            format!("--provider-endpoint=unix://{}", arg(&socket)),
-            "--secure-port=0".into(),
-            "--leader-elect=false".into(),
-        ],
+        &["--leader-elect=false".into()],
         &env("cloud-controller-manager"),
         d,
-    )
-    .unwrap();
+    );
 
     create_tainted_node(&client, "node-a").await;
     let nodes: Api<Node> = Api::all(client.clone());

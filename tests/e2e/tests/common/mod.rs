@@ -2,10 +2,12 @@
 #![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
 
 use std::collections::BTreeMap;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
+use e2e_tests::Process;
 use k8s_openapi::api::core::v1::{Node, NodeAddress, NodeSpec, NodeStatus, Taint};
 use kube::api::{Api, PostParams};
+use test_control_plane::ControlPlane;
 
 /// The inventory used by the suites: two running machines and one shut down.
 pub const INVENTORY: &str = r#"
@@ -111,4 +113,74 @@ pub fn free_port() -> u16 {
 /// Path as an owned string argument.
 pub fn arg(path: &Path) -> String {
     path.display().to_string()
+}
+
+/// Starts a private control plane and returns it, an admin client of it and a temp dir.
+pub async fn start_control_plane() -> (ControlPlane, kube::Client, tempfile::TempDir) {
+    let cp = ControlPlane::start().await.expect("control plane");
+    let client = cp.client().unwrap();
+    (cp, client, tempdir())
+}
+
+/// Spawns `local-shim` (logs in `dir`) serving `inventory` with its state in `dir/state`;
+/// `args` (where it listens, and any extra flags) come before its metrics address.
+pub fn spawn_local_shim(
+    dir: &Path,
+    inventory: &Path,
+    args: &[String],
+    env: &[(&str, String)],
+) -> Process {
+    let mut all = vec![
+        format!("--inventory={}", arg(inventory)),
+        format!("--state-dir={}", arg(&dir.join("state"))),
+    ];
+    all.extend_from_slice(args);
+    all.push("--metrics-bind-address=127.0.0.1:0".into());
+    Process::spawn("local-shim", "local-shim", &all, env, dir).unwrap()
+}
+
+/// [`spawn_local_shim`] listening on the Unix socket `dir/shim.sock`, with `extra_args` after
+/// it; returns the process and the socket path.
+pub fn spawn_local_shim_unix(
+    dir: &Path,
+    inventory: &Path,
+    extra_args: &[String],
+    env: &[(&str, String)],
+) -> (Process, PathBuf) {
+    let socket = dir.join("shim.sock");
+    let mut args = vec![format!("--unix-socket={}", arg(&socket))];
+    args.extend_from_slice(extra_args);
+    (spawn_local_shim(dir, inventory, &args, env), socket)
+}
+
+/// Spawns `cloud-controller-manager` as `label` (logs in `dir`) against `cp`'s kubeconfig;
+/// `args` (the provider endpoint and any other flags) follow `--kubeconfig`.
+pub fn spawn_ccm(
+    cp: &ControlPlane,
+    label: &str,
+    args: &[String],
+    env: &[(&str, String)],
+    dir: &Path,
+) -> Process {
+    let mut all = vec![format!("--kubeconfig={}", arg(cp.kubeconfig_path()))];
+    all.extend_from_slice(args);
+    Process::spawn("cloud-controller-manager", label, &all, env, dir).unwrap()
+}
+
+/// [`spawn_ccm`] with the provider at the Unix socket `socket` and the secure port off, then
+/// `extra_args`.
+pub fn spawn_ccm_unix(
+    cp: &ControlPlane,
+    socket: &Path,
+    label: &str,
+    extra_args: &[String],
+    env: &[(&str, String)],
+    dir: &Path,
+) -> Process {
+    let mut args = vec![
+        format!("--provider-endpoint=unix://{}", arg(socket)),
+        "--secure-port=0".into(),
+    ];
+    args.extend_from_slice(extra_args);
+    spawn_ccm(cp, label, &args, env, dir)
 }

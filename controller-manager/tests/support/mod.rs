@@ -1,0 +1,155 @@
+//! Harness shared by the controller integration tests: the fake provider served over a real Unix
+//! socket with a `Cloud` connected to it, an admin client of the control plane shared by the test
+//! binary, and node caches scoped by a selector so tests never see each other's nodes.
+#![allow(dead_code)]
+
+use std::time::Duration;
+
+use cloud_controller_manager::cloud::Cloud;
+use cloud_controller_manager::options::ProviderEndpoint;
+use fake_provider::{FakeCloud, ServedFake};
+use futures::StreamExt;
+use k8s_openapi::api::core::v1::{Node, Taint};
+use kube::ResourceExt;
+use kube::api::{Api, Patch, PatchParams, PostParams};
+use kube::runtime::reflector::{self, ObjectRef, Store};
+use kube::runtime::{WatchStreamExt, watcher};
+use test_control_plane::ControlPlane;
+
+/// The taint the API server's admission adds to every created node.
+pub const TAINT_NOT_READY: &str = "node.kubernetes.io/not-ready";
+
+/// The fake provider served, a `Cloud` connected to it, and an admin client of the shared
+/// control plane.
+pub struct Harness {
+    /// The fake provider, served over a Unix socket.
+    pub fake: ServedFake,
+    /// A `Cloud` connected to the fake provider.
+    pub cloud: Cloud,
+    /// An admin client of the control plane shared by this test binary.
+    pub client: kube::Client,
+}
+
+/// Serves `fake`, connects a `Cloud` to it and takes an admin client of the shared control plane.
+pub async fn harness(fake: FakeCloud) -> Harness {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let cp = ControlPlane::shared().await.expect("shared control plane");
+    let client = cp.client().expect("admin client");
+    let fake = fake.serve().await.expect("serve the fake provider");
+    let cloud = Cloud::connect(
+        &ProviderEndpoint::Unix(fake.socket_path().to_path_buf()),
+        Duration::from_secs(5),
+        Duration::from_secs(10),
+        Duration::from_secs(5),
+    )
+    .await
+    .expect("connect to the fake provider");
+    Harness {
+        fake,
+        cloud,
+        client,
+    }
+}
+
+impl Harness {
+    /// All Nodes, through the admin client.
+    pub fn nodes(&self) -> Api<Node> {
+        Api::all(self.client.clone())
+    }
+
+    /// Creates the node, then sets its status through the status subresource (create ignores
+    /// status), and returns the node as stored.
+    pub async fn create(&self, node: Node) -> Node {
+        let name = node.name_any();
+        let status = node.status.clone();
+        let created = self
+            .nodes()
+            .create(&PostParams::default(), &node)
+            .await
+            .expect("create node");
+        match status {
+            Some(status) => self
+                .nodes()
+                .patch_status(
+                    &name,
+                    &PatchParams::default(),
+                    &Patch::Merge(serde_json::json!({ "status": status })),
+                )
+                .await
+                .expect("set node status"),
+            None => created,
+        }
+    }
+
+    /// The node named `name` as stored.
+    pub async fn get(&self, name: &str) -> Node {
+        self.nodes().get(name).await.expect("get node")
+    }
+
+    /// A cache holding only `node`, once it holds `node`'s current version.
+    pub async fn cache_for(&self, node: &Node) -> NodeCache {
+        let config =
+            watcher::Config::default().fields(&format!("metadata.name={}", node.name_any()));
+        let cache = NodeCache::start(&self.client, config).await;
+        cache.wait_for(std::slice::from_ref(node)).await;
+        cache
+    }
+}
+
+/// A node cache watching only the nodes `config` selects; the watch stops on drop.
+pub struct NodeCache {
+    /// The reflector's store.
+    pub store: Store<Node>,
+    /// The watch feeding the store.
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for NodeCache {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl NodeCache {
+    /// Starts watching the nodes `config` selects and waits for the initial list.
+    pub async fn start(client: &kube::Client, config: watcher::Config) -> Self {
+        let (store, writer) = reflector::store();
+        let api: Api<Node> = Api::all(client.clone());
+        let stream = reflector::reflector(writer, watcher(api, config).default_backoff());
+        let task = tokio::spawn(stream.for_each(|_| async {}));
+        tokio::time::timeout(Duration::from_secs(10), store.wait_until_ready())
+            .await
+            .expect("node cache ready in time")
+            .expect("node cache writer alive");
+        Self { store, task }
+    }
+
+    /// Waits until the cache holds every node of `nodes` at (at least) that version.
+    pub async fn wait_for(&self, nodes: &[Node]) {
+        let fresh = || {
+            nodes.iter().all(|n| {
+                self.store
+                    .get(&ObjectRef::from_obj(n))
+                    .is_some_and(|c| c.resource_version() == n.resource_version())
+            })
+        };
+        for _ in 0..500 {
+            if fresh() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        panic!("node cache did not catch up with the created nodes");
+    }
+}
+
+/// The node's taints other than the `not-ready` one the API server's admission adds.
+pub fn taints_of(node: &Node) -> Vec<Taint> {
+    node.spec
+        .as_ref()
+        .and_then(|s| s.taints.clone())
+        .unwrap_or_default()
+        .into_iter()
+        .filter(|t| t.key != TAINT_NOT_READY)
+        .collect()
+}
