@@ -134,6 +134,15 @@ impl Cloud {
         Ok(Self { info, channel })
     }
 
+    /// Asks the shim for its ProviderInfo again: a cheap end-to-end check that it answers.
+    pub async fn probe(&self) -> Result<(), CpiError> {
+        ProviderClient::new(self.channel.clone())
+            .get_provider_info(GetProviderInfoRequest {})
+            .await
+            .map(drop)
+            .map_err(|status| CpiError::from_status(&status))
+    }
+
     /// The shim's self-description.
     pub fn info(&self) -> &ProviderInfo {
         &self.info
