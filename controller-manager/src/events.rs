@@ -54,6 +54,10 @@ struct Key {
     message: String,
 }
 
+/// Most aggregation entries kept: each initialised node leaves one `Synced` entry, and a large
+/// cluster must not turn the aggregation cache into a per-node memory cost.
+const MAX_ENTRIES: usize = 1024;
+
 /// How often expired aggregation entries are dropped (not on every event: that made recording
 /// quadratic in the number of recent events).
 const PRUNE_EVERY: Duration = Duration::from_secs(60);
@@ -203,7 +207,17 @@ impl Recorder {
             events_in(&namespace).create(&PostParams::default(), body),
         )
         .await?;
-        self.seen.lock().await.entries.insert(
+        let mut seen = self.seen.lock().await;
+        if seen.entries.len() >= MAX_ENTRIES
+            && let Some(oldest) = seen
+                .entries
+                .iter()
+                .min_by_key(|(_, s)| s.last)
+                .map(|(k, _)| k.clone())
+        {
+            seen.entries.remove(&oldest);
+        }
+        seen.entries.insert(
             key,
             Seen {
                 namespace,

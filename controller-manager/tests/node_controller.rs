@@ -28,6 +28,7 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
+use cloud_controller_manager::controllers::CachedNode;
 use cloud_controller_manager::controllers::node::{NodeController, SyncError};
 use cloud_controller_manager::metrics::Metrics;
 use fake_provider::{CpiError, FakeCloud, FakeZone, call, external_ip, hostname, internal_ip};
@@ -51,7 +52,7 @@ const IMPROVE_COVERAGE_TAINT: &str = "ImproveCoverageTaint";
 
 impl Harness {
     /// A node controller over `store`, talking to the fake provider.
-    fn controller(&self, store: Store<Node>) -> Arc<NodeController> {
+    fn controller(&self, store: Store<CachedNode>) -> Arc<NodeController> {
         NodeController::new(
             self.client.clone(),
             self.cloud.clone(),

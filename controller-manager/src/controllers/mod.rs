@@ -1,31 +1,21 @@
 //! The cloud controllers, one module per controller, and the node cache they share.
 
+pub mod cached_node;
 pub mod node;
 pub mod node_lifecycle;
 
+pub use cached_node::CachedNode;
+
 use futures::StreamExt;
-use k8s_openapi::api::core::v1::Node;
 use kube::api::Api;
 use kube::runtime::reflector::{self, ReflectHandle, Store};
 use kube::runtime::{WatchStreamExt, watcher};
 use tracing::warn;
 
-/// Drops what no controller reads before a Node enters the cache: `managedFields` (most of a
-/// cached Node's memory) and the bulky status lists. Writes stay correct: a PUT without
-/// `managedFields` keeps the server's, a PUT of the main resource ignores `status`, and status
-/// writes are merge patches of the fields they set.
-pub fn trim_node(node: &mut Node) {
-    node.metadata.managed_fields = None;
-    if let Some(status) = node.status.as_mut() {
-        status.images = None;
-        status.volumes_attached = None;
-        status.volumes_in_use = None;
-        status.config = None;
-    }
-}
-
-/// Nodes per page of the initial list: smaller pages bound the transient memory of decoding
-/// (managedFields included) before `trim_node` drops what is not cached.
+/// Nodes per page of the initial list. Pages bound the memory of decoding the list; they only
+/// work for a list from etcd: a list at resourceVersion "0" (served from the API server's watch
+/// cache, as client-go's informers do) ignores the limit and returns every node in one body —
+/// megabytes at a few thousand nodes.
 const LIST_PAGE_SIZE: u32 = 100;
 
 /// Events buffered per subscriber before the shared watch waits for slow consumers.
@@ -35,8 +25,8 @@ const SUBSCRIBER_BUFFER: usize = 1024;
 /// lets a controller subscribe to changes.
 pub struct NodeInformer {
     /// The shared cache.
-    pub store: Store<Node>,
-    writer: Option<reflector::store::Writer<Node>>,
+    pub store: Store<CachedNode>,
+    writer: Option<reflector::store::Writer<CachedNode>>,
     client: kube::Client,
     ready: tokio::sync::watch::Sender<bool>,
 }
@@ -60,7 +50,7 @@ impl NodeInformer {
     }
 
     /// A change feed for one controller.
-    pub fn subscribe(&self) -> Option<ReflectHandle<Node>> {
+    pub fn subscribe(&self) -> Option<ReflectHandle<CachedNode>> {
         self.writer.as_ref().and_then(|w| w.subscribe())
     }
 
@@ -69,17 +59,10 @@ impl NodeInformer {
         let Some(writer) = self.writer.take() else {
             return;
         };
-        let api: Api<Node> = Api::all(self.client.clone());
+        let api: Api<CachedNode> = Api::all(self.client.clone());
         let stream = reflector::reflector(
             writer,
-            watcher(
-                api,
-                watcher::Config::default()
-                    .any_semantic()
-                    .page_size(LIST_PAGE_SIZE),
-            )
-            .default_backoff()
-            .modify(trim_node),
+            watcher(api, watcher::Config::default().page_size(LIST_PAGE_SIZE)).default_backoff(),
         );
         let ready = &self.ready;
         let drive = stream.for_each(|event| async move {

@@ -25,6 +25,7 @@ use cpi_proto::v1::{self, Capability};
 
 use crate::apiclient;
 use crate::cloud::Cloud;
+use crate::controllers::CachedNode;
 use crate::convert;
 use crate::events::{EventType, Recorder};
 use crate::metrics::Metrics;
@@ -137,7 +138,7 @@ pub struct NodeController {
     cloud: Cloud,
     metrics: Arc<Metrics>,
     recorder: Recorder,
-    store: Store<Node>,
+    store: Store<CachedNode>,
     failures: Mutex<HashMap<String, u32>>,
 }
 
@@ -158,7 +159,7 @@ impl NodeController {
         client: kube::Client,
         cloud: Cloud,
         metrics: Arc<Metrics>,
-        store: Store<Node>,
+        store: Store<CachedNode>,
         instance: &str,
     ) -> Arc<Self> {
         let recorder = Recorder::new(client.clone(), "cloud-node-controller", instance);
@@ -175,7 +176,7 @@ impl NodeController {
     /// Runs the controller on the shared change feed until `shutdown` resolves.
     pub async fn run(
         self: Arc<Self>,
-        changes: ReflectHandle<Node>,
+        changes: ReflectHandle<CachedNode>,
         config: NodeControllerConfig,
         shutdown: impl Future<Output = ()> + Send + Sync + 'static,
     ) {
@@ -214,7 +215,7 @@ impl NodeController {
 
     /// Upstream `syncNode`: syncs the cached node of this name (absent → nothing to do).
     pub async fn sync_node(&self, name: &str) -> Result<(), SyncError> {
-        let Some(node) = self.store.get(&ObjectRef::new(name)) else {
+        let Some(node) = self.store.get(&ObjectRef::<CachedNode>::new(name)) else {
             return Ok(());
         };
         self.sync(&node).await
@@ -255,7 +256,7 @@ impl NodeController {
     /// Upstream `UpdateNodeStatus`: one address-refresh pass over every initialised node.
     pub async fn update_node_status(self: &Arc<Self>, workers: usize) {
         let started = Instant::now();
-        let nodes: Vec<Arc<Node>> = self
+        let nodes: Vec<Arc<CachedNode>> = self
             .store
             .state()
             .into_iter()
@@ -466,10 +467,10 @@ impl NodeController {
         }
         // One copy of the node per attempt: the first from the reconciled object, later ones from
         // the newer version the watch cache delivered after a conflict.
-        let mut newer: Option<Arc<Node>> = None;
+        let mut newer: Option<Arc<CachedNode>> = None;
         let mut updated = None;
         for attempt in 0..UPDATE_ATTEMPTS {
-            let base: &Node = newer.as_deref().unwrap_or(node);
+            let base: &Node = newer.as_deref().map_or(node, |n| &n.0);
             let mut desired = base.clone();
             apply_initialization(&mut desired, &metadata)?;
             let body = serde_json::to_vec(&desired).map_err(|e| SyncError::Kube {
@@ -521,8 +522,8 @@ impl NodeController {
     }
 
     /// Waits (briefly) for the watch cache to hold a newer version of `node`.
-    async fn newer_from_cache(&self, node: &Node) -> Arc<Node> {
-        let key = ObjectRef::from_obj(node);
+    async fn newer_from_cache(&self, node: &Node) -> Arc<CachedNode> {
+        let key = ObjectRef::<CachedNode>::new(&node.name_any());
         let seen = node.resource_version();
         for _ in 0..10 {
             if let Some(cached) = self.store.get(&key)
@@ -534,7 +535,7 @@ impl NodeController {
         }
         self.store
             .get(&key)
-            .unwrap_or_else(|| Arc::new(node.clone()))
+            .unwrap_or_else(|| Arc::new(CachedNode::from(node.clone())))
     }
 
     /// Applies rules 18–23: patches status.addresses when the provider's list differs.
@@ -660,7 +661,7 @@ impl NodeController {
     }
 }
 
-async fn reconcile(node: Arc<Node>, ctx: Arc<NodeController>) -> Result<Action, SyncError> {
+async fn reconcile(node: Arc<CachedNode>, ctx: Arc<NodeController>) -> Result<Action, SyncError> {
     let name = node.name_any();
     let span = info_span!("cloud-node.sync", node = %name);
     async move {
@@ -689,7 +690,7 @@ async fn reconcile(node: Arc<Node>, ctx: Arc<NodeController>) -> Result<Action, 
 }
 
 /// Upstream `DefaultTypedControllerRateLimiter` per-item part: 5 ms doubling up to 1000 s.
-fn error_policy(node: Arc<Node>, err: &SyncError, ctx: Arc<NodeController>) -> Action {
+fn error_policy(node: Arc<CachedNode>, err: &SyncError, ctx: Arc<NodeController>) -> Action {
     let name = node.name_any();
     let attempts = ctx.failures.lock().map_or(0, |mut failures| {
         let n = failures.entry(name.clone()).or_insert(0);

@@ -25,6 +25,7 @@ use cpi_proto::CpiError;
 use cpi_proto::v1::{self, Capability, Consistency, Existence};
 
 use crate::cloud::Cloud;
+use crate::controllers::CachedNode;
 use crate::controllers::node::provider_id_of;
 use crate::convert;
 use crate::events::{EventType, Recorder};
@@ -92,7 +93,7 @@ pub struct NodeLifecycleController {
     cloud: Cloud,
     metrics: Arc<Metrics>,
     recorder: Recorder,
-    store: Store<Node>,
+    store: Store<CachedNode>,
     policy: DeletionPolicy,
     deletions: Mutex<DeletionState>,
 }
@@ -103,7 +104,7 @@ impl NodeLifecycleController {
         client: kube::Client,
         cloud: Cloud,
         metrics: Arc<Metrics>,
-        store: Store<Node>,
+        store: Store<CachedNode>,
         instance: String,
     ) -> Self {
         let recorder = Recorder::new(client.clone(), "cloud-node-lifecycle-controller", &instance);

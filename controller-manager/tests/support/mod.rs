@@ -6,6 +6,7 @@
 use std::time::Duration;
 
 use cloud_controller_manager::cloud::Cloud;
+use cloud_controller_manager::controllers::CachedNode;
 use cloud_controller_manager::options::ProviderEndpoint;
 use fake_provider::{FakeCloud, ServedFake};
 use futures::StreamExt;
@@ -99,7 +100,7 @@ impl Harness {
 /// A node cache watching only the nodes `config` selects; the watch stops on drop.
 pub struct NodeCache {
     /// The reflector's store.
-    pub store: Store<Node>,
+    pub store: Store<CachedNode>,
     /// The watch feeding the store.
     task: tokio::task::JoinHandle<()>,
 }
@@ -114,7 +115,7 @@ impl NodeCache {
     /// Starts watching the nodes `config` selects and waits for the initial list.
     pub async fn start(client: &kube::Client, config: watcher::Config) -> Self {
         let (store, writer) = reflector::store();
-        let api: Api<Node> = Api::all(client.clone());
+        let api: Api<CachedNode> = Api::all(client.clone());
         let stream = reflector::reflector(writer, watcher(api, config).default_backoff());
         let task = tokio::spawn(stream.for_each(|_| async {}));
         tokio::time::timeout(Duration::from_secs(10), store.wait_until_ready())
@@ -129,7 +130,7 @@ impl NodeCache {
         let fresh = || {
             nodes.iter().all(|n| {
                 self.store
-                    .get(&ObjectRef::from_obj(n))
+                    .get(&ObjectRef::<CachedNode>::new(&n.name_any()))
                     .is_some_and(|c| c.resource_version() == n.resource_version())
             })
         };
