@@ -3,7 +3,7 @@
 # with no internet beyond the package registries, and caches them outside the checkout.
 #
 # Result: a directory in envtest layout (KUBEBUILDER_ASSETS) holding `etcd` and `kube-apiserver`.
-# Its path is printed on the last line of stdout.
+# Its path is printed on the last line of stdout. `kubectl` is installed too when missing.
 #
 # Honoured:
 #   KUBEBUILDER_ASSETS       if it already holds both binaries, nothing is built and it is printed.
@@ -17,12 +17,6 @@ ASSETS=$CACHE_ROOT/$K8S_VERSION
 
 log() { echo "provision: $*" >&2; }
 
-if [[ -n "${KUBEBUILDER_ASSETS:-}" && -x "$KUBEBUILDER_ASSETS/etcd" && -x "$KUBEBUILDER_ASSETS/kube-apiserver" ]]; then
-  log "using KUBEBUILDER_ASSETS=$KUBEBUILDER_ASSETS"
-  echo "$KUBEBUILDER_ASSETS"
-  exit 0
-fi
-
 SUDO=
 [[ $(id -u) -eq 0 ]] || SUDO=sudo
 apt_updated=
@@ -34,6 +28,15 @@ apt_install() {
   log "installing ${missing[*]}"
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}" >&2
 }
+
+# kubectl (the deploy-manifest test applies manifests with it): Debian's kubernetes-client.
+command -v kubectl >/dev/null 2>&1 || apt_install kubernetes-client
+
+if [[ -n "${KUBEBUILDER_ASSETS:-}" && -x "$KUBEBUILDER_ASSETS/etcd" && -x "$KUBEBUILDER_ASSETS/kube-apiserver" ]]; then
+  log "using KUBEBUILDER_ASSETS=$KUBEBUILDER_ASSETS"
+  echo "$KUBEBUILDER_ASSETS"
+  exit 0
+fi
 
 # etcd comes straight from Debian.
 apt_install etcd-server
