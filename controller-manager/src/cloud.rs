@@ -12,6 +12,7 @@ use cpi_proto::v1::{
 use cpi_transport::{ClientEndpoint, ClientTls, ConnectOptions, CpiChannel, TlsFiles};
 use tracing::{info, warn};
 
+use crate::metrics::Metrics;
 use crate::options::ProviderEndpoint;
 
 /// Failure to reach or understand the shim at start-up.
@@ -181,6 +182,50 @@ impl Cloud {
     /// Whether objects handed to the shim should carry their raw JSON.
     pub fn wants_raw_objects(&self) -> bool {
         self.info.wants_raw_objects
+    }
+}
+
+/// Awaits one CPI call, counts its outcome in `cloudprovider_requests_total{method,code}` and
+/// decodes a failure into a [`CpiError`]. Every controller calls the shim through this.
+pub async fn counted<T>(
+    metrics: &Metrics,
+    method: &str,
+    call: impl Future<Output = Result<tonic::Response<T>, tonic::Status>>,
+) -> Result<T, CpiError> {
+    match call.await {
+        Ok(response) => {
+            metrics.count_rpc(method, "OK");
+            Ok(response.into_inner())
+        }
+        Err(status) => {
+            let err = CpiError::from_status(&status);
+            metrics.count_rpc(method, err.class());
+            Err(err)
+        }
+    }
+}
+
+impl Cloud {
+    /// Upstream `GetInstanceProviderID`: `<provider>://<InstanceID(node_name)>`; `None` when the
+    /// provider answers an empty instance ID.
+    pub async fn instance_provider_id(
+        &self,
+        metrics: &Metrics,
+        node_name: &str,
+        consistency: v1::Consistency,
+    ) -> Result<Option<String>, CpiError> {
+        let request = v1::NodeNameRequest {
+            node_name: node_name.to_string(),
+            consistency: consistency as i32,
+        };
+        let response = counted(
+            metrics,
+            "Instances/InstanceID",
+            self.instances().instance_id(request),
+        )
+        .await?;
+        Ok((!response.instance_id.is_empty())
+            .then(|| cpi_proto::provider_id::join(&self.info.name, &response.instance_id)))
     }
 }
 

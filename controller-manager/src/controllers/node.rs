@@ -21,10 +21,10 @@ use kube::{Resource, ResourceExt};
 use tracing::{Instrument, debug, info, info_span, warn};
 
 use cpi_proto::CpiError;
-use cpi_proto::v1::{self, Capability};
+use cpi_proto::v1::{self, Capability, Consistency};
 
 use crate::apiclient;
-use crate::cloud::Cloud;
+use crate::cloud::{Cloud, counted};
 use crate::controllers::CachedNode;
 use crate::convert;
 use crate::events::{EventType, Recorder};
@@ -281,177 +281,187 @@ impl NodeController {
 
     /// Fetches metadata for initialisation (rules 10–14 of the upstream controller).
     async fn instance_metadata(&self, node: &Node) -> Result<Option<NodeMetadata>, SyncError> {
-        let name = node.name_any();
-        if self.cloud.has(Capability::InstancesV2) {
-            let request = v1::InstanceMetadataRequest {
-                node: Some(convert::node(node, self.cloud.wants_raw_objects())),
-            };
-            let response = self
-                .call("InstancesV2/InstanceMetadata", &name, async {
-                    self.cloud.instances_v2().instance_metadata(request).await
-                })
-                .await?;
-            let Some(md) = response.metadata else {
-                return Ok(None);
-            };
-            let mut metadata = metadata_from_proto(md);
-            if metadata.provider_id.is_empty() {
-                match provider_id_of(node) {
-                    Some(id) => metadata.provider_id = id.to_string(),
-                    None => return Err(SyncError::NoProviderId(name)),
-                }
-            }
-            return Ok(Some(metadata));
+        if !self.cloud.has(Capability::InstancesV2) {
+            return self.legacy_metadata(node).await.map(Some);
         }
-        self.legacy_metadata(node).await.map(Some)
+        let Some(md) = self.v2_metadata(node).await? else {
+            return Ok(None);
+        };
+        let mut metadata = metadata_from_proto(md);
+        if metadata.provider_id.is_empty() {
+            match provider_id_of(node) {
+                Some(id) => metadata.provider_id = id.to_string(),
+                None => return Err(SyncError::NoProviderId(node.name_any())),
+            }
+        }
+        Ok(Some(metadata))
+    }
+
+    /// InstancesV2 `InstanceMetadata`; `None` when the provider has none for the node yet.
+    async fn v2_metadata(&self, node: &Node) -> Result<Option<v1::InstanceMetadata>, SyncError> {
+        let request = v1::InstanceMetadataRequest {
+            node: Some(convert::node(node, self.cloud.wants_raw_objects())),
+        };
+        let response = self
+            .call(
+                "InstancesV2/InstanceMetadata",
+                &node.name_any(),
+                self.cloud.instances_v2().instance_metadata(request),
+            )
+            .await?;
+        Ok(response.metadata)
     }
 
     async fn legacy_metadata(&self, node: &Node) -> Result<NodeMetadata, SyncError> {
         let name = node.name_any();
-        let mut instances = self.cloud.instances();
         let provider_id = match provider_id_of(node) {
             Some(id) => id.to_string(),
-            None => {
-                let request = v1::NodeNameRequest {
-                    node_name: name.clone(),
-                    consistency: 0,
-                };
-                match self
-                    .call(
-                        "Instances/InstanceID",
-                        &name,
-                        instances.instance_id(request),
-                    )
-                    .await
-                {
-                    Ok(r) => cpi_proto::provider_id::join(&self.cloud.info().name, &r.instance_id),
-                    Err(SyncError::Cloud {
-                        source: CpiError::NotImplemented(_),
-                        ..
-                    }) => {
-                        warn!(node = %name, "provider does not implement InstanceID; continuing without a provider ID");
-                        String::new()
-                    }
-                    Err(err) => return Err(err),
+            None => match self
+                .cloud
+                .instance_provider_id(&self.metrics, &name, Consistency::Unspecified)
+                .await
+            {
+                Ok(Some(id)) => id,
+                Ok(None) => {
+                    return Err(SyncError::InvalidProviderId {
+                        node: name,
+                        id: cpi_proto::provider_id::join(&self.cloud.info().name, ""),
+                        reason: "the provider returned an empty instance ID",
+                    });
                 }
-            }
+                Err(CpiError::NotImplemented(_)) => {
+                    warn!(node = %name, "provider does not implement InstanceID; continuing without a provider ID");
+                    String::new()
+                }
+                Err(source) => {
+                    return Err(SyncError::Cloud {
+                        call: "Instances/InstanceID",
+                        node: name,
+                        source,
+                    });
+                }
+            },
         };
-        let by_name = || v1::NodeNameRequest {
-            node_name: name.clone(),
-            consistency: 0,
-        };
-        let by_id = || v1::ProviderIdRequest {
-            provider_id: provider_id.clone(),
-            consistency: 0,
-        };
-        let mut addresses = None;
-        if !provider_id.is_empty() {
-            addresses = self
-                .call(
-                    "Instances/NodeAddressesByProviderID",
-                    &name,
-                    instances.node_addresses_by_provider_id(by_id()),
-                )
-                .await
-                .ok();
-        }
-        let addresses = match addresses {
-            Some(a) => a,
-            None => {
-                self.call(
-                    "Instances/NodeAddresses",
-                    &name,
-                    instances.node_addresses(by_name()),
-                )
-                .await?
-            }
-        };
-        let mut instance_type = None;
-        if !provider_id.is_empty() {
-            instance_type = self
-                .call(
-                    "Instances/InstanceTypeByProviderID",
-                    &name,
-                    instances.instance_type_by_provider_id(by_id()),
-                )
-                .await
-                .ok();
-        }
-        let instance_type = match instance_type {
-            Some(t) => t,
-            None => {
-                self.call(
-                    "Instances/InstanceType",
-                    &name,
-                    instances.instance_type(by_name()),
-                )
-                .await?
-            }
-        };
+        let addresses = self.legacy_addresses(&name, &provider_id).await?;
+        let instances = self.cloud.instances();
+        let instance_type = self
+            .by_id_or_name(
+                &name,
+                &provider_id,
+                ("Instances/InstanceTypeByProviderID", |r| {
+                    let mut c = instances.clone();
+                    async move { c.instance_type_by_provider_id(r).await }
+                }),
+                ("Instances/InstanceType", |r| {
+                    let mut c = instances.clone();
+                    async move { c.instance_type(r).await }
+                }),
+            )
+            .await?;
         let mut metadata = NodeMetadata {
             provider_id: provider_id.clone(),
             instance_type: instance_type.instance_type.unwrap_or_default(),
-            addresses: convert::addresses_from_proto(&addresses.addresses),
+            addresses,
             ..NodeMetadata::default()
         };
         if self.cloud.has(Capability::Zones) {
-            let mut zones = self.cloud.zones();
-            let mut zone = None;
-            if !provider_id.is_empty() {
-                zone = self
-                    .call(
-                        "Zones/GetZoneByProviderID",
-                        &name,
-                        zones.get_zone_by_provider_id(by_id()),
-                    )
-                    .await
-                    .ok();
-            }
-            let zone = match zone {
-                Some(z) => z,
-                None => self
-                    .call(
-                        "Zones/GetZoneByNodeName",
-                        &name,
-                        zones.get_zone_by_node_name(by_name()),
-                    )
-                    .await
-                    .map_err(|err| match err {
-                        SyncError::Cloud { source, .. } => SyncError::Zone {
-                            node: name.clone(),
-                            source,
-                        },
-                        other => other,
-                    })?,
-            };
+            let zones = self.cloud.zones();
+            let zone = self
+                .by_id_or_name(
+                    &name,
+                    &provider_id,
+                    ("Zones/GetZoneByProviderID", |r| {
+                        let mut c = zones.clone();
+                        async move { c.get_zone_by_provider_id(r).await }
+                    }),
+                    ("Zones/GetZoneByNodeName", |r| {
+                        let mut c = zones.clone();
+                        async move { c.get_zone_by_node_name(r).await }
+                    }),
+                )
+                .await
+                .map_err(|err| match err {
+                    SyncError::Cloud { source, .. } => SyncError::Zone {
+                        node: name.clone(),
+                        source,
+                    },
+                    other => other,
+                })?;
             metadata.zone = zone.failure_domain.unwrap_or_default();
             metadata.region = zone.region.unwrap_or_default();
         }
         Ok(metadata)
     }
 
-    /// Calls the shim, counts the outcome and maps the status to a [`SyncError`].
+    /// Legacy addresses: by provider ID, falling back to the node name (rule 12).
+    async fn legacy_addresses(
+        &self,
+        name: &str,
+        provider_id: &str,
+    ) -> Result<Vec<NodeAddress>, SyncError> {
+        let instances = self.cloud.instances();
+        let response = self
+            .by_id_or_name(
+                name,
+                provider_id,
+                ("Instances/NodeAddressesByProviderID", |r| {
+                    let mut c = instances.clone();
+                    async move { c.node_addresses_by_provider_id(r).await }
+                }),
+                ("Instances/NodeAddresses", |r| {
+                    let mut c = instances.clone();
+                    async move { c.node_addresses(r).await }
+                }),
+            )
+            .await?;
+        Ok(convert::addresses_from_proto(&response.addresses))
+    }
+
+    /// The legacy lookup pattern: ask by provider ID (when there is one) and, if that fails,
+    /// by node name; only the by-name error is reported.
+    async fn by_id_or_name<T, ById, ByIdFut, ByName, ByNameFut>(
+        &self,
+        name: &str,
+        provider_id: &str,
+        by_id: (&'static str, ById),
+        by_name: (&'static str, ByName),
+    ) -> Result<T, SyncError>
+    where
+        ById: FnOnce(v1::ProviderIdRequest) -> ByIdFut,
+        ByIdFut: Future<Output = Result<tonic::Response<T>, tonic::Status>>,
+        ByName: FnOnce(v1::NodeNameRequest) -> ByNameFut,
+        ByNameFut: Future<Output = Result<tonic::Response<T>, tonic::Status>>,
+    {
+        if !provider_id.is_empty() {
+            let request = v1::ProviderIdRequest {
+                provider_id: provider_id.to_string(),
+                consistency: Consistency::Unspecified as i32,
+            };
+            if let Ok(found) = self.call(by_id.0, name, (by_id.1)(request)).await {
+                return Ok(found);
+            }
+        }
+        let request = v1::NodeNameRequest {
+            node_name: name.to_string(),
+            consistency: Consistency::Unspecified as i32,
+        };
+        self.call(by_name.0, name, (by_name.1)(request)).await
+    }
+
+    /// Calls the shim (counted) and maps a failure to a [`SyncError`] naming call and node.
     async fn call<T>(
         &self,
         method: &'static str,
         node: &str,
-        fut: impl Future<Output = Result<tonic::Response<T>, tonic::Status>>,
+        call: impl Future<Output = Result<tonic::Response<T>, tonic::Status>>,
     ) -> Result<T, SyncError> {
-        match fut.await {
-            Ok(response) => {
-                self.metrics.count_rpc(method, "OK");
-                Ok(response.into_inner())
-            }
-            Err(status) => {
-                let source = CpiError::from_status(&status);
-                self.metrics.count_rpc(method, source.class());
-                Err(SyncError::Cloud {
-                    call: method,
-                    node: node.to_string(),
-                    source,
-                })
-            }
-        }
+        counted(&self.metrics, method, call)
+            .await
+            .map_err(|source| SyncError::Cloud {
+                call: method,
+                node: node.to_string(),
+                source,
+            })
     }
 
     /// Initialises one tainted node: one PUT of the Node, then one status PATCH.
@@ -596,68 +606,19 @@ impl NodeController {
     }
 
     async fn refresh_addresses(&self, node: &Node) {
-        let name = node.name_any();
         let addresses = if self.cloud.has(Capability::InstancesV2) {
-            let request = v1::InstanceMetadataRequest {
-                node: Some(convert::node(node, self.cloud.wants_raw_objects())),
-            };
-            match self
-                .call("InstancesV2/InstanceMetadata", &name, async {
-                    self.cloud.instances_v2().instance_metadata(request).await
-                })
-                .await
-            {
-                Ok(r) => r
-                    .metadata
-                    .map(|m| convert::addresses_from_proto(&m.node_addresses))
-                    .unwrap_or_default(),
-                Err(err) => {
-                    warn!(error = %err, "address refresh failed");
-                    return;
-                }
-            }
+            self.v2_metadata(node).await.map(|md| {
+                md.map(|m| convert::addresses_from_proto(&m.node_addresses))
+                    .unwrap_or_default()
+            })
         } else {
-            let mut instances = self.cloud.instances();
-            let by_id = provider_id_of(node).map(|id| v1::ProviderIdRequest {
-                provider_id: id.to_string(),
-                consistency: 0,
-            });
-            let mut result = None;
-            if let Some(request) = by_id {
-                result = self
-                    .call(
-                        "Instances/NodeAddressesByProviderID",
-                        &name,
-                        instances.node_addresses_by_provider_id(request),
-                    )
-                    .await
-                    .ok();
-            }
-            if result.is_none() {
-                let request = v1::NodeNameRequest {
-                    node_name: name.clone(),
-                    consistency: 0,
-                };
-                match self
-                    .call(
-                        "Instances/NodeAddresses",
-                        &name,
-                        instances.node_addresses(request),
-                    )
-                    .await
-                {
-                    Ok(r) => result = Some(r),
-                    Err(err) => {
-                        warn!(error = %err, "address refresh failed");
-                        return;
-                    }
-                }
-            }
-            result
-                .map(|r| convert::addresses_from_proto(&r.addresses))
-                .unwrap_or_default()
+            self.legacy_addresses(&node.name_any(), provider_id_of(node).unwrap_or_default())
+                .await
         };
-        self.update_addresses(node, &addresses).await;
+        match addresses {
+            Ok(addresses) => self.update_addresses(node, &addresses).await,
+            Err(err) => warn!(error = %err, "address refresh failed"),
+        }
     }
 }
 

@@ -24,7 +24,7 @@ use tracing::{Instrument, debug, info, info_span, warn};
 use cpi_proto::CpiError;
 use cpi_proto::v1::{self, Capability, Consistency, Existence};
 
-use crate::cloud::Cloud;
+use crate::cloud::{Cloud, counted};
 use crate::controllers::CachedNode;
 use crate::controllers::node::provider_id_of;
 use crate::convert;
@@ -278,8 +278,12 @@ impl NodeLifecycleController {
                 node: Some(convert::node(node, self.cloud.wants_raw_objects())),
                 consistency: Consistency::Strong as i32,
             };
-            let result = self.cloud.instances_v2().instance_exists(request).await;
-            return self.verdict("InstancesV2/InstanceExists", result);
+            return self
+                .verdict(
+                    "InstancesV2/InstanceExists",
+                    self.cloud.instances_v2().instance_exists(request),
+                )
+                .await;
         }
         let provider_id = match self.legacy_provider_id(node, Consistency::Strong).await {
             Ok(None) | Err(CpiError::InstanceNotFound(_)) => return Verdict::Gone,
@@ -293,16 +297,17 @@ impl NodeLifecycleController {
             provider_id,
             consistency: Consistency::Strong as i32,
         };
-        let result = self
-            .cloud
-            .instances()
-            .instance_exists_by_provider_id(request)
-            .await;
-        self.verdict("Instances/InstanceExistsByProviderID", result)
+        self.verdict(
+            "Instances/InstanceExistsByProviderID",
+            self.cloud
+                .instances()
+                .instance_exists_by_provider_id(request),
+        )
+        .await
     }
 
-    /// Legacy path (upstream `getProviderID`): the node's provider ID, else
-    /// `<provider>://<InstanceID>`; `None` when the provider answers an empty instance ID.
+    /// Legacy path (upstream `getProviderID`): the node's provider ID, else the one built from
+    /// InstanceID; `None` when the provider answers an empty instance ID.
     async fn legacy_provider_id(
         &self,
         node: &Node,
@@ -311,38 +316,19 @@ impl NodeLifecycleController {
         if let Some(id) = provider_id_of(node) {
             return Ok(Some(id.to_string()));
         }
-        let request = v1::NodeNameRequest {
-            node_name: node.name_any(),
-            consistency: consistency as i32,
-        };
-        match self.cloud.instances().instance_id(request).await {
-            Ok(response) => {
-                self.metrics.count_rpc("Instances/InstanceID", "OK");
-                let id = response.into_inner().instance_id;
-                Ok((!id.is_empty())
-                    .then(|| cpi_proto::provider_id::join(&self.cloud.info().name, &id)))
-            }
-            Err(status) => {
-                let err = CpiError::from_status(&status);
-                self.metrics.count_rpc("Instances/InstanceID", err.class());
-                Err(err)
-            }
-        }
+        self.cloud
+            .instance_provider_id(&self.metrics, &node.name_any(), consistency)
+            .await
     }
 
-    fn verdict(
+    async fn verdict(
         &self,
         method: &str,
-        result: Result<tonic::Response<v1::InstanceExistsResponse>, tonic::Status>,
+        call: impl Future<Output = Result<tonic::Response<v1::InstanceExistsResponse>, tonic::Status>>,
     ) -> Verdict {
-        match result {
-            Ok(response) => {
-                self.metrics.count_rpc(method, "OK");
-                verdict_from(&response.into_inner())
-            }
-            Err(status) => {
-                let err = CpiError::from_status(&status);
-                self.metrics.count_rpc(method, err.class());
+        match counted(&self.metrics, method, call).await {
+            Ok(response) => verdict_from(&response),
+            Err(err) => {
                 warn!(error = %err, "error checking if node exists");
                 Verdict::Unknown(err.class().to_string())
             }
@@ -355,7 +341,12 @@ impl NodeLifecycleController {
                 node: Some(convert::node(node, self.cloud.wants_raw_objects())),
                 consistency: Consistency::Unspecified as i32,
             };
-            self.cloud.instances_v2().instance_shutdown(request).await
+            counted(
+                &self.metrics,
+                "InstancesV2/InstanceShutdown",
+                self.cloud.instances_v2().instance_shutdown(request),
+            )
+            .await
         } else {
             // Upstream `getProviderID`: the node's, else built from InstanceID.
             let id = match self
@@ -370,17 +361,19 @@ impl NodeLifecycleController {
                 provider_id: id,
                 consistency: Consistency::Unspecified as i32,
             };
-            self.cloud
-                .instances()
-                .instance_shutdown_by_provider_id(request)
-                .await
+            counted(
+                &self.metrics,
+                "Instances/InstanceShutdownByProviderID",
+                self.cloud
+                    .instances()
+                    .instance_shutdown_by_provider_id(request),
+            )
+            .await
         };
         match result {
-            Ok(response) => Ok(response.into_inner().shutdown),
-            Err(status) => match CpiError::from_status(&status) {
-                CpiError::NotImplemented(_) | CpiError::InstanceNotFound(_) => Ok(false),
-                other => Err(other),
-            },
+            Ok(response) => Ok(response.shutdown),
+            Err(CpiError::NotImplemented(_) | CpiError::InstanceNotFound(_)) => Ok(false),
+            Err(other) => Err(other),
         }
     }
 
