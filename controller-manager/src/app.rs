@@ -62,8 +62,6 @@ pub struct Runtime {
     pub cloud: Cloud,
     /// Metrics registry.
     pub metrics: Arc<Metrics>,
-    /// Health checks.
-    pub health: Health,
     /// Our leader-election identity (also the event reporting instance).
     pub identity: String,
 }
@@ -231,7 +229,6 @@ pub async fn run(
         client,
         cloud,
         metrics: metrics.clone(),
-        health: health.clone(),
         identity: identity.clone(),
     };
     if options.secure_port != 0 {

@@ -164,6 +164,16 @@ impl Cloud {
         owns_provider_id(&self.info, provider_id)
     }
 
+    /// Whether a Node is this provider's to manage: its providerID (if set) has a claimed
+    /// prefix. Nodes without one yet are candidates (they are looked up by name).
+    pub fn owns_node(&self, node: &k8s_openapi::api::core::v1::Node) -> bool {
+        node.spec
+            .as_ref()
+            .and_then(|s| s.provider_id.as_deref())
+            .filter(|id| !id.is_empty())
+            .is_none_or(|id| self.owns_provider_id(id))
+    }
+
     /// InstancesV2 client over the shared channel.
     pub fn instances_v2(&self) -> InstancesV2Client<CpiChannel> {
         InstancesV2Client::new(self.channel.clone())

@@ -42,17 +42,6 @@ pub struct Fence {
     pub lease_transitions: i64,
 }
 
-impl Fence {
-    /// The CPI form of the fence.
-    pub fn to_proto(&self) -> cpi_proto::v1::Fence {
-        cpi_proto::v1::Fence {
-            lease: self.lease.clone(),
-            holder_identity: self.holder_identity.clone(),
-            lease_transitions: self.lease_transitions,
-        }
-    }
-}
-
 /// Why leadership ended.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum Lost {

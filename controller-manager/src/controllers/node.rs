@@ -29,6 +29,7 @@ use crate::controllers::CachedNode;
 use crate::convert;
 use crate::events::{EventType, Recorder};
 use crate::metrics::Metrics;
+use crate::names::ControllerName;
 
 /// Taint set by kubelets started with `--cloud-provider=external`.
 pub const TAINT_UNINITIALIZED: &str = "node.cloudprovider.kubernetes.io/uninitialized";
@@ -162,7 +163,11 @@ impl NodeController {
         store: Store<CachedNode>,
         instance: &str,
     ) -> Arc<Self> {
-        let recorder = Recorder::new(client.clone(), "cloud-node-controller", instance);
+        let recorder = Recorder::new(
+            client.clone(),
+            ControllerName::CloudNode.event_component(),
+            instance,
+        );
         Arc::new(Self {
             client,
             cloud,
@@ -223,7 +228,7 @@ impl NodeController {
 
     /// Initialises a tainted node, or reconciles the labels of an initialised one.
     async fn sync(&self, node: &Node) -> Result<(), SyncError> {
-        if !self.owned(node) {
+        if !self.cloud.owns_node(node) {
             debug!("node's provider ID belongs to another provider; leaving it alone");
             return Ok(());
         }
@@ -240,7 +245,7 @@ impl NodeController {
         let mut count = 0i64;
         let mut oldest = 0f64;
         for node in self.store.state() {
-            if !has_uninitialized_taint(&node) || !self.owned(&node) {
+            if !has_uninitialized_taint(&node) || !self.cloud.owns_node(&node) {
                 continue;
             }
             count += 1;
@@ -260,7 +265,7 @@ impl NodeController {
             .store
             .state()
             .into_iter()
-            .filter(|n| !has_uninitialized_taint(n) && self.owned(n))
+            .filter(|n| !has_uninitialized_taint(n) && self.cloud.owns_node(n))
             .collect();
         let count = nodes.len();
         futures::stream::iter(nodes)
@@ -270,13 +275,6 @@ impl NodeController {
             })
             .await;
         debug!(nodes = count, elapsed = ?started.elapsed(), "node status update pass done");
-    }
-
-    fn owned(&self, node: &Node) -> bool {
-        match provider_id_of(node) {
-            Some(id) => self.cloud.owns_provider_id(id),
-            None => true,
-        }
     }
 
     /// Fetches metadata for initialisation (rules 10–14 of the upstream controller).

@@ -30,6 +30,7 @@ use crate::controllers::node::provider_id_of;
 use crate::convert;
 use crate::events::{EventType, Recorder};
 use crate::metrics::Metrics;
+use crate::names::ControllerName;
 
 /// Taint put on nodes whose instance is shut down.
 pub const TAINT_SHUTDOWN: &str = "node.cloudprovider.kubernetes.io/shutdown";
@@ -107,7 +108,11 @@ impl NodeLifecycleController {
         store: Store<CachedNode>,
         instance: String,
     ) -> Self {
-        let recorder = Recorder::new(client.clone(), "cloud-node-lifecycle-controller", &instance);
+        let recorder = Recorder::new(
+            client.clone(),
+            ControllerName::CloudNodeLifecycle.event_component(),
+            &instance,
+        );
         Self {
             client,
             cloud,
@@ -155,10 +160,7 @@ impl NodeLifecycleController {
     pub async fn monitor_nodes(&self) {
         let nodes = self.store.state();
         debug!(nodes = nodes.len(), "monitoring nodes");
-        let managed = nodes
-            .iter()
-            .filter(|n| provider_id_of(n).is_none_or(|id| self.cloud.owns_provider_id(id)))
-            .count();
+        let managed = nodes.iter().filter(|n| self.cloud.owns_node(n)).count();
         if let Ok(mut state) = self.deletions.lock() {
             let live: std::collections::HashSet<String> =
                 nodes.iter().filter_map(|n| n.uid()).collect();
@@ -174,9 +176,7 @@ impl NodeLifecycleController {
     }
 
     async fn check_node(&self, node: &Node) {
-        if let Some(id) = provider_id_of(node)
-            && !self.cloud.owns_provider_id(id)
-        {
+        if !self.cloud.owns_node(node) {
             return;
         }
         if ready_status(node) == "True" {
