@@ -8,8 +8,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use clap::Parser;
-use e2e_tests::Process;
-use k8s_openapi::api::core::v1::{Node, NodeSpec, Taint};
+use e2e_tests::{Process, TAINT_UNINITIALIZED as TAINT, kubelet_registered_node};
+use k8s_openapi::api::core::v1::Node;
 use kube::api::{Api, PostParams};
 use test_control_plane::ControlPlane;
 use test_pki::{Ca, write_atomic};
@@ -40,8 +40,6 @@ struct Inventory {
 struct Machine {
     name: String,
 }
-
-const TAINT: &str = "node.cloudprovider.kubernetes.io/uninitialized";
 
 #[tokio::main]
 async fn main() -> Result<()> {
@@ -123,22 +121,7 @@ async fn main() -> Result<()> {
     );
     let started = Instant::now();
     for machine in &inventory.machines {
-        let node = Node {
-            metadata: kube::api::ObjectMeta {
-                name: Some(machine.name.clone()),
-                ..Default::default()
-            },
-            spec: Some(NodeSpec {
-                taints: Some(vec![Taint {
-                    key: TAINT.into(),
-                    value: Some("true".into()),
-                    effect: "NoSchedule".into(),
-                    time_added: None,
-                }]),
-                ..Default::default()
-            }),
-            status: None,
-        };
+        let node = kubelet_registered_node(&machine.name, None);
         nodes.create(&PostParams::default(), &node).await?;
     }
 

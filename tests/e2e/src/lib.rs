@@ -6,6 +6,9 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use k8s_openapi::api::core::v1::{Node, NodeAddress, NodeSpec, NodeStatus, Taint};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+
 /// Failure of the test harness itself (not of the system under test).
 #[derive(Debug, thiserror::Error)]
 pub enum HarnessError {
@@ -183,6 +186,36 @@ where
             });
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// The taint kubelets started with `--cloud-provider=external` register with.
+pub const TAINT_UNINITIALIZED: &str = "node.cloudprovider.kubernetes.io/uninitialized";
+
+/// A Node as a kubelet with `--cloud-provider=external` registers it: the uninitialized taint
+/// and, when given, the kubelet's Hostname address (status is ignored on create; patch it).
+pub fn kubelet_registered_node(name: &str, hostname: Option<&str>) -> Node {
+    Node {
+        metadata: ObjectMeta {
+            name: Some(name.into()),
+            ..ObjectMeta::default()
+        },
+        spec: Some(NodeSpec {
+            taints: Some(vec![Taint {
+                key: TAINT_UNINITIALIZED.into(),
+                value: Some("true".into()),
+                effect: "NoSchedule".into(),
+                time_added: None,
+            }]),
+            ..NodeSpec::default()
+        }),
+        status: hostname.map(|hostname| NodeStatus {
+            addresses: Some(vec![NodeAddress {
+                type_: "Hostname".into(),
+                address: hostname.into(),
+            }]),
+            ..NodeStatus::default()
+        }),
     }
 }
 

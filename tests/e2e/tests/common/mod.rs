@@ -4,8 +4,8 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-use e2e_tests::Process;
-use k8s_openapi::api::core::v1::{Node, NodeAddress, NodeSpec, NodeStatus, Taint};
+use e2e_tests::{Process, kubelet_registered_node};
+use k8s_openapi::api::core::v1::Node;
 use kube::api::{Api, PostParams};
 use test_control_plane::ControlPlane;
 
@@ -37,30 +37,11 @@ machines:
 
 /// Creates a Node the way a kubelet with `--cloud-provider=external` registers it.
 pub async fn create_tainted_node(client: &kube::Client, name: &str) -> Node {
-    let nodes: Api<Node> = Api::all(client.clone());
-    let node = Node {
-        metadata: kube::api::ObjectMeta {
-            name: Some(name.into()),
-            ..Default::default()
-        },
-        spec: Some(NodeSpec {
-            taints: Some(vec![Taint {
-                key: "node.cloudprovider.kubernetes.io/uninitialized".into(),
-                value: Some("true".into()),
-                effect: "NoSchedule".into(),
-                time_added: None,
-            }]),
-            ..Default::default()
-        }),
-        status: Some(NodeStatus {
-            addresses: Some(vec![NodeAddress {
-                type_: "Hostname".into(),
-                address: format!("{name}-kubelet"),
-            }]),
-            ..Default::default()
-        }),
-    };
-    nodes.create(&PostParams::default(), &node).await.unwrap()
+    let node = kubelet_registered_node(name, Some(&format!("{name}-kubelet")));
+    Api::<Node>::all(client.clone())
+        .create(&PostParams::default(), &node)
+        .await
+        .unwrap()
 }
 
 /// Describes why a node is not initialised yet, or returns it.
