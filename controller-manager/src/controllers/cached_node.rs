@@ -1,18 +1,20 @@
-//! [`CachedNode`]: a Node as the controllers cache it. It decodes like `core/v1` Node but skips
-//! `metadata.managedFields` while parsing — those field-ownership trees are most of a Node's
-//! JSON and allocations, and no controller reads them — and drops bulky status lists no
-//! controller reads. Writes stay correct: a PUT without `managedFields` keeps the server's, a
-//! PUT of the main resource ignores `status`, and status writes are merge patches.
+//! [`CachedNode`]: a Node as the controllers cache it. It decodes like `core/v1` Node but skips,
+//! while parsing, what no controller reads: `metadata.managedFields` (field-ownership trees,
+//! most of a Node's JSON) and every part of `status` except `addresses` and the `Ready`
+//! condition (capacity, node info, images and the other conditions are kilobytes per node
+//! that a cache of thousands of nodes would otherwise hold). Writes stay correct: a PUT
+//! without `managedFields` keeps the server's, a PUT of the main resource ignores `status`,
+//! and status writes are merge patches of `addresses` only.
 
 use std::borrow::Cow;
 use std::fmt;
 use std::ops::Deref;
 
-use k8s_openapi::api::core::v1::Node;
+use k8s_openapi::api::core::v1::{Node, NodeCondition, NodeStatus};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use serde::de::{self, Deserialize, Deserializer, IgnoredAny, MapAccess, Visitor};
 
-/// A `core/v1` Node decoded without `managedFields` and the status lists no controller reads.
+/// A `core/v1` Node decoded without `managedFields` and the status no controller reads.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct CachedNode(pub Node);
 
@@ -31,15 +33,24 @@ impl From<Node> for CachedNode {
     }
 }
 
-/// Drops the status lists no controller reads (images can be hundreds of entries).
+/// Keeps only the status the controllers read: addresses and the `Ready` condition.
 fn trim_status(node: &mut Node) {
-    if let Some(status) = node.status.as_mut() {
-        status.images = None;
-        status.volumes_attached = None;
-        status.volumes_in_use = None;
-        status.config = None;
+    if let Some(status) = node.status.take() {
+        node.status = Some(NodeStatus {
+            addresses: status.addresses,
+            conditions: status.conditions.map(only_ready),
+            ..NodeStatus::default()
+        });
     }
 }
+
+/// The `Ready` condition alone (the lifecycle and, later, the service controller read it).
+fn only_ready(mut conditions: Vec<NodeCondition>) -> Vec<NodeCondition> {
+    conditions.retain(|c| c.type_ == READY);
+    conditions
+}
+
+const READY: &str = "Ready";
 
 impl kube::Resource for CachedNode {
     type DynamicType = ();
@@ -79,14 +90,15 @@ impl<'de> Deserialize<'de> for CachedNode {
                     match key.as_ref() {
                         "metadata" => node.metadata = map.next_value::<TrimmedMeta>()?.0,
                         "spec" => node.spec = map.next_value()?,
-                        "status" => node.status = map.next_value()?,
+                        "status" => {
+                            node.status = map.next_value::<Option<TrimmedStatus>>()?.map(|s| s.0);
+                        }
                         // apiVersion and kind are fixed for this type.
                         _ => {
                             map.next_value::<IgnoredAny>()?;
                         }
                     }
                 }
-                trim_status(&mut node);
                 Ok(CachedNode(node))
             }
         }
@@ -125,6 +137,50 @@ impl<'de> Deserialize<'de> for TrimmedMeta {
     }
 }
 
+/// NodeStatus decoded with everything but `addresses` and the `Ready` condition skipped.
+struct TrimmedStatus(NodeStatus);
+
+impl<'de> Deserialize<'de> for TrimmedStatus {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct StatusVisitor;
+        impl<'de> Visitor<'de> for StatusVisitor {
+            type Value = TrimmedStatus;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a node status")
+            }
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<TrimmedStatus, A::Error> {
+                let mut status = NodeStatus::default();
+                while let Some(key) = map.next_key::<Cow<'de, str>>()? {
+                    match key.as_ref() {
+                        "addresses" => status.addresses = map.next_value()?,
+                        "conditions" => {
+                            status.conditions = map
+                                .next_value::<Option<Vec<ReadyOrOther>>>()?
+                                .map(|c| c.into_iter().flat_map(|c| c.0).collect());
+                        }
+                        _ => {
+                            map.next_value::<IgnoredAny>()?;
+                        }
+                    }
+                }
+                Ok(TrimmedStatus(status))
+            }
+        }
+        deserializer.deserialize_map(StatusVisitor)
+    }
+}
+
+/// A node condition, kept only when it is `Ready`. (Conditions are small; decoding each one
+/// whole keeps the validation of k8s-openapi's type.)
+struct ReadyOrOther(Option<NodeCondition>);
+
+impl<'de> Deserialize<'de> for ReadyOrOther {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let condition = NodeCondition::deserialize(deserializer)?;
+        Ok(Self((condition.type_ == READY).then_some(condition)))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -142,7 +198,11 @@ mod tests {
         "status": {
             "addresses": [{"type": "InternalIP", "address": "10.0.0.1"}],
             "images": [{"names": ["registry/image:1"], "sizeBytes": 1}],
-            "conditions": [{"type": "Ready", "status": "True"}]
+            "conditions": [{"type": "MemoryPressure", "status": "False"}, {"type": "Ready", "status": "True"}],
+            "capacity": {"cpu": "4", "memory": "16Gi"},
+            "nodeInfo": {"machineID": "m", "systemUUID": "s", "bootID": "b", "kernelVersion": "k",
+                "osImage": "o", "containerRuntimeVersion": "c", "kubeletVersion": "v1.33.0",
+                "kubeProxyVersion": "", "operatingSystem": "linux", "architecture": "amd64"}
         }
     }"#;
 
@@ -164,7 +224,31 @@ mod tests {
         );
         let status = cached.status.as_ref().expect("status");
         assert_eq!(status.images, None);
+        assert_eq!(status.capacity, None);
+        assert_eq!(status.node_info, None);
         assert_eq!(status.addresses.as_ref().map(Vec::len), Some(1));
+        let conditions = status.conditions.as_ref().expect("conditions");
+        assert_eq!(conditions.len(), 1);
+        assert_eq!(
+            (conditions[0].type_.as_str(), conditions[0].status.as_str()),
+            ("Ready", "True")
+        );
+    }
+
+    #[test]
+    fn null_and_missing_status_decode() {
+        let null: CachedNode =
+            serde_json::from_str(r#"{"metadata": {"name": "n"}, "status": null}"#).expect("null");
+        assert_eq!(null.status, None);
+        let missing: CachedNode =
+            serde_json::from_str(r#"{"metadata": {"name": "n"}}"#).expect("missing");
+        assert_eq!(missing.status, None);
+    }
+
+    #[test]
+    fn malformed_status_is_an_error() {
+        let bad = r#"{"metadata": {"name": "n"}, "status": {"conditions": [{"type": 5}]}}"#;
+        assert!(serde_json::from_str::<CachedNode>(bad).is_err());
     }
 
     #[test]
