@@ -167,29 +167,6 @@ pub fn controllers_to_run(selection: &ControllerSelection, cloud: &Cloud) -> Vec
 /// How often the shim is probed for `/readyz`.
 const PROVIDER_PROBE_PERIOD: Duration = Duration::from_secs(10);
 
-/// A readiness check that fails while the shim has not answered the last two probes (one
-/// failed probe is tolerated: a shim restart should not flap readiness).
-fn provider_probe(cloud: Cloud) -> serve::Check {
-    let failures = Arc::new(std::sync::Mutex::new((0u32, String::new())));
-    let state = failures.clone();
-    tokio::spawn(async move {
-        loop {
-            let result = cloud.probe().await;
-            if let Ok(mut state) = state.lock() {
-                match result {
-                    Ok(()) => *state = (0, String::new()),
-                    Err(err) => *state = (state.0.saturating_add(1), err.to_string()),
-                }
-            }
-            tokio::time::sleep(PROVIDER_PROBE_PERIOD).await;
-        }
-    });
-    Arc::new(move || match failures.lock() {
-        Ok(state) if state.0 >= 2 => Err(format!("provider shim not answering: {}", state.1)),
-        _ => Ok(()),
-    })
-}
-
 /// Runs the controller-manager until `shutdown` resolves or leadership is lost.
 pub async fn run(
     options: Options,
@@ -216,7 +193,11 @@ pub async fn run(
     let controllers = controllers_to_run(&selection, &cloud);
     let health = Health::default();
     health.add("ping", Scope::Live, Arc::new(|| Ok(())));
-    health.add("provider", Scope::Ready, provider_probe(cloud.clone()));
+    health.add(
+        "provider",
+        Scope::Ready,
+        cloud.readiness_check(PROVIDER_PROBE_PERIOD),
+    );
     let identity = format!(
         "{}_{}",
         hostname::get()

@@ -1,14 +1,17 @@
 //! The secure port against a real kube-apiserver: health paths are open, `/metrics` needs a
 //! token that a TokenReview accepts and a SubjectAccessReview allows (upstream's delegated
-//! authentication and authorisation).
+//! authentication and authorisation); `/readyz` follows the provider shim.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use cloud_controller_manager::auth::Authorizer;
+use cloud_controller_manager::cloud::Cloud;
 use cloud_controller_manager::metrics::Metrics;
+use cloud_controller_manager::options::ProviderEndpoint;
 use cloud_controller_manager::serve::{self, Health, Scope};
+use fake_provider::FakeCloud;
 use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding, PolicyRule, RoleRef, Subject};
 use kube::api::{Api, PostParams};
 use rustls::pki_types::ServerName;
@@ -19,12 +22,6 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 /// Serves the secure-port router with delegated auth on a free port; returns its address and
 /// the CA that signed its certificate.
 async fn secure_port(client: kube::Client, dir: &std::path::Path) -> (std::net::SocketAddr, Ca) {
-    let ca = Ca::new("secure-port-test").unwrap();
-    let leaf = ca.issue(&["localhost", "127.0.0.1"]).unwrap();
-    let (cert, key) = (dir.join("tls.crt"), dir.join("tls.key"));
-    write_atomic(&cert, leaf.chain_pem.as_bytes(), false).unwrap();
-    write_atomic(&key, leaf.key_pem.as_bytes(), true).unwrap();
-    let acceptor = serve::tls_acceptor(Some((&cert, &key))).unwrap();
     let health = Health::default();
     health.add("ping", Scope::Live, Arc::new(|| Ok(())));
     let authorizer = Authorizer::new(
@@ -32,7 +29,23 @@ async fn secure_port(client: kube::Client, dir: &std::path::Path) -> (std::net::
         vec!["/healthz".into(), "/readyz".into(), "/livez".into()],
     )
     .with_cache_ttl(Duration::from_millis(200));
-    let router = serve::router(health, Metrics::new(), Some(Arc::new(authorizer)));
+    serve_health(health, Some(authorizer), dir).await
+}
+
+/// Serves the secure-port router with `health` on a free port; returns its address and the CA
+/// that signed its certificate.
+async fn serve_health(
+    health: Health,
+    authorizer: Option<Authorizer>,
+    dir: &std::path::Path,
+) -> (std::net::SocketAddr, Ca) {
+    let ca = Ca::new("secure-port-test").unwrap();
+    let leaf = ca.issue(&["localhost", "127.0.0.1"]).unwrap();
+    let (cert, key) = (dir.join("tls.crt"), dir.join("tls.key"));
+    write_atomic(&cert, leaf.chain_pem.as_bytes(), false).unwrap();
+    write_atomic(&key, leaf.key_pem.as_bytes(), true).unwrap();
+    let acceptor = serve::tls_acceptor(Some((&cert, &key))).unwrap();
+    let router = serve::router(health, Metrics::new(), authorizer.map(Arc::new));
     let (addr, server) = serve::bind("127.0.0.1:0".parse().unwrap(), acceptor, router)
         .await
         .unwrap();
@@ -42,6 +55,16 @@ async fn secure_port(client: kube::Client, dir: &std::path::Path) -> (std::net::
 
 /// GETs `path` over verified TLS; returns the status code.
 async fn get(addr: std::net::SocketAddr, ca: &Ca, path: &str, token: Option<&str>) -> u16 {
+    get_response(addr, ca, path, token).await.0
+}
+
+/// GETs `path` over verified TLS; returns the status code and the whole response text.
+async fn get_response(
+    addr: std::net::SocketAddr,
+    ca: &Ca,
+    path: &str,
+    token: Option<&str>,
+) -> (u16, String) {
     let mut roots = rustls::RootCertStore::empty();
     roots
         .add(rustls::pki_types::CertificateDer::from(
@@ -67,11 +90,68 @@ async fn get(addr: std::net::SocketAddr, ca: &Ca, path: &str, token: Option<&str
     tls.write_all(request.as_bytes()).await.unwrap();
     let mut response = Vec::new();
     let _ = tls.read_to_end(&mut response).await;
-    let text = String::from_utf8_lossy(&response);
-    text.split_whitespace()
+    let text = String::from_utf8_lossy(&response).into_owned();
+    let code = text
+        .split_whitespace()
         .nth(1)
         .and_then(|code| code.parse().ok())
-        .unwrap_or_else(|| panic!("no status line in {text:?}"))
+        .unwrap_or_else(|| panic!("no status line in {text:?}"));
+    (code, text)
+}
+
+/// Polls `/readyz?verbose` until its status is `want`; returns the last response text.
+async fn readyz_until(addr: std::net::SocketAddr, ca: &Ca, want: u16) -> String {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+    loop {
+        let (code, text) = get_response(addr, ca, "/readyz?verbose", None).await;
+        if code == want {
+            return text;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "/readyz did not turn {want} within 15 s; last answer:\n{text}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test]
+async fn readyz_fails_while_the_shim_is_down_and_recovers_when_it_returns() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("cpi.sock");
+    let shim = FakeCloud::default().serve_at(&socket).await.unwrap();
+    let cloud = Cloud::connect(
+        &ProviderEndpoint::Unix(socket.clone()),
+        Duration::from_secs(1),
+        Duration::from_secs(10),
+        Duration::from_secs(5),
+    )
+    .await
+    .unwrap();
+    let health = Health::default();
+    health.add(
+        "provider",
+        Scope::Ready,
+        cloud.readiness_check(Duration::from_millis(100)),
+    );
+    let (addr, ca) = serve_health(health, None, dir.path()).await;
+
+    let up = readyz_until(addr, &ca, 200).await;
+    assert!(up.contains("[+]provider ok"), "{up}");
+
+    shim.shutdown().await.unwrap();
+    let down = readyz_until(addr, &ca, 500).await;
+    assert!(
+        down.contains("[-]provider failed: provider shim not answering"),
+        "{down}"
+    );
+    // Liveness is not tied to the shim: a shim outage must not get the pod restarted.
+    assert_eq!(get(addr, &ca, "/livez", None).await, 200);
+
+    let _restarted = FakeCloud::default().serve_at(&socket).await.unwrap();
+    let back = readyz_until(addr, &ca, 200).await;
+    assert!(back.contains("[+]provider ok"), "{back}");
 }
 
 #[tokio::test]

@@ -325,6 +325,15 @@ impl FakeCloud {
             .tempdir()
             .map_err(FakeError::TempDir)?;
         let socket = dir.path().join("cpi.sock");
+        let mut served = self.serve_at(&socket).await?;
+        served._dir = Some(dir);
+        Ok(served)
+    }
+
+    /// Serves this fake on the Unix socket `socket` (for example the one a stopped fake
+    /// served on, to play a restarted shim).
+    pub async fn serve_at(self, socket: &Path) -> Result<ServedFake, FakeError> {
+        let socket = socket.to_path_buf();
         let description = ProviderDescription::new(self.provider_name(), env!("CARGO_PKG_VERSION"))
             .with_cluster_id(true)
             .with_provider_id_prefixes(self.provider_id_prefixes.clone());
@@ -361,7 +370,7 @@ impl FakeCloud {
             state,
             shim: Some(shim),
             stop: Some(stop),
-            _dir: dir,
+            _dir: None,
         })
     }
 }
@@ -373,7 +382,7 @@ pub struct ServedFake {
     shim: Option<RunningShim>,
     stop: Option<oneshot::Sender<()>>,
     // Last: the directory (and socket) go after the server is told to stop.
-    _dir: tempfile::TempDir,
+    _dir: Option<tempfile::TempDir>,
 }
 
 impl ServedFake {
