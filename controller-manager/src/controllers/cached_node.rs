@@ -1,20 +1,21 @@
 //! [`CachedNode`]: a Node as the controllers cache it. It decodes like `core/v1` Node but skips,
-//! while parsing, what no controller reads: `metadata.managedFields` (field-ownership trees,
-//! most of a Node's JSON) and every part of `status` except `addresses` and the `Ready`
-//! condition (capacity, node info, images and the other conditions are kilobytes per node
-//! that a cache of thousands of nodes would otherwise hold). Writes stay correct: a PUT
-//! without `managedFields` keeps the server's, a PUT of the main resource ignores `status`,
-//! and status writes are merge patches of `addresses` only.
+//! while parsing, what neither the controllers nor the CPI's view of a Node carry:
+//! `metadata.managedFields` (field-ownership trees, most of a Node's JSON) and the bulky status
+//! lists (capacity, allocatable, images, volumes, config, daemon endpoints, ...), kilobytes per
+//! node that a cache of thousands of nodes would otherwise hold. Kept from `status`:
+//! `addresses`, `conditions` and `nodeInfo` (providers identify machines by its system UUID).
+//! Writes stay correct: a PUT without `managedFields` keeps the server's, a PUT of the main
+//! resource ignores `status`, and status writes are merge patches of `addresses` only.
 
 use std::borrow::Cow;
 use std::fmt;
 use std::ops::Deref;
 
-use k8s_openapi::api::core::v1::{Node, NodeCondition, NodeStatus};
+use k8s_openapi::api::core::v1::{Node, NodeStatus};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use serde::de::{self, Deserialize, Deserializer, IgnoredAny, MapAccess, Visitor};
 
-/// A `core/v1` Node decoded without `managedFields` and the status no controller reads.
+/// A `core/v1` Node decoded without `managedFields` and the bulky status lists.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct CachedNode(pub Node);
 
@@ -33,24 +34,17 @@ impl From<Node> for CachedNode {
     }
 }
 
-/// Keeps only the status the controllers read: addresses and the `Ready` condition.
+/// Keeps only the status that is read: addresses, conditions and node info.
 fn trim_status(node: &mut Node) {
     if let Some(status) = node.status.take() {
         node.status = Some(NodeStatus {
             addresses: status.addresses,
-            conditions: status.conditions.map(only_ready),
+            conditions: status.conditions,
+            node_info: status.node_info,
             ..NodeStatus::default()
         });
     }
 }
-
-/// The `Ready` condition alone (the lifecycle and, later, the service controller read it).
-fn only_ready(mut conditions: Vec<NodeCondition>) -> Vec<NodeCondition> {
-    conditions.retain(|c| c.type_ == READY);
-    conditions
-}
-
-const READY: &str = "Ready";
 
 impl kube::Resource for CachedNode {
     type DynamicType = ();
@@ -137,7 +131,7 @@ impl<'de> Deserialize<'de> for TrimmedMeta {
     }
 }
 
-/// NodeStatus decoded with everything but `addresses` and the `Ready` condition skipped.
+/// NodeStatus decoded with everything but addresses, conditions and node info skipped.
 struct TrimmedStatus(NodeStatus);
 
 impl<'de> Deserialize<'de> for TrimmedStatus {
@@ -153,11 +147,8 @@ impl<'de> Deserialize<'de> for TrimmedStatus {
                 while let Some(key) = map.next_key::<Cow<'de, str>>()? {
                     match key.as_ref() {
                         "addresses" => status.addresses = map.next_value()?,
-                        "conditions" => {
-                            status.conditions = map
-                                .next_value::<Option<Vec<ReadyOrOther>>>()?
-                                .map(|c| c.into_iter().flat_map(|c| c.0).collect());
-                        }
+                        "conditions" => status.conditions = map.next_value()?,
+                        "nodeInfo" => status.node_info = map.next_value()?,
                         _ => {
                             map.next_value::<IgnoredAny>()?;
                         }
@@ -167,17 +158,6 @@ impl<'de> Deserialize<'de> for TrimmedStatus {
             }
         }
         deserializer.deserialize_map(StatusVisitor)
-    }
-}
-
-/// A node condition, kept only when it is `Ready`. (Conditions are small; decoding each one
-/// whole keeps the validation of k8s-openapi's type.)
-struct ReadyOrOther(Option<NodeCondition>);
-
-impl<'de> Deserialize<'de> for ReadyOrOther {
-    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        let condition = NodeCondition::deserialize(deserializer)?;
-        Ok(Self((condition.type_ == READY).then_some(condition)))
     }
 }
 
@@ -207,7 +187,7 @@ mod tests {
     }"#;
 
     #[test]
-    fn decodes_like_node_without_managed_fields_and_images() {
+    fn decodes_like_node_without_managed_fields_and_bulky_status() {
         let cached: CachedNode = serde_json::from_str(NODE).expect("decodes");
         let full: Node = serde_json::from_str(NODE).expect("decodes as Node");
         assert_eq!(cached, CachedNode::from(full.clone()));
@@ -225,13 +205,11 @@ mod tests {
         let status = cached.status.as_ref().expect("status");
         assert_eq!(status.images, None);
         assert_eq!(status.capacity, None);
-        assert_eq!(status.node_info, None);
         assert_eq!(status.addresses.as_ref().map(Vec::len), Some(1));
-        let conditions = status.conditions.as_ref().expect("conditions");
-        assert_eq!(conditions.len(), 1);
+        assert_eq!(status.conditions.as_ref().map(Vec::len), Some(2));
         assert_eq!(
-            (conditions[0].type_.as_str(), conditions[0].status.as_str()),
-            ("Ready", "True")
+            status.node_info.as_ref().map(|i| i.system_uuid.as_str()),
+            Some("s")
         );
     }
 
