@@ -194,11 +194,8 @@ impl Cloud {
 
     /// Whether a Node is this provider's to manage: its providerID (if set) has a claimed
     /// prefix. Nodes without one yet are candidates (they are looked up by name).
-    pub fn owns_node(&self, node: &k8s_openapi::api::core::v1::Node) -> bool {
-        node.spec
-            .as_ref()
-            .and_then(|s| s.provider_id.as_deref())
-            .filter(|id| !id.is_empty())
+    pub fn owns_node(&self, node: &crate::controllers::CachedNode) -> bool {
+        node.provider_id()
             .is_none_or(|id| self.owns_provider_id(id))
     }
 

@@ -4,48 +4,47 @@ use k8s_openapi::api::core::v1 as core;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, Time};
 
 use cpi_proto::v1;
+use kube::Resource;
 
-/// Builds the CPI view of a Node; `raw` also embeds the whole object as JSON.
-pub fn node(node: &core::Node, raw: bool) -> v1::Node {
-    let spec = node.spec.as_ref();
-    let status = node.status.as_ref();
+use crate::controllers::{CachedNode, Labels};
+
+/// Builds the CPI view of a cached Node; `raw` also embeds the object as JSON.
+pub fn node(node: &CachedNode, raw: bool) -> v1::Node {
+    let spec = node.spec();
+    let mut metadata = meta(node.meta());
+    metadata.labels = pairs(node.labels());
+    metadata.annotations = pairs(node.annotations());
     v1::Node {
-        metadata: Some(meta(&node.metadata)),
-        provider_id: spec
-            .and_then(|s| s.provider_id.clone())
-            .filter(|p| !p.is_empty()),
-        pod_cidrs: spec.and_then(|s| s.pod_cidrs.clone()).unwrap_or_default(),
-        taints: spec
-            .and_then(|s| s.taints.as_ref())
-            .map(|taints| taints.iter().map(taint).collect())
-            .unwrap_or_default(),
-        unschedulable: spec.and_then(|s| s.unschedulable).unwrap_or(false),
-        addresses: status
-            .and_then(|s| s.addresses.as_ref())
-            .map(|a| a.iter().map(address_to_proto).collect())
-            .unwrap_or_default(),
-        conditions: status
-            .and_then(|s| s.conditions.as_ref())
-            .map(|c| c.iter().map(condition).collect())
-            .unwrap_or_default(),
-        node_info: status
-            .and_then(|s| s.node_info.as_ref())
-            .map(|i| v1::NodeSystemInfo {
-                machine_id: i.machine_id.clone(),
-                system_uuid: i.system_uuid.clone(),
-                boot_id: i.boot_id.clone(),
-                kernel_version: i.kernel_version.clone(),
-                os_image: i.os_image.clone(),
-                operating_system: i.operating_system.clone(),
-                architecture: i.architecture.clone(),
-                kubelet_version: i.kubelet_version.clone(),
-            }),
+        metadata: Some(metadata),
+        provider_id: node.provider_id().map(str::to_string),
+        pod_cidrs: spec.pod_cidrs.clone().unwrap_or_default(),
+        taints: node.taints().iter().map(taint).collect(),
+        unschedulable: spec.unschedulable.unwrap_or(false),
+        addresses: node.addresses().iter().map(address_to_proto).collect(),
+        conditions: node.conditions().iter().map(condition).collect(),
+        node_info: node.node_info().map(|i| v1::NodeSystemInfo {
+            machine_id: i.machine_id.clone(),
+            system_uuid: i.system_uuid.clone(),
+            boot_id: i.boot_id.clone(),
+            kernel_version: i.kernel_version.clone(),
+            os_image: i.os_image.clone(),
+            operating_system: i.operating_system.clone(),
+            architecture: i.architecture.clone(),
+            kubelet_version: i.kubelet_version.clone(),
+        }),
         raw_json: if raw {
-            serde_json::to_vec(node).unwrap_or_default()
+            serde_json::to_vec(&node.to_node()).unwrap_or_default()
         } else {
             Vec::new()
         },
     }
+}
+
+fn pairs(labels: &Labels) -> std::collections::HashMap<String, String> {
+    labels
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect()
 }
 
 fn timestamp(time: &Time) -> prost_types::Timestamp {
@@ -172,6 +171,7 @@ mod tests {
             provider_id: Some(String::new()),
             ..Default::default()
         });
+        let n = CachedNode::from(n);
         let v = node(&n, false);
         assert_eq!(v.metadata.as_ref().unwrap().name, "n1");
         assert_eq!(v.metadata.unwrap().labels.get("a").unwrap(), "b");

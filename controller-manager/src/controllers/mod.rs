@@ -4,7 +4,7 @@ pub mod cached_node;
 pub mod node;
 pub mod node_lifecycle;
 
-pub use cached_node::CachedNode;
+pub use cached_node::{CachedNode, Labels};
 
 use futures::StreamExt;
 use kube::api::Api;

@@ -25,7 +25,7 @@ use cpi_proto::v1::{self, Capability, Consistency};
 
 use crate::apiclient;
 use crate::cloud::{Cloud, counted};
-use crate::controllers::CachedNode;
+use crate::controllers::{CachedNode, Labels};
 use crate::convert;
 use crate::events::{EventType, Recorder};
 use crate::metrics::Metrics;
@@ -227,7 +227,7 @@ impl NodeController {
     }
 
     /// Initialises a tainted node, or reconciles the labels of an initialised one.
-    async fn sync(&self, node: &Node) -> Result<(), SyncError> {
+    async fn sync(&self, node: &CachedNode) -> Result<(), SyncError> {
         if !self.cloud.owns_node(node) {
             debug!("node's provider ID belongs to another provider; leaving it alone");
             return Ok(());
@@ -249,7 +249,7 @@ impl NodeController {
                 continue;
             }
             count += 1;
-            if let Some(created) = node.metadata.creation_timestamp.as_ref() {
+            if let Some(created) = node.meta().creation_timestamp.as_ref() {
                 let age = now.duration_since(created.0).as_secs_f64();
                 oldest = oldest.max(age);
             }
@@ -278,7 +278,10 @@ impl NodeController {
     }
 
     /// Fetches metadata for initialisation (rules 10–14 of the upstream controller).
-    async fn instance_metadata(&self, node: &Node) -> Result<Option<NodeMetadata>, SyncError> {
+    async fn instance_metadata(
+        &self,
+        node: &CachedNode,
+    ) -> Result<Option<NodeMetadata>, SyncError> {
         if !self.cloud.has(Capability::InstancesV2) {
             return self.legacy_metadata(node).await.map(Some);
         }
@@ -287,7 +290,7 @@ impl NodeController {
         };
         let mut metadata = metadata_from_proto(md);
         if metadata.provider_id.is_empty() {
-            match provider_id_of(node) {
+            match node.provider_id() {
                 Some(id) => metadata.provider_id = id.to_string(),
                 None => return Err(SyncError::NoProviderId(node.name_any())),
             }
@@ -296,7 +299,10 @@ impl NodeController {
     }
 
     /// InstancesV2 `InstanceMetadata`; `None` when the provider has none for the node yet.
-    async fn v2_metadata(&self, node: &Node) -> Result<Option<v1::InstanceMetadata>, SyncError> {
+    async fn v2_metadata(
+        &self,
+        node: &CachedNode,
+    ) -> Result<Option<v1::InstanceMetadata>, SyncError> {
         let request = v1::InstanceMetadataRequest {
             node: Some(convert::node(node, self.cloud.wants_raw_objects())),
         };
@@ -310,9 +316,9 @@ impl NodeController {
         Ok(response.metadata)
     }
 
-    async fn legacy_metadata(&self, node: &Node) -> Result<NodeMetadata, SyncError> {
+    async fn legacy_metadata(&self, node: &CachedNode) -> Result<NodeMetadata, SyncError> {
         let name = node.name_any();
-        let provider_id = match provider_id_of(node) {
+        let provider_id = match node.provider_id() {
             Some(id) => id.to_string(),
             None => match self
                 .cloud
@@ -463,7 +469,7 @@ impl NodeController {
     }
 
     /// Initialises one tainted node: one PUT of the Node, then one status PATCH.
-    async fn initialize(&self, node: &Node) -> Result<(), SyncError> {
+    async fn initialize(&self, node: &CachedNode) -> Result<(), SyncError> {
         let name = node.name_any();
         debug!(node = %name, "initializing node with cloud provider");
         let Some(metadata) = self.instance_metadata(node).await? else {
@@ -478,13 +484,16 @@ impl NodeController {
         let mut newer: Option<Arc<CachedNode>> = None;
         let mut updated = None;
         for attempt in 0..UPDATE_ATTEMPTS {
-            let base: &Node = newer.as_deref().map_or(node, |n| &n.0);
-            let mut desired = base.clone();
+            let base: &CachedNode = newer.as_deref().unwrap_or(node);
+            let mut desired = base.to_node();
             apply_initialization(&mut desired, &metadata)?;
+            // The main resource ignores status: leave it out of the body.
+            let status = desired.status.take();
             let body = serde_json::to_vec(&desired).map_err(|e| SyncError::Kube {
                 node: name.clone(),
                 source: kube::Error::SerdeError(e),
             })?;
+            desired.status = status;
             // A PUT carrying the cached resourceVersion: a concurrent writer makes it fail with
             // 409 instead of being overwritten. Its response is not needed: the main resource
             // ignores status, so `desired` is what the server now holds (but for metadata the
@@ -504,7 +513,7 @@ impl NodeController {
                 Err(source) => return Err(SyncError::Kube { node: name, source }),
             }
         }
-        let Some(updated) = updated else {
+        let Some(updated) = updated.map(CachedNode::from) else {
             return Err(SyncError::Conflicts(name));
         };
         let age = creation_age(&updated);
@@ -530,7 +539,7 @@ impl NodeController {
     }
 
     /// Waits (briefly) for the watch cache to hold a newer version of `node`.
-    async fn newer_from_cache(&self, node: &Node) -> Arc<CachedNode> {
+    async fn newer_from_cache(&self, node: &CachedNode) -> Arc<CachedNode> {
         let key = ObjectRef::<CachedNode>::new(&node.name_any());
         let seen = node.resource_version();
         for _ in 0..10 {
@@ -543,11 +552,11 @@ impl NodeController {
         }
         self.store
             .get(&key)
-            .unwrap_or_else(|| Arc::new(CachedNode::from(node.clone())))
+            .unwrap_or_else(|| Arc::new(node.clone()))
     }
 
     /// Applies rules 18–23: patches status.addresses when the provider's list differs.
-    async fn update_addresses(&self, node: &Node, cloud_addresses: &[NodeAddress]) {
+    async fn update_addresses(&self, node: &CachedNode, cloud_addresses: &[NodeAddress]) {
         let name = node.name_any();
         let new = match desired_addresses(node, cloud_addresses) {
             Ok(Some(new)) => new,
@@ -570,7 +579,7 @@ impl NodeController {
     }
 
     /// Mirrors beta labels to GA ones on an initialised node (rule 24).
-    async fn reconcile_labels(&self, node: &Node) -> Result<(), SyncError> {
+    async fn reconcile_labels(&self, node: &CachedNode) -> Result<(), SyncError> {
         let Some(missing) = labels_to_reconcile(node.labels()) else {
             return Ok(());
         };
@@ -603,14 +612,14 @@ impl NodeController {
         }
     }
 
-    async fn refresh_addresses(&self, node: &Node) {
+    async fn refresh_addresses(&self, node: &CachedNode) {
         let addresses = if self.cloud.has(Capability::InstancesV2) {
             self.v2_metadata(node).await.map(|md| {
                 md.map(|m| convert::addresses_from_proto(&m.node_addresses))
                     .unwrap_or_default()
             })
         } else {
-            self.legacy_addresses(&node.name_any(), provider_id_of(node).unwrap_or_default())
+            self.legacy_addresses(&node.name_any(), node.provider_id().unwrap_or_default())
                 .await
         };
         match addresses {
@@ -673,26 +682,15 @@ fn jittered(base: Duration) -> Duration {
     base.mul_f64(1.0 + rand::random::<f64>())
 }
 
-fn creation_age(node: &Node) -> Option<Duration> {
-    let created = node.metadata.creation_timestamp.as_ref()?.0;
+fn creation_age(node: &CachedNode) -> Option<Duration> {
+    let created = node.meta().creation_timestamp.as_ref()?.0;
     let age = Timestamp::now().duration_since(created);
     Duration::try_from(age).ok()
 }
 
-/// The node's providerID, if set and non-empty.
-pub fn provider_id_of(node: &Node) -> Option<&str> {
-    node.spec
-        .as_ref()
-        .and_then(|s| s.provider_id.as_deref())
-        .filter(|id| !id.is_empty())
-}
-
 /// Whether the node carries the uninitialized taint (any value or effect).
-pub fn has_uninitialized_taint(node: &Node) -> bool {
-    node.spec
-        .as_ref()
-        .and_then(|s| s.taints.as_ref())
-        .is_some_and(|taints| taints.iter().any(|t| t.key == TAINT_UNINITIALIZED))
+pub fn has_uninitialized_taint(node: &CachedNode) -> bool {
+    node.has_taint(TAINT_UNINITIALIZED)
 }
 
 fn metadata_from_proto(md: v1::InstanceMetadata) -> NodeMetadata {
@@ -784,14 +782,14 @@ fn is_reserved_label(key: &str) -> bool {
 
 /// GA labels to add or correct so they match their beta counterparts (rule 24); `None` when
 /// nothing needs to change.
-pub fn labels_to_reconcile(labels: &BTreeMap<String, String>) -> Option<BTreeMap<String, String>> {
+pub fn labels_to_reconcile(labels: &Labels) -> Option<BTreeMap<String, String>> {
     let mut out = BTreeMap::new();
     for (primary, secondary) in LABEL_PAIRS {
         let Some(value) = labels.get(primary) else {
             continue;
         };
         if labels.get(secondary) != Some(value) {
-            out.insert(secondary.to_string(), value.clone());
+            out.insert(secondary.to_string(), value.to_string());
         }
     }
     (!out.is_empty()).then_some(out)
@@ -799,17 +797,13 @@ pub fn labels_to_reconcile(labels: &BTreeMap<String, String>) -> Option<BTreeMap
 
 /// Rules 18–22: the address list to write, `Ok(None)` when nothing changes.
 pub fn desired_addresses(
-    node: &Node,
+    node: &CachedNode,
     cloud: &[NodeAddress],
 ) -> Result<Option<Vec<NodeAddress>>, String> {
     if has_uninitialized_taint(node) || cloud.is_empty() {
         return Ok(None);
     }
-    let current: &[NodeAddress] = node
-        .status
-        .as_ref()
-        .and_then(|s| s.addresses.as_deref())
-        .unwrap_or_default();
+    let current = node.addresses();
     let mut new = cloud.to_vec();
     if !new.iter().any(|a| a.type_ == "Hostname") {
         new.extend(current.iter().filter(|a| a.type_ == "Hostname").cloned());

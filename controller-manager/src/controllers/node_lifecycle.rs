@@ -26,7 +26,6 @@ use cpi_proto::v1::{self, Capability, Consistency, Existence};
 
 use crate::cloud::{Cloud, counted};
 use crate::controllers::CachedNode;
-use crate::controllers::node::provider_id_of;
 use crate::convert;
 use crate::events::{EventType, Recorder};
 use crate::metrics::Metrics;
@@ -175,12 +174,12 @@ impl NodeLifecycleController {
         }
     }
 
-    async fn check_node(&self, node: &Node) {
+    async fn check_node(&self, node: &CachedNode) {
         if !self.cloud.owns_node(node) {
             return;
         }
-        if ready_status(node) == "True" {
-            if has_taint(node, TAINT_SHUTDOWN) {
+        if node.ready_status() == "True" {
+            if node.has_taint(TAINT_SHUTDOWN) {
                 self.set_shutdown_taint(node, false).await;
             }
             return;
@@ -215,7 +214,7 @@ impl NodeLifecycleController {
                     .await;
             }
             Verdict::Exists => match self.shutdown(node).await {
-                Ok(true) if !has_taint(node, TAINT_SHUTDOWN) => {
+                Ok(true) if !node.has_taint(TAINT_SHUTDOWN) => {
                     self.set_shutdown_taint(node, true).await;
                 }
                 Ok(shutdown) => debug!(shutdown, "instance exists"),
@@ -225,11 +224,11 @@ impl NodeLifecycleController {
     }
 
     /// Applies the deletion policy to a node the provider reported gone; `Err` names why not.
-    fn may_delete(&self, node: &Node) -> Result<(), &'static str> {
+    fn may_delete(&self, node: &CachedNode) -> Result<(), &'static str> {
         let policy = &self.policy;
         if !policy.grace_period.is_zero() {
             let young = node
-                .metadata
+                .meta()
                 .creation_timestamp
                 .as_ref()
                 .is_none_or(|created| {
@@ -272,7 +271,7 @@ impl NodeLifecycleController {
         Ok(())
     }
 
-    async fn existence(&self, node: &Node) -> Verdict {
+    async fn existence(&self, node: &CachedNode) -> Verdict {
         if self.cloud.has(Capability::InstancesV2) {
             let request = v1::InstanceExistsRequest {
                 node: Some(convert::node(node, self.cloud.wants_raw_objects())),
@@ -310,10 +309,10 @@ impl NodeLifecycleController {
     /// InstanceID; `None` when the provider answers an empty instance ID.
     async fn legacy_provider_id(
         &self,
-        node: &Node,
+        node: &CachedNode,
         consistency: Consistency,
     ) -> Result<Option<String>, CpiError> {
-        if let Some(id) = provider_id_of(node) {
+        if let Some(id) = node.provider_id() {
             return Ok(Some(id.to_string()));
         }
         self.cloud
@@ -335,7 +334,7 @@ impl NodeLifecycleController {
         }
     }
 
-    async fn shutdown(&self, node: &Node) -> Result<bool, CpiError> {
+    async fn shutdown(&self, node: &CachedNode) -> Result<bool, CpiError> {
         let result = if self.cloud.has(Capability::InstancesV2) {
             let request = v1::InstanceShutdownRequest {
                 node: Some(convert::node(node, self.cloud.wants_raw_objects())),
@@ -377,7 +376,7 @@ impl NodeLifecycleController {
         }
     }
 
-    async fn delete(&self, node: &Node) {
+    async fn delete(&self, node: &CachedNode) {
         let name = node.name_any();
         let reference = node.object_ref(&());
         info!(node = %name, "deleting node because it does not exist in the cloud provider");
@@ -412,13 +411,9 @@ impl NodeLifecycleController {
         }
     }
 
-    async fn set_shutdown_taint(&self, node: &Node, present: bool) {
+    async fn set_shutdown_taint(&self, node: &CachedNode, present: bool) {
         let name = node.name_any();
-        let mut taints: Vec<Taint> = node
-            .spec
-            .as_ref()
-            .and_then(|s| s.taints.clone())
-            .unwrap_or_default();
+        let mut taints: Vec<Taint> = node.taints().to_vec();
         taints.retain(|t| !(t.key == TAINT_SHUTDOWN && t.effect == "NoSchedule"));
         if present {
             taints.push(Taint {
@@ -483,22 +478,6 @@ pub fn verdict_from(response: &v1::InstanceExistsResponse) -> Verdict {
     }
 }
 
-/// Status of the node's Ready condition, `Unknown` when absent.
-pub fn ready_status(node: &Node) -> String {
-    node.status
-        .as_ref()
-        .and_then(|s| s.conditions.as_ref())
-        .and_then(|c| c.iter().find(|c| c.type_ == "Ready"))
-        .map_or_else(|| "Unknown".to_string(), |c| c.status.clone())
-}
-
-fn has_taint(node: &Node, key: &str) -> bool {
-    node.spec
-        .as_ref()
-        .and_then(|s| s.taints.as_ref())
-        .is_some_and(|t| t.iter().any(|t| t.key == key))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -544,9 +523,15 @@ mod tests {
 
     #[test]
     fn ready_condition_defaults_to_unknown() {
-        assert_eq!(ready_status(&with_ready(None)), "Unknown");
-        assert_eq!(ready_status(&with_ready(Some("False"))), "False");
-        assert_eq!(ready_status(&with_ready(Some("True"))), "True");
+        assert_eq!(CachedNode::from(with_ready(None)).ready_status(), "Unknown");
+        assert_eq!(
+            CachedNode::from(with_ready(Some("False"))).ready_status(),
+            "False"
+        );
+        assert_eq!(
+            CachedNode::from(with_ready(Some("True"))).ready_status(),
+            "True"
+        );
     }
 
     #[test]

@@ -183,7 +183,7 @@ fn reconcile_labels_requires_reconcile() {
         (LABEL_INSTANCE_TYPE_BETA, "the-best-type"),
     ]);
     assert_eq!(
-        labels_to_reconcile(&l),
+        labels_to_reconcile(&Labels::from(l)),
         Some(labels(&[
             (LABEL_ZONE, "foo"),
             (LABEL_REGION, "bar"),
@@ -202,7 +202,7 @@ fn reconcile_labels_does_not_require_reconcile() {
         (LABEL_REGION, "bar"),
         (LABEL_INSTANCE_TYPE, "the-best-type"),
     ]);
-    assert_eq!(labels_to_reconcile(&l), None);
+    assert_eq!(labels_to_reconcile(&Labels::from(l)), None);
 }
 
 #[test]
@@ -216,7 +216,7 @@ fn reconcile_labels_secondary_labels_are_different_from_primary() {
         (LABEL_INSTANCE_TYPE, "the-wrong-type"),
     ]);
     assert_eq!(
-        labels_to_reconcile(&l),
+        labels_to_reconcile(&Labels::from(l)),
         Some(labels(&[
             (LABEL_ZONE, "foo"),
             (LABEL_REGION, "bar"),
@@ -250,7 +250,11 @@ fn node_addresses_change_detected_cases() {
 fn node_addresses_not_update_while_tainted() {
     let node = tainted_node(&[]);
     assert_eq!(
-        desired_addresses(&node, &[addr("InternalIP", "10.0.0.1")]).unwrap(),
+        desired_addresses(
+            &CachedNode::from(node.clone()),
+            &[addr("InternalIP", "10.0.0.1")]
+        )
+        .unwrap(),
         None
     );
 }
@@ -265,7 +269,7 @@ fn cloud_provider_missing_hostname_keeps_kubelet_hostname() {
         ..Default::default()
     };
     let new = desired_addresses(
-        &node,
+        &CachedNode::from(node),
         &[
             addr("InternalIP", "10.0.0.1"),
             addr("ExternalIP", "132.143.154.163"),
@@ -292,7 +296,10 @@ fn empty_cloud_addresses_never_clear() {
         }),
         ..Default::default()
     };
-    assert_eq!(desired_addresses(&node, &[]).unwrap(), None);
+    assert_eq!(
+        desired_addresses(&CachedNode::from(node.clone()), &[]).unwrap(),
+        None
+    );
 }
 
 mod node_ip {
