@@ -460,6 +460,19 @@ mod tests {
     }
 
     #[test]
+    fn labels_resolve_to_the_cached_ones_through_an_arc() {
+        // `ResourceExt::labels` would read the (empty) metadata map; the inherent method must
+        // win, also through the `Arc` the store hands out. The trait is in scope on purpose
+        // (and so "unused" when resolution is right).
+        #[allow(unused_imports)]
+        use kube::ResourceExt as _;
+        let cached: std::sync::Arc<CachedNode> =
+            std::sync::Arc::new(serde_json::from_str(NODE).expect("decodes"));
+        assert_eq!(cached.labels().get("a"), Some("1"));
+        assert_eq!(cached.annotations().len(), 1);
+    }
+
+    #[test]
     fn to_node_keeps_metadata_spec_and_kept_status() {
         let cached: CachedNode = serde_json::from_str(NODE).expect("decodes");
         let node = cached.to_node();
