@@ -1413,3 +1413,82 @@ async fn update_node_status_10_workers() {
 async fn update_node_status_30_workers() {
     update_node_status_case(30).await;
 }
+
+// ------------------------------------------------------------------------------------------------
+// Beyond upstream: one slow instance does not hold up the others
+// ------------------------------------------------------------------------------------------------
+
+/// Two tainted nodes synced at the same time through one `Cloud` (one multiplexed channel): the
+/// provider takes 3 s to answer for the first; the second is initialised while that call is
+/// still outstanding.
+#[tokio::test]
+async fn slow_provider_call_for_one_node_does_not_block_another() {
+    let scope = unique_name("slow-call");
+    let (slow, fast) = (format!("{scope}-slow"), format!("{scope}-fast"));
+    let h = harness(FakeCloud {
+        instances_v2_enabled: true,
+        addresses: cloud_addresses(),
+        subject_delays: [(slow.clone(), Duration::from_secs(3))].into(),
+        ..FakeCloud::default()
+    })
+    .await;
+    let mut created = Vec::new();
+    for name in [&slow, &fast] {
+        created.push(
+            h.create(
+                node(name)
+                    .labels(&[("ccm-test/scope", scope.as_str())])
+                    .cloud_taint()
+                    .provider_id(&format!("fake://{name}"))
+                    .build(),
+            )
+            .await,
+        );
+    }
+    let cache = NodeCache::start(
+        &h.client,
+        watcher::Config::default().labels(&format!("ccm-test/scope={scope}")),
+    )
+    .await;
+    cache.wait_for(&created).await;
+    let controller = h.controller(cache.store.clone());
+
+    let slow_sync = tokio::spawn({
+        let controller = controller.clone();
+        let slow = slow.clone();
+        async move { controller.sync_node(&slow).await }
+    });
+    // Let the slow call reach the provider first.
+    for _ in 0..100 {
+        if h.fake.call_log().iter().any(|c| c.subject == slow) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    controller.sync_node(&fast).await.unwrap();
+
+    assert!(
+        !slow_sync.is_finished(),
+        "the fast node's sync waited for the slow node's provider call"
+    );
+    let fast_after = h.get(&fast).await;
+    assert!(
+        !taints_of(&fast_after)
+            .iter()
+            .any(|t| t.key == TAINT_UNINITIALIZED)
+    );
+    let slow_now = h.get(&slow).await;
+    assert!(
+        taints_of(&slow_now)
+            .iter()
+            .any(|t| t.key == TAINT_UNINITIALIZED)
+    );
+
+    slow_sync.await.unwrap().unwrap();
+    let slow_after = h.get(&slow).await;
+    assert!(
+        !taints_of(&slow_after)
+            .iter()
+            .any(|t| t.key == TAINT_UNINITIALIZED)
+    );
+}

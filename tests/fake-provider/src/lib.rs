@@ -149,6 +149,9 @@ pub struct FakeCloud {
     pub err_shutdown_by_provider_id: Option<CpiError>,
     /// Sleep before answering every call (upstream `RequestDelay`).
     pub request_delay: Duration,
+    /// Extra sleep before answering calls about one subject (a node name or provider ID): one
+    /// slow instance among fast ones.
+    pub subject_delays: HashMap<String, Duration>,
     /// Every call received, in order (upstream `Calls`).
     pub calls: Vec<FakeCall>,
 }
@@ -177,6 +180,7 @@ impl Default for FakeCloud {
             node_shutdown: false,
             err_shutdown_by_provider_id: None,
             request_delay: Duration::ZERO,
+            subject_delays: HashMap::new(),
             calls: Vec::new(),
         }
     }
@@ -470,6 +474,11 @@ impl FakeProvider {
                 subject: subject.to_string(),
             });
             state.request_delay
+                + state
+                    .subject_delays
+                    .get(subject)
+                    .copied()
+                    .unwrap_or_default()
         };
         if !delay.is_zero() {
             tokio::time::sleep(delay).await;
