@@ -788,6 +788,30 @@ async fn ready_node_loses_the_shutdown_taint() {
     o.assert_events(&[]);
 }
 
+/// Beyond upstream (operator-pain-points §2.11): a NotReady node whose instance runs again
+/// loses the shutdown taint without waiting for the kubelet to report Ready.
+#[tokio::test]
+async fn running_instance_loses_the_shutdown_taint_before_the_node_is_ready() {
+    let mut n = node("False", Some("fake://node0"));
+    if let Some(spec) = n.spec.as_mut() {
+        spec.taints = Some(vec![Taint {
+            key: TAINT_SHUTDOWN.to_string(),
+            effect: "NoSchedule".to_string(),
+            ..Default::default()
+        }]);
+    }
+    let o = monitor(
+        FakeCloud {
+            node_shutdown: false,
+            exists_by_provider_id: true,
+            ..FakeCloud::default()
+        },
+        n,
+    )
+    .await;
+    assert_eq!(taints_of(o.after()), vec![]);
+}
+
 // ---- The deletion policy (beyond upstream: operator-pain-points §1.1, §1.2, §1.7) ----
 
 fn careful(grace_period: Duration, confirmations: u32) -> DeletionPolicy {

@@ -1,7 +1,8 @@
 //! cloud-node-lifecycle-controller (upstream `controllers/nodelifecycle`): every
 //! `--node-monitor-period`, NotReady nodes whose instance is authoritatively gone are deleted,
-//! and shut-down instances get (and, once Ready again, lose) the
-//! `node.cloudprovider.kubernetes.io/shutdown` taint. Ready nodes are left alone.
+//! and shut-down instances get the `node.cloudprovider.kubernetes.io/shutdown` taint. They lose it
+//! once Ready again (upstream) or as soon as the provider says the instance runs (beyond upstream:
+//! the taint never outlives the shutdown). Ready nodes are otherwise left alone.
 //!
 //! Only the provider's own word deletes a node: an explicit `NOT_FOUND` existence answer, or on
 //! the legacy path an InstanceID lookup answering `INSTANCE_NOT_FOUND` or an empty instance ID
@@ -216,6 +217,11 @@ impl NodeLifecycleController {
             Verdict::Exists => match self.shutdown(node).await {
                 Ok(true) if !node.has_taint(TAINT_SHUTDOWN) => {
                     self.set_shutdown_taint(node, true).await;
+                }
+                // Beyond upstream (which waits for Ready): an instance that runs again loses the
+                // taint at once, so the taint never claims a shutdown that is over.
+                Ok(false) if node.has_taint(TAINT_SHUTDOWN) => {
+                    self.set_shutdown_taint(node, false).await;
                 }
                 Ok(shutdown) => debug!(shutdown, "instance exists"),
                 Err(err) => warn!(error = %err, "error checking if node is shutdown"),
