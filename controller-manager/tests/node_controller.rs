@@ -29,7 +29,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use cloud_controller_manager::controllers::CachedNode;
-use cloud_controller_manager::controllers::node::{NodeController, SyncError};
+use cloud_controller_manager::controllers::node::{
+    self as node_controller, NodeController, SyncError,
+};
 use cloud_controller_manager::metrics::Metrics;
 use fake_provider::{CpiError, FakeCloud, FakeZone, call, external_ip, hostname, internal_ip};
 use futures::StreamExt;
@@ -37,7 +39,7 @@ use k8s_openapi::api::core::v1::{Node, NodeAddress, NodeCondition, NodeSpec, Nod
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use kube::ResourceExt;
 use kube::api::ListParams;
-use kube::runtime::reflector::Store;
+use kube::runtime::reflector::{ObjectRef, Store};
 use kube::runtime::watcher;
 use support::{Harness, NodeCache, harness, taints_of};
 use test_control_plane::unique_name;
@@ -1491,4 +1493,103 @@ async fn slow_provider_call_for_one_node_does_not_block_another() {
             .iter()
             .any(|t| t.key == TAINT_UNINITIALIZED)
     );
+}
+
+// ------------------------------------------------------------------------------------------------
+// Beyond upstream: a failing initialisation is visible on the node (operator-pain-points §2.1)
+// ------------------------------------------------------------------------------------------------
+
+/// The `CloudInitializationFailed` condition of `node`: (status, reason, message, heartbeat).
+fn failure_condition(node: &Node) -> Option<(String, String, String, Option<Time>)> {
+    node.status
+        .as_ref()
+        .and_then(|s| s.conditions.as_ref())
+        .and_then(|c| {
+            c.iter()
+                .find(|c| c.type_ == node_controller::CONDITION_INITIALIZATION_FAILED)
+        })
+        .map(|c| {
+            (
+                c.status.clone(),
+                c.reason.clone().unwrap_or_default(),
+                c.message.clone().unwrap_or_default(),
+                c.last_heartbeat_time.clone(),
+            )
+        })
+}
+
+/// A tainted node whose metadata lookup fails gets the failure condition (next to the kubelet's
+/// Ready condition), is not rewritten for the same failure, and loses the condition together
+/// with the taint once the provider answers.
+#[tokio::test]
+async fn failing_initialization_is_named_in_a_condition_until_it_succeeds() {
+    let name = unique_name("init-failure");
+    let h = harness(FakeCloud {
+        instances_v2_enabled: true,
+        addresses: cloud_addresses(),
+        metadata_err: Some(CpiError::Cloud("metadata service unreachable".into())),
+        ..FakeCloud::default()
+    })
+    .await;
+    let before = h
+        .create(
+            node(&name)
+                .cloud_taint()
+                .provider_id(&format!("fake://{name}"))
+                .ready("Unknown")
+                .build(),
+        )
+        .await;
+    let cache = h.cache_for(&before).await;
+    let controller = h.controller(cache.store.clone());
+    let cached = |cache: &NodeCache| {
+        cache
+            .store
+            .get(&ObjectRef::<CachedNode>::new(&name))
+            .expect("node cached")
+    };
+
+    let err = controller
+        .reconcile_node(&cached(&cache))
+        .await
+        .expect_err("metadata lookup fails");
+    let failed = h.get(&name).await;
+    let (status, reason, message, heartbeat) =
+        failure_condition(&failed).expect("failure condition set");
+    assert_eq!((status.as_str(), reason.as_str()), ("True", err.reason()));
+    assert!(
+        message.contains("metadata service unreachable"),
+        "{message}"
+    );
+    assert!(conditions_of(&failed).contains(&("Ready".to_string(), "Unknown".to_string())));
+    assert!(
+        taints_of(&failed)
+            .iter()
+            .any(|t| t.key == TAINT_UNINITIALIZED)
+    );
+
+    // The same failure again: the node is not rewritten.
+    cache.wait_for(std::slice::from_ref(&failed)).await;
+    controller
+        .reconcile_node(&cached(&cache))
+        .await
+        .expect_err("still failing");
+    let again = h.get(&name).await;
+    assert_eq!(again.resource_version(), failed.resource_version());
+    assert_eq!(failure_condition(&again).map(|c| c.3), Some(heartbeat));
+
+    // The provider recovers: initialised, and the condition is gone.
+    h.fake.update(|f| f.metadata_err = None);
+    controller
+        .reconcile_node(&cached(&cache))
+        .await
+        .expect("initialises");
+    let after = h.get(&name).await;
+    assert_eq!(failure_condition(&after), None);
+    assert!(
+        !taints_of(&after)
+            .iter()
+            .any(|t| t.key == TAINT_UNINITIALIZED)
+    );
+    assert!(conditions_of(&after).contains(&("Ready".to_string(), "Unknown".to_string())));
 }

@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::{Node, NodeAddress};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{Api, Patch, PatchParams, PostParams};
 use kube::runtime::controller::{Action, Controller};
@@ -35,6 +36,12 @@ use crate::names::ControllerName;
 pub const TAINT_UNINITIALIZED: &str = "node.cloudprovider.kubernetes.io/uninitialized";
 /// Annotation in which the kubelet publishes `--node-ip`.
 pub const ANNOTATION_PROVIDED_NODE_IP: &str = "alpha.kubernetes.io/provided-node-ip";
+/// Node condition that names why initialisation keeps failing, set (`True`) while a tainted
+/// node fails and removed once it is initialised, so `kubectl describe node` shows the cause
+/// after the events have expired.
+pub const CONDITION_INITIALIZATION_FAILED: &str = "CloudInitializationFailed";
+/// Longest condition message written; longer error texts are cut.
+const MAX_CONDITION_MESSAGE: usize = 1024;
 /// GA instance-type label.
 pub const LABEL_INSTANCE_TYPE: &str = "node.kubernetes.io/instance-type";
 /// Deprecated beta instance-type label.
@@ -133,6 +140,21 @@ pub enum SyncError {
     Conflicts(String),
 }
 
+impl SyncError {
+    /// A CamelCase reason for events and the failure condition.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            Self::Cloud { .. } => "ProviderError",
+            Self::NoProviderId(_) => "NoProviderID",
+            Self::InvalidProviderId { .. } => "InvalidProviderID",
+            Self::ProvidedNodeIp { .. } => "InvalidProvidedNodeIP",
+            Self::Zone { .. } => "ZoneUnknown",
+            Self::Kube { .. } => "APIError",
+            Self::Conflicts(_) => "Conflicts",
+        }
+    }
+}
+
 /// Shared state of the cloud-node controller.
 pub struct NodeController {
     client: kube::Client,
@@ -224,6 +246,96 @@ impl NodeController {
             return Ok(());
         };
         self.sync(&node).await
+    }
+
+    /// One reconcile as the controller loop runs it: [`sync`](Self::sync), and when a tainted
+    /// node fails, a Warning `FailedToInitialize` event and the
+    /// [`CONDITION_INITIALIZATION_FAILED`] condition naming the error.
+    pub async fn reconcile_node(&self, node: &CachedNode) -> Result<(), SyncError> {
+        let result = self.sync(node).await;
+        if let Err(err) = &result
+            && has_uninitialized_taint(node)
+            && self.cloud.owns_node(node)
+        {
+            // Operators must see why a node stays unschedulable without reading our logs;
+            // repeats are aggregated by the recorder.
+            self.recorder
+                .record(
+                    &node.object_ref(&()),
+                    EventType::Warning,
+                    "FailedToInitialize",
+                    &format!("Node initialisation failed and will be retried: {err}"),
+                )
+                .await;
+            self.mark_initialization_failed(node, err).await;
+        }
+        result
+    }
+
+    /// Sets the failure condition, unless the cached node already carries this very failure.
+    async fn mark_initialization_failed(&self, node: &CachedNode, err: &SyncError) {
+        let name = node.name_any();
+        let reason = err.reason();
+        let message = truncated(err.to_string(), MAX_CONDITION_MESSAGE);
+        let existing = node
+            .conditions()
+            .iter()
+            .find(|c| c.type_ == CONDITION_INITIALIZATION_FAILED && c.status == "True");
+        if existing.is_some_and(|c| {
+            c.reason.as_deref() == Some(reason) && c.message.as_deref() == Some(message.as_str())
+        }) {
+            return;
+        }
+        let now = Time(Timestamp::now());
+        let since = existing
+            .and_then(|c| c.last_transition_time.clone())
+            .unwrap_or_else(|| now.clone());
+        // A strategic merge patch: conditions merge by type, so the kubelet's are kept.
+        let patch = serde_json::json!({ "status": { "conditions": [{
+            "type": CONDITION_INITIALIZATION_FAILED,
+            "status": "True",
+            "reason": reason,
+            "message": message,
+            "lastHeartbeatTime": now,
+            "lastTransitionTime": since,
+        }]}});
+        self.patch_status(
+            &name,
+            &Patch::Strategic(&patch),
+            "set the initialisation-failure condition",
+        )
+        .await;
+    }
+
+    /// Removes the failure condition from a node that is now initialised (only when present).
+    async fn clear_initialization_failed(&self, node: &CachedNode) {
+        if !node
+            .conditions()
+            .iter()
+            .any(|c| c.type_ == CONDITION_INITIALIZATION_FAILED)
+        {
+            return;
+        }
+        let name = node.name_any();
+        let patch = serde_json::json!({ "status": { "conditions": [{
+            "type": CONDITION_INITIALIZATION_FAILED,
+            "$patch": "delete",
+        }]}});
+        self.patch_status(
+            &name,
+            &Patch::Strategic(&patch),
+            "remove the initialisation-failure condition",
+        )
+        .await;
+    }
+
+    /// Patches `nodes/status` of `name`; a failure is logged (the next sync or pass retries).
+    async fn patch_status(&self, name: &str, patch: &Patch<&serde_json::Value>, what: &str) {
+        let request =
+            apiclient::nodes().patch_subresource("status", name, &PatchParams::default(), patch);
+        if let Err(err) = apiclient::send_write(&self.client, request).await {
+            warn!(node = %name, error = %err, "failed to {what}");
+        }
     }
 
     /// Initialises a tainted node, or reconciles the labels of an initialised one.
@@ -521,6 +633,7 @@ impl NodeController {
             self.metrics.taint_removal_delay.observe(age.as_secs_f64());
         }
         self.update_addresses(&updated, &metadata.addresses).await;
+        self.clear_initialization_failed(&updated).await;
         self.recorder
             .record(
                 &updated.object_ref(&()),
@@ -566,16 +679,11 @@ impl NodeController {
                 return;
             }
         };
+        // A merge patch replaces the whole list (a strategic one would merge addresses by type
+        // and keep stale ones).
         let patch = serde_json::json!({ "status": { "addresses": new } });
-        let request = apiclient::nodes().patch_subresource(
-            "status",
-            &name,
-            &PatchParams::default(),
-            &Patch::Merge(&patch),
-        );
-        if let Err(err) = apiclient::send_write(&self.client, request).await {
-            warn!(node = %name, error = %err, "failed to patch node addresses");
-        }
+        self.patch_status(&name, &Patch::Merge(&patch), "patch node addresses")
+            .await;
     }
 
     /// Mirrors beta labels to GA ones on an initialised node (rule 24).
@@ -633,21 +741,7 @@ async fn reconcile(node: Arc<CachedNode>, ctx: Arc<NodeController>) -> Result<Ac
     let name = node.name_any();
     let span = info_span!("cloud-node.sync", node = %name);
     async move {
-        if let Err(err) = ctx.sync(&node).await {
-            if has_uninitialized_taint(&node) {
-                // Operators must see why a node stays unschedulable without reading our logs;
-                // repeats are aggregated by the recorder.
-                ctx.recorder
-                    .record(
-                        &node.object_ref(&()),
-                        EventType::Warning,
-                        "FailedToInitialize",
-                        &format!("Node initialisation failed and will be retried: {err}"),
-                    )
-                    .await;
-            }
-            return Err(err);
-        }
+        ctx.reconcile_node(&node).await?;
         if let Ok(mut failures) = ctx.failures.lock() {
             failures.remove(&name);
         }
@@ -676,6 +770,19 @@ pub fn backoff(attempts: u32) -> Duration {
     Duration::from_millis(5)
         .saturating_mul(1u32 << exp)
         .min(Duration::from_secs(1000))
+}
+
+/// `text` cut to at most `max` bytes on a character boundary, marked when cut.
+fn truncated(mut text: String, max: usize) -> String {
+    if text.len() > max {
+        let mut end = max.saturating_sub(3);
+        while !text.is_char_boundary(end) {
+            end -= 1;
+        }
+        text.truncate(end);
+        text.push_str("...");
+    }
+    text
 }
 
 fn jittered(base: Duration) -> Duration {

@@ -446,3 +446,12 @@ fn backoff_is_exponential_and_capped() {
     assert_eq!(backoff(2), Duration::from_millis(10));
     assert_eq!(backoff(40), Duration::from_secs(1000));
 }
+
+#[test]
+fn condition_messages_are_cut_on_a_character_boundary() {
+    assert_eq!(truncated("short".into(), 10), "short");
+    let cut = truncated("é".repeat(20), 10);
+    assert!(cut.len() <= 10, "{cut}");
+    assert!(cut.ends_with("..."));
+    assert!(cut.starts_with("ééé"));
+}
