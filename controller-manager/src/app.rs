@@ -56,7 +56,7 @@ pub enum AppError {
 /// Everything controllers need, built once at start-up.
 #[derive(Clone)]
 pub struct Runtime {
-    /// API client (rate limited).
+    /// API client of the controllers (rate limited).
     pub client: kube::Client,
     /// Provider shim.
     pub cloud: Cloud,
@@ -91,15 +91,26 @@ pub async fn kube_config(options: &Options) -> Result<kube::Config, AppError> {
     Ok(config)
 }
 
-/// Builds the rate-limited, instrumented API client. Unlike kube's default stack (HTTP/1.1,
-/// one TLS connection per request in flight) it negotiates HTTP/2, so every request and watch
+/// The API clients: both over one connection pool, each with its own `--kube-api-qps/burst`
+/// token bucket.
+pub struct KubeClients {
+    /// For the controllers.
+    pub controllers: kube::Client,
+    /// For leader election and the secure port's token and access reviews: as upstream's
+    /// separate leader-election client, lease renewals never queue behind a burst of
+    /// controller writes (which could cost the lease).
+    pub control: kube::Client,
+}
+
+/// Builds the rate-limited, instrumented API clients. Unlike kube's default stack (HTTP/1.1,
+/// one TLS connection per request in flight) they negotiate HTTP/2, so every request and watch
 /// shares one multiplexed connection: with tens of node workers that saves a TLS handshake and
 /// connection buffers per worker (measured in `bench node-init`).
-pub fn kube_client(
-    config: kube::Config,
+pub fn kube_clients(
+    config: &kube::Config,
     options: &Options,
-    metrics: Arc<Metrics>,
-) -> Result<kube::Client, AppError> {
+    metrics: &Arc<Metrics>,
+) -> Result<KubeClients, AppError> {
     use kube::client::ConfigExt;
     use tower::ServiceBuilder;
 
@@ -122,21 +133,28 @@ pub fn kube_client(
             .http2_keep_alive_while_idle(true)
             .timer(hyper_util::rt::TokioTimer::new())
             .build(https);
-    let service = ServiceBuilder::new()
-        .layer(config.base_uri_layer())
-        .option_layer(config.auth_layer()?)
-        .layer(config.extra_headers_layer()?)
-        .map_err(tower::BoxError::from)
-        .service(hyper_client);
-    Ok(
-        kube::client::ClientBuilder::new(service, config.default_namespace.clone())
-            .with_layer(&RequestMetricsLayer::new(metrics))
-            .with_layer(&RateLimitLayer::new(
-                options.kube_api_qps,
-                options.kube_api_burst,
-            ))
-            .build(),
-    )
+    // The hyper client is a handle on one pool: both clients share its connection.
+    let client = |hyper_client| -> Result<kube::Client, AppError> {
+        let service = ServiceBuilder::new()
+            .layer(config.base_uri_layer())
+            .option_layer(config.auth_layer()?)
+            .layer(config.extra_headers_layer()?)
+            .map_err(tower::BoxError::from)
+            .service(hyper_client);
+        Ok(
+            kube::client::ClientBuilder::new(service, config.default_namespace.clone())
+                .with_layer(&RequestMetricsLayer::new(metrics.clone()))
+                .with_layer(&RateLimitLayer::new(
+                    options.kube_api_qps,
+                    options.kube_api_burst,
+                ))
+                .build(),
+        )
+    };
+    Ok(KubeClients {
+        controllers: client(hyper_client.clone())?,
+        control: client(hyper_client)?,
+    })
 }
 
 /// Controllers to run: enabled by `--controllers` and supported by the provider.
@@ -175,7 +193,7 @@ pub async fn run(
     let selection = options.validate()?;
     let metrics = Metrics::new();
     let config = kube_config(&options).await?;
-    let client = kube_client(config, &options, metrics.clone())?;
+    let clients = kube_clients(&config, &options, &metrics)?;
     let endpoint = options.provider_endpoint()?;
     let cloud = Cloud::connect(
         &endpoint,
@@ -207,7 +225,7 @@ pub async fn run(
         uuid::Uuid::new_v4()
     );
     let runtime = Runtime {
-        client,
+        client: clients.controllers,
         cloud,
         metrics: metrics.clone(),
         identity: identity.clone(),
@@ -227,7 +245,7 @@ pub async fn run(
                 health.clone(),
                 metrics.clone(),
                 Some(Arc::new(Authorizer::new(
-                    runtime.client.clone(),
+                    clients.control.clone(),
                     options.authorization_always_allow_paths.clone(),
                 ))),
             ),
@@ -274,7 +292,7 @@ pub async fn run(
         })
         .clone();
     let mut elector = LeaderElector::new(
-        runtime.client.clone(),
+        clients.control,
         LeaseConfig {
             namespace: options.leader_elect_resource_namespace.clone(),
             name: options.leader_elect_resource_name.clone(),

@@ -272,16 +272,12 @@ fn capabilities(info: &ProviderInfo) -> Vec<Capability> {
         .collect()
 }
 
-/// Ownership rule shared by every controller: a providerID is ours when it starts with one of
-/// the prefixes the shim claims (default `<name>://`).
+/// Ownership rule shared by every controller ([`cpi_proto::provider_id::strip_owned`]): a
+/// providerID is ours when it starts with one of the prefixes the shim claims (default
+/// `<name>://`).
 pub fn owns_provider_id(info: &v1::ProviderInfo, provider_id: &str) -> bool {
-    if info.provider_id_prefixes.is_empty() {
-        let default = format!("{}://", info.name);
-        return provider_id.starts_with(&default);
-    }
-    info.provider_id_prefixes
-        .iter()
-        .any(|prefix| !prefix.is_empty() && provider_id.starts_with(prefix.as_str()))
+    cpi_proto::provider_id::strip_owned(&info.name, &info.provider_id_prefixes, provider_id)
+        .is_some()
 }
 
 /// Consecutive failed probes of the shim and the last error, behind the `/readyz` check.

@@ -15,7 +15,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::{MicroTime, ObjectMeta, Time
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{Patch, PatchParams, PostParams};
 use tokio::sync::Mutex;
-use tracing::debug;
+use tracing::warn;
 
 use crate::apiclient::send_write;
 
@@ -116,12 +116,12 @@ impl Recorder {
         message: &str,
     ) {
         if let Err(err) = self.try_record(object, type_, reason, message).await {
-            debug!(error = %err, reason, "failed to record event");
+            warn!(error = %err, reason, "failed to record event");
         }
     }
 
     /// Records an Event, returning API errors.
-    pub async fn try_record(
+    async fn try_record(
         &self,
         object: &ObjectReference,
         type_: EventType,

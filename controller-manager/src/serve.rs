@@ -276,33 +276,19 @@ pub async fn bind(
     Ok((local, accept_loop(listener, acceptor, router)))
 }
 
+/// Serves HTTP/1.1 on every TLS connection of the transport crate's bounded accept loop.
 async fn accept_loop(listener: TcpListener, acceptor: TlsAcceptor, router: Router) {
-    loop {
-        let (stream, peer) = match listener.accept().await {
-            Ok(conn) => conn,
-            Err(err) => {
-                debug!(error = %err, "accept failed");
-                continue;
-            }
-        };
-        let acceptor = acceptor.clone();
+    let config = acceptor.config().clone();
+    let incoming = cpi_transport::tls_incoming(listener, move || config.clone());
+    let mut incoming = std::pin::pin!(incoming);
+    while let Some(tls) = futures::StreamExt::next(&mut incoming).await {
         let service = TowerToHyperService::new(router.clone());
         tokio::spawn(async move {
-            let handshake =
-                tokio::time::timeout(std::time::Duration::from_secs(10), acceptor.accept(stream));
-            let tls = match handshake.await {
-                Ok(Ok(tls)) => tls,
-                Ok(Err(err)) => {
-                    debug!(%peer, error = %err, "TLS handshake failed");
-                    return;
-                }
-                Err(_) => return,
-            };
             if let Err(err) = hyper::server::conn::http1::Builder::new()
                 .serve_connection(TokioIo::new(tls), service)
                 .await
             {
-                debug!(%peer, error = %err, "connection error");
+                debug!(error = %err, "connection error");
             }
         });
     }

@@ -32,6 +32,25 @@ pub mod provider_id {
         format!("{provider}://{instance_id}")
     }
 
+    /// The ownership rule every component applies: the instance part of `provider_id` when it
+    /// belongs to the provider `name` claiming the prefixes `claimed` (none claimed means
+    /// `"<name>://"`), with something after the prefix. Empty claimed prefixes own nothing.
+    pub fn strip_owned<'a>(
+        name: &str,
+        claimed: &[String],
+        provider_id: &'a str,
+    ) -> Option<&'a str> {
+        if claimed.is_empty() {
+            let (scheme, rest) = split(provider_id)?;
+            return (scheme == name).then_some(rest);
+        }
+        claimed
+            .iter()
+            .filter(|prefix| !prefix.is_empty())
+            .find_map(|prefix| provider_id.strip_prefix(prefix.as_str()))
+            .filter(|rest| !rest.is_empty())
+    }
+
     #[cfg(test)]
     mod tests {
         use super::*;
@@ -50,6 +69,22 @@ pub mod provider_id {
             for bad in ["", "local", "local://", "://x", "aws", "local:/x"] {
                 assert_eq!(split(bad), None, "{bad:?}");
             }
+        }
+
+        #[test]
+        fn ownership_by_name_or_claimed_prefixes() {
+            let none: &[String] = &[];
+            assert_eq!(strip_owned("local", none, "local://m-1"), Some("m-1"));
+            assert_eq!(strip_owned("local", none, "local://"), None);
+            assert_eq!(strip_owned("local", none, "localhost://x"), None);
+            let claimed = [
+                "hcloud://".to_string(),
+                "hrobot://".to_string(),
+                String::new(),
+            ];
+            assert_eq!(strip_owned("hcloud", &claimed, "hrobot://42"), Some("42"));
+            assert_eq!(strip_owned("hcloud", &claimed, "hrobot://"), None);
+            assert_eq!(strip_owned("hcloud", &claimed, "talos://x"), None);
         }
 
         #[test]

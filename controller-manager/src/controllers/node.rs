@@ -15,7 +15,7 @@ use futures::StreamExt;
 use k8s_openapi::api::core::v1::{Node, NodeAddress};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::Timestamp;
-use kube::api::{Api, Patch, PatchParams, PostParams};
+use kube::api::{Patch, PatchParams, PostParams};
 use kube::runtime::controller::{Action, Controller};
 use kube::runtime::reflector::{ObjectRef, ReflectHandle, Store};
 use kube::{Resource, ResourceExt};
@@ -98,6 +98,18 @@ pub enum SyncError {
         /// Provider error.
         source: CpiError,
     },
+    /// Both legacy lookups failed: by provider ID, then by node name.
+    #[error(
+        "error fetching node {node:?} by provider ID: {by_id}, and error by node name: {by_name}"
+    )]
+    Lookups {
+        /// Node name.
+        node: String,
+        /// Error of the lookup by provider ID.
+        by_id: CpiError,
+        /// Error of the lookup by node name.
+        by_name: CpiError,
+    },
     /// Neither the provider nor the node has a provider ID (InstancesV2 path).
     #[error("cloud provider does not set node provider ID for node {0}")]
     NoProviderId(String),
@@ -144,7 +156,7 @@ impl SyncError {
     /// A CamelCase reason for events and the failure condition.
     pub fn reason(&self) -> &'static str {
         match self {
-            Self::Cloud { .. } => "ProviderError",
+            Self::Cloud { .. } | Self::Lookups { .. } => "ProviderError",
             Self::NoProviderId(_) => "NoProviderID",
             Self::InvalidProviderId { .. } => "InvalidProviderID",
             Self::ProvidedNodeIp { .. } => "InvalidProvidedNodeIP",
@@ -237,6 +249,20 @@ impl NodeController {
                 _ = stop.changed() => return,
             }
             self.observe_uninitialized();
+            self.forget_failures_of_deleted_nodes();
+        }
+    }
+
+    /// Drops the backoff counts of nodes no longer in the cache (deleted while failing).
+    fn forget_failures_of_deleted_nodes(&self) {
+        if let Ok(mut failures) = self.failures.lock()
+            && !failures.is_empty()
+        {
+            failures.retain(|name, _| {
+                self.store
+                    .get(&ObjectRef::<CachedNode>::new(name))
+                    .is_some()
+            });
         }
     }
 
@@ -253,9 +279,9 @@ impl NodeController {
     /// [`CONDITION_INITIALIZATION_FAILED`] condition naming the error.
     pub async fn reconcile_node(&self, node: &CachedNode) -> Result<(), SyncError> {
         let result = self.sync(node).await;
+        // (A node we do not own never fails: `sync` leaves it alone.)
         if let Err(err) = &result
             && has_uninitialized_taint(node)
-            && self.cloud.owns_node(node)
         {
             // Operators must see why a node stays unschedulable without reading our logs;
             // repeats are aggregated by the recorder.
@@ -534,7 +560,7 @@ impl NodeController {
     }
 
     /// The legacy lookup pattern: ask by provider ID (when there is one) and, if that fails,
-    /// by node name; only the by-name error is reported.
+    /// by node name. When both fail, both errors are reported (as upstream).
     async fn by_id_or_name<T, ById, ByIdFut, ByName, ByNameFut>(
         &self,
         name: &str,
@@ -548,20 +574,34 @@ impl NodeController {
         ByName: FnOnce(v1::NodeNameRequest) -> ByNameFut,
         ByNameFut: Future<Output = Result<tonic::Response<T>, tonic::Status>>,
     {
+        let mut by_id_error = None;
         if !provider_id.is_empty() {
             let request = v1::ProviderIdRequest {
                 provider_id: provider_id.to_string(),
                 consistency: Consistency::Unspecified as i32,
             };
-            if let Ok(found) = self.call(by_id.0, name, (by_id.1)(request)).await {
-                return Ok(found);
+            match counted(&self.metrics, by_id.0, (by_id.1)(request)).await {
+                Ok(found) => return Ok(found),
+                Err(err) => by_id_error = Some(err),
             }
         }
         let request = v1::NodeNameRequest {
             node_name: name.to_string(),
             consistency: Consistency::Unspecified as i32,
         };
-        self.call(by_name.0, name, (by_name.1)(request)).await
+        let by_name_result = counted(&self.metrics, by_name.0, (by_name.1)(request)).await;
+        by_name_result.map_err(|by_name_error| match by_id_error {
+            Some(by_id_error) => SyncError::Lookups {
+                node: name.to_string(),
+                by_id: by_id_error,
+                by_name: by_name_error,
+            },
+            None => SyncError::Cloud {
+                call: by_name.0,
+                node: name.to_string(),
+                source: by_name_error,
+            },
+        })
     }
 
     /// Calls the shim (counted) and maps a failure to a [`SyncError`] naming call and node.
@@ -692,13 +732,11 @@ impl NodeController {
             return Ok(());
         };
         let name = node.name_any();
-        let api: Api<Node> = Api::all(self.client.clone());
         let patch = serde_json::json!({ "metadata": { "labels": missing } });
-        match api
-            .patch(&name, &PatchParams::default(), &Patch::Merge(&patch))
-            .await
-        {
-            Ok(_) => Ok(()),
+        let request =
+            apiclient::nodes().patch(&name, &PatchParams::default(), &Patch::Merge(&patch));
+        match apiclient::send_write(&self.client, request).await {
+            Ok(()) => Ok(()),
             Err(kube::Error::Api(status)) if status.code == 404 => Ok(()),
             Err(source) => Err(SyncError::Kube { node: name, source }),
         }

@@ -16,8 +16,8 @@ use std::time::{Duration, Instant};
 
 use k8s_openapi::jiff::Timestamp;
 
-use k8s_openapi::api::core::v1::{Node, Taint};
-use kube::api::{Api, DeleteParams, Patch, PatchParams};
+use k8s_openapi::api::core::v1::Taint;
+use kube::api::{DeleteParams, Patch, PatchParams};
 use kube::runtime::reflector::Store;
 use kube::{Resource, ResourceExt};
 use tracing::{Instrument, debug, info, info_span, warn};
@@ -25,6 +25,7 @@ use tracing::{Instrument, debug, info, info_span, warn};
 use cpi_proto::CpiError;
 use cpi_proto::v1::{self, Capability, Consistency, Existence};
 
+use crate::apiclient;
 use crate::cloud::{Cloud, counted};
 use crate::controllers::CachedNode;
 use crate::convert;
@@ -394,7 +395,6 @@ impl NodeLifecycleController {
                 &format!("Deleting node {name} because it does not exist in the cloud provider"),
             )
             .await;
-        let api: Api<Node> = Api::all(self.client.clone());
         // Precondition on the UID: never delete a node re-created under the same name since we
         // looked at it.
         let params = DeleteParams {
@@ -404,7 +404,8 @@ impl NodeLifecycleController {
             }),
             ..DeleteParams::default()
         };
-        if let Err(err) = api.delete(&name, &params).await {
+        let request = apiclient::nodes().delete(&name, &params);
+        if let Err(err) = apiclient::send_write(&self.client, request).await {
             warn!(node = %name, error = %err, "failed deleting node");
             self.recorder
                 .record(
@@ -434,12 +435,10 @@ impl NodeLifecycleController {
             "metadata": { "resourceVersion": node.resource_version() },
             "spec": { "taints": taints },
         });
-        let api: Api<Node> = Api::all(self.client.clone());
-        match api
-            .patch(&name, &PatchParams::default(), &Patch::Merge(&patch))
-            .await
-        {
-            Ok(_) => info!(node = %name, present, "updated shutdown taint"),
+        let request =
+            apiclient::nodes().patch(&name, &PatchParams::default(), &Patch::Merge(&patch));
+        match apiclient::send_write(&self.client, request).await {
+            Ok(()) => info!(node = %name, present, "updated shutdown taint"),
             Err(err) => warn!(node = %name, error = %err, "failed to update shutdown taint"),
         }
     }
@@ -487,7 +486,7 @@ pub fn verdict_from(response: &v1::InstanceExistsResponse) -> Verdict {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use k8s_openapi::api::core::v1::{NodeCondition, NodeStatus};
+    use k8s_openapi::api::core::v1::{Node, NodeCondition, NodeStatus};
 
     fn with_ready(status: Option<&str>) -> Node {
         Node {

@@ -13,5 +13,5 @@ pub mod tls;
 pub mod trace;
 
 pub use client::{ClientEndpoint, ConnectError, ConnectOptions, CpiChannel, connect};
-pub use server::{Bound, Listen, LocalAddr, ServeError, bind, serve, server_builder};
+pub use server::{Bound, Listen, LocalAddr, ServeError, bind, serve, server_builder, tls_incoming};
 pub use tls::{ClientTls, ServerTls, TlsError, TlsFiles};

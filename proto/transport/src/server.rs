@@ -21,6 +21,7 @@ use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::net::{TcpListener, TcpStream, UnixListener};
@@ -216,16 +217,12 @@ impl Bound {
                 tls,
             } => {
                 info!(addr = %local, "serving gRPC over mutual TLS");
-                let (tx, rx) = mpsc::channel::<TlsStream<TcpStream>>(64);
-                // The accept loop ends by itself once tonic drops the receiving end; aborting
-                // on drop covers the case where this future is cancelled instead.
-                let accept = AbortOnDrop(tokio::spawn(accept_loop(listener, tls, tx)));
-                let incoming = ReceiverStream::new(rx).map(Ok::<_, io::Error>);
-                let result = router
+                let incoming =
+                    tls_incoming(listener, move || tls.current_config()).map(Ok::<_, io::Error>);
+                router
                     .serve_with_incoming_shutdown(incoming, shutdown)
-                    .await;
-                drop(accept);
-                result.map_err(ServeError::from)
+                    .await
+                    .map_err(ServeError::from)
             }
             BoundInner::Unix { listener, path } => {
                 info!(path = %path.display(), "serving gRPC over plaintext Unix socket");
@@ -242,6 +239,24 @@ impl Bound {
     }
 }
 
+/// The TLS connections accepted on `listener`, each handshaken with the configuration `config`
+/// returns at accept time (so reloaded certificates apply to new connections): at most
+/// `MAX_PENDING_HANDSHAKES` handshakes in flight, each bounded by `HANDSHAKE_TIMEOUT`, and a
+/// pause after a failed `accept`. Accepting stops when the stream is dropped.
+pub fn tls_incoming(
+    listener: TcpListener,
+    config: impl Fn() -> Arc<rustls::ServerConfig> + Send + 'static,
+) -> impl futures::Stream<Item = TlsStream<TcpStream>> + Send + 'static {
+    let (tx, rx) = mpsc::channel::<TlsStream<TcpStream>>(64);
+    // The accept loop ends by itself once the receiving end is dropped; aborting on drop covers
+    // a loop that is paused at that moment.
+    let accept = AbortOnDrop(tokio::spawn(accept_loop(listener, config, tx)));
+    ReceiverStream::new(rx).map(move |stream| {
+        let _keep = &accept;
+        stream
+    })
+}
+
 struct AbortOnDrop(tokio::task::JoinHandle<()>);
 
 impl Drop for AbortOnDrop {
@@ -252,7 +267,7 @@ impl Drop for AbortOnDrop {
 
 async fn accept_loop(
     listener: TcpListener,
-    tls: ServerTls,
+    config: impl Fn() -> Arc<rustls::ServerConfig>,
     tx: mpsc::Sender<TlsStream<TcpStream>>,
 ) {
     // Dropping the JoinSet (when the loop ends) aborts handshakes still in progress.
@@ -270,7 +285,7 @@ async fn accept_loop(
                     if let Err(err) = tcp.set_nodelay(true) {
                         debug!(%peer, error = %err, "cannot set TCP_NODELAY");
                     }
-                    let acceptor = TlsAcceptor::from(tls.current_config());
+                    let acceptor = TlsAcceptor::from(config());
                     handshakes.spawn(handshake(acceptor, tcp, peer, tx.clone()));
                 }
                 Err(err) => {

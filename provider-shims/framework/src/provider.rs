@@ -58,14 +58,7 @@ impl ProviderDescription {
 
     /// Strips the owning prefix: `Some(rest)` when this provider owns `provider_id`.
     pub fn strip_owned<'a>(&self, provider_id: &'a str) -> Option<&'a str> {
-        if self.provider_id_prefixes.is_empty() {
-            let (scheme, rest) = cpi_proto::provider_id::split(provider_id)?;
-            return (scheme == self.name).then_some(rest);
-        }
-        self.provider_id_prefixes
-            .iter()
-            .find_map(|prefix| provider_id.strip_prefix(prefix.as_str()))
-            .filter(|rest| !rest.is_empty())
+        cpi_proto::provider_id::strip_owned(&self.name, &self.provider_id_prefixes, provider_id)
     }
 
     /// Checks that `provider_id` (found at request field `field`) is well formed and ours.
