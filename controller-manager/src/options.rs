@@ -435,6 +435,12 @@ mod tests {
         assert_eq!(o.node_monitor_period, Duration::from_secs(90));
         assert_eq!(o.node_status_update_frequency, Duration::from_secs(600));
         assert!(!o.configure_cloud_routes);
+        assert_eq!(o.cluster_name, "c1");
+        assert_eq!(o.cluster_cidr, "10.0.0.0/16");
+        assert_eq!(o.kube_api_qps, 50.0);
+        assert_eq!(o.kube_api_burst, 100);
+        assert_eq!(o.concurrent_node_syncs, 5);
+        assert_eq!(o.secure_port, 0);
         o.validate().unwrap();
     }
 

@@ -1370,6 +1370,15 @@ async fn update_node_status_case(workers: usize) {
         NODES,
         "expected {NODES} cloud-provider calls, got {log:?}"
     );
+    // The worker count is what bounds the provider calls in flight.
+    let peak = h.fake.state().peak_in_flight;
+    assert!(
+        peak <= workers,
+        "{peak} calls in flight with {workers} workers"
+    );
+    if workers > 1 {
+        assert!(peak > 1, "{workers} workers never ran two calls at once");
+    }
     assert!(log.iter().all(|c| c.method == call::NODE_ADDRESSES));
     let asked: HashSet<String> = log.into_iter().map(|c| c.subject).collect();
     let names: HashSet<String> = created.iter().map(ResourceExt::name_any).collect();
@@ -1460,13 +1469,19 @@ async fn slow_provider_call_for_one_node_does_not_block_another() {
         let slow = slow.clone();
         async move { controller.sync_node(&slow).await }
     });
-    // Let the slow call reach the provider first.
-    for _ in 0..100 {
-        if h.fake.call_log().iter().any(|c| c.subject == slow) {
+    // Let the slow call reach the provider first: without it the test would prove nothing.
+    let mut reached = false;
+    for _ in 0..200 {
+        reached = h.fake.call_log().iter().any(|c| c.subject == slow);
+        if reached {
             break;
         }
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
+    assert!(
+        reached,
+        "the slow node's provider call never reached the fake"
+    );
     controller.sync_node(&fast).await.unwrap();
 
     assert!(

@@ -267,6 +267,8 @@ async fn nodes_deleted_node_is_not_ready_and_does_not_exist() {
     )
     .await;
     o.assert_deleted();
+    // No provider ID and no instance ID: gone before any other call.
+    assert_eq!(o.calls(), calls_of(&[call::INSTANCE_ID]));
 }
 
 /// Upstream "node is not ready and provider returns err": an error is never "gone".
@@ -324,6 +326,8 @@ async fn nodes_deleted_node_ready_condition_is_unknown_node_doesnt_exist() {
     )
     .await;
     o.assert_deleted();
+    // No provider ID and no instance ID: gone before any other call.
+    assert_eq!(o.calls(), calls_of(&[call::INSTANCE_ID]));
 }
 
 /// Upstream "node ready condition is unknown, node exists".
@@ -441,6 +445,7 @@ async fn nodes_deleted_instance_v2_node_ready_condition_is_unknown_node_doesnt_e
     )
     .await;
     o.assert_deleted();
+    assert_eq!(o.calls(), calls_of(&[call::INSTANCE_EXISTS]));
 }
 
 /// Upstream "[instancev2] node ready condition is unknown, node exists".
@@ -544,6 +549,8 @@ async fn nodes_shutdown_node_with_non_existing_provider_id_missing_in_cloud_prov
     )
     .await;
     o.assert_deleted();
+    // No provider ID and no instance ID: gone before any other call.
+    assert_eq!(o.calls(), calls_of(&[call::INSTANCE_ID]));
 }
 
 /// Upstream "node with error when getting providerID does not have shutdown taint".
@@ -597,6 +604,8 @@ async fn nodes_shutdown_node_is_not_ready_but_there_is_error_checking_if_node_is
     )
     .await;
     o.assert_deleted();
+    // No provider ID and no instance ID: gone before any other call.
+    assert_eq!(o.calls(), calls_of(&[call::INSTANCE_ID]));
 }
 
 /// Upstream "node is not ready and is not shutdown": the fixture's instance does not exist.
@@ -612,6 +621,8 @@ async fn nodes_shutdown_node_is_not_ready_and_is_not_shutdown() {
     )
     .await;
     o.assert_deleted();
+    // No provider ID and no instance ID: gone before any other call.
+    assert_eq!(o.calls(), calls_of(&[call::INSTANCE_ID]));
 }
 
 /// Upstream "node is ready but provider says it's shutdown (maybe a bug by provider)".
@@ -644,6 +655,31 @@ async fn nodes_shutdown_node_is_shutdown_but_provider_says_it_does_not_exist() {
     )
     .await;
     o.assert_deleted();
+    // No provider ID and no instance ID: gone before any other call.
+    assert_eq!(o.calls(), calls_of(&[call::INSTANCE_ID]));
+}
+
+/// Not an upstream case (upstream's "error checking if node is shutdown" fixture never exists):
+/// the instance exists and the shutdown check fails, so the node is left as it is.
+#[tokio::test]
+async fn shutdown_check_error_leaves_an_existing_node_untainted() {
+    let o = monitor(
+        FakeCloud {
+            exists_by_provider_id: true,
+            err_shutdown_by_provider_id: err("err!"),
+            ..FakeCloud::default()
+        },
+        node("False", Some("fake://node0")),
+    )
+    .await;
+    o.assert_unchanged();
+    assert_eq!(
+        o.calls(),
+        calls_of(&[
+            call::INSTANCE_EXISTS_BY_PROVIDER_ID,
+            call::INSTANCE_SHUTDOWN_BY_PROVIDER_ID
+        ])
+    );
 }
 
 // ------------------------------------------------------------------------------------------------
@@ -810,6 +846,14 @@ async fn running_instance_loses_the_shutdown_taint_before_the_node_is_ready() {
     )
     .await;
     assert_eq!(taints_of(o.after()), vec![]);
+    o.assert_events(&[]);
+    assert_eq!(
+        o.calls(),
+        calls_of(&[
+            call::INSTANCE_EXISTS_BY_PROVIDER_ID,
+            call::INSTANCE_SHUTDOWN_BY_PROVIDER_ID
+        ])
+    );
 }
 
 // ---- The deletion policy (beyond upstream: operator-pain-points §1.1, §1.2, §1.7) ----
@@ -877,4 +921,15 @@ async fn existence_unknown_is_reported_on_the_node() {
     )
     .await;
     o.assert_kept_with_warning();
+    let event = &o.events[0];
+    assert_eq!(event.type_.as_deref(), Some("Warning"));
+    assert!(
+        event
+            .message
+            .as_deref()
+            .unwrap_or_default()
+            .contains("could not say whether its instance exists"),
+        "{event:?}"
+    );
+    assert_eq!(event.involved_object.uid, o.before.metadata.uid);
 }

@@ -154,6 +154,10 @@ pub struct FakeCloud {
     pub subject_delays: HashMap<String, Duration>,
     /// Every call received, in order (upstream `Calls`).
     pub calls: Vec<FakeCall>,
+    /// Calls being answered right now.
+    pub in_flight: usize,
+    /// The most calls ever answered at the same time (how many workers really ran at once).
+    pub peak_in_flight: usize,
 }
 
 impl Default for FakeCloud {
@@ -182,6 +186,8 @@ impl Default for FakeCloud {
             request_delay: Duration::ZERO,
             subject_delays: HashMap::new(),
             calls: Vec::new(),
+            in_flight: 0,
+            peak_in_flight: 0,
         }
     }
 }
@@ -473,6 +479,8 @@ impl FakeProvider {
                 method,
                 subject: subject.to_string(),
             });
+            state.in_flight += 1;
+            state.peak_in_flight = state.peak_in_flight.max(state.in_flight);
             state.request_delay
                 + state
                     .subject_delays
@@ -483,7 +491,9 @@ impl FakeProvider {
         if !delay.is_zero() {
             tokio::time::sleep(delay).await;
         }
-        answer(&lock(&self.state))
+        let mut state = lock(&self.state);
+        state.in_flight -= 1;
+        answer(&state)
     }
 }
 

@@ -166,6 +166,7 @@ fn provided_node_ip_address_is_not_present() {
         addresses: vec![addr("InternalIP", "10.0.0.1")],
         ..Default::default()
     };
+    let before = node.clone();
     let err = apply_initialization(&mut node, &md)
         .unwrap_err()
         .to_string();
@@ -173,6 +174,7 @@ fn provided_node_ip_address_is_not_present() {
         err.contains("10.0.0.2") && err.contains("10.0.0.1"),
         "{err}"
     );
+    assert_eq!(node, before);
 }
 
 #[test]
