@@ -28,17 +28,25 @@ pub struct NodeInformer {
     pub store: Store<CachedNode>,
     writer: Option<reflector::store::Writer<CachedNode>>,
     client: kube::Client,
+    config: watcher::Config,
     ready: tokio::sync::watch::Sender<bool>,
 }
 
 impl NodeInformer {
-    /// Prepares the informer; nothing is watched until [`run`](Self::run).
+    /// Prepares the informer of every Node; nothing is watched until [`run`](Self::run).
     pub fn new(client: kube::Client) -> Self {
+        Self::selecting(client, watcher::Config::default())
+    }
+
+    /// Prepares an informer of the Nodes `config`'s selectors select (tests scope it to their
+    /// own nodes).
+    pub fn selecting(client: kube::Client, config: watcher::Config) -> Self {
         let (store, writer) = reflector::store_shared(SUBSCRIBER_BUFFER);
         Self {
             store,
             writer: Some(writer),
             client,
+            config: config.page_size(LIST_PAGE_SIZE),
             ready: tokio::sync::watch::channel(false).0,
         }
     }
@@ -60,10 +68,8 @@ impl NodeInformer {
             return;
         };
         let api: Api<CachedNode> = Api::all(self.client.clone());
-        let stream = reflector::reflector(
-            writer,
-            watcher(api, watcher::Config::default().page_size(LIST_PAGE_SIZE)).default_backoff(),
-        );
+        let stream =
+            reflector::reflector(writer, watcher(api, self.config.clone()).default_backoff());
         let ready = &self.ready;
         let drive = stream.for_each(|event| async move {
             match event {

@@ -6,15 +6,14 @@
 use std::time::Duration;
 
 use cloud_controller_manager::cloud::Cloud;
-use cloud_controller_manager::controllers::CachedNode;
+use cloud_controller_manager::controllers::{CachedNode, NodeInformer};
 use cloud_controller_manager::options::ProviderEndpoint;
 use fake_provider::{FakeCloud, ServedFake};
-use futures::StreamExt;
 use k8s_openapi::api::core::v1::{Node, Taint};
 use kube::ResourceExt;
 use kube::api::{Api, Patch, PatchParams, PostParams};
-use kube::runtime::reflector::{self, ObjectRef, Store};
-use kube::runtime::{WatchStreamExt, watcher};
+use kube::runtime::reflector::{ObjectRef, Store};
+use kube::runtime::watcher;
 use test_control_plane::ControlPlane;
 
 /// The taint the API server's admission adds to every created node.
@@ -97,7 +96,8 @@ impl Harness {
     }
 }
 
-/// A node cache watching only the nodes `config` selects; the watch stops on drop.
+/// The controllers' node cache ([`NodeInformer`]) watching only the nodes `config` selects;
+/// the watch stops on drop.
 pub struct NodeCache {
     /// The reflector's store.
     pub store: Store<CachedNode>,
@@ -114,18 +114,18 @@ impl Drop for NodeCache {
 impl NodeCache {
     /// Starts watching the nodes `config` selects and waits for the initial list.
     pub async fn start(client: &kube::Client, config: watcher::Config) -> Self {
-        let (store, writer) = reflector::store();
-        let api: Api<CachedNode> = Api::all(client.clone());
-        let stream = reflector::reflector(writer, watcher(api, config).default_backoff());
-        let task = tokio::spawn(stream.for_each(|_| async {}));
-        tokio::time::timeout(Duration::from_secs(10), store.wait_until_ready())
+        let informer = NodeInformer::selecting(client.clone(), config);
+        let store = informer.store.clone();
+        let mut ready = informer.ready();
+        let task = tokio::spawn(informer.run(std::future::pending()));
+        tokio::time::timeout(Duration::from_secs(10), ready.wait_for(|ready| *ready))
             .await
             .expect("node cache ready in time")
-            .expect("node cache writer alive");
+            .expect("node informer alive");
         Self { store, task }
     }
 
-    /// Waits until the cache holds every node of `nodes` at (at least) that version.
+    /// Waits until the cache holds every node of `nodes` at exactly that version.
     pub async fn wait_for(&self, nodes: &[Node]) {
         let fresh = || {
             nodes.iter().all(|n| {
