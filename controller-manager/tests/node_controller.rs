@@ -64,6 +64,13 @@ impl Harness {
         )
     }
 
+    /// Creates `node`, runs one successful `sync_node` on it and returns the node after.
+    async fn sync_ok(&self, node: Node) -> Node {
+        let (_, result, after) = self.sync(node).await;
+        result.unwrap();
+        after
+    }
+
     /// Creates `node`, runs one `sync_node` on it and returns (node before, result, node after).
     async fn sync(&self, node: Node) -> (Node, Result<(), SyncError>, Node) {
         let before = self.create(node).await;
@@ -228,6 +235,11 @@ fn annotations_of(node: &Node) -> BTreeMap<String, String> {
     node.metadata.annotations.clone().unwrap_or_default()
 }
 
+/// Whether the node still carries the uninitialized taint.
+fn is_uninitialized(node: &Node) -> bool {
+    taints_of(node).iter().any(|t| t.key == TAINT_UNINITIALIZED)
+}
+
 /// (type, status) of every condition.
 fn conditions_of(node: &Node) -> Vec<(String, String)> {
     node.status
@@ -277,15 +289,14 @@ async fn sync_node_node_initialized_with_hostname() {
         ..FakeCloud::default()
     })
     .await;
-    let (_, result, after) = h
-        .sync(
+    let after = h
+        .sync_ok(
             node(&name)
                 .cloud_taint()
                 .addresses(vec![addr("Hostname", "nodeoverriden")])
                 .build(),
         )
         .await;
-    result.unwrap();
     assert_eq!(provider_id_of(&after).as_deref(), Some("fake://12345"));
     assert_eq!(taints_of(&after), vec![]);
     // The cloud's Hostname replaces the kubelet's.
@@ -305,15 +316,14 @@ async fn sync_node_node_initialized_with_hostname_and_cloud_provider_missing_hos
         ..FakeCloud::default()
     })
     .await;
-    let (_, result, after) = h
-        .sync(
+    let after = h
+        .sync_ok(
             node(&name)
                 .cloud_taint()
                 .addresses(vec![addr("Hostname", "nodeoverriden")])
                 .build(),
         )
         .await;
-    result.unwrap();
     assert_eq!(provider_id_of(&after).as_deref(), Some("fake://12345"));
     assert_eq!(taints_of(&after), vec![]);
     assert_eq!(
@@ -338,8 +348,7 @@ async fn sync_node_node_initialized_with_provider_id() {
         ..FakeCloud::default()
     })
     .await;
-    let (_, result, after) = h.sync(node(&name).cloud_taint().build()).await;
-    result.unwrap();
+    let after = h.sync_ok(node(&name).cloud_taint().build()).await;
     assert_eq!(provider_id_of(&after).as_deref(), Some("fake://12345"));
     assert_eq!(taints_of(&after), vec![]);
     assert_eq!(addresses_of(&after), expected_cloud_addresses());
@@ -379,8 +388,8 @@ async fn sync_node_zone_region_topology_labels_added() {
         ..FakeCloud::default()
     })
     .await;
-    let (_, result, after) = h
-        .sync(
+    let after = h
+        .sync_ok(
             node(&name)
                 .labels(&[])
                 .ready("Unknown")
@@ -388,7 +397,6 @@ async fn sync_node_zone_region_topology_labels_added() {
                 .build(),
         )
         .await;
-    result.unwrap();
     assert_eq!(
         labels_of(&after),
         label_map(&[
@@ -415,8 +423,8 @@ async fn sync_node_node_addresses() {
         ..FakeCloud::default()
     })
     .await;
-    let (_, result, after) = h
-        .sync(
+    let after = h
+        .sync_ok(
             node(&name)
                 .labels(&[])
                 .taint(IMPROVE_COVERAGE_TAINT)
@@ -425,7 +433,6 @@ async fn sync_node_node_addresses() {
                 .build(),
         )
         .await;
-    result.unwrap();
     assert_eq!(provider_id_of(&after).as_deref(), Some("fake://12345"));
     assert_eq!(taints_of(&after), vec![taint(IMPROVE_COVERAGE_TAINT)]);
     assert_eq!(addresses_of(&after), expected_cloud_addresses());
@@ -472,8 +479,8 @@ async fn sync_node_provided_node_ip_address() {
         ..FakeCloud::default()
     })
     .await;
-    let (_, result, after) = h
-        .sync(
+    let after = h
+        .sync_ok(
             node(&name)
                 .annotation(ANNOTATION_PROVIDED_NODE_IP, "10.0.0.1")
                 .taint(IMPROVE_COVERAGE_TAINT)
@@ -484,7 +491,6 @@ async fn sync_node_provided_node_ip_address() {
                 .build(),
         )
         .await;
-    result.unwrap();
     assert_eq!(
         annotations_of(&after),
         label_map(&[(ANNOTATION_PROVIDED_NODE_IP, "10.0.0.1")])
@@ -563,8 +569,8 @@ async fn sync_node_provider_id_already_set() {
         ..FakeCloud::default()
     })
     .await;
-    let (_, result, after) = h
-        .sync(
+    let after = h
+        .sync_ok(
             node(&name)
                 .labels(&[])
                 .ready("Unknown")
@@ -574,7 +580,6 @@ async fn sync_node_provider_id_already_set() {
                 .build(),
         )
         .await;
-    result.unwrap();
     assert_eq!(
         provider_id_of(&after).as_deref(),
         Some("fake://test-provider-id")
@@ -597,10 +602,9 @@ async fn sync_node_provider_id_not_implemented() {
         ..FakeCloud::default()
     })
     .await;
-    let (_, result, after) = h
-        .sync(node(&name).ready("Unknown").cloud_taint().build())
+    let after = h
+        .sync_ok(node(&name).ready("Unknown").cloud_taint().build())
         .await;
-    result.unwrap();
     assert_eq!(taints_of(&after), vec![]);
     assert_eq!(provider_id_of(&after), None);
     assert_eq!(addresses_of(&after), vec![]);
@@ -625,15 +629,14 @@ async fn sync_node_instance_v2_node_initialized_with_provider_id() {
         ..FakeCloud::default()
     })
     .await;
-    let (_, result, after) = h
-        .sync(
+    let after = h
+        .sync_ok(
             node(&name)
                 .cloud_taint()
                 .provider_id("fake://12345")
                 .build(),
         )
         .await;
-    result.unwrap();
     assert_eq!(provider_id_of(&after).as_deref(), Some("fake://12345"));
     assert_eq!(taints_of(&after), vec![]);
     assert_eq!(addresses_of(&after), expected_cloud_addresses());
@@ -680,8 +683,8 @@ async fn sync_node_instance_v2_zone_region_topology_labels_added() {
         ..FakeCloud::default()
     })
     .await;
-    let (_, result, after) = h
-        .sync(
+    let after = h
+        .sync_ok(
             node(&name)
                 .labels(&[])
                 .ready("Unknown")
@@ -689,7 +692,6 @@ async fn sync_node_instance_v2_zone_region_topology_labels_added() {
                 .build(),
         )
         .await;
-    result.unwrap();
     assert_eq!(
         labels_of(&after),
         label_map(&[
@@ -720,8 +722,8 @@ async fn sync_node_instance_v2_node_addresses() {
         ..FakeCloud::default()
     })
     .await;
-    let (_, result, after) = h
-        .sync(
+    let after = h
+        .sync_ok(
             node(&name)
                 .labels(&[])
                 .taint(IMPROVE_COVERAGE_TAINT)
@@ -730,7 +732,6 @@ async fn sync_node_instance_v2_node_addresses() {
                 .build(),
         )
         .await;
-    result.unwrap();
     assert_eq!(taints_of(&after), vec![taint(IMPROVE_COVERAGE_TAINT)]);
     assert_eq!(provider_id_of(&after).as_deref(), Some("fake://12345"));
     assert_eq!(addresses_of(&after), expected_cloud_addresses());
@@ -750,8 +751,8 @@ async fn sync_node_instance_v2_provided_node_ip_address() {
         ..FakeCloud::default()
     })
     .await;
-    let (_, result, after) = h
-        .sync(
+    let after = h
+        .sync_ok(
             node(&name)
                 .annotation(ANNOTATION_PROVIDED_NODE_IP, "10.0.0.1")
                 .taint(IMPROVE_COVERAGE_TAINT)
@@ -762,7 +763,6 @@ async fn sync_node_instance_v2_provided_node_ip_address() {
                 .build(),
         )
         .await;
-    result.unwrap();
     assert_eq!(taints_of(&after), vec![taint(IMPROVE_COVERAGE_TAINT)]);
     assert_eq!(
         provider_id_of(&after).as_deref(),
@@ -800,8 +800,8 @@ async fn sync_node_instance_v2_provided_additional_labels() {
         ..FakeCloud::default()
     })
     .await;
-    let (_, result, after) = h
-        .sync(
+    let after = h
+        .sync_ok(
             node(&name)
                 .annotation(ANNOTATION_PROVIDED_NODE_IP, "10.0.0.1")
                 .taint(IMPROVE_COVERAGE_TAINT)
@@ -812,7 +812,6 @@ async fn sync_node_instance_v2_provided_additional_labels() {
                 .build(),
         )
         .await;
-    result.unwrap();
     assert_eq!(
         labels_of(&after),
         label_map(&[
@@ -867,8 +866,8 @@ async fn sync_node_instance_v2_provided_additional_labels_with_labels_to_discard
         ..FakeCloud::default()
     })
     .await;
-    let (_, result, after) = h
-        .sync(
+    let after = h
+        .sync_ok(
             node(&name)
                 .annotation(ANNOTATION_PROVIDED_NODE_IP, "10.0.0.1")
                 .labels(&[
@@ -883,7 +882,6 @@ async fn sync_node_instance_v2_provided_additional_labels_with_labels_to_discard
                 .build(),
         )
         .await;
-    result.unwrap();
     assert_eq!(
         labels_of(&after),
         label_map(&[
@@ -920,8 +918,8 @@ async fn sync_node_instance_v2_provider_id_already_set() {
         ..FakeCloud::default()
     })
     .await;
-    let (_, result, after) = h
-        .sync(
+    let after = h
+        .sync_ok(
             node(&name)
                 .labels(&[])
                 .ready("Unknown")
@@ -931,7 +929,6 @@ async fn sync_node_instance_v2_provider_id_already_set() {
                 .build(),
         )
         .await;
-    result.unwrap();
     assert_eq!(
         provider_id_of(&after).as_deref(),
         Some("fake://test-provider-id")
@@ -1159,8 +1156,7 @@ async fn get_instance_metadata_cloud_implemented_with_instances_and_provider_id(
         ..FakeCloud::default()
     })
     .await;
-    let (_, result, after) = h.sync(node(&name).cloud_taint().build()).await;
-    result.unwrap();
+    let after = h.sync_ok(node(&name).cloud_taint().build()).await;
     assert_eq!(provider_id_of(&after).as_deref(), Some("fake://12345"));
     assert_eq!(addresses_of(&after), expected_cloud_addresses());
     assert_eq!(labels_of(&after), BTreeMap::new());
@@ -1193,8 +1189,7 @@ async fn get_instance_metadata_cloud_implemented_with_instances_provider_id_not_
         ..FakeCloud::default()
     })
     .await;
-    let (_, result, after) = h.sync(node(&name).cloud_taint().build()).await;
-    result.unwrap();
+    let after = h.sync_ok(node(&name).cloud_taint().build()).await;
     assert_eq!(provider_id_of(&after), None);
     assert_eq!(taints_of(&after), vec![]);
     assert_eq!(addresses_of(&after), expected_cloud_addresses());
@@ -1229,15 +1224,14 @@ async fn get_instance_metadata_cloud_implemented_with_instances_provider_id_not_
         ..FakeCloud::default()
     })
     .await;
-    let (_, result, after) = h
-        .sync(
+    let after = h
+        .sync_ok(
             node(&name)
                 .cloud_taint()
                 .provider_id("fake://asdasd")
                 .build(),
         )
         .await;
-    result.unwrap();
     assert_eq!(provider_id_of(&after).as_deref(), Some("fake://asdasd"));
     assert_eq!(addresses_of(&after), expected_cloud_addresses());
     assert_eq!(labels_of(&after), BTreeMap::new());
@@ -1257,8 +1251,7 @@ async fn get_instance_metadata_cloud_implemented_with_instances_v2_with_provider
         ..FakeCloud::default()
     })
     .await;
-    let (_, result, after) = h.sync(node(&name).cloud_taint().build()).await;
-    result.unwrap();
+    let after = h.sync_ok(node(&name).cloud_taint().build()).await;
     assert_eq!(provider_id_of(&after).as_deref(), Some("fake://12345"));
     assert_eq!(addresses_of(&after), expected_cloud_addresses());
     // The metadata's instance type is looked up under the node's provider ID, which was empty.
@@ -1301,15 +1294,14 @@ async fn get_instance_metadata_cloud_implemented_with_instances_v2_without_provi
         ..FakeCloud::default()
     })
     .await;
-    let (_, result, after) = h
-        .sync(
+    let after = h
+        .sync_ok(
             node(&name)
                 .cloud_taint()
                 .provider_id("fake://12345")
                 .build(),
         )
         .await;
-    result.unwrap();
     assert_eq!(provider_id_of(&after).as_deref(), Some("fake://12345"));
     assert_eq!(addresses_of(&after), expected_cloud_addresses());
     assert_eq!(
@@ -1489,25 +1481,13 @@ async fn slow_provider_call_for_one_node_does_not_block_another() {
         "the fast node's sync waited for the slow node's provider call"
     );
     let fast_after = h.get(&fast).await;
-    assert!(
-        !taints_of(&fast_after)
-            .iter()
-            .any(|t| t.key == TAINT_UNINITIALIZED)
-    );
+    assert!(!is_uninitialized(&fast_after));
     let slow_now = h.get(&slow).await;
-    assert!(
-        taints_of(&slow_now)
-            .iter()
-            .any(|t| t.key == TAINT_UNINITIALIZED)
-    );
+    assert!(is_uninitialized(&slow_now));
 
     slow_sync.await.unwrap().unwrap();
     let slow_after = h.get(&slow).await;
-    assert!(
-        !taints_of(&slow_after)
-            .iter()
-            .any(|t| t.key == TAINT_UNINITIALIZED)
-    );
+    assert!(!is_uninitialized(&slow_after));
 }
 
 // ------------------------------------------------------------------------------------------------
@@ -1577,11 +1557,7 @@ async fn failing_initialization_is_named_in_a_condition_until_it_succeeds() {
         "{message}"
     );
     assert!(conditions_of(&failed).contains(&("Ready".to_string(), "Unknown".to_string())));
-    assert!(
-        taints_of(&failed)
-            .iter()
-            .any(|t| t.key == TAINT_UNINITIALIZED)
-    );
+    assert!(is_uninitialized(&failed));
 
     // The same failure again: the node is not rewritten.
     cache.wait_for(std::slice::from_ref(&failed)).await;
@@ -1601,10 +1577,6 @@ async fn failing_initialization_is_named_in_a_condition_until_it_succeeds() {
         .expect("initialises");
     let after = h.get(&name).await;
     assert_eq!(failure_condition(&after), None);
-    assert!(
-        !taints_of(&after)
-            .iter()
-            .any(|t| t.key == TAINT_UNINITIALIZED)
-    );
+    assert!(!is_uninitialized(&after));
     assert!(conditions_of(&after).contains(&("Ready".to_string(), "Unknown".to_string())));
 }
