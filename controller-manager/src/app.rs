@@ -378,7 +378,13 @@ fn start_controllers(
         )
     });
     let informer = needs_nodes.then(|| NodeInformer::new(runtime.client.clone()));
+    // Upstream `--controller-start-interval`: a jittered pause between two controller starts.
+    let mut start_delay = Duration::ZERO;
     for controller in controllers {
+        let delay = start_delay;
+        start_delay += options
+            .controller_start_interval
+            .mul_f64(1.0 + rand::random::<f64>());
         let stop = stopper(&mut running);
         let rt = runtime.clone();
         let alias = controller.alias();
@@ -404,6 +410,7 @@ fn start_controllers(
                     &rt.identity,
                 );
                 running.tasks.spawn(async move {
+                    tokio::time::sleep(delay).await;
                     rt.metrics.set_running(alias, true);
                     controller.run(changes, config, stop).await;
                     rt.metrics.set_running(alias, false);
@@ -421,6 +428,7 @@ fn start_controllers(
                 let period = options.node_monitor_period;
                 let ready = informer.ready();
                 running.tasks.spawn(async move {
+                    tokio::time::sleep(delay).await;
                     rt.metrics.set_running(alias, true);
                     controller.run(period, ready, stop).await;
                     rt.metrics.set_running(alias, false);

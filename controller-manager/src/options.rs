@@ -35,16 +35,20 @@ pub struct Options {
     /// '-foo' disables foo. Upstream names and aliases are accepted.
     #[arg(long, value_delimiter = ',', default_value = "*")]
     pub controllers: Vec<String>,
-    /// The instance prefix for the cluster, passed to load-balancer and route calls.
+    /// The instance prefix for the cluster, passed to load-balancer and route calls (no
+    /// effect until the service-lb and route controllers exist in this build).
     #[arg(long, default_value = "kubernetes")]
     pub cluster_name: String,
-    /// CIDR range(s) for pods in the cluster (comma-separated, at most one per IP family).
+    /// CIDR range(s) for pods in the cluster (comma-separated, at most one per IP family; no
+    /// effect until the route and node-ipam controllers exist in this build).
     #[arg(long, default_value = "")]
     pub cluster_cidr: String,
-    /// Whether CIDRs for pods should be allocated and set on the cloud provider.
+    /// Whether CIDRs for pods should be allocated and set on the cloud provider (no effect
+    /// until the node-ipam controller exists in this build).
     #[arg(long, default_value_t = false, action = clap::ArgAction::Set)]
     pub allocate_node_cidrs: bool,
-    /// Whether CIDRs allocated by allocate-node-cidrs should be configured on the cloud provider.
+    /// Whether CIDRs allocated by allocate-node-cidrs should be configured on the cloud provider
+    /// (no effect until the route controller exists in this build).
     #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
     pub configure_cloud_routes: bool,
     /// Name of the provider; when set it must match the name the shim reports.
@@ -86,7 +90,8 @@ pub struct Options {
     /// Workers of the periodic node address update; 0 means --concurrent-node-syncs.
     #[arg(long, default_value_t = 0)]
     pub concurrent_node_status_updates: u16,
-    /// Number of services synced concurrently by the service-lb controller.
+    /// Number of services synced concurrently by the service-lb controller (no effect until it
+    /// exists in this build).
     #[arg(long, default_value_t = 1)]
     pub concurrent_service_syncs: u16,
     /// How often the cloud-node controller refreshes node addresses from the provider.
@@ -110,7 +115,8 @@ pub struct Options {
     /// Window of --node-deletion-budget-percent.
     #[arg(long, default_value = "10m", value_parser = parse_duration)]
     pub node_deletion_budget_window: Duration,
-    /// How often the route controller reconciles routes.
+    /// How often the route controller reconciles routes (no effect until it exists in this
+    /// build).
     #[arg(long, default_value = "10s", value_parser = parse_duration)]
     pub route_reconciliation_period: Duration,
     /// Jittered pause between starting two controllers.
