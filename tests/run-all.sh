@@ -3,9 +3,12 @@
 # start a real etcd + kube-apiserver and the project's binaries as processes.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-# The control-plane binaries (built once, cached outside the checkout).
-KUBEBUILDER_ASSETS=${KUBEBUILDER_ASSETS:-$(bash tests/control-plane/provision.sh | tail -n1)}
+# The control-plane binaries (built once, cached outside the checkout) and kubectl. Always run:
+# it installs kubectl, which the end-to-end suites need, and keeps a KUBEBUILDER_ASSETS that
+# already holds both binaries.
+KUBEBUILDER_ASSETS=$(bash tests/control-plane/provision.sh | tail -n1)
 export KUBEBUILDER_ASSETS
-# The end-to-end suites run the real binaries; build them first.
-cargo build --workspace --bins --locked
+# The end-to-end suites spawn these two binaries; build them first (`cargo test` builds only the
+# binaries of the package under test).
+cargo build --locked -p cloud-controller-manager -p local-shim
 cargo test --workspace --locked -- --test-threads=2

@@ -8,11 +8,10 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use clap::Parser;
-use e2e_tests::{Process, TAINT_UNINITIALIZED as TAINT, kubelet_registered_node};
+use e2e_tests::{Process, ShimMtls, free_port, initialised, kubelet_registered_node};
 use k8s_openapi::api::core::v1::Node;
 use kube::api::{Api, PostParams};
 use test_control_plane::ControlPlane;
-use test_pki::{Ca, write_atomic};
 
 /// Flags of `local-cluster`.
 #[derive(Parser, Debug)]
@@ -63,51 +62,28 @@ async fn main() -> Result<()> {
     );
     let dir = cp.state_dir().join("local-cluster");
     std::fs::create_dir_all(&dir)?;
-    let ca = Ca::new("local-cluster-cpi-ca")?;
-    let shim_cert = ca.issue(&["localhost", "127.0.0.1"])?;
-    let ccm_cert = ca.issue(&["cloud-controller-manager"])?;
-    let file = |name: &str| dir.join(name);
-    write_atomic(&file("ca.pem"), ca.cert_pem().as_bytes(), false)?;
-    write_atomic(&file("shim.pem"), shim_cert.chain_pem.as_bytes(), false)?;
-    write_atomic(&file("shim-key.pem"), shim_cert.key_pem.as_bytes(), true)?;
-    write_atomic(&file("ccm.pem"), ccm_cert.chain_pem.as_bytes(), false)?;
-    write_atomic(&file("ccm-key.pem"), ccm_cert.key_pem.as_bytes(), true)?;
-    let port = std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port();
-    let p = |path: PathBuf| path.display().to_string();
+    let mtls = ShimMtls::write(&dir, "local-cluster-cpi-ca")?;
+    let port = free_port()?;
 
     println!("starting the local shim on https://127.0.0.1:{port} (mutual TLS) ...");
-    let mut shim = Process::spawn(
-        "local-shim",
-        "local-shim",
-        &[
-            format!("--inventory={}", inventory_path.display()),
-            format!("--state-dir={}", p(file("state"))),
-            format!("--bind-address=127.0.0.1:{port}"),
-            format!("--tls-cert-file={}", p(file("shim.pem"))),
-            format!("--tls-private-key-file={}", p(file("shim-key.pem"))),
-            format!("--client-ca-file={}", p(file("ca.pem"))),
-            "--allowed-client-sans=cloud-controller-manager".into(),
-            "--metrics-bind-address=127.0.0.1:0".into(),
-        ],
-        &[],
-        &dir,
-    )?;
+    let mut shim_args = vec![
+        format!("--inventory={}", inventory_path.display()),
+        format!("--state-dir={}", dir.join("state").display()),
+    ];
+    shim_args.extend(mtls.shim_args(port));
+    shim_args.push("--metrics-bind-address=127.0.0.1:0".into());
+    let mut shim = Process::spawn("local-shim", "local-shim", &shim_args, &[], &dir)?;
     println!("starting the cloud-controller-manager ...");
+    let mut ccm_args = vec![format!("--kubeconfig={}", cp.kubeconfig_path().display())];
+    ccm_args.extend(mtls.ccm_args(port));
+    ccm_args.extend([
+        "--bind-address=127.0.0.1".into(),
+        "--cloud-provider=local".into(),
+    ]);
     let mut ccm = Process::spawn(
         "cloud-controller-manager",
         "cloud-controller-manager",
-        &[
-            format!("--kubeconfig={}", cp.kubeconfig_path().display()),
-            format!("--provider-endpoint=https://127.0.0.1:{port}"),
-            format!("--provider-tls-cert-file={}", p(file("ccm.pem"))),
-            format!("--provider-tls-private-key-file={}", p(file("ccm-key.pem"))),
-            format!("--provider-ca-file={}", p(file("ca.pem"))),
-            "--provider-server-name=localhost".into(),
-            "--bind-address=127.0.0.1".into(),
-            "--cloud-provider=local".into(),
-        ],
+        &ccm_args,
         &[],
         &dir,
     )?;
@@ -144,20 +120,15 @@ async fn main() -> Result<()> {
         }
         for node in nodes.list(&Default::default()).await?.items {
             let name = node.metadata.name.clone().unwrap_or_default();
+            if initialised(&node).is_err() || done.contains(&name) {
+                continue;
+            }
             let spec = node.spec.clone().unwrap_or_default();
-            let tainted = spec
-                .taints
-                .unwrap_or_default()
-                .iter()
-                .any(|t| t.key == TAINT);
             let addresses = node
                 .status
                 .as_ref()
                 .and_then(|s| s.addresses.clone())
                 .unwrap_or_default();
-            if tainted || addresses.is_empty() || done.contains(&name) {
-                continue;
-            }
             let labels = node.metadata.labels.clone().unwrap_or_default();
             let label = |k: &str| labels.get(k).cloned().unwrap_or_else(|| "-".into());
             println!(

@@ -2,11 +2,8 @@
 //! format.
 
 use std::collections::BTreeMap;
-use std::sync::Arc;
 
 use anyhow::Context as _;
-use rustls::pki_types::{CertificateDer, ServerName};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 /// One sample line: `name{labels} value`.
 #[derive(Debug, Clone, PartialEq)]
@@ -109,119 +106,55 @@ pub fn sum_by(samples: &[Sample], name: &str, label: &str) -> BTreeMap<String, f
 
 /// Fetches `https://127.0.0.1:<port>/metrics`, verifying the server against one CA.
 pub struct Scraper {
-    connector: tokio_rustls::TlsConnector,
-    port: u16,
-    token: String,
+    // The secure port speaks the API server's conventions (bearer token, Status errors), so a
+    // kube client pointed at it does TLS, HTTP and error mapping for us.
+    client: kube::Client,
 }
 
 impl Scraper {
     /// A scraper trusting only the CA certificate `ca_der` and authenticating with `token`
     /// (the secure port reviews it with the API server).
     pub fn new(ca_der: &[u8], port: u16, token: String) -> anyhow::Result<Self> {
-        let mut roots = rustls::RootCertStore::empty();
-        roots
-            .add(CertificateDer::from(ca_der.to_vec()))
-            .context("adding the CA of the controller-manager's serving certificate")?;
-        let config = rustls::ClientConfig::builder()
-            .with_root_certificates(roots)
-            .with_no_client_auth();
-        Ok(Self {
-            connector: tokio_rustls::TlsConnector::from(Arc::new(config)),
-            port,
-            token,
-        })
+        let url: http::Uri = format!("https://127.0.0.1:{port}")
+            .parse()
+            .context("the controller-manager's secure port URL")?;
+        let mut config = kube::Config::new(url);
+        config.root_cert = Some(vec![ca_der.to_vec()]);
+        config.auth_info.token = Some(token.into());
+        let client = kube::Client::try_from(config)
+            .context("building a client for the controller-manager's secure port")?;
+        Ok(Self { client })
     }
 
-    /// The current metrics text.
+    /// The current metrics text; any answer but `200 OK` is an error.
     pub async fn fetch(&self) -> anyhow::Result<String> {
-        let tcp = tokio::net::TcpStream::connect(("127.0.0.1", self.port))
+        let request = http::Request::get("/metrics")
+            .body(kube::client::Body::empty())
+            .context("building the /metrics request")?;
+        // `send`, not `request_text`: that one only rejects 4xx and 5xx, and a redirect or an
+        // empty 204 must not pass for a scrape.
+        let response = self
+            .client
+            .send(request)
             .await
-            .with_context(|| format!("connecting to 127.0.0.1:{}", self.port))?;
-        let name = ServerName::try_from("127.0.0.1")
-            .context("server name")?
-            .to_owned();
-        let mut tls = self
-            .connector
-            .connect(name, tcp)
+            .context("GET /metrics from the controller-manager's secure port")?;
+        let status = response.status();
+        let body = response
+            .into_body()
+            .collect_bytes()
             .await
-            .context("TLS handshake with the controller-manager's secure port")?;
-        let request = format!(
-            "GET /metrics HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {}\r\nConnection: close\r\n\r\n",
-            self.token
+            .context("reading /metrics")?;
+        let text = String::from_utf8(body.to_vec()).context("/metrics body is not UTF-8")?;
+        anyhow::ensure!(
+            status == http::StatusCode::OK,
+            "/metrics answered {status}: {text}"
         );
-        tls.write_all(request.as_bytes()).await?;
-        let mut raw = Vec::new();
-        // A server that closes without close_notify makes the last read fail; what was read
-        // until then is checked below.
-        if let Err(e) = tls.read_to_end(&mut raw).await
-            && e.kind() != std::io::ErrorKind::UnexpectedEof
-        {
-            return Err(e).context("reading /metrics");
-        }
-        decode_response(&raw)
+        Ok(text)
     }
 
     /// Samples of the current metrics.
     pub async fn samples(&self) -> anyhow::Result<Vec<Sample>> {
         Ok(parse(&self.fetch().await?))
-    }
-}
-
-/// The body of a `200 OK` HTTP/1.1 response (plain, `Content-Length` or chunked).
-pub fn decode_response(raw: &[u8]) -> anyhow::Result<String> {
-    let split = raw
-        .windows(4)
-        .position(|w| w == b"\r\n\r\n")
-        .context("no end of HTTP headers in the /metrics response")?;
-    let head = String::from_utf8_lossy(&raw[..split]);
-    let body = &raw[split + 4..];
-    let status = head.lines().next().unwrap_or_default();
-    anyhow::ensure!(
-        status.split_whitespace().nth(1) == Some("200"),
-        "/metrics answered {status:?}"
-    );
-    let header = |name: &str| {
-        head.lines().skip(1).find_map(|l| {
-            let (k, v) = l.split_once(':')?;
-            k.trim()
-                .eq_ignore_ascii_case(name)
-                .then(|| v.trim().to_ascii_lowercase())
-        })
-    };
-    let body = if header("transfer-encoding").is_some_and(|v| v.contains("chunked")) {
-        dechunk(body)?
-    } else if let Some(length) = header("content-length") {
-        let length: usize = length.parse().context("Content-Length")?;
-        anyhow::ensure!(
-            body.len() >= length,
-            "/metrics body truncated: {} of {length} bytes",
-            body.len()
-        );
-        body[..length].to_vec()
-    } else {
-        body.to_vec()
-    };
-    String::from_utf8(body).context("/metrics body is not UTF-8")
-}
-
-fn dechunk(mut body: &[u8]) -> anyhow::Result<Vec<u8>> {
-    let mut out = Vec::new();
-    loop {
-        let line_end = body
-            .windows(2)
-            .position(|w| w == b"\r\n")
-            .context("truncated chunk header")?;
-        let size_text = String::from_utf8_lossy(&body[..line_end]);
-        let size_text = size_text.split(';').next().unwrap_or_default().trim();
-        let size = usize::from_str_radix(size_text, 16)
-            .with_context(|| format!("bad chunk size {size_text:?}"))?;
-        body = &body[line_end + 2..];
-        if size == 0 {
-            return Ok(out);
-        }
-        anyhow::ensure!(body.len() >= size + 2, "truncated chunk");
-        out.extend_from_slice(&body[..size]);
-        body = &body[size + 2..];
     }
 }
 
@@ -254,16 +187,5 @@ weird{a="x\"y,z",b="2"} 1.5
         let weird = samples.iter().find(|s| s.name == "weird").unwrap();
         assert_eq!(weird.labels["a"], "x\"y,z");
         assert_eq!(weird.labels["b"], "2");
-    }
-
-    #[test]
-    fn decodes_length_and_chunked_bodies() {
-        let plain = b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\nhello";
-        assert_eq!(decode_response(plain).unwrap(), "hello");
-        let chunked =
-            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nhel\r\n2\r\nlo\r\n0\r\n\r\n";
-        assert_eq!(decode_response(chunked).unwrap(), "hello");
-        let error = b"HTTP/1.1 403 Forbidden\r\ncontent-length: 0\r\n\r\n";
-        assert!(decode_response(error).is_err());
     }
 }

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use futures::{StreamExt, TryStreamExt};
 use k8s_openapi::api::core::v1::{
-    Event, EventSource, Node, NodeAddress, NodeSpec, NodeStatus, ObjectReference, Taint,
+    Event, EventSource, Node, NodeAddress, NodeSpec, ObjectReference,
 };
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, Time};
@@ -16,8 +16,7 @@ use k8s_openapi::jiff::Timestamp;
 use kube::api::{Api, Patch, PatchParams, PostParams};
 use kube::{Resource, ResourceExt};
 
-/// Taint of a node a cloud provider has not initialised yet.
-pub const TAINT_UNINITIALIZED: &str = "node.cloudprovider.kubernetes.io/uninitialized";
+pub use e2e_tests::TAINT_UNINITIALIZED;
 /// Label marking which set (`ccm` or `baseline`) a benchmark Node belongs to.
 pub const SET_LABEL: &str = "bench.cloud-provider.local/set";
 /// Region of every machine.
@@ -103,31 +102,13 @@ impl Machine {
         .into_iter()
         .map(|(k, v)| (k.to_string(), Quantity(v.to_string())))
         .collect();
-        Node {
-            metadata: ObjectMeta {
-                name: Some(self.name.clone()),
-                labels: Some(labels),
-                ..ObjectMeta::default()
-            },
-            spec: Some(NodeSpec {
-                taints: Some(vec![Taint {
-                    key: TAINT_UNINITIALIZED.into(),
-                    value: Some("true".into()),
-                    effect: "NoSchedule".into(),
-                    time_added: None,
-                }]),
-                ..NodeSpec::default()
-            }),
-            status: Some(NodeStatus {
-                addresses: Some(vec![NodeAddress {
-                    type_: "Hostname".into(),
-                    address: self.name.clone(),
-                }]),
-                capacity: Some(resources.clone()),
-                allocatable: Some(resources),
-                ..NodeStatus::default()
-            }),
+        let mut node = e2e_tests::kubelet_registered_node(&self.name, Some(&self.name));
+        node.metadata.labels = Some(labels);
+        if let Some(status) = node.status.as_mut() {
+            status.capacity = Some(resources.clone());
+            status.allocatable = Some(resources);
         }
+        node
     }
 
     /// `node` as the cloud-node controller's `PUT` leaves it: taint removed, provider ID and
@@ -171,25 +152,6 @@ pub fn inventory_yaml(machines: &[Machine]) -> String {
         );
     }
     out
-}
-
-/// Whether the cloud-node controller has finished with `node`: no uninitialised taint, a
-/// provider ID, and an InternalIP from the provider in its status.
-pub fn is_initialised(node: &Node) -> bool {
-    let Some(spec) = node.spec.as_ref() else {
-        return false;
-    };
-    let tainted = spec
-        .taints
-        .as_ref()
-        .is_some_and(|taints| taints.iter().any(|t| t.key == TAINT_UNINITIALIZED));
-    let has_provider_id = spec.provider_id.as_deref().is_some_and(|id| !id.is_empty());
-    let has_internal_ip = node
-        .status
-        .as_ref()
-        .and_then(|s| s.addresses.as_ref())
-        .is_some_and(|a| a.iter().any(|a| a.type_ == "InternalIP"));
-    !tainted && has_provider_id && has_internal_ip
 }
 
 /// The `Synced` Event the cloud-node controller records for an initialised node.
@@ -293,6 +255,7 @@ pub async fn initialise_like_the_controller(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use k8s_openapi::api::core::v1::NodeStatus;
 
     #[test]
     fn machines_are_distinct_and_valid() {
@@ -317,13 +280,16 @@ mod tests {
     fn initialised_copy_passes_the_check_once_addresses_are_patched() {
         let m = Machine::new("bench-node", 7);
         let node = m.tainted_node("ccm");
-        assert!(!is_initialised(&node));
+        assert!(e2e_tests::initialised(&node).is_err());
         let mut done = m.initialised(&node);
-        assert!(!is_initialised(&done), "still only the kubelet's Hostname");
+        assert!(
+            e2e_tests::initialised(&done).is_err(),
+            "still only the kubelet's Hostname"
+        );
         done.status
             .get_or_insert_with(NodeStatus::default)
             .addresses = Some(m.addresses());
-        assert!(is_initialised(&done));
+        assert_eq!(e2e_tests::initialised(&done), Ok(()));
         let labels = done.labels();
         assert_eq!(labels["topology.kubernetes.io/zone"], m.zone);
         assert_eq!(labels[SET_LABEL], "ccm");

@@ -103,7 +103,7 @@ pub async fn node_init(args: &NodeInitArgs) -> anyhow::Result<NodeInitReport> {
     let key_file = dir.join("ccm-serving-key.pem");
     test_pki::write_atomic(&cert_file, serving.chain_pem.as_bytes(), false)?;
     test_pki::write_atomic(&key_file, serving.key_pem.as_bytes(), true)?;
-    let port = free_port()?;
+    let port = e2e_tests::free_port().context("finding a free loopback port")?;
     let scraper = Scraper::new(ca.cert_der(), port, cp.admin_token()?)?;
 
     let initialised = Arc::new(AtomicUsize::new(0));
@@ -352,7 +352,7 @@ async fn watch_until_initialised(
         };
         match event {
             watcher::Event::Apply(node) | watcher::Event::InitApply(node) => {
-                if nodes::is_initialised(&node) {
+                if e2e_tests::initialised(&node).is_ok() {
                     if done.insert(node.name_any()) && first.is_none() {
                         first = Some(Instant::now());
                         let pid = ccm_pid.load(Ordering::Relaxed);
@@ -439,13 +439,6 @@ impl CpuSample {
 /// noise of their differences).
 fn round_ms(seconds: f64) -> f64 {
     (seconds * 1000.0).round() / 1000.0
-}
-
-/// A free loopback TCP port (it may be taken again before it is used).
-fn free_port() -> anyhow::Result<u16> {
-    let listener =
-        std::net::TcpListener::bind("127.0.0.1:0").context("finding a free loopback port")?;
-    Ok(listener.local_addr()?.port())
 }
 
 /// The last `lines` lines of `text`.

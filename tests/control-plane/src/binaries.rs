@@ -207,7 +207,9 @@ mod tests {
             .to_string();
         assert!(err.contains("not executable"), "{err}");
         assert!(
-            err.contains("etcd: TEST_ASSET_ETCD, KUBEBUILDER_ASSETS, CCM_TEST_ASSETS_CACHE and HOME are all unset"),
+            err.contains(&format!(
+                "etcd: {ENV_ETCD}, {ENV_KUBEBUILDER_ASSETS}, {ENV_ASSETS_CACHE} and HOME are all unset"
+            )),
             "{err}"
         );
     }

@@ -10,9 +10,12 @@ pub enum Error {
     #[error(
         "test control plane binaries not found: {details}. Run `bash tests/control-plane/provision.sh` \
          (builds and caches kube-apiserver {version} and etcd under ~/.cache/ccm-test-assets/{version}), \
-         or set KUBEBUILDER_ASSETS (a directory holding kube-apiserver and etcd) or \
-         TEST_ASSET_KUBE_APISERVER / TEST_ASSET_ETCD (paths of the single binaries)",
-        version = crate::K8S_VERSION
+         or set {assets} (a directory holding kube-apiserver and etcd) or \
+         {apiserver} / {etcd} (paths of the single binaries)",
+        version = crate::K8S_VERSION,
+        assets = crate::ENV_KUBEBUILDER_ASSETS,
+        apiserver = crate::ENV_KUBE_APISERVER,
+        etcd = crate::ENV_ETCD
     )]
     BinariesNotFound {
         /// One entry per missing binary: what was looked for, where, and why it was rejected.

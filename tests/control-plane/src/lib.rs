@@ -103,7 +103,6 @@ pub struct ControlPlane {
     etcd: ServerProcess,
     server_url: String,
     cluster_url: http::Uri,
-    etcd_url: String,
     ca: test_pki::Ca,
     ca_file: PathBuf,
     admin_token_file: PathBuf,
@@ -200,7 +199,6 @@ impl ControlPlane {
             etcd,
             server_url,
             cluster_url,
-            etcd_url,
             files,
             version,
         } = launched;
@@ -209,7 +207,6 @@ impl ControlPlane {
             etcd,
             server_url,
             cluster_url,
-            etcd_url,
             ca: files.ca,
             ca_file: files.ca_file,
             admin_token_file: files.admin_token_file,
@@ -333,7 +330,6 @@ impl ControlPlane {
             etcd,
             server_url,
             cluster_url,
-            etcd_url,
             files,
             version,
         })
@@ -408,11 +404,6 @@ impl ControlPlane {
         &self.server_url
     }
 
-    /// The etcd client URL, `http://127.0.0.1:<port>`.
-    pub fn etcd_url(&self) -> &str {
-        &self.etcd_url
-    }
-
     /// The CA that signed the apiserver's serving certificate and is its `--client-ca-file`.
     ///
     /// Issue a client certificate with `ca().issue_client(user, groups)` to authenticate by
@@ -459,11 +450,6 @@ impl ControlPlane {
     /// kube-apiserver's log file.
     pub fn apiserver_log(&self) -> &Path {
         self.apiserver.log()
-    }
-
-    /// etcd's log file.
-    pub fn etcd_log(&self) -> &Path {
-        self.etcd.log()
     }
 
     /// The temp directory holding data, certificates, tokens, kubeconfigs and logs.
@@ -586,7 +572,6 @@ struct Launched {
     etcd: ServerProcess,
     server_url: String,
     cluster_url: http::Uri,
-    etcd_url: String,
     files: StateFiles,
     version: Info,
 }

@@ -15,7 +15,8 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use k8s_openapi::apimachinery::pkg::version::Info;
 use kube::api::{Api, PostParams};
 use test_control_plane::{
-    BinaryPaths, ControlPlane, Error, UNPRIVILEGED_USER, process_alive, unique_name,
+    BinaryPaths, ControlPlane, ENV_ETCD, ENV_KUBE_APISERVER, ENV_KUBEBUILDER_ASSETS, Error,
+    K8S_VERSION, UNPRIVILEGED_USER, process_alive, unique_name,
 };
 
 /// Set in the child process of `children_die_with_a_killed_test_process`.
@@ -124,7 +125,10 @@ async fn kubeconfig_file_and_identities_work() {
     // An impersonated user gains exactly what RBAC grants it.
     let user = unique_name("tests:reader");
     let as_user: Api<Node> = Api::all(cp.client_as(&user, &["tests:readers"]).unwrap());
-    assert!(as_user.list(&Default::default()).await.is_err());
+    match as_user.list(&Default::default()).await {
+        Err(kube::Error::Api(status)) => assert_eq!(status.code, 403, "{status:?}"),
+        other => panic!("expected 403 for {user} before the grant, got {other:?}"),
+    }
     let role_name = unique_name("node-reader");
     let admin = cp.client().unwrap();
     Api::<ClusterRole>::all(admin.clone())
@@ -184,10 +188,18 @@ async fn kubeconfig_file_and_identities_work() {
     .unwrap();
     let via_file: Api<Node> = Api::all(kube::Client::try_from(config).unwrap());
     via_file.list(&Default::default()).await.unwrap();
-    assert!(
-        via_file.get("anything").await.is_err(),
-        "get was not granted"
-    );
+    // An existing node, so that only RBAC (get was not granted) can refuse it, not a 404.
+    let existing = unique_name("node");
+    Api::<Node>::all(cp.client().unwrap())
+        .create(&PostParams::default(), &node(&existing))
+        .await
+        .unwrap();
+    match via_file.get(&existing).await {
+        Err(kube::Error::Api(status)) => {
+            assert_eq!(status.code, 403, "get was not granted: {status:?}")
+        }
+        other => panic!("expected 403 for get as {user}, got {other:?}"),
+    }
 }
 
 #[tokio::test]
@@ -228,7 +240,7 @@ where
 fn missing_binaries_give_actionable_error() {
     let empty = tempfile::tempdir().unwrap();
     let env: HashMap<&str, OsString> = HashMap::from([
-        ("KUBEBUILDER_ASSETS", empty.path().as_os_str().to_owned()),
+        (ENV_KUBEBUILDER_ASSETS, empty.path().as_os_str().to_owned()),
         ("HOME", empty.path().as_os_str().to_owned()),
     ]);
     let err = BinaryPaths::discover_from(|k| env.get(k).cloned()).unwrap_err();
@@ -236,10 +248,10 @@ fn missing_binaries_give_actionable_error() {
     let msg = err.to_string();
     for needle in [
         "bash tests/control-plane/provision.sh",
-        "KUBEBUILDER_ASSETS",
-        "TEST_ASSET_KUBE_APISERVER",
-        "TEST_ASSET_ETCD",
-        "v1.20.2",
+        ENV_KUBEBUILDER_ASSETS,
+        ENV_KUBE_APISERVER,
+        ENV_ETCD,
+        K8S_VERSION,
         &empty.path().join("kube-apiserver").display().to_string(),
         &empty.path().join("etcd").display().to_string(),
         "does not exist",

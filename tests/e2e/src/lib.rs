@@ -1,5 +1,7 @@
-//! Support for the cross-component suites: locating the project's binaries, running them as
-//! child processes with their logs captured, and waiting for conditions with a deadline.
+//! Support for the cross-component suites (and for `bench` and `local-cluster`, which run the
+//! same binaries): locating the project's binaries, running them as child processes with their
+//! logs captured, waiting for conditions with a deadline, the mutual TLS between the `local` shim
+//! and the controller-manager, and what "initialised" means for a Node.
 
 use std::fs::File;
 use std::path::{Path, PathBuf};
@@ -8,13 +10,14 @@ use std::time::{Duration, Instant};
 
 use k8s_openapi::api::core::v1::{Node, NodeAddress, NodeSpec, NodeStatus, Taint};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+use test_pki::{Ca, write_atomic};
 
 /// Failure of the test harness itself (not of the system under test).
 #[derive(Debug, thiserror::Error)]
 pub enum HarnessError {
     /// A project binary has not been built.
     #[error(
-        "binary {name:?} not found at {path}: build it first with `cargo build --workspace --bins` (tests/run-all.sh does)"
+        "binary {name:?} not found at {path}: build it first with `cargo build -p cloud-controller-manager -p local-shim` (tests/run-all.sh does)"
     )]
     MissingBinary {
         /// Binary name.
@@ -40,6 +43,9 @@ pub enum HarnessError {
         /// Last observation.
         last: String,
     },
+    /// Generating or writing certificates failed.
+    #[error("certificates: {0}")]
+    Pki(#[from] test_pki::Error),
 }
 
 /// Path of a workspace binary, next to the running test executable's `deps/` directory.
@@ -143,11 +149,6 @@ impl Process {
         self.kill();
         None
     }
-
-    /// A label for messages.
-    pub fn name(&self) -> &str {
-        &self.name
-    }
 }
 
 impl Drop for Process {
@@ -224,4 +225,103 @@ pub fn write_inventory(dir: &Path, yaml: &str) -> std::io::Result<PathBuf> {
     let path = dir.join("inventory.yaml");
     std::fs::write(&path, yaml)?;
     Ok(path)
+}
+
+/// Describes why `node` is not initialised by the cloud-node controller yet: it still has the
+/// uninitialized taint, has no provider ID, or has no InternalIP in its status (the addresses
+/// arrive in a status patch after the taint goes, so the taint alone is not enough).
+pub fn initialised(node: &Node) -> Result<(), String> {
+    let spec = node.spec.as_ref();
+    if spec
+        .and_then(|s| s.taints.as_ref())
+        .is_some_and(|taints| taints.iter().any(|t| t.key == TAINT_UNINITIALIZED))
+    {
+        return Err("still tainted".into());
+    }
+    if spec
+        .and_then(|s| s.provider_id.as_deref())
+        .is_none_or(str::is_empty)
+    {
+        return Err("no providerID".into());
+    }
+    let has_internal = node
+        .status
+        .as_ref()
+        .and_then(|s| s.addresses.as_ref())
+        .is_some_and(|a| a.iter().any(|a| a.type_ == "InternalIP"));
+    if !has_internal {
+        return Err(format!("no InternalIP yet: {:?}", node.status));
+    }
+    Ok(())
+}
+
+/// A free loopback TCP port (it may be taken again before it is used).
+pub fn free_port() -> std::io::Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
+}
+
+/// Mutual TLS between the `local` shim and the controller-manager: a throwaway CA, a serving
+/// leaf for the shim (`localhost`, `127.0.0.1`) and a client leaf for the controller-manager
+/// (`cloud-controller-manager`, the SAN the shim admits), written as PEM files to one directory.
+#[derive(Debug, Clone)]
+pub struct ShimMtls {
+    ca: PathBuf,
+    shim_cert: PathBuf,
+    shim_key: PathBuf,
+    ccm_cert: PathBuf,
+    ccm_key: PathBuf,
+}
+
+impl ShimMtls {
+    /// The SAN of the controller-manager's client certificate, which the shim requires.
+    pub const CCM_SAN: &str = "cloud-controller-manager";
+    /// The name the controller-manager verifies the shim's certificate against.
+    pub const SHIM_SERVER_NAME: &str = "localhost";
+
+    /// Issues the certificates from a new CA named `ca_name` and writes them to `dir` (keys
+    /// private to the user).
+    pub fn write(dir: &Path, ca_name: &str) -> Result<Self, HarnessError> {
+        let ca = Ca::new(ca_name)?;
+        let shim = ca.issue(&[Self::SHIM_SERVER_NAME, "127.0.0.1"])?;
+        let ccm = ca.issue(&[Self::CCM_SAN])?;
+        let files = Self {
+            ca: dir.join("ca.pem"),
+            shim_cert: dir.join("shim.pem"),
+            shim_key: dir.join("shim-key.pem"),
+            ccm_cert: dir.join("ccm.pem"),
+            ccm_key: dir.join("ccm-key.pem"),
+        };
+        write_atomic(&files.ca, ca.cert_pem().as_bytes(), false)?;
+        write_atomic(&files.shim_cert, shim.chain_pem.as_bytes(), false)?;
+        write_atomic(&files.shim_key, shim.key_pem.as_bytes(), true)?;
+        write_atomic(&files.ccm_cert, ccm.chain_pem.as_bytes(), false)?;
+        write_atomic(&files.ccm_key, ccm.key_pem.as_bytes(), true)?;
+        Ok(files)
+    }
+
+    /// `local-shim` flags: serve on `127.0.0.1:<port>` with the shim's certificate and admit
+    /// only clients of this CA carrying [`ShimMtls::CCM_SAN`].
+    pub fn shim_args(&self, port: u16) -> Vec<String> {
+        vec![
+            format!("--bind-address=127.0.0.1:{port}"),
+            format!("--tls-cert-file={}", self.shim_cert.display()),
+            format!("--tls-private-key-file={}", self.shim_key.display()),
+            format!("--client-ca-file={}", self.ca.display()),
+            format!("--allowed-client-sans={}", Self::CCM_SAN),
+        ]
+    }
+
+    /// `cloud-controller-manager` flags: reach the shim at `https://127.0.0.1:<port>` with the
+    /// controller-manager's certificate, verifying the shim against this CA.
+    pub fn ccm_args(&self, port: u16) -> Vec<String> {
+        vec![
+            format!("--provider-endpoint=https://127.0.0.1:{port}"),
+            format!("--provider-tls-cert-file={}", self.ccm_cert.display()),
+            format!("--provider-tls-private-key-file={}", self.ccm_key.display()),
+            format!("--provider-ca-file={}", self.ca.display()),
+            format!("--provider-server-name={}", Self::SHIM_SERVER_NAME),
+        ]
+    }
 }

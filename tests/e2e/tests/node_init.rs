@@ -7,11 +7,10 @@ mod common;
 use std::time::Duration;
 
 use common::*;
-use e2e_tests::{wait_for, write_inventory};
+use e2e_tests::{ShimMtls, free_port, wait_for, write_inventory};
 use k8s_openapi::api::core::v1::Event;
 use k8s_openapi::api::core::v1::Node;
 use kube::api::{Api, ListParams};
-use test_pki::{Ca, write_atomic};
 
 #[tokio::test]
 async fn local_shim_and_ccm_initialise_nodes_over_mtls() {
@@ -19,68 +18,27 @@ async fn local_shim_and_ccm_initialise_nodes_over_mtls() {
     let (cp, client, dir) = start_control_plane().await;
     let d = dir.path();
 
-    let ca = Ca::new("cpi-test-ca").unwrap();
-    let shim_cert = ca.issue(&["localhost", "127.0.0.1"]).unwrap();
-    let ccm_cert = ca.issue(&["cloud-controller-manager"]).unwrap();
-    write_atomic(&d.join("ca.pem"), ca.cert_pem().as_bytes(), false).unwrap();
-    write_atomic(&d.join("shim.pem"), shim_cert.chain_pem.as_bytes(), false).unwrap();
-    write_atomic(&d.join("shim-key.pem"), shim_cert.key_pem.as_bytes(), true).unwrap();
-    write_atomic(&d.join("ccm.pem"), ccm_cert.chain_pem.as_bytes(), false).unwrap();
-    write_atomic(&d.join("ccm-key.pem"), ccm_cert.key_pem.as_bytes(), true).unwrap();
+    let mtls = ShimMtls::write(d, "cpi-test-ca").unwrap();
     let inventory = write_inventory(d, INVENTORY).unwrap();
-    let port = free_port();
+    let port = free_port().unwrap();
 
-    let _shim = spawn_local_shim(
-        d,
-        &inventory,
-        &[
-            format!("--bind-address=127.0.0.1:{port}"),
-            format!("--tls-cert-file={}", arg(&d.join("shim.pem"))),
-            format!("--tls-private-key-file={}", arg(&d.join("shim-key.pem"))),
-            format!("--client-ca-file={}", arg(&d.join("ca.pem"))),
-            "--allowed-client-sans=cloud-controller-manager".into(),
-        ],
-        &[],
-    );
-    let _ccm = spawn_ccm(
-        &cp,
-        "ccm",
-        &[
-            format!("--provider-endpoint=https://127.0.0.1:{port}"),
-            format!("--provider-tls-cert-file={}", arg(&d.join("ccm.pem"))),
-            format!(
-                "--provider-tls-private-key-file={}",
-                arg(&d.join("ccm-key.pem"))
-            ),
-            format!("--provider-ca-file={}", arg(&d.join("ca.pem"))),
-            "--provider-server-name=localhost".into(),
-            format!("--secure-port={}", free_port()),
-            "--bind-address=127.0.0.1".into(),
-            "--cloud-provider=local".into(),
-        ],
-        &[],
-        d,
-    );
+    let _shim = spawn_local_shim(d, &inventory, &mtls.shim_args(port), &[]);
+    let mut ccm_args = mtls.ccm_args(port);
+    ccm_args.extend([
+        format!("--secure-port={}", free_port().unwrap()),
+        "--bind-address=127.0.0.1".into(),
+        "--cloud-provider=local".into(),
+    ]);
+    let _ccm = spawn_ccm(&cp, "ccm", &ccm_args, &[], d);
 
     create_tainted_node(&client, "node-a").await;
     create_tainted_node(&client, "node-b").await;
 
     let nodes: Api<Node> = Api::all(client.clone());
     for name in ["node-a", "node-b"] {
-        let nodes = nodes.clone();
-        wait_for(
-            &format!("{name} to be initialised"),
-            Duration::from_secs(60),
-            || {
-                let nodes = nodes.clone();
-                async move {
-                    let node = nodes.get(name).await.map_err(|e| e.to_string())?;
-                    initialised(&node)
-                }
-            },
-        )
-        .await
-        .unwrap();
+        wait_initialised(&nodes, name, Duration::from_secs(60))
+            .await
+            .unwrap();
     }
 
     let a = nodes.get("node-a").await.unwrap();

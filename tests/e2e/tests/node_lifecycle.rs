@@ -72,17 +72,9 @@ async fn inventory_changes_drive_shutdown_taints_and_deletions() {
         create_tainted_node(&client, name).await;
     }
     for name in ["node-a", "node-b", "node-c"] {
-        let nodes = nodes.clone();
-        wait_for(
-            &format!("{name} initialised"),
-            Duration::from_secs(30),
-            || {
-                let nodes = nodes.clone();
-                async move { initialised(&nodes.get(name).await.map_err(|e| e.to_string())?) }
-            },
-        )
-        .await
-        .unwrap();
+        wait_initialised(&nodes, name, Duration::from_secs(30))
+            .await
+            .unwrap();
     }
     // node-a is Ready; node-b and node-c are NotReady (False / no condition at all).
     set_ready(&nodes, "node-a", "True").await;
@@ -123,35 +115,17 @@ async fn inventory_changes_drive_shutdown_taints_and_deletions() {
     assert!(!edited.contains("node-a"), "{edited}");
     std::fs::write(&inventory, edited).unwrap();
 
-    let probe = nodes.clone();
-    wait_for("node-b deleted", Duration::from_secs(20), || {
-        let nodes = probe.clone();
-        async move {
-            match nodes.get_opt("node-b").await.map_err(|e| e.to_string())? {
-                None => Ok(()),
-                Some(_) => Err("node-b still exists".into()),
-            }
-        }
-    })
-    .await
-    .unwrap();
+    wait_deleted(&nodes, "node-b", Duration::from_secs(20))
+        .await
+        .unwrap();
     // node-a is Ready: never deleted, whatever the provider says. Give it a few periods.
     tokio::time::sleep(Duration::from_secs(3)).await;
     assert!(nodes.get_opt("node-a").await.unwrap().is_some());
     // Once node-a goes NotReady its missing machine gets it deleted.
     set_ready(&nodes, "node-a", "Unknown").await;
-    let probe = nodes.clone();
-    wait_for("node-a deleted", Duration::from_secs(20), || {
-        let nodes = probe.clone();
-        async move {
-            match nodes.get_opt("node-a").await.map_err(|e| e.to_string())? {
-                None => Ok(()),
-                Some(_) => Err("node-a still exists".into()),
-            }
-        }
-    })
-    .await
-    .unwrap();
+    wait_deleted(&nodes, "node-a", Duration::from_secs(20))
+        .await
+        .unwrap();
 
     let events: Api<Event> = Api::namespaced(client.clone(), "default");
     let list = events.list(&ListParams::default()).await.unwrap();

@@ -116,12 +116,9 @@ async fn ccm_reconcile_and_shim_handling_are_one_trace() {
 
     create_tainted_node(&client, "node-a").await;
     let nodes: Api<Node> = Api::all(client.clone());
-    wait_for("node-a initialised", Duration::from_secs(60), || {
-        let nodes = nodes.clone();
-        async move { initialised(&nodes.get("node-a").await.map_err(|e| e.to_string())?) }
-    })
-    .await
-    .unwrap();
+    wait_initialised(&nodes, "node-a", Duration::from_secs(60))
+        .await
+        .unwrap();
 
     let spans = collector.spans.clone();
     let (ccm_span, shim_span) = wait_for(

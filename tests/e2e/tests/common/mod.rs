@@ -3,11 +3,22 @@
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
-use e2e_tests::{Process, kubelet_registered_node};
+use e2e_tests::{HarnessError, Process, initialised, kubelet_registered_node, wait_for};
 use k8s_openapi::api::core::v1::Node;
 use kube::api::{Api, PostParams};
 use test_control_plane::ControlPlane;
+
+/// The user the suites run the controller-manager as: the ServiceAccount of
+/// `deploy/kubernetes/rbac.yaml`, so that the controllers get exactly what that manifest grants.
+pub const CCM_USER: &str = "system:serviceaccount:kube-system:cloud-controller-manager";
+/// The groups the API server puts a `kube-system` ServiceAccount's token in.
+pub const CCM_GROUPS: &[&str] = &[
+    "system:serviceaccounts",
+    "system:serviceaccounts:kube-system",
+    "system:authenticated",
+];
 
 /// The inventory used by the suites: two running machines and one shut down.
 pub const INVENTORY: &str = r#"
@@ -44,31 +55,6 @@ pub async fn create_tainted_node(client: &kube::Client, name: &str) -> Node {
         .unwrap()
 }
 
-/// Describes why a node is not initialised yet, or returns it.
-pub fn initialised(node: &Node) -> Result<(), String> {
-    let spec = node.spec.clone().unwrap_or_default();
-    if spec
-        .taints
-        .unwrap_or_default()
-        .iter()
-        .any(|t| t.key == "node.cloudprovider.kubernetes.io/uninitialized")
-    {
-        return Err("still tainted".into());
-    }
-    if spec.provider_id.unwrap_or_default().is_empty() {
-        return Err("no providerID".into());
-    }
-    let has_internal = node
-        .status
-        .as_ref()
-        .and_then(|s| s.addresses.as_ref())
-        .is_some_and(|a| a.iter().any(|a| a.type_ == "InternalIP"));
-    if !has_internal {
-        return Err(format!("no InternalIP yet: {:?}", node.status));
-    }
-    Ok(())
-}
-
 /// Label map of a node.
 pub fn labels(node: &Node) -> BTreeMap<String, String> {
     node.metadata.labels.clone().unwrap_or_default()
@@ -82,25 +68,87 @@ pub fn tempdir() -> tempfile::TempDir {
         .unwrap()
 }
 
-/// A free loopback port.
-pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 /// Path as an owned string argument.
 pub fn arg(path: &Path) -> String {
     path.display().to_string()
 }
 
-/// Starts a private control plane and returns it, an admin client of it and a temp dir.
+/// Starts a private control plane with `deploy/kubernetes/rbac.yaml` applied and returns it, an
+/// admin client of it and a temp dir.
 pub async fn start_control_plane() -> (ControlPlane, kube::Client, tempfile::TempDir) {
     let cp = ControlPlane::start().await.expect("control plane");
     let client = cp.client().unwrap();
+    apply_rbac(&cp).await;
     (cp, client, tempdir())
+}
+
+/// Applies `deploy/kubernetes/rbac.yaml` to `cp` with kubectl (as the admin), then waits until
+/// the authorizer grants [`CCM_USER`] what it says: RBAC objects reach the authorizer through a
+/// watch, so a controller-manager started right away could see a 403 that no deployment would.
+pub async fn apply_rbac(cp: &ControlPlane) {
+    let rbac = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../deploy/kubernetes/rbac.yaml");
+    let output = tokio::process::Command::new("kubectl")
+        .arg(format!("--kubeconfig={}", arg(cp.kubeconfig_path())))
+        .args(["apply", "-f"])
+        .arg(&rbac)
+        .output()
+        .await
+        .expect("kubectl is needed by the end-to-end suites: install Debian's kubernetes-client package");
+    assert!(
+        output.status.success(),
+        "kubectl apply -f {} failed:\n{}\n{}",
+        rbac.display(),
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let as_ccm: Api<Node> = Api::all(cp.client_as(CCM_USER, CCM_GROUPS).unwrap());
+    wait_for(
+        "rbac.yaml to let the controller-manager list nodes",
+        Duration::from_secs(10),
+        || {
+            let as_ccm = as_ccm.clone();
+            async move {
+                as_ccm
+                    .list(&Default::default())
+                    .await
+                    .map(drop)
+                    .map_err(|e| e.to_string())
+            }
+        },
+    )
+    .await
+    .unwrap();
+}
+
+/// Waits up to `timeout` until the node `name` is initialised ([`initialised`]).
+pub async fn wait_initialised(
+    nodes: &Api<Node>,
+    name: &str,
+    timeout: Duration,
+) -> Result<(), HarnessError> {
+    wait_for(&format!("{name} to be initialised"), timeout, || {
+        let nodes = nodes.clone();
+        async move { initialised(&nodes.get(name).await.map_err(|e| e.to_string())?) }
+    })
+    .await
+}
+
+/// Waits up to `timeout` until the node `name` no longer exists.
+pub async fn wait_deleted(
+    nodes: &Api<Node>,
+    name: &str,
+    timeout: Duration,
+) -> Result<(), HarnessError> {
+    wait_for(&format!("{name} to be deleted"), timeout, || {
+        let nodes = nodes.clone();
+        async move {
+            match nodes.get_opt(name).await.map_err(|e| e.to_string())? {
+                None => Ok(()),
+                Some(_) => Err(format!("{name} still exists")),
+            }
+        }
+    })
+    .await
 }
 
 /// Spawns `local-shim` (logs in `dir`) serving `inventory` with its state in `dir/state`;
@@ -134,8 +182,9 @@ pub fn spawn_local_shim_unix(
     (spawn_local_shim(dir, inventory, &args, env), socket)
 }
 
-/// Spawns `cloud-controller-manager` as `label` (logs in `dir`) against `cp`'s kubeconfig;
-/// `args` (the provider endpoint and any other flags) follow `--kubeconfig`.
+/// Spawns `cloud-controller-manager` as `label` (logs in `dir`) against `cp` as [`CCM_USER`]
+/// (see [`apply_rbac`]); `args` (the provider endpoint and any other flags) follow
+/// `--kubeconfig`.
 pub fn spawn_ccm(
     cp: &ControlPlane,
     label: &str,
@@ -143,7 +192,8 @@ pub fn spawn_ccm(
     env: &[(&str, String)],
     dir: &Path,
 ) -> Process {
-    let mut all = vec![format!("--kubeconfig={}", arg(cp.kubeconfig_path()))];
+    let kubeconfig = cp.write_kubeconfig_as(CCM_USER, CCM_GROUPS).unwrap();
+    let mut all = vec![format!("--kubeconfig={}", arg(&kubeconfig))];
     all.extend_from_slice(args);
     Process::spawn("cloud-controller-manager", label, &all, env, dir).unwrap()
 }
