@@ -21,12 +21,7 @@ use tonic::transport::{Endpoint, Uri};
 
 use crate::tls::ClientTls;
 use crate::trace::ClientInterceptor;
-
-/// HTTP/2 PING interval, also on idle connections, so a dead peer is noticed before a call.
-pub const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(30);
-
-/// How long to wait for a PING acknowledgement before declaring the connection dead.
-pub const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(10);
+use crate::{KEEPALIVE_INTERVAL, KEEPALIVE_TIMEOUT};
 
 /// URI given to tonic for Unix sockets: it needs one, the connector ignores it.
 const UNIX_PLACEHOLDER_URI: &str = "http://[::]:50051";

@@ -12,6 +12,15 @@ pub mod telemetry;
 pub mod tls;
 pub mod trace;
 
+use std::time::Duration;
+
+/// HTTP/2 PING interval on both sides, also on idle connections, so a dead peer is noticed
+/// before a call needs the connection.
+pub(crate) const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(30);
+
+/// How long to wait for a PING acknowledgement before declaring the connection dead.
+pub(crate) const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(10);
+
 pub use client::{ClientEndpoint, ConnectError, ConnectOptions, CpiChannel, connect};
 pub use server::{Bound, Listen, LocalAddr, ServeError, bind, serve, server_builder, tls_incoming};
 pub use tls::{ClientTls, ServerTls, TlsError, TlsFiles};

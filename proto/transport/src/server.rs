@@ -34,15 +34,10 @@ use tokio_stream::wrappers::{ReceiverStream, UnixListenerStream};
 use tracing::{debug, info, warn};
 
 use crate::tls::ServerTls;
+use crate::{KEEPALIVE_INTERVAL, KEEPALIVE_TIMEOUT};
 
 /// How long a client may take to complete the TLS handshake before it is disconnected.
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
-
-/// HTTP/2 PING interval the server uses to detect dead clients.
-pub const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(30);
-
-/// How long the server waits for a PING acknowledgement before closing the connection.
-pub const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Handshakes in progress beyond this are refused, so a flood cannot exhaust memory.
 const MAX_PENDING_HANDSHAKES: usize = 1024;

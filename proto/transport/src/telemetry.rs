@@ -30,13 +30,6 @@ pub struct TelemetryGuard {
     provider: SdkTracerProvider,
 }
 
-impl TelemetryGuard {
-    /// The tracer provider backing the installed layer.
-    pub fn tracer_provider(&self) -> &SdkTracerProvider {
-        &self.provider
-    }
-}
-
 impl Drop for TelemetryGuard {
     fn drop(&mut self) {
         if let Err(err) = self.provider.force_flush() {
@@ -117,7 +110,7 @@ pub fn init(service_name: &str) -> Result<TelemetryGuard, TelemetryError> {
 }
 
 /// The OpenTelemetry `Resource` identifying `service_name`.
-pub fn resource(service_name: &str) -> Resource {
+fn resource(service_name: &str) -> Resource {
     Resource::builder()
         .with_service_name(service_name.to_owned())
         .build()
@@ -136,21 +129,4 @@ where
         .with_tracked_inactivity(false)
         .with_threads(false)
         .with_location(false)
-}
-
-/// In-process span capture for tests that follow a trace across components.
-#[cfg(feature = "testing")]
-pub mod testing {
-    use opentelemetry_sdk::trace::{InMemorySpanExporter, SdkTracerProvider};
-
-    /// A provider exporting synchronously into the returned in-memory exporter; build a
-    /// subscriber with [`super::layer_for`] and read spans with `exporter.get_finished_spans()`.
-    pub fn in_memory(service_name: &str) -> (SdkTracerProvider, InMemorySpanExporter) {
-        let exporter = InMemorySpanExporter::default();
-        let provider = SdkTracerProvider::builder()
-            .with_resource(super::resource(service_name))
-            .with_simple_exporter(exporter.clone())
-            .build();
-        (provider, exporter)
-    }
 }

@@ -37,7 +37,7 @@ use rustls::{
 use tracing::{info, warn};
 
 /// The only application protocol spoken: gRPC needs HTTP/2.
-pub const ALPN_H2: &[u8] = b"h2";
+pub(crate) const ALPN_H2: &[u8] = b"h2";
 
 /// Paths of a certificate, its private key and the CA bundle used to verify the peer.
 #[derive(Debug, Clone)]
@@ -182,21 +182,6 @@ impl ServerTls {
     pub fn current_config(&self) -> Arc<ServerConfig> {
         self.reloadable.current()
     }
-
-    /// The client SANs admitted (empty: any certificate from the CA).
-    pub fn allowed_sans(&self) -> &[String] {
-        &self.allowed_sans
-    }
-
-    /// The ALPN protocols offered (always `h2`).
-    pub fn alpn_protocols(&self) -> Vec<Vec<u8>> {
-        self.current_config().alpn_protocols.clone()
-    }
-
-    /// The files this configuration is loaded from.
-    pub fn files(&self) -> &TlsFiles {
-        &self.reloadable.files
-    }
 }
 
 impl fmt::Debug for ServerTls {
@@ -251,16 +236,6 @@ impl ClientTls {
     pub fn server_name(&self) -> &ServerName<'static> {
         &self.server_name
     }
-
-    /// The ALPN protocols offered (always `h2`).
-    pub fn alpn_protocols(&self) -> Vec<Vec<u8>> {
-        self.current_config().alpn_protocols.clone()
-    }
-
-    /// The files this configuration is loaded from.
-    pub fn files(&self) -> &TlsFiles {
-        &self.reloadable.files
-    }
 }
 
 impl fmt::Debug for ClientTls {
@@ -300,7 +275,7 @@ struct Reloadable<T> {
     build: Builder<T>,
     /// What the last reload attempt read, so unchanged (or unchanged-and-broken) files are
     /// neither rebuilt nor re-reported on every poll.
-    last_attempt: Mutex<Option<FileContents>>,
+    last_attempt: Mutex<FileContents>,
     /// Last read error reported, so a persistently missing file is logged once, not per poll.
     last_read_error: Mutex<Option<String>>,
     /// Dropping this (with the last handle) wakes the reload thread so it exits at once.
@@ -322,7 +297,7 @@ impl<T: Send + Sync + 'static> Reloadable<T> {
             side,
             current: RwLock::new(initial),
             build,
-            last_attempt: Mutex::new(Some(contents)),
+            last_attempt: Mutex::new(contents),
             last_read_error: Mutex::new(None),
             _stop: stop_tx,
         });
@@ -376,7 +351,7 @@ impl<T: Send + Sync + 'static> Reloadable<T> {
             .last_attempt
             .lock()
             .unwrap_or_else(PoisonError::into_inner);
-        if last_attempt.as_ref() == Some(&contents) {
+        if *last_attempt == contents {
             return;
         }
         match (self.build)(&self.files, &contents) {
@@ -394,7 +369,7 @@ impl<T: Send + Sync + 'static> Reloadable<T> {
                 warn!(side = self.side, error = %err, "TLS files changed but do not form valid material; keeping the previous TLS material");
             }
         }
-        *last_attempt = Some(contents);
+        *last_attempt = contents;
     }
 }
 
@@ -651,7 +626,7 @@ impl ClientCertVerifier for SanAllowListVerifier {
 }
 
 /// DNS and URI subject alternative names of a DER certificate (the CN is deliberately ignored).
-pub fn certificate_sans(cert: &CertificateDer<'_>) -> Result<Vec<String>, rustls::Error> {
+pub(crate) fn certificate_sans(cert: &CertificateDer<'_>) -> Result<Vec<String>, rustls::Error> {
     let (_, parsed) = x509_parser::parse_x509_certificate(cert.as_ref())
         .map_err(|_| rustls::Error::InvalidCertificate(CertificateError::BadEncoding))?;
     let san = parsed

@@ -51,7 +51,7 @@ pub fn extract_context(headers: &http::HeaderMap) -> Context {
 /// Pass it to `tonic::transport::Server::trace_fn` (done by `server::server_builder`).
 pub fn server_span(request: &http::Request<()>) -> tracing::Span {
     let span = tracing::info_span!(
-        "grpc.server",
+        SERVER_SPAN_NAME,
         "rpc.system" = "grpc",
         "rpc.method" = %request.uri().path(),
         "otel.kind" = "server",

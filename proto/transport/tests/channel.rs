@@ -5,7 +5,7 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::{Ca, TestServer, check, write_files};
+use common::{Ca, MtlsServer, Pki, TestServer, check, tls_files};
 use cpi_transport::{ClientEndpoint, ConnectOptions, Listen, ServerTls, TlsError, TlsFiles};
 use opentelemetry::trace::{SpanKind, TraceContextExt as _};
 use opentelemetry_sdk::trace::{InMemorySpanExporter, SdkTracerProvider};
@@ -121,20 +121,9 @@ fn in_memory_tracing() -> (
 #[tokio::test]
 async fn trace_context_crosses_the_hop() {
     let (provider, exporter, _guard) = in_memory_tracing();
-    let dir = common::tempdir();
-    let ca = Ca::new("ca");
-    let server = TestServer::start_tls(common::server_tls(
-        write_files(dir.path(), "server", &ca.leaf(&["localhost"]), &ca.pem),
-        &[],
-    ))
-    .await;
-    let client = common::client_tls(write_files(
-        dir.path(),
-        "client",
-        &ca.leaf(&["ccm"]),
-        &ca.pem,
-    ));
-    let channel = common::channel(&server.uri(), &client);
+    let s = MtlsServer::start(&[]).await;
+    let client = s.client_with_sans("client", &["ccm"]);
+    let channel = common::channel(&s.server.uri(), &client);
 
     let ccm_span = tracing::info_span!("ccm.reconcile");
     let ccm_context = ccm_span.context().span().span_context().clone();
@@ -142,7 +131,7 @@ async fn trace_context_crosses_the_hop() {
     check(channel).instrument(ccm_span).await.unwrap();
 
     // The traceparent really travelled in the request headers ...
-    let traceparent = server.seen.last().traceparent;
+    let traceparent = s.server.seen.last().traceparent;
     let traceparent = traceparent.expect("no traceparent header reached the server");
     assert_eq!(
         traceparent,
@@ -177,11 +166,12 @@ async fn trace_context_crosses_the_hop() {
 
 #[test]
 fn tls_errors_name_the_file_and_the_problem() {
-    let dir = common::tempdir();
-    let ca = Ca::new("ca");
-    let leaf = ca.leaf(&["localhost"]);
-    let other = ca.leaf(&["localhost"]);
-    let files = write_files(dir.path(), "good", &leaf, &ca.pem);
+    let pki = Pki::new().unwrap();
+    let ca = Ca::new("ca").unwrap();
+    let leaf = ca.issue(&["localhost"]).unwrap();
+    let other = ca.issue(&["localhost"]).unwrap();
+    let write = |name: &str, ca_bundle: &str| pki.write_tls_files(name, &leaf, ca_bundle).unwrap();
+    let files = tls_files(&write("good", ca.cert_pem()));
     let load = |files: &TlsFiles| {
         ServerTls::new(files.clone(), Vec::new(), Duration::ZERO)
             .err()
@@ -190,42 +180,43 @@ fn tls_errors_name_the_file_and_the_problem() {
     assert!(load(&files).is_none());
 
     let missing = TlsFiles {
-        cert: dir.path().join("nope.crt"),
+        cert: pki.path().join("nope.crt"),
         ..files.clone()
     };
     let (message, err) = load(&missing).unwrap();
     assert!(matches!(err, TlsError::MissingFile { .. }));
     assert!(message.contains("nope.crt"), "{message}");
 
-    let no_cert = write_files(dir.path(), "no-cert", &leaf, &ca.pem);
+    let no_cert = write("no-cert", ca.cert_pem());
     std::fs::write(&no_cert.cert, &leaf.key_pem).unwrap();
-    let (message, err) = load(&no_cert).unwrap();
+    let (message, err) = load(&tls_files(&no_cert)).unwrap();
     assert!(matches!(err, TlsError::NoCertificate { .. }), "{message}");
     assert!(message.contains("no-cert.crt"), "{message}");
 
-    let no_key = write_files(dir.path(), "no-key", &leaf, &ca.pem);
+    let no_key = write("no-key", ca.cert_pem());
     std::fs::write(&no_key.key, &leaf.cert_pem).unwrap();
-    let (message, err) = load(&no_key).unwrap();
+    let (message, err) = load(&tls_files(&no_key)).unwrap();
     assert!(matches!(err, TlsError::NoPrivateKey { .. }), "{message}");
     assert!(message.contains("no-key.key"), "{message}");
 
-    let mismatch = write_files(dir.path(), "mismatch", &leaf, &ca.pem);
+    let mismatch = write("mismatch", ca.cert_pem());
     std::fs::write(&mismatch.key, &other.key_pem).unwrap();
-    let (message, err) = load(&mismatch).unwrap();
+    let (message, err) = load(&tls_files(&mismatch)).unwrap();
     assert!(matches!(err, TlsError::KeyMismatch { .. }), "{message}");
     assert!(
         message.contains("mismatch.key") && message.contains("mismatch.crt"),
         "{message}"
     );
 
-    let empty_ca = write_files(dir.path(), "empty-ca", &leaf, "");
-    let (message, err) = load(&empty_ca).unwrap();
+    // test-pki names the CA bundle `<prefix>-ca.crt`.
+    let empty_ca = write("empty-ca", "");
+    let (message, err) = load(&tls_files(&empty_ca)).unwrap();
     assert!(matches!(err, TlsError::EmptyCaBundle { .. }), "{message}");
-    assert!(message.contains("empty-ca.ca"), "{message}");
+    assert!(message.contains("empty-ca-ca.crt"), "{message}");
 
-    let half = write_files(dir.path(), "half", &leaf, &ca.pem);
+    let half = write("half", ca.cert_pem());
     std::fs::write(&half.cert, &leaf.cert_pem[..leaf.cert_pem.len() / 2]).unwrap();
-    let (message, err) = load(&half).unwrap();
+    let (message, err) = load(&tls_files(&half)).unwrap();
     assert!(matches!(err, TlsError::InvalidPem { .. }), "{message}");
     assert!(message.contains("half.crt"), "{message}");
 
@@ -235,14 +226,12 @@ fn tls_errors_name_the_file_and_the_problem() {
 
 #[tokio::test]
 async fn connect_rejects_plaintext_tcp_uri() {
-    let dir = common::tempdir();
-    let ca = Ca::new("ca");
-    let client = common::client_tls(write_files(
-        dir.path(),
-        "client",
-        &ca.leaf(&["ccm"]),
-        &ca.pem,
-    ));
+    let pki = Pki::new().unwrap();
+    let ca = Ca::new("ca").unwrap();
+    let client = common::client_tls(
+        &pki.write_tls_files("client", &ca.issue(&["ccm"]).unwrap(), ca.cert_pem())
+            .unwrap(),
+    );
     let result = cpi_transport::connect(
         ClientEndpoint::Tls {
             uri: "http://127.0.0.1:1".into(),

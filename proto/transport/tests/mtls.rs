@@ -7,9 +7,10 @@ mod common;
 use std::time::Duration;
 
 use common::{
-    Ca, LogCapture, TestServer, channel, check, client_tls, eventually, presented_cert,
-    raw_channel, replace, server_tls, write_files,
+    Ca, LogCapture, MtlsServer, TestServer, channel, check, client_tls, eventually, presented_cert,
+    raw_channel, server_tls,
 };
+use test_pki::{ca_bundle, rewrite_in_place, write_atomic};
 use tokio_stream::StreamExt as _;
 use tonic_health::pb::HealthCheckRequest;
 use tonic_health::pb::health_check_response::ServingStatus;
@@ -20,66 +21,51 @@ const CCM: &str = "ccm.kube-system";
 
 #[tokio::test]
 async fn mtls_client_with_valid_cert_is_served() {
-    let dir = common::tempdir();
-    let ca = Ca::new("ca");
-    let server = TestServer::start_tls(server_tls(
-        write_files(dir.path(), "server", &ca.leaf(&["localhost"]), &ca.pem),
-        &[CCM],
-    ))
-    .await;
-    let client_leaf = ca.leaf(&[CCM]);
-    let client = client_tls(write_files(dir.path(), "client", &client_leaf, &ca.pem));
-    let addr = server.addr.unwrap();
+    let s = MtlsServer::start(&[CCM]).await;
+    let client_leaf = s.ca.issue(&[CCM]).unwrap();
+    let client = s.client("client", &client_leaf);
+    let addr = s.server.addr.unwrap();
     // A client that connects and never starts its handshake must not hold up anyone else.
     let _silent = tokio::net::TcpStream::connect(addr).await.unwrap();
 
-    let channel = channel(&server.uri(), &client);
+    let channel = channel(&s.server.uri(), &client);
     check(channel.clone()).await.unwrap();
-    assert_eq!(client.alpn_protocols(), vec![b"h2".to_vec()]);
+    // The server negotiates HTTP/2 through ALPN with the client's configuration.
+    let negotiated = common::handshake(addr, client.current_config())
+        .await
+        .unwrap();
+    assert_eq!(negotiated.alpn.as_deref(), Some(&b"h2"[..]));
     // Handlers see the authenticated client certificate through `request.peer_certs()`.
-    assert_eq!(server.seen.last().peer_cert, Some(client_leaf.der.clone()));
+    assert_eq!(
+        s.server.seen.last().peer_cert,
+        Some(client_leaf.cert_der.clone())
+    );
 
     // Graceful shutdown returns cleanly and closes the listening socket.
     drop(channel);
-    server.stop().await.unwrap();
+    s.server.stop().await.unwrap();
     assert!(tokio::net::TcpStream::connect(addr).await.is_err());
 }
 
 #[tokio::test]
 async fn uri_san_on_allow_list_is_served() {
-    let dir = common::tempdir();
-    let ca = Ca::new("ca");
     let spiffe = "spiffe://cluster.local/ns/kube-system/sa/cloud-controller-manager";
-    let server = TestServer::start_tls(server_tls(
-        write_files(dir.path(), "server", &ca.leaf(&["localhost"]), &ca.pem),
-        &[spiffe],
-    ))
-    .await;
-    let client = client_tls(write_files(
-        dir.path(),
-        "client",
-        &ca.leaf_uri(spiffe),
-        &ca.pem,
-    ));
+    let s = MtlsServer::start(&[spiffe]).await;
+    // test-pki issues a SAN containing `://` as a URI SAN (and only SAN).
+    let client = s.client_with_sans("client", &[spiffe]);
 
-    check(channel(&server.uri(), &client)).await.unwrap();
+    check(channel(&s.server.uri(), &client)).await.unwrap();
 }
 
 #[tokio::test]
 async fn client_without_certificate_is_refused() {
     let logs = LogCapture::default();
     let _guard = logs.install();
-    let dir = common::tempdir();
-    let ca = Ca::new("ca");
-    let server = TestServer::start_tls(server_tls(
-        write_files(dir.path(), "server", &ca.leaf(&["localhost"]), &ca.pem),
-        &[],
-    ))
-    .await;
+    let s = MtlsServer::start(&[]).await;
 
     let anonymous = raw_channel(
-        server.addr.unwrap(),
-        common::anonymous_client_config(&ca.pem),
+        s.server.addr.unwrap(),
+        common::anonymous_client_config(s.ca.cert_pem()),
     );
     let err = check(anonymous).await.unwrap_err();
     assert_ne!(err.code(), tonic::Code::Ok);
@@ -92,48 +78,40 @@ async fn client_without_certificate_is_refused() {
 
 #[tokio::test]
 async fn client_cert_from_other_ca_is_refused() {
-    let dir = common::tempdir();
-    let ca = Ca::new("ca");
-    let rogue_ca = Ca::new("rogue ca");
-    let server = TestServer::start_tls(server_tls(
-        write_files(dir.path(), "server", &ca.leaf(&["localhost"]), &ca.pem),
-        &[],
-    ))
-    .await;
+    let logs = LogCapture::default();
+    let _guard = logs.install();
+    let s = MtlsServer::start(&[]).await;
+    let rogue_ca = Ca::new("rogue ca").unwrap();
     // Trusts the real server, but its own certificate (same SAN) is from another CA.
-    let rogue = client_tls(write_files(
-        dir.path(),
-        "rogue",
-        &rogue_ca.leaf(&[CCM]),
-        &ca.pem,
-    ));
-    let legit = client_tls(write_files(dir.path(), "client", &ca.leaf(&[CCM]), &ca.pem));
+    let rogue = s.client("rogue", &rogue_ca.issue(&[CCM]).unwrap());
+    let legit = s.client_with_sans("client", &[CCM]);
 
-    assert!(check(channel(&server.uri(), &rogue)).await.is_err());
-    check(channel(&server.uri(), &legit)).await.unwrap();
+    assert!(check(channel(&s.server.uri(), &rogue)).await.is_err());
+    // The server itself refused the certificate, for the right reason.
+    eventually("server logs the refusal", || {
+        let logs = logs.clone();
+        async move {
+            logs.contents().lines().any(|line| {
+                line.contains("WARN")
+                    && line.contains("refusing TLS connection")
+                    && line.contains("UnknownIssuer")
+            })
+        }
+    })
+    .await;
+    check(channel(&s.server.uri(), &legit)).await.unwrap();
 }
 
 #[tokio::test]
 async fn client_san_not_on_allow_list_is_refused() {
     let logs = LogCapture::default();
     let _guard = logs.install();
-    let dir = common::tempdir();
-    let ca = Ca::new("ca");
-    let server = TestServer::start_tls(server_tls(
-        write_files(dir.path(), "server", &ca.leaf(&["localhost"]), &ca.pem),
-        &[CCM],
-    ))
-    .await;
-    let intruder = client_tls(write_files(
-        dir.path(),
-        "intruder",
-        &ca.leaf(&["intruder.default"]),
-        &ca.pem,
-    ));
-    let legit = client_tls(write_files(dir.path(), "client", &ca.leaf(&[CCM]), &ca.pem));
+    let s = MtlsServer::start(&[CCM]).await;
+    let intruder = s.client_with_sans("intruder", &["intruder.default"]);
+    let legit = s.client_with_sans("client", &[CCM]);
 
-    assert!(check(channel(&server.uri(), &intruder)).await.is_err());
-    check(channel(&server.uri(), &legit)).await.unwrap();
+    assert!(check(channel(&s.server.uri(), &intruder)).await.is_err());
+    check(channel(&s.server.uri(), &legit)).await.unwrap();
     let logs = logs.contents();
     assert!(
         logs.lines().any(|line| line.contains("WARN")
@@ -144,40 +122,30 @@ async fn client_san_not_on_allow_list_is_refused() {
 
 #[tokio::test]
 async fn empty_allow_list_accepts_any_cert_from_ca() {
-    let dir = common::tempdir();
-    let ca = Ca::new("ca");
-    let server = TestServer::start_tls(server_tls(
-        write_files(dir.path(), "server", &ca.leaf(&["localhost"]), &ca.pem),
-        &[],
-    ))
-    .await;
-    let anyone = client_tls(write_files(
-        dir.path(),
-        "client",
-        &ca.leaf(&["whoever.example"]),
-        &ca.pem,
-    ));
+    let s = MtlsServer::start(&[]).await;
+    let anyone = s.client_with_sans("client", &["whoever.example"]);
 
-    check(channel(&server.uri(), &anyone)).await.unwrap();
+    check(channel(&s.server.uri(), &anyone)).await.unwrap();
 }
 
 #[tokio::test]
 async fn client_refuses_server_with_wrong_ca() {
-    let dir = common::tempdir();
-    let ca = Ca::new("ca");
-    let impostor_ca = Ca::new("impostor ca");
+    let pki = common::Pki::new().unwrap();
+    let ca = Ca::new("ca").unwrap();
+    let impostor_ca = Ca::new("impostor ca").unwrap();
     // The impostor accepts our client certificate but presents one from a CA we do not trust.
-    let impostor = TestServer::start_tls(server_tls(
-        write_files(
-            dir.path(),
+    let impostor_files = pki
+        .write_tls_files(
             "impostor",
-            &impostor_ca.leaf(&["localhost"]),
-            &ca.pem,
-        ),
-        &[],
-    ))
-    .await;
-    let client = client_tls(write_files(dir.path(), "client", &ca.leaf(&[CCM]), &ca.pem));
+            &impostor_ca.issue(&["localhost"]).unwrap(),
+            ca.cert_pem(),
+        )
+        .unwrap();
+    let impostor = TestServer::start_tls(server_tls(&impostor_files, &[])).await;
+    let client_files = pki
+        .write_tls_files("client", &ca.issue(&[CCM]).unwrap(), ca.cert_pem())
+        .unwrap();
+    let client = client_tls(&client_files);
 
     let err = check(channel(&impostor.uri(), &client)).await.unwrap_err();
     assert_eq!(err.code(), tonic::Code::Unavailable, "{err:?}");
@@ -188,14 +156,14 @@ async fn client_refuses_server_with_wrong_ca() {
 
 #[tokio::test]
 async fn rotated_server_certificate_is_used_without_restart() {
-    let dir = common::tempdir();
-    let old_ca = Ca::new("old ca");
-    let new_ca = Ca::new("new ca");
-    let old_server_leaf = old_ca.leaf(&["localhost"]);
-    let server_files = write_files(dir.path(), "server", &old_server_leaf, &old_ca.pem);
-    let server = TestServer::start_tls(server_tls(server_files.clone(), &[CCM])).await;
-    let client_files = write_files(dir.path(), "client", &old_ca.leaf(&[CCM]), &old_ca.pem);
-    let client = client_tls(client_files.clone());
+    let s = MtlsServer::start(&[CCM]).await;
+    let (old_ca, server) = (&s.ca, &s.server);
+    let new_ca = Ca::new("new ca").unwrap();
+    let client_files = s
+        .pki
+        .write_tls_files("client", &old_ca.issue(&[CCM]).unwrap(), old_ca.cert_pem())
+        .unwrap();
+    let client = client_tls(&client_files);
 
     let established = channel(&server.uri(), &client);
     check(established.clone()).await.unwrap();
@@ -215,25 +183,24 @@ async fn rotated_server_certificate_is_used_without_restart() {
             .await
             .unwrap()
             .as_ref(),
-        old_server_leaf.der.as_slice()
+        s.leaf.cert_der.as_slice()
     );
 
     // Rotate to a new CA: the server trusts both CAs for clients during the transition.
-    let new_server_leaf = new_ca.leaf(&["localhost"]);
-    replace(&server_files.key, &new_server_leaf.key_pem);
-    replace(&server_files.cert, &new_server_leaf.cert_pem);
-    replace(&server_files.ca, &format!("{}{}", old_ca.pem, new_ca.pem));
-    let new_client_leaf = new_ca.leaf(&[CCM]);
-    replace(&client_files.key, &new_client_leaf.key_pem);
-    replace(&client_files.cert, &new_client_leaf.cert_pem);
-    replace(&client_files.ca, &new_ca.pem);
+    let new_server_leaf = new_ca.issue(&["localhost"]).unwrap();
+    s.files
+        .rotate(&new_server_leaf, &ca_bundle(&[old_ca, &new_ca]))
+        .unwrap();
+    client_files
+        .rotate(&new_ca.issue(&[CCM]).unwrap(), new_ca.cert_pem())
+        .unwrap();
 
     let addr = server.addr.unwrap();
     eventually(
         "server presents the new certificate to a reloaded client",
         || {
             let config = client.current_config();
-            let expected = new_server_leaf.der.clone();
+            let expected = new_server_leaf.cert_der.clone();
             async move {
                 presented_cert(addr, config)
                     .await
@@ -263,84 +230,63 @@ async fn rotated_server_certificate_is_used_without_restart() {
 
 #[tokio::test]
 async fn rotated_ca_bundle_refuses_old_clients() {
-    let dir = common::tempdir();
-    let old_ca = Ca::new("old ca");
-    let new_ca = Ca::new("new ca");
-    let server_files = write_files(
-        dir.path(),
-        "server",
-        &old_ca.leaf(&["localhost"]),
-        &old_ca.pem,
-    );
-    let server = TestServer::start_tls(server_tls(server_files.clone(), &[CCM])).await;
-    let old_client = client_tls(write_files(
-        dir.path(),
-        "old-client",
-        &old_ca.leaf(&[CCM]),
-        &old_ca.pem,
-    ));
-    let new_client = client_tls(write_files(
-        dir.path(),
-        "new-client",
-        &new_ca.leaf(&[CCM]),
-        &old_ca.pem,
-    ));
-    check(channel(&server.uri(), &old_client)).await.unwrap();
-    assert!(check(channel(&server.uri(), &new_client)).await.is_err());
+    let s = MtlsServer::start(&[CCM]).await;
+    let new_ca = Ca::new("new ca").unwrap();
+    let old_client = s.client_with_sans("old-client", &[CCM]);
+    let new_client = s.client("new-client", &new_ca.issue(&[CCM]).unwrap());
+    check(channel(&s.server.uri(), &old_client)).await.unwrap();
+    assert!(check(channel(&s.server.uri(), &new_client)).await.is_err());
 
-    replace(&server_files.ca, &new_ca.pem);
+    write_atomic(&s.files.ca, new_ca.cert_pem().as_bytes(), false).unwrap();
 
-    let uri = server.uri();
+    let uri = s.server.uri();
     eventually("old client refused on a new connection", || {
         let channel = channel(&uri, &old_client);
         async move { check(channel).await.is_err() }
     })
     .await;
-    check(channel(&server.uri(), &new_client)).await.unwrap();
+    check(channel(&s.server.uri(), &new_client)).await.unwrap();
 }
 
 #[tokio::test]
 async fn half_written_file_keeps_previous_material() {
     let logs = LogCapture::default();
     let _guard = logs.install();
-    let dir = common::tempdir();
-    let ca = Ca::new("ca");
-    let old_leaf = ca.leaf(&["localhost"]);
-    let server_files = write_files(dir.path(), "server", &old_leaf, &ca.pem);
-    let server = TestServer::start_tls(server_tls(server_files.clone(), &[CCM])).await;
-    let client = client_tls(write_files(dir.path(), "client", &ca.leaf(&[CCM]), &ca.pem));
-    let addr = server.addr.unwrap();
+    let s = MtlsServer::start(&[CCM]).await;
+    let (old_leaf, server_files) = (&s.leaf, &s.files);
+    let client = s.client_with_sans("client", &[CCM]);
+    let addr = s.server.addr.unwrap();
     let presented = || async { presented_cert(addr, client.current_config()).await.unwrap() };
-    assert_eq!(presented().await.as_ref(), old_leaf.der.as_slice());
+    assert_eq!(presented().await.as_ref(), old_leaf.cert_der.as_slice());
 
     // New key written first: it does not match the old certificate.
-    let new_leaf = ca.leaf(&["localhost"]);
-    std::fs::write(&server_files.key, &new_leaf.key_pem).unwrap();
+    let new_leaf = s.ca.issue(&["localhost"]).unwrap();
+    rewrite_in_place(&server_files.key, new_leaf.key_pem.as_bytes()).unwrap();
     eventually("mismatch reported", || {
         let logs = logs.clone();
         async move { logs.contents().contains("does not match the certificate") }
     })
     .await;
-    assert_eq!(presented().await.as_ref(), old_leaf.der.as_slice());
-    check(channel(&server.uri(), &client)).await.unwrap();
+    assert_eq!(presented().await.as_ref(), old_leaf.cert_der.as_slice());
+    check(channel(&s.server.uri(), &client)).await.unwrap();
 
     // Certificate caught half-way through being written.
     let half = &new_leaf.cert_pem[..new_leaf.cert_pem.len() / 2];
-    std::fs::write(&server_files.cert, half).unwrap();
+    rewrite_in_place(&server_files.cert, half.as_bytes()).unwrap();
     eventually("half-written certificate reported", || {
         let logs = logs.clone();
         async move { logs.contents().contains("is not valid PEM") }
     })
     .await;
     tokio::time::sleep(common::RELOAD * 3).await;
-    assert_eq!(presented().await.as_ref(), old_leaf.der.as_slice());
-    check(channel(&server.uri(), &client)).await.unwrap();
+    assert_eq!(presented().await.as_ref(), old_leaf.cert_der.as_slice());
+    check(channel(&s.server.uri(), &client)).await.unwrap();
 
     // Once the write completes, the next poll picks the new material up.
-    std::fs::write(&server_files.cert, &new_leaf.cert_pem).unwrap();
+    rewrite_in_place(&server_files.cert, new_leaf.cert_pem.as_bytes()).unwrap();
     eventually("new certificate presented", || async {
-        presented().await.as_ref() == new_leaf.der.as_slice()
+        presented().await.as_ref() == new_leaf.cert_der.as_slice()
     })
     .await;
-    check(channel(&server.uri(), &client)).await.unwrap();
+    check(channel(&s.server.uri(), &client)).await.unwrap();
 }

@@ -6,7 +6,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::{Ca, write_files};
+use common::{Ca, Pki, tls_files};
 use cpi_transport::{ClientTls, ServerTls};
 
 /// Threads of this process whose name starts with `prefix` (Linux truncates names to 15 bytes).
@@ -36,9 +36,10 @@ fn wait_for_threads(expected: usize) {
 
 #[test]
 fn reload_threads_stop_when_all_handles_are_dropped() {
-    let dir = common::tempdir();
-    let ca = Ca::new("ca");
-    let files = write_files(dir.path(), "tls", &ca.leaf(&["localhost"]), &ca.pem);
+    let pki = Pki::new().unwrap();
+    let ca = Ca::new("ca").unwrap();
+    let leaf = ca.issue(&["localhost"]).unwrap();
+    let files = tls_files(&pki.write_tls_files("tls", &leaf, ca.cert_pem()).unwrap());
     assert_eq!(threads_named("tls-reload"), 0);
 
     // A long interval: the thread must exit because the handles went away, not because it

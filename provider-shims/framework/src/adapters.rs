@@ -73,12 +73,10 @@ impl Core {
         result
     }
 
-    /// Checks a node's provider ID, when it has one, is ours.
-    fn node_owned(&self, node: &Node, field: &str) -> Result<(), CpiError> {
+    /// Checks the request's `node`'s provider ID, when it has one, is ours.
+    fn node_owned(&self, node: &Node) -> Result<(), CpiError> {
         match node.provider_id.as_deref() {
-            Some(id) if !id.is_empty() => self
-                .provider
-                .check_owned(&format!("{field}.provider_id"), id),
+            Some(id) if !id.is_empty() => self.provider.check_owned("node.provider_id", id),
             _ => Ok(()),
         }
     }
@@ -139,7 +137,7 @@ impl pb::instances_v2_server::InstancesV2 for Adapter<dyn services::InstancesV2>
         let req = request.into_inner();
         rpc!(self.core, "InstancesV2", "InstanceExists", async {
             let node = require_node(req.node, "node")?;
-            self.core.node_owned(&node, "node")?;
+            self.core.node_owned(&node)?;
             self.inner
                 .instance_exists(node, consistency(req.consistency))
                 .await
@@ -153,7 +151,7 @@ impl pb::instances_v2_server::InstancesV2 for Adapter<dyn services::InstancesV2>
         let req = request.into_inner();
         rpc!(self.core, "InstancesV2", "InstanceShutdown", async {
             let node = require_node(req.node, "node")?;
-            self.core.node_owned(&node, "node")?;
+            self.core.node_owned(&node)?;
             self.inner
                 .instance_shutdown(node, consistency(req.consistency))
                 .await
@@ -167,7 +165,7 @@ impl pb::instances_v2_server::InstancesV2 for Adapter<dyn services::InstancesV2>
         let req = request.into_inner();
         rpc!(self.core, "InstancesV2", "InstanceMetadata", async {
             let node = require_node(req.node, "node")?;
-            self.core.node_owned(&node, "node")?;
+            self.core.node_owned(&node)?;
             self.inner.instance_metadata(node).await
         })
     }
@@ -363,10 +361,11 @@ impl pb::clusters_server::Clusters for Adapter<dyn services::Clusters> {
 
 /// Checks every backend node of an LB call is named.
 fn check_nodes(nodes: &[Node]) -> Result<(), CpiError> {
+    // `format_args!` defers building the field path until a node actually fails.
     nodes
         .iter()
         .enumerate()
-        .try_for_each(|(i, node)| check_node(node, &format!("nodes[{i}]")))
+        .try_for_each(|(i, node)| check_node(node, format_args!("nodes[{i}]")))
 }
 
 #[tonic::async_trait]

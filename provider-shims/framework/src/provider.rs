@@ -116,5 +116,13 @@ mod tests {
             p.check_owned("provider_id", "hcloud://1"),
             Err(CpiError::NotOwned(_))
         ));
+        // A claimed prefix without `://` does not make a malformed ID acceptable.
+        let claimed =
+            ProviderDescription::new("local", "1").with_provider_id_prefixes(vec!["loc".into()]);
+        assert!(claimed.check_owned("provider_id", "loc://m").is_ok());
+        assert!(matches!(
+            claimed.check_owned("provider_id", "local-m"),
+            Err(CpiError::InvalidObject { .. })
+        ));
     }
 }

@@ -1,8 +1,10 @@
 //! Request validation shared by the adapters: a missing or malformed required field becomes
 //! `INVALID_OBJECT` naming the field, never a panic and never a guess.
 
+use std::fmt::Display;
+
 use cpi_proto::CpiError;
-use cpi_proto::v1::{Consistency, Node, Service};
+use cpi_proto::v1::{Consistency, Node, ObjectMeta, Service};
 
 /// The `InvalidObject` error for `field`.
 pub(crate) fn invalid(field: impl Into<String>, message: impl Into<String>) -> CpiError {
@@ -32,34 +34,15 @@ pub(crate) fn require_node(node: Option<Node>, field: &str) -> Result<Node, CpiE
     Ok(node)
 }
 
-/// Checks that a present node carries a name.
-pub(crate) fn check_node(node: &Node, field: &str) -> Result<(), CpiError> {
-    let meta = node
-        .metadata
-        .as_ref()
-        .ok_or_else(|| invalid(format!("{field}.metadata"), "is required"))?;
-    if meta.name.is_empty() {
-        return Err(invalid(
-            format!("{field}.metadata.name"),
-            "must not be empty",
-        ));
-    }
-    Ok(())
+/// Checks that a present node carries a name; `field` is only formatted when it does not.
+pub(crate) fn check_node(node: &Node, field: impl Display) -> Result<(), CpiError> {
+    check_meta(node.metadata.as_ref(), field).map(drop)
 }
 
 /// A Service that must be present with a name and a namespace.
 pub(crate) fn require_service(service: Option<Service>, field: &str) -> Result<Service, CpiError> {
     let service = require(service, field)?;
-    let meta = service
-        .metadata
-        .as_ref()
-        .ok_or_else(|| invalid(format!("{field}.metadata"), "is required"))?;
-    if meta.name.is_empty() {
-        return Err(invalid(
-            format!("{field}.metadata.name"),
-            "must not be empty",
-        ));
-    }
+    let meta = check_meta(service.metadata.as_ref(), field)?;
     if meta.namespace.is_empty() {
         return Err(invalid(
             format!("{field}.metadata.namespace"),
@@ -67,6 +50,18 @@ pub(crate) fn require_service(service: Option<Service>, field: &str) -> Result<S
         ));
     }
     Ok(service)
+}
+
+/// Checks that an object's metadata is present and carries a name; `field` is the object's path.
+fn check_meta(meta: Option<&ObjectMeta>, field: impl Display) -> Result<&ObjectMeta, CpiError> {
+    let meta = meta.ok_or_else(|| invalid(format!("{field}.metadata"), "is required"))?;
+    if meta.name.is_empty() {
+        return Err(invalid(
+            format!("{field}.metadata.name"),
+            "must not be empty",
+        ));
+    }
+    Ok(meta)
 }
 
 /// The node's name (`metadata.name`); empty only for nodes the framework has not validated.
@@ -84,7 +79,6 @@ pub fn consistency(raw: i32) -> Consistency {
 #[allow(clippy::unwrap_used, clippy::expect_used)]
 mod tests {
     use super::*;
-    use cpi_proto::v1::ObjectMeta;
 
     fn field_of(err: CpiError) -> String {
         match err {

@@ -17,7 +17,7 @@ use shim_framework::{
     ShimServer, node_name,
 };
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::sync::oneshot;
+use tokio::sync::{Notify, oneshot};
 use tonic::Code;
 use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_health::pb::health_client::HealthClient;
@@ -27,6 +27,8 @@ use tonic_health::pb::{HealthCheckRequest, HealthCheckResponse};
 #[derive(Clone, Default)]
 struct TestProvider {
     calls: Arc<AtomicUsize>,
+    /// Notified when a call for the node "slow" has reached the provider.
+    slow_started: Arc<Notify>,
 }
 
 #[tonic::async_trait]
@@ -38,6 +40,7 @@ impl InstancesV2 for TestProvider {
     ) -> Result<pb::InstanceExistsResponse, CpiError> {
         self.calls.fetch_add(1, Ordering::SeqCst);
         if node_name(&node) == "slow" {
+            self.slow_started.notify_one();
             tokio::time::sleep(Duration::from_millis(300)).await;
         }
         Ok(pb::InstanceExistsResponse {
@@ -514,7 +517,9 @@ async fn in_flight_call_completes_during_drain() {
             })
             .await
     });
-    tokio::time::sleep(Duration::from_millis(100)).await;
+    tokio::time::timeout(Duration::from_secs(5), h.provider.slow_started.notified())
+        .await
+        .expect("the slow call never reached the provider");
     let _ = h.stop.take().unwrap().send(());
     let answer = call.await.unwrap().unwrap().into_inner();
     assert_eq!(answer.existence, pb::Existence::Exists as i32);

@@ -166,15 +166,6 @@ pub struct Inventory {
 }
 
 impl Inventory {
-    /// Reads and validates the inventory at `path`.
-    pub fn load(path: &Path) -> Result<Self, InventoryError> {
-        let text = std::fs::read_to_string(path).map_err(|error| InventoryError::Read {
-            path: path.to_path_buf(),
-            error,
-        })?;
-        Self::parse(path, &text)
-    }
-
     /// Parses and validates inventory text; `path` is only used in errors.
     pub fn parse(path: &Path, text: &str) -> Result<Self, InventoryError> {
         let raw: RawInventory =

@@ -112,11 +112,6 @@ impl LocalShim {
         })
     }
 
-    /// The live inventory.
-    pub fn inventory(&self) -> &InventoryHandle {
-        &self.inventory
-    }
-
     /// Starts serving in the background (see [`ShimServer::start`]) and reloading the inventory.
     pub async fn start(
         self,

@@ -70,11 +70,6 @@ impl InventoryHandle {
         })
     }
 
-    /// The inventory file.
-    pub fn path(&self) -> &Path {
-        &self.shared.path
-    }
-
     /// The current (last good) inventory.
     pub fn current(&self) -> Arc<Inventory> {
         match self.shared.current.read() {

@@ -1,22 +1,19 @@
-//! Shared fixtures: throwaway PKI, a health-service server on a real socket, raw TLS probes.
+//! Shared fixtures: a health-service server on a real socket (with throwaway PKI from
+//! `test-pki`), raw TLS probes.
 #![allow(clippy::unwrap_used, clippy::expect_used, dead_code, missing_docs)]
 
 use std::convert::Infallible;
 use std::future::Future;
 use std::net::SocketAddr;
-use std::path::Path;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use cpi_transport::{ClientTls, Listen, ServeError, ServerTls, TlsFiles};
 use futures::future::BoxFuture;
-use rcgen::{
-    BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
-    KeyUsagePurpose, SanType,
-};
 use rustls::pki_types::{CertificateDer, ServerName};
 use rustls::{ClientConfig, RootCertStore};
+pub use test_pki::{Ca, Leaf, Pki};
 use tokio::net::TcpStream;
 use tokio::sync::oneshot;
 use tonic::body::Body;
@@ -30,91 +27,6 @@ use tower::ServiceExt as _;
 
 /// Reload interval used by every test: short so rotations are seen within a few hundred ms.
 pub const RELOAD: Duration = Duration::from_millis(100);
-
-/// A throwaway certificate authority.
-pub struct Ca {
-    pub pem: String,
-    issuer: Issuer<'static, KeyPair>,
-}
-
-/// A leaf certificate and its key, as PEM, plus the certificate's DER for comparisons.
-#[derive(Clone)]
-pub struct Leaf {
-    pub cert_pem: String,
-    pub key_pem: String,
-    pub der: Vec<u8>,
-}
-
-impl Ca {
-    pub fn new(name: &str) -> Self {
-        let key = KeyPair::generate().unwrap();
-        let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
-        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        params.distinguished_name.push(DnType::CommonName, name);
-        params.key_usages = vec![
-            KeyUsagePurpose::KeyCertSign,
-            KeyUsagePurpose::CrlSign,
-            KeyUsagePurpose::DigitalSignature,
-        ];
-        let cert = params.self_signed(&key).unwrap();
-        Self {
-            pem: cert.pem(),
-            issuer: Issuer::new(params, key),
-        }
-    }
-
-    /// A leaf with DNS SANs, usable as both server and client certificate.
-    pub fn leaf(&self, dns_sans: &[&str]) -> Leaf {
-        let sans = dns_sans
-            .iter()
-            .map(|san| SanType::DnsName((*san).try_into().unwrap()))
-            .collect();
-        self.leaf_with(dns_sans.first().copied().unwrap_or("leaf"), sans)
-    }
-
-    /// A leaf whose only SAN is a URI (SPIFFE-style identities).
-    pub fn leaf_uri(&self, uri: &str) -> Leaf {
-        self.leaf_with(uri, vec![SanType::URI(uri.try_into().unwrap())])
-    }
-
-    fn leaf_with(&self, cn: &str, sans: Vec<SanType>) -> Leaf {
-        let key = KeyPair::generate().unwrap();
-        let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
-        params.subject_alt_names = sans;
-        params.distinguished_name.push(DnType::CommonName, cn);
-        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
-        params.extended_key_usages = vec![
-            ExtendedKeyUsagePurpose::ServerAuth,
-            ExtendedKeyUsagePurpose::ClientAuth,
-        ];
-        let cert = params.signed_by(&key, &self.issuer).unwrap();
-        Leaf {
-            cert_pem: cert.pem(),
-            key_pem: key.serialize_pem(),
-            der: cert.der().to_vec(),
-        }
-    }
-}
-
-/// Writes one side's cert, key and CA bundle into `dir/<name>.{crt,key,ca}`.
-pub fn write_files(dir: &Path, name: &str, leaf: &Leaf, ca_bundle: &str) -> TlsFiles {
-    let files = TlsFiles {
-        cert: dir.join(format!("{name}.crt")),
-        key: dir.join(format!("{name}.key")),
-        ca: dir.join(format!("{name}.ca")),
-    };
-    std::fs::write(&files.cert, &leaf.cert_pem).unwrap();
-    std::fs::write(&files.key, &leaf.key_pem).unwrap();
-    std::fs::write(&files.ca, ca_bundle).unwrap();
-    files
-}
-
-/// Replaces a file the way kubelet does: write elsewhere, then rename over it.
-pub fn replace(path: &Path, contents: &str) {
-    let tmp = path.with_extension("tmp");
-    std::fs::write(&tmp, contents).unwrap();
-    std::fs::rename(&tmp, path).unwrap();
-}
 
 /// What the server saw of one request.
 #[derive(Clone, Debug, Default)]
@@ -253,17 +165,76 @@ impl Drop for TestServer {
     }
 }
 
-pub fn server_tls(files: TlsFiles, allowed: &[&str]) -> ServerTls {
+/// The transport's view of TLS files written by `test-pki`.
+pub fn tls_files(files: &test_pki::TlsFiles) -> TlsFiles {
+    TlsFiles {
+        cert: files.cert.clone(),
+        key: files.key.clone(),
+        ca: files.ca.clone(),
+    }
+}
+
+/// Server TLS from `files`, admitting client SANs in `allowed` (empty: any), reloading fast.
+pub fn server_tls(files: &test_pki::TlsFiles, allowed: &[&str]) -> ServerTls {
     ServerTls::new(
-        files,
+        tls_files(files),
         allowed.iter().map(|s| (*s).to_owned()).collect(),
         RELOAD,
     )
     .unwrap()
 }
 
-pub fn client_tls(files: TlsFiles) -> ClientTls {
-    ClientTls::new(files, "localhost".to_owned(), RELOAD).unwrap()
+/// Client TLS from `files`, expecting a `localhost` server, reloading fast.
+pub fn client_tls(files: &test_pki::TlsFiles) -> ClientTls {
+    ClientTls::new(tls_files(files), "localhost".to_owned(), RELOAD).unwrap()
+}
+
+/// A TLS health server presenting a `localhost` certificate from its own CA, and its material.
+pub struct MtlsServer {
+    /// The temp directory every side's files are written to.
+    pub pki: Pki,
+    /// Issued the server's certificate; the server trusts it for clients.
+    pub ca: Ca,
+    /// The certificate the server presents.
+    pub leaf: Leaf,
+    /// The server's certificate, key and CA bundle (the bundle holds `ca`).
+    pub files: test_pki::TlsFiles,
+    /// The running server.
+    pub server: TestServer,
+}
+
+impl MtlsServer {
+    /// Starts a server admitting client certificates from its CA whose SAN is in `allowed`
+    /// (empty: any).
+    pub async fn start(allowed: &[&str]) -> Self {
+        let pki = Pki::new().unwrap();
+        let ca = Ca::new("ca").unwrap();
+        let leaf = ca.issue(&["localhost"]).unwrap();
+        let files = pki.write_tls_files("server", &leaf, ca.cert_pem()).unwrap();
+        let server = TestServer::start_tls(server_tls(&files, allowed)).await;
+        Self {
+            pki,
+            ca,
+            leaf,
+            files,
+            server,
+        }
+    }
+
+    /// A client presenting `leaf` (files named after `name`) and trusting the server's CA.
+    pub fn client(&self, name: &str, leaf: &Leaf) -> ClientTls {
+        client_tls(
+            &self
+                .pki
+                .write_tls_files(name, leaf, self.ca.cert_pem())
+                .unwrap(),
+        )
+    }
+
+    /// A client presenting a fresh certificate from the server's CA with `sans`.
+    pub fn client_with_sans(&self, name: &str, sans: &[&str]) -> ClientTls {
+        self.client(name, &self.ca.issue(sans).unwrap())
+    }
 }
 
 /// A fresh channel (so a fresh connection and handshake) to `uri` with `tls`.
@@ -298,17 +269,35 @@ where
     Ok(())
 }
 
-/// Handshakes with a raw rustls client and returns the certificate the server presented.
-pub async fn presented_cert(
-    addr: SocketAddr,
-    config: Arc<ClientConfig>,
-) -> std::io::Result<CertificateDer<'static>> {
+/// What a server showed a raw rustls client during the handshake.
+pub struct Handshake {
+    /// The server's end-entity certificate.
+    pub cert: CertificateDer<'static>,
+    /// The application protocol negotiated through ALPN.
+    pub alpn: Option<Vec<u8>>,
+}
+
+/// Handshakes with a raw rustls client and returns what the server presented and negotiated.
+pub async fn handshake(addr: SocketAddr, config: Arc<ClientConfig>) -> std::io::Result<Handshake> {
     let tcp = TcpStream::connect(addr).await?;
     let stream = tokio_rustls::TlsConnector::from(config)
         .connect(ServerName::try_from("localhost").unwrap(), tcp)
         .await?;
     let (_, conn) = stream.get_ref();
-    Ok(conn.peer_certificates().unwrap()[0].clone().into_owned())
+    Ok(Handshake {
+        cert: conn.peer_certificates().unwrap()[0].clone().into_owned(),
+        alpn: conn.alpn_protocol().map(<[u8]>::to_vec),
+    })
+}
+
+/// Handshakes with a raw rustls client and returns the certificate the server presented.
+pub async fn presented_cert(
+    addr: SocketAddr,
+    config: Arc<ClientConfig>,
+) -> std::io::Result<CertificateDer<'static>> {
+    handshake(addr, config)
+        .await
+        .map(|handshake| handshake.cert)
 }
 
 /// A channel over a hand-made rustls client config (for clients `ClientTls` cannot express).
@@ -367,6 +356,13 @@ impl LogCapture {
 
     /// Installs a text subscriber writing here for the current thread.
     pub fn install(&self) -> tracing::subscriber::DefaultGuard {
+        // While exactly one dispatcher exists, tracing-core decides a callsite's interest on its
+        // first hit from the hitting thread's subscriber alone (tokio-rs/tracing#3611): a
+        // callsite first hit by another test's thread, which has none, would stay disabled here
+        // too. A second dispatcher that lives forever makes it ask every live one instead.
+        static SECOND_DISPATCHER: OnceLock<tracing::Dispatch> = OnceLock::new();
+        SECOND_DISPATCHER
+            .get_or_init(|| tracing::Dispatch::new(tracing::subscriber::NoSubscriber::default()));
         let subscriber = tracing_subscriber::fmt()
             .with_writer(self.clone())
             .with_ansi(false)
