@@ -9,8 +9,11 @@ pub mod cloud;
 pub mod controllers;
 pub mod convert;
 pub mod events;
+mod k8s;
 pub mod leader;
 pub mod metrics;
 pub mod names;
 pub mod options;
 pub mod serve;
+
+pub use k8s::well_known;
