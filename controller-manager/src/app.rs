@@ -1,26 +1,52 @@
-//! Wiring of the controller-manager: API client, provider shim, secure port, leader election
-//! and the controllers the provider supports and `--controllers` enables.
+//! Wiring of the controller-manager: API clients, provider shim, secure port, leader election,
+//! and the controllers of the registry that the provider supports and `--controllers` enables.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use kube::config::{KubeConfigOptions, Kubeconfig};
-use tokio::sync::oneshot;
+use clap::Parser;
+use prometheus_client::registry::Registry;
+use tokio::sync::{oneshot, watch};
 use tokio::task::JoinSet;
 use tracing::{error, info, warn};
 
-use crate::apiclient::{RateLimitLayer, RequestMetricsLayer};
-use crate::auth::Authorizer;
-use crate::cloud::{Cloud, CloudError};
-use crate::controllers::NodeInformer;
-use crate::controllers::node::{NodeController, NodeControllerConfig};
-use crate::controllers::node_lifecycle::NodeLifecycleController;
+use crate::cloud::{Cloud, CloudError, CloudMetrics, EndpointError, Fence};
+use crate::controllers::{
+    BuildError, ControllerContext, ControllerFlags, ControllerSelection, Names, Registered, Runner,
+    SharedNodes, Stop,
+};
+use crate::health::{Health, Scope, Unhealthy};
+use crate::k8s::{ClientError, ClientMetrics, NodeInformer};
 use crate::leader::{LeaderElector, LeaseConfig, Lost, SharedStatus};
-use crate::metrics::{LeaseLabels, Metrics};
-use crate::names::{ControllerName, ControllerSelection};
-use crate::options::{Options, OptionsError};
-use crate::serve::{self, Health, Scope};
+use crate::metrics::ManagerMetrics;
+use crate::options::{GenericOptions, OptionsError};
+use crate::serve::{self, Authorizer};
+
+/// Flags of the `cloud-controller-manager` binary: the generic ones and every controller's.
+#[derive(Debug, Clone, Parser)]
+#[command(
+    name = "cloud-controller-manager",
+    version,
+    about = "Runs the cloud controllers (cloud-node, cloud-node-lifecycle, service-lb, route, node-ipam) against a provider shim reached over the CPI gRPC protocol."
+)]
+pub struct Options {
+    /// The manager's own flags.
+    #[command(flatten)]
+    pub generic: GenericOptions,
+    /// The controllers' flags.
+    #[command(flatten)]
+    pub controllers: ControllerFlags,
+}
+
+impl Options {
+    /// Checks every flag; returns the resolved controller selection.
+    pub fn validate(&self) -> Result<ControllerSelection, OptionsError> {
+        let selection = self.generic.validate()?;
+        self.controllers.validate()?;
+        Ok(selection)
+    }
+}
 
 /// Why the controller-manager stopped with an error.
 #[derive(Debug, thiserror::Error)]
@@ -28,15 +54,15 @@ pub enum AppError {
     /// Invalid flags.
     #[error(transparent)]
     Options(#[from] OptionsError),
-    /// The kubeconfig could not be loaded.
-    #[error("loading the API server configuration: {0}")]
-    KubeConfig(String),
-    /// The API client could not be built.
-    #[error("building the API client: {0}")]
-    KubeClient(#[from] kube::Error),
+    /// The API client could not be set up.
+    #[error(transparent)]
+    Client(#[from] ClientError),
     /// The provider shim could not be used.
     #[error(transparent)]
     Cloud(#[from] CloudError),
+    /// `--provider-endpoint` cannot be used.
+    #[error("--provider-endpoint: {0}")]
+    Endpoint(#[from] EndpointError),
     /// `--cloud-provider` disagrees with the shim.
     #[error("--cloud-provider={flag:?} but the provider shim reports {shim:?}")]
     ProviderMismatch {
@@ -53,135 +79,6 @@ pub enum AppError {
     LeadershipLost(#[from] Lost),
 }
 
-/// Everything controllers need, built once at start-up.
-#[derive(Clone)]
-pub struct Runtime {
-    /// API client of the controllers (rate limited).
-    pub client: kube::Client,
-    /// Provider shim.
-    pub cloud: Cloud,
-    /// Metrics registry.
-    pub metrics: Arc<Metrics>,
-    /// Our leader-election identity (also the event reporting instance).
-    pub identity: String,
-}
-
-/// Loads the API-server configuration from `--kubeconfig`/`--master` or the cluster.
-pub async fn kube_config(options: &Options) -> Result<kube::Config, AppError> {
-    let mut config = if options.kubeconfig.is_empty() {
-        kube::Config::infer()
-            .await
-            .map_err(|e| AppError::KubeConfig(e.to_string()))?
-    } else {
-        let kubeconfig = Kubeconfig::read_from(&options.kubeconfig).map_err(|e| {
-            AppError::KubeConfig(format!("--kubeconfig={}: {e}", options.kubeconfig))
-        })?;
-        kube::Config::from_custom_kubeconfig(kubeconfig, &KubeConfigOptions::default())
-            .await
-            .map_err(|e| {
-                AppError::KubeConfig(format!("--kubeconfig={}: {e}", options.kubeconfig))
-            })?
-    };
-    if !options.master.is_empty() {
-        config.cluster_url = options
-            .master
-            .parse()
-            .map_err(|e| AppError::KubeConfig(format!("--master={}: {e}", options.master)))?;
-    }
-    Ok(config)
-}
-
-/// The API clients: both over one connection pool, each with its own `--kube-api-qps/burst`
-/// token bucket.
-pub struct KubeClients {
-    /// For the controllers.
-    pub controllers: kube::Client,
-    /// For leader election and the secure port's token and access reviews: as upstream's
-    /// separate leader-election client, lease renewals never queue behind a burst of
-    /// controller writes (which could cost the lease).
-    pub control: kube::Client,
-}
-
-/// Builds the rate-limited, instrumented API clients. Unlike kube's default stack (HTTP/1.1,
-/// one TLS connection per request in flight) they negotiate HTTP/2, so every request and watch
-/// shares one multiplexed connection: with tens of node workers that saves a TLS handshake and
-/// connection buffers per worker (measured in `bench node-init`).
-pub fn kube_clients(
-    config: &kube::Config,
-    options: &Options,
-    metrics: &Arc<Metrics>,
-) -> Result<KubeClients, AppError> {
-    use kube::client::ConfigExt;
-    use tower::ServiceBuilder;
-
-    // ALPN (h2, then http/1.1) is set by the connector builder.
-    let tls = config.rustls_client_config()?;
-    let mut http = hyper_util::client::legacy::connect::HttpConnector::new();
-    http.enforce_http(false);
-    http.set_connect_timeout(config.connect_timeout);
-    http.set_nodelay(true);
-    let https = hyper_rustls::HttpsConnectorBuilder::new()
-        .with_tls_config(tls)
-        .https_or_http()
-        .enable_all_versions()
-        .wrap_connector(http);
-    let hyper_client =
-        hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
-            // Detect a dead connection (its watches would hang) without a read timeout.
-            .http2_keep_alive_interval(Duration::from_secs(30))
-            .http2_keep_alive_timeout(Duration::from_secs(10))
-            .http2_keep_alive_while_idle(true)
-            .timer(hyper_util::rt::TokioTimer::new())
-            .build(https);
-    // The hyper client is a handle on one pool: both clients share its connection.
-    let client = |hyper_client| -> Result<kube::Client, AppError> {
-        let service = ServiceBuilder::new()
-            .layer(config.base_uri_layer())
-            .option_layer(config.auth_layer()?)
-            .layer(config.extra_headers_layer()?)
-            .map_err(tower::BoxError::from)
-            .service(hyper_client);
-        Ok(
-            kube::client::ClientBuilder::new(service, config.default_namespace.clone())
-                .with_layer(&RequestMetricsLayer::new(metrics.clone()))
-                .with_layer(&RateLimitLayer::new(
-                    options.kube_api_qps,
-                    options.kube_api_burst,
-                ))
-                .build(),
-        )
-    };
-    Ok(KubeClients {
-        controllers: client(hyper_client.clone())?,
-        control: client(hyper_client)?,
-    })
-}
-
-/// Controllers to run: enabled by `--controllers` and supported by the provider.
-pub fn controllers_to_run(selection: &ControllerSelection, cloud: &Cloud) -> Vec<ControllerName> {
-    let capabilities = cloud.capabilities();
-    ControllerName::ALL
-        .into_iter()
-        .filter(|c| {
-            if !selection.is_enabled(*c) {
-                info!(
-                    controller = c.canonical(),
-                    "controller disabled by --controllers"
-                );
-                return false;
-            }
-            if !c.supported_by(&capabilities) {
-                warn!(
-                    controller = c.canonical(),
-                    "provider does not support this controller; not starting it"
-                );
-                return false;
-            }
-            true
-        })
-        .collect()
-}
-
 /// How often the shim is probed for `/readyz`.
 const PROVIDER_PROBE_PERIOD: Duration = Duration::from_secs(10);
 
@@ -191,24 +88,33 @@ pub async fn run(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), AppError> {
     let selection = options.validate()?;
-    let metrics = Metrics::new();
-    let config = kube_config(&options).await?;
-    let clients = kube_clients(&config, &options, &metrics)?;
-    let endpoint = options.provider_endpoint()?;
+    let Options {
+        generic: options,
+        controllers: flags,
+    } = options;
+    let mut registry = Registry::default();
+    let metrics = ManagerMetrics::register(&mut registry);
+    let config = crate::k8s::load_config(&options.kubeconfig, &options.master).await?;
+    let clients = crate::k8s::build_clients(
+        &config,
+        options.kube_api_qps,
+        options.kube_api_burst,
+        &ClientMetrics::register(&mut registry),
+    )?;
+    let (fence_tx, fence_rx) = watch::channel(None::<Fence>);
     let cloud = Cloud::connect(
-        &endpoint,
-        options.provider_timeout,
-        options.provider_tls_reload_interval,
-        options.provider_startup_timeout,
+        &options.provider_endpoint()?,
+        &options.connect_settings(),
+        CloudMetrics::register(&mut registry),
     )
-    .await?;
+    .await?
+    .with_fence(fence_rx);
     if !options.cloud_provider.is_empty() && options.cloud_provider != cloud.info().name {
         return Err(AppError::ProviderMismatch {
             flag: options.cloud_provider.clone(),
             shim: cloud.info().name.clone(),
         });
     }
-    let controllers = controllers_to_run(&selection, &cloud);
     let health = Health::default();
     health.add("ping", Scope::Live, Arc::new(|| Ok(())));
     health.add(
@@ -224,12 +130,17 @@ pub async fn run(
             .unwrap_or_else(|| "unknown".into()),
         uuid::Uuid::new_v4()
     );
-    let runtime = Runtime {
-        client: clients.controllers,
+    let ctx = ControllerContext {
+        client: clients.controllers.clone(),
+        nodes: SharedNodes::new(NodeInformer::new(clients.controllers)),
         cloud,
-        metrics: metrics.clone(),
+        cluster: options.cluster(),
         identity: identity.clone(),
     };
+    // Built before leadership, as upstream registers metrics at start-up: a standby serves
+    // the same metric names as the leader.
+    let built = build_controllers(&ctx, &selection, flags.registry(), &mut registry);
+    let registry = Arc::new(registry);
     if options.secure_port != 0 {
         let acceptor = serve::tls_acceptor(
             options
@@ -243,7 +154,7 @@ pub async fn run(
             acceptor,
             serve::router(
                 health.clone(),
-                metrics.clone(),
+                registry.clone(),
                 Some(Arc::new(Authorizer::new(
                     clients.control.clone(),
                     options.authorization_always_allow_paths.clone(),
@@ -254,8 +165,9 @@ pub async fn run(
         tokio::spawn(server);
     }
     let mut shutdown = Box::pin(shutdown);
+    let start_interval = options.controller_start_interval;
     if !options.leader_elect {
-        let running = start_controllers(&runtime, &options, &controllers);
+        let running = start(built, &ctx.nodes, &metrics, start_interval);
         shutdown.await;
         running.stop().await;
         return Ok(());
@@ -272,30 +184,28 @@ pub async fn run(
             Arc::new(move || {
                 let status = status
                     .lock()
-                    .map_err(|_| "status lock poisoned".to_string())?;
+                    .unwrap_or_else(std::sync::PoisonError::into_inner);
                 match status.last_renew {
                     Some(at)
                         if status.leading
                             && at.elapsed() > lease_duration + Duration::from_secs(20) =>
                     {
-                        Err(format!("failed to renew leadership for {:?}", at.elapsed()))
+                        Err(Unhealthy(format!(
+                            "failed to renew leadership for {:?}",
+                            at.elapsed()
+                        )))
                     }
                     _ => Ok(()),
                 }
             }),
         );
     }
-    let lease_gauge = metrics
-        .leader_election_master_status
-        .get_or_create(&LeaseLabels {
-            name: options.leader_elect_resource_name.clone(),
-        })
-        .clone();
+    let lease_name = options.leader_elect_resource_name.clone();
     let mut elector = LeaderElector::new(
         clients.control,
         LeaseConfig {
             namespace: options.leader_elect_resource_namespace.clone(),
-            name: options.leader_elect_resource_name.clone(),
+            name: lease_name.clone(),
             identity,
             lease_duration,
             renew_deadline: options.leader_elect_renew_deadline,
@@ -307,17 +217,19 @@ pub async fn run(
         fence = elector.acquire() => fence,
         () = &mut shutdown => return Ok(()),
     };
-    lease_gauge.set(1);
+    metrics.set_leading(&lease_name, true);
     info!(
         lease_transitions = fence.lease_transitions,
         "became leader; starting controllers"
     );
-    let running = start_controllers(&runtime, &options, &controllers);
+    // Every mutating CPI call from now on carries this term's fence.
+    fence_tx.send_replace(Some(fence));
+    let running = start(built, &ctx.nodes, &metrics, start_interval);
     let result = tokio::select! {
         lost = elector.hold() => Err(AppError::LeadershipLost(lost)),
         () = &mut shutdown => Ok(()),
     };
-    lease_gauge.set(0);
+    metrics.set_leading(&lease_name, false);
     running.stop().await;
     if result.is_ok() {
         elector.release().await;
@@ -325,6 +237,52 @@ pub async fn run(
         error!("leader election lost; controllers stopped");
     }
     result
+}
+
+/// A controller built and ready to run.
+pub struct Built {
+    names: Names,
+    run: Runner,
+}
+
+/// Builds the registry's controllers that `selection` enables and the provider supports
+/// (upstream `startControllers`' checks), registering their metrics.
+pub fn build_controllers(
+    ctx: &ControllerContext,
+    selection: &ControllerSelection,
+    registry: Vec<Registered>,
+    metrics: &mut Registry,
+) -> Vec<Built> {
+    let capabilities = ctx.cloud.capabilities();
+    let mut built = Vec::new();
+    for entry in registry {
+        let names = entry.names;
+        if !selection.is_enabled(&names) {
+            info!(
+                controller = names.canonical,
+                "controller disabled by --controllers"
+            );
+            continue;
+        }
+        if !(entry.supported_by)(&capabilities) {
+            warn!(
+                controller = names.canonical,
+                "provider does not support this controller; not starting it"
+            );
+            continue;
+        }
+        match (entry.build)(ctx, metrics) {
+            Ok(run) => built.push(Built { names, run }),
+            Err(BuildError::NotImplemented) => warn!(
+                controller = names.canonical,
+                "controller is not implemented in this build yet; not starting it"
+            ),
+            Err(why) => {
+                warn!(controller = names.canonical, reason = %why, "not starting controller")
+            }
+        }
+    }
+    built
 }
 
 /// Running controller tasks and the switches that stop them.
@@ -352,101 +310,52 @@ impl Running {
             }
         }
     }
+
+    fn stopper(&mut self) -> Stop {
+        let (tx, rx) = oneshot::channel::<()>();
+        self.stops.push(tx);
+        Box::pin(async move {
+            let _ = rx.await;
+        })
+    }
 }
 
-fn start_controllers(
-    runtime: &Runtime,
-    options: &Options,
-    controllers: &[ControllerName],
+/// Starts the built controllers, `--controller-start-interval` apart (jittered), and the
+/// shared Node watch if a controller uses it.
+fn start(
+    built: Vec<Built>,
+    nodes: &SharedNodes,
+    metrics: &ManagerMetrics,
+    start_interval: Duration,
 ) -> Running {
     let mut running = Running {
         stops: Vec::new(),
         tasks: JoinSet::new(),
     };
-    let stopper = |running: &mut Running| {
-        let (stop_tx, stop_rx) = oneshot::channel::<()>();
-        running.stops.push(stop_tx);
-        async move {
-            let _ = stop_rx.await;
-        }
-    };
-    // One Node watch serves every node controller.
-    let needs_nodes = controllers.iter().any(|c| {
-        matches!(
-            c,
-            ControllerName::CloudNode | ControllerName::CloudNodeLifecycle
-        )
-    });
-    let informer = needs_nodes.then(|| NodeInformer::new(runtime.client.clone()));
-    // Upstream `--controller-start-interval`: a jittered pause between two controller starts.
     let mut start_delay = Duration::ZERO;
-    for controller in controllers {
+    for controller in built {
         let delay = start_delay;
-        start_delay += options
-            .controller_start_interval
-            .mul_f64(1.0 + rand::random::<f64>());
-        let stop = stopper(&mut running);
-        let rt = runtime.clone();
-        let alias = controller.alias();
-        match (controller, informer.as_ref()) {
-            (ControllerName::CloudNode, Some(informer)) => {
-                let Some(changes) = informer.subscribe() else {
-                    warn!(
-                        "node informer cannot be subscribed to; cloud-node controller not started"
-                    );
-                    continue;
-                };
-                let store = informer.store.clone();
-                let config = NodeControllerConfig {
-                    workers: options.concurrent_node_syncs,
-                    status_update_frequency: options.node_status_update_frequency,
-                    status_update_workers: options.node_status_update_workers(),
-                };
-                let controller = NodeController::new(
-                    rt.client.clone(),
-                    rt.cloud.clone(),
-                    rt.metrics.clone(),
-                    store,
-                    &rt.identity,
-                );
-                running.tasks.spawn(async move {
-                    tokio::time::sleep(delay).await;
-                    rt.metrics.set_running(alias, true);
-                    controller.run(changes, config, stop).await;
-                    rt.metrics.set_running(alias, false);
-                });
-            }
-            (ControllerName::CloudNodeLifecycle, Some(informer)) => {
-                let controller = NodeLifecycleController::new(
-                    rt.client.clone(),
-                    rt.cloud.clone(),
-                    rt.metrics.clone(),
-                    informer.store.clone(),
-                    rt.identity.clone(),
-                )
-                .with_deletion_policy(options.deletion_policy());
-                let period = options.node_monitor_period;
-                let ready = informer.ready();
-                running.tasks.spawn(async move {
-                    tokio::time::sleep(delay).await;
-                    rt.metrics.set_running(alias, true);
-                    controller.run(period, ready, stop).await;
-                    rt.metrics.set_running(alias, false);
-                });
-            }
-            (other, _) => {
-                warn!(
-                    controller = other.canonical(),
-                    "controller is not implemented in this build yet; not starting it"
-                );
-                continue;
-            }
-        }
-        info!(controller = controller.canonical(), "started controller");
+        start_delay += start_interval.mul_f64(1.0 + rand::random::<f64>());
+        let run = (controller.run)(running.stopper());
+        let metrics = metrics.clone();
+        let alias = controller.names.alias;
+        running.tasks.spawn(async move {
+            tokio::time::sleep(delay).await;
+            metrics.set_running(alias, true);
+            run.await;
+            metrics.set_running(alias, false);
+        });
+        info!(
+            controller = controller.names.canonical,
+            "started controller"
+        );
     }
-    if let Some(informer) = informer {
-        let stop = stopper(&mut running);
+    if let Some(informer) = nodes.take() {
+        let stop = running.stopper();
         running.tasks.spawn(informer.run(stop));
     }
     running
 }
+
+#[cfg(test)]
+mod tests;

@@ -14,6 +14,8 @@ use k8s_openapi::jiff::Timestamp;
 use kube::api::{Api, PostParams};
 use tracing::{debug, info, warn};
 
+use crate::cloud::Fence;
+
 /// Lease-lock settings (upstream `--leader-elect-*`).
 #[derive(Debug, Clone)]
 pub struct LeaseConfig {
@@ -29,17 +31,6 @@ pub struct LeaseConfig {
     pub renew_deadline: Duration,
     /// Pause between acquire/renew attempts.
     pub retry_period: Duration,
-}
-
-/// Proof of leadership handed to controllers and sent to the shim with every mutating call.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Fence {
-    /// `<namespace>/<name>` of the lease.
-    pub lease: String,
-    /// Our identity.
-    pub holder_identity: String,
-    /// `spec.leaseTransitions` when we acquired the lease.
-    pub lease_transitions: i64,
 }
 
 /// Why leadership ended.
@@ -179,11 +170,14 @@ impl LeaderElector {
     }
 
     fn set_status(&self, leading: bool) {
-        if let Ok(mut status) = self.status.lock() {
-            status.leading = leading;
-            if leading {
-                status.last_renew = Some(Instant::now());
-            }
+        // Both fields are plain values set whole: a poisoned status is still consistent.
+        let mut status = self
+            .status
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        status.leading = leading;
+        if leading {
+            status.last_renew = Some(Instant::now());
         }
     }
 

@@ -1,19 +1,23 @@
 //! The generic cloud-controller-manager: watches the API server and drives a provider shim over
 //! the CPI gRPC protocol, with the controllers, flags, leader election, metrics and health of
 //! the upstream `k8s.io/cloud-provider` framework.
+//!
+//! Layers, each importing only those below it: `app` (wiring) → `options`, `serve`, `leader`,
+//! `controllers` → `cloud` → `k8s`, `health`. This facade exports what the binary and the
+//! integration tests use.
 
-pub mod apiclient;
-pub mod app;
-pub mod auth;
-pub mod cloud;
-pub mod controllers;
-pub mod convert;
-pub mod events;
+mod app;
+mod cloud;
+mod controllers;
+mod health;
 mod k8s;
-pub mod leader;
-pub mod metrics;
-pub mod names;
-pub mod options;
+mod leader;
+mod metrics;
+mod options;
 pub mod serve;
 
-pub use k8s::well_known;
+pub use app::{AppError, Options, run};
+pub use cloud::{Cloud, CloudMetrics, ConnectSettings, Fence, ProviderEndpoint};
+pub use controllers::{DeletionPolicy, NodeController, NodeLifecycleController, SyncError};
+pub use health::{Health, Scope, Unhealthy};
+pub use k8s::{CachedNode, EventType, NodeInformer, Recorder, well_known};

@@ -3,7 +3,7 @@
 use std::process::ExitCode;
 
 use clap::Parser;
-use cloud_controller_manager::{app, options::Options};
+use cloud_controller_manager::{Options, run};
 
 fn main() -> ExitCode {
     let options = Options::parse();
@@ -27,7 +27,7 @@ fn main() -> ExitCode {
                 None
             }
         };
-        match app::run(options, shutdown_signal()).await {
+        match run(options, shutdown_signal()).await {
             Ok(()) => ExitCode::SUCCESS,
             Err(err) => {
                 tracing::error!(error = %err, "cloud-controller-manager stopped");

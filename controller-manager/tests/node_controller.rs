@@ -28,11 +28,8 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
-use cloud_controller_manager::controllers::CachedNode;
-use cloud_controller_manager::controllers::node::{
-    self as node_controller, NodeController, SyncError,
-};
-use cloud_controller_manager::metrics::Metrics;
+use cloud_controller_manager::well_known::{CONDITION_INITIALIZATION_FAILED, TAINT_UNINITIALIZED};
+use cloud_controller_manager::{CachedNode, NodeController, SyncError};
 use fake_provider::{CpiError, FakeCloud, FakeZone, call, external_ip, hostname, internal_ip};
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::{Node, NodeAddress, NodeCondition, NodeSpec, NodeStatus, Taint};
@@ -44,7 +41,6 @@ use kube::runtime::watcher;
 use support::{Harness, NodeCache, harness, taints_of};
 use test_control_plane::unique_name;
 
-const TAINT_UNINITIALIZED: &str = "node.cloudprovider.kubernetes.io/uninitialized";
 const ANNOTATION_PROVIDED_NODE_IP: &str = "alpha.kubernetes.io/provided-node-ip";
 const IMPROVE_COVERAGE_TAINT: &str = "ImproveCoverageTaint";
 
@@ -58,9 +54,8 @@ impl Harness {
         NodeController::new(
             self.client.clone(),
             self.cloud.clone(),
-            Metrics::new(),
             store,
-            "node-controller-test",
+            self.recorder("cloud-node-controller"),
         )
     }
 
@@ -1501,7 +1496,7 @@ fn failure_condition(node: &Node) -> Option<(String, String, String, Option<Time
         .and_then(|s| s.conditions.as_ref())
         .and_then(|c| {
             c.iter()
-                .find(|c| c.type_ == node_controller::CONDITION_INITIALIZATION_FAILED)
+                .find(|c| c.type_ == CONDITION_INITIALIZATION_FAILED)
         })
         .map(|c| {
             (

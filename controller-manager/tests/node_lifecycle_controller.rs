@@ -28,10 +28,8 @@ mod support;
 use std::collections::HashMap;
 use std::time::Duration;
 
-use cloud_controller_manager::controllers::node_lifecycle::{
-    DeletionPolicy, NodeLifecycleController,
-};
-use cloud_controller_manager::metrics::Metrics;
+use cloud_controller_manager::well_known::TAINT_SHUTDOWN;
+use cloud_controller_manager::{DeletionPolicy, NodeLifecycleController};
 use fake_provider::{CpiError, FakeCall, FakeCloud, ServedFake, call, proto::Existence};
 use k8s_openapi::api::core::v1::{Event, Node, NodeCondition, NodeSpec, NodeStatus, Taint};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
@@ -39,8 +37,6 @@ use kube::ResourceExt;
 use kube::api::{Api, ListParams};
 use support::{harness, taints_of};
 use test_control_plane::unique_name;
-
-const TAINT_SHUTDOWN: &str = "node.cloudprovider.kubernetes.io/shutdown";
 
 // ------------------------------------------------------------------------------------------------
 // Harness (the fake provider, `Cloud`, client and node cache are in `support`)
@@ -76,9 +72,8 @@ async fn monitor_with(
     let controller = NodeLifecycleController::new(
         h.client.clone(),
         h.cloud.clone(),
-        Metrics::new(),
         cache.store.clone(),
-        "node-lifecycle-test".to_string(),
+        h.recorder("cloud-node-lifecycle-controller"),
     )
     .with_deletion_policy(policy);
     for _ in 0..passes {

@@ -6,11 +6,10 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use cloud_controller_manager::auth::Authorizer;
-use cloud_controller_manager::cloud::Cloud;
-use cloud_controller_manager::metrics::Metrics;
-use cloud_controller_manager::options::ProviderEndpoint;
-use cloud_controller_manager::serve::{self, Health, Scope};
+use cloud_controller_manager::serve::{self, Authorizer};
+use cloud_controller_manager::{
+    Cloud, CloudMetrics, ConnectSettings, Health, ProviderEndpoint, Scope,
+};
 use fake_provider::FakeCloud;
 use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding, PolicyRule, RoleRef, Subject};
 use kube::api::{Api, PostParams};
@@ -45,7 +44,7 @@ async fn serve_health(
     write_atomic(&cert, leaf.chain_pem.as_bytes(), false).unwrap();
     write_atomic(&key, leaf.key_pem.as_bytes(), true).unwrap();
     let acceptor = serve::tls_acceptor(Some((&cert, &key))).unwrap();
-    let router = serve::router(health, Metrics::new(), authorizer.map(Arc::new));
+    let router = serve::router(health, Arc::default(), authorizer.map(Arc::new));
     let (addr, server) = serve::bind("127.0.0.1:0".parse().unwrap(), acceptor, router)
         .await
         .unwrap();
@@ -123,9 +122,12 @@ async fn readyz_fails_while_the_shim_is_down_and_recovers_when_it_returns() {
     let shim = FakeCloud::default().serve_at(&socket).await.unwrap();
     let cloud = Cloud::connect(
         &ProviderEndpoint::Unix(socket.clone()),
-        Duration::from_secs(1),
-        Duration::from_secs(10),
-        Duration::from_secs(5),
+        &ConnectSettings {
+            request_timeout: Duration::from_secs(1),
+            reload_interval: Duration::from_secs(10),
+            startup_timeout: Duration::from_secs(5),
+        },
+        CloudMetrics::default(),
     )
     .await
     .unwrap();

@@ -1,88 +1,30 @@
-//! The cloud controllers, one module per controller, and the node cache they share.
+//! The cloud controllers, one directory each, and the registry the manager starts them from.
+//!
+//! Adding a controller: a directory with a type implementing [`Controller`] (its names, flags,
+//! capability check, and how it is built and run) and one line in [`registry!`] below.
 
-pub mod cached_node;
-pub mod node;
-pub mod node_lifecycle;
+mod context;
+#[macro_use]
+mod registry;
+mod node;
+mod node_ipam;
+mod node_lifecycle;
 
-pub use cached_node::{CachedNode, Labels};
+mod route;
+mod selection;
+mod service_lb;
 
-use futures::StreamExt;
-use kube::api::Api;
-use kube::runtime::reflector::{self, ReflectHandle, Store};
-use kube::runtime::{WatchStreamExt, watcher};
-use tracing::warn;
+pub use context::{ClusterSettings, ControllerContext, SharedNodes};
+pub use registry::{BuildError, Controller, FlagError, Names, Registered, Runner, Stop};
+pub use selection::{ControllerSelection, SelectionError};
 
-/// Nodes per page of the initial list. Pages bound the memory of decoding the list; they only
-/// work for a list from etcd: a list at resourceVersion "0" (served from the API server's watch
-/// cache, as client-go's informers do) ignores the limit and returns every node in one body —
-/// megabytes at a few thousand nodes.
-const LIST_PAGE_SIZE: u32 = 100;
+pub use node::{NodeController, SyncError};
+pub use node_lifecycle::{DeletionPolicy, NodeLifecycleController};
 
-/// Events buffered per subscriber before the shared watch waits for slow consumers.
-const SUBSCRIBER_BUFFER: usize = 1024;
-
-/// One watch of all Nodes shared by every node controller: a read cache plus a handle that
-/// lets a controller subscribe to changes.
-pub struct NodeInformer {
-    /// The shared cache.
-    pub store: Store<CachedNode>,
-    writer: Option<reflector::store::Writer<CachedNode>>,
-    client: kube::Client,
-    config: watcher::Config,
-    ready: tokio::sync::watch::Sender<bool>,
-}
-
-impl NodeInformer {
-    /// Prepares the informer of every Node; nothing is watched until [`run`](Self::run).
-    pub fn new(client: kube::Client) -> Self {
-        Self::selecting(client, watcher::Config::default())
-    }
-
-    /// Prepares an informer of the Nodes `config`'s selectors select (tests scope it to their
-    /// own nodes).
-    pub fn selecting(client: kube::Client, config: watcher::Config) -> Self {
-        let (store, writer) = reflector::store_shared(SUBSCRIBER_BUFFER);
-        Self {
-            store,
-            writer: Some(writer),
-            client,
-            config: config.page_size(LIST_PAGE_SIZE),
-            ready: tokio::sync::watch::channel(false).0,
-        }
-    }
-
-    /// Turns true once the initial list is in the cache. (Not `Store::wait_until_ready`: with
-    /// more than one task waiting on it, only the last one to poll is woken.)
-    pub fn ready(&self) -> tokio::sync::watch::Receiver<bool> {
-        self.ready.subscribe()
-    }
-
-    /// A change feed for one controller.
-    pub fn subscribe(&self) -> Option<ReflectHandle<CachedNode>> {
-        self.writer.as_ref().and_then(|w| w.subscribe())
-    }
-
-    /// Drives the watch (relisting on errors and 410s with backoff) until `shutdown`.
-    pub async fn run(mut self, shutdown: impl Future<Output = ()> + Send) {
-        let Some(writer) = self.writer.take() else {
-            return;
-        };
-        let api: Api<CachedNode> = Api::all(self.client.clone());
-        let stream =
-            reflector::reflector(writer, watcher(api, self.config.clone()).default_backoff());
-        let ready = &self.ready;
-        let drive = stream.for_each(|event| async move {
-            match event {
-                Ok(watcher::Event::InitDone) => {
-                    ready.send_replace(true);
-                }
-                Ok(_) => {}
-                Err(err) => warn!(error = %err, "node watch error; retrying with backoff"),
-            }
-        });
-        tokio::select! {
-            () = drive => {}
-            () = shutdown => {}
-        }
-    }
+registry! {
+    cloud_node: node::CloudNodeController,
+    cloud_node_lifecycle: node_lifecycle::NodeLifecycleController,
+    service_lb: service_lb::ServiceLbController,
+    node_route: route::RouteController,
+    node_ipam: node_ipam::NodeIpamController,
 }

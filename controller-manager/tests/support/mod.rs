@@ -5,9 +5,10 @@
 
 use std::time::Duration;
 
-use cloud_controller_manager::cloud::Cloud;
-use cloud_controller_manager::controllers::{CachedNode, NodeInformer};
-use cloud_controller_manager::options::ProviderEndpoint;
+use cloud_controller_manager::well_known::TAINT_NOT_READY;
+use cloud_controller_manager::{
+    CachedNode, Cloud, CloudMetrics, ConnectSettings, NodeInformer, ProviderEndpoint, Recorder,
+};
 use fake_provider::{FakeCloud, ServedFake};
 use k8s_openapi::api::core::v1::{Node, Taint};
 use kube::ResourceExt;
@@ -15,9 +16,6 @@ use kube::api::{Api, Patch, PatchParams, PostParams};
 use kube::runtime::reflector::{ObjectRef, Store};
 use kube::runtime::watcher;
 use test_control_plane::ControlPlane;
-
-/// The taint the API server's admission adds to every created node.
-pub const TAINT_NOT_READY: &str = "node.kubernetes.io/not-ready";
 
 /// The fake provider served, a `Cloud` connected to it, and an admin client of the shared
 /// control plane.
@@ -38,9 +36,12 @@ pub async fn harness(fake: FakeCloud) -> Harness {
     let fake = fake.serve().await.expect("serve the fake provider");
     let cloud = Cloud::connect(
         &ProviderEndpoint::Unix(fake.socket_path().to_path_buf()),
-        Duration::from_secs(5),
-        Duration::from_secs(10),
-        Duration::from_secs(5),
+        &ConnectSettings {
+            request_timeout: Duration::from_secs(5),
+            reload_interval: Duration::from_secs(10),
+            startup_timeout: Duration::from_secs(5),
+        },
+        CloudMetrics::default(),
     )
     .await
     .expect("connect to the fake provider");
@@ -52,6 +53,11 @@ pub async fn harness(fake: FakeCloud) -> Harness {
 }
 
 impl Harness {
+    /// An event recorder for `component`, through the admin client.
+    pub fn recorder(&self, component: &str) -> Recorder {
+        Recorder::new(self.client.clone(), component, "controller-test")
+    }
+
     /// All Nodes, through the admin client.
     pub fn nodes(&self) -> Api<Node> {
         Api::all(self.client.clone())

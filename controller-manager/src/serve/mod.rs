@@ -3,7 +3,7 @@
 
 use std::net::SocketAddr;
 use std::path::Path;
-use std::sync::{Arc, RwLock};
+use std::sync::Arc;
 
 use axum::Router;
 use axum::extract::{Query, State};
@@ -18,56 +18,14 @@ use tokio::net::TcpListener;
 use tokio_rustls::TlsAcceptor;
 use tracing::{debug, info};
 
-use crate::auth::{Authorizer, Decision};
-use crate::metrics::Metrics;
+use prometheus_client::registry::Registry;
 
-/// Which endpoints a health check contributes to.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Scope {
-    /// `/livez` and `/healthz`: failing means "restart me".
-    Live,
-    /// `/readyz` and `/healthz`: failing means "don't count on me yet".
-    Ready,
-}
+use crate::health::{Health, Scope};
 
-/// A named health check.
-pub type Check = Arc<dyn Fn() -> Result<(), String> + Send + Sync>;
+mod auth;
 
-/// The set of registered health checks.
-#[derive(Default, Clone)]
-pub struct Health {
-    checks: Arc<RwLock<Vec<(String, Scope, Check)>>>,
-}
-
-impl Health {
-    /// Registers a check.
-    pub fn add(&self, name: &str, scope: Scope, check: Check) {
-        if let Ok(mut checks) = self.checks.write() {
-            checks.push((name.to_string(), scope, check));
-        }
-    }
-
-    /// Runs the checks of `scopes`; returns (all ok, verbose report).
-    pub fn evaluate(&self, scopes: &[Scope]) -> (bool, String) {
-        let mut ok = true;
-        let mut report = String::new();
-        if let Ok(checks) = self.checks.read() {
-            for (name, scope, check) in checks.iter() {
-                if !scopes.contains(scope) {
-                    continue;
-                }
-                match check() {
-                    Ok(()) => report.push_str(&format!("[+]{name} ok\n")),
-                    Err(reason) => {
-                        ok = false;
-                        report.push_str(&format!("[-]{name} failed: {reason}\n"));
-                    }
-                }
-            }
-        }
-        (ok, report)
-    }
-}
+use auth::Decision;
+pub use auth::{Authorizer, CACHE_TTL};
 
 /// Failure to start serving.
 #[derive(Debug, thiserror::Error)]
@@ -99,7 +57,7 @@ pub enum ServeError {
 #[derive(Clone)]
 struct AppState {
     health: Health,
-    metrics: Arc<Metrics>,
+    metrics: Arc<Registry>,
 }
 
 #[derive(serde::Deserialize)]
@@ -136,7 +94,7 @@ async fn health_endpoint(
 /// Builds the router of the secure port; with an authoriser every request is reviewed first.
 pub fn router(
     health: Health,
-    metrics: Arc<Metrics>,
+    metrics: Arc<Registry>,
     authorizer: Option<Arc<Authorizer>>,
 ) -> Router {
     let state = AppState { health, metrics };
@@ -173,7 +131,7 @@ pub fn router(
                         axum::http::header::CONTENT_TYPE,
                         "text/plain; version=0.0.4; charset=utf-8",
                     )],
-                    s.metrics.render(),
+                    render(&s.metrics),
                 )
             }),
         )
@@ -184,6 +142,16 @@ pub fn router(
         }
         None => router,
     }
+}
+
+/// The registry in the Prometheus text format (empty if encoding fails, which only a
+/// metric's own encoder could cause).
+fn render(registry: &Registry) -> String {
+    let mut out = String::new();
+    if prometheus_client::encoding::text::encode(&mut out, registry).is_err() {
+        out.clear();
+    }
+    out
 }
 
 /// Reviews one request with the delegated authoriser before it reaches a handler.

@@ -17,7 +17,7 @@ use kube::api::{Patch, PatchParams, PostParams};
 use tokio::sync::Mutex;
 use tracing::warn;
 
-use crate::apiclient::send_write;
+use super::client::send_write;
 
 /// Request builder for core/v1 Events of one namespace.
 fn events_in(namespace: &str) -> kube::core::Request {

@@ -5,10 +5,12 @@
 //!
 //! Writes per initialised node: one `PUT` of the Node (providerID, labels, taint) and one
 //! `PATCH` of its status (addresses), plus the `Synced` event. Reads come from the watch cache.
+//! The rules are pure functions ([`apply_initialization`], [`desired_addresses`],
+//! [`labels_to_reconcile`], [`Fingerprints`]); the controller applies what they decide.
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::IpAddr;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
@@ -16,44 +18,33 @@ use k8s_openapi::api::core::v1::{Node, NodeAddress};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{Patch, PatchParams, PostParams};
-use kube::runtime::controller::{Action, Controller};
+use kube::runtime::controller::{Action, Controller as KubeController};
 use kube::runtime::reflector::{ObjectRef, ReflectHandle, Store};
 use kube::{Resource, ResourceExt};
+use prometheus_client::registry::Registry;
 use tracing::{Instrument, debug, info, info_span, warn};
 
 use cpi_proto::CpiError;
-use cpi_proto::v1::{self, Capability, Consistency};
+use cpi_proto::v1::Capability;
 
-use crate::apiclient;
-use crate::cloud::{Cloud, counted};
-use crate::controllers::{CachedNode, Labels};
-use crate::convert;
-use crate::events::{EventType, Recorder};
-use crate::metrics::Metrics;
-use crate::names::ControllerName;
+use super::{BuildError, Controller, ControllerContext, FlagError, Names, Stop};
+use crate::cloud::{Cloud, LookupError, NodeMetadata};
+use crate::k8s::well_known::{
+    ANNOTATION_PROVIDED_NODE_IP, CONDITION_INITIALIZATION_FAILED, LABEL_INSTANCE_TYPE,
+    LABEL_INSTANCE_TYPE_BETA, LABEL_REGION, LABEL_REGION_BETA, LABEL_ZONE, LABEL_ZONE_BETA,
+    TAINT_UNINITIALIZED,
+};
+use crate::k8s::{self, CachedNode, EventType, Labels, Recorder};
+use crate::options::parse_duration;
 
-/// Taint set by kubelets started with `--cloud-provider=external`.
-pub const TAINT_UNINITIALIZED: &str = "node.cloudprovider.kubernetes.io/uninitialized";
-/// Annotation in which the kubelet publishes `--node-ip`.
-pub const ANNOTATION_PROVIDED_NODE_IP: &str = "alpha.kubernetes.io/provided-node-ip";
-/// Node condition that names why initialisation keeps failing, set (`True`) while a tainted
-/// node fails and removed once it is initialised, so `kubectl describe node` shows the cause
-/// after the events have expired.
-pub const CONDITION_INITIALIZATION_FAILED: &str = "CloudInitializationFailed";
+mod fingerprint;
+mod metrics;
+
+pub use fingerprint::Fingerprints;
+pub use metrics::NodeMetrics;
+
 /// Longest condition message written; longer error texts are cut.
 const MAX_CONDITION_MESSAGE: usize = 1024;
-/// GA instance-type label.
-pub const LABEL_INSTANCE_TYPE: &str = "node.kubernetes.io/instance-type";
-/// Deprecated beta instance-type label.
-pub const LABEL_INSTANCE_TYPE_BETA: &str = "beta.kubernetes.io/instance-type";
-/// GA zone label.
-pub const LABEL_ZONE: &str = "topology.kubernetes.io/zone";
-/// Deprecated beta zone label.
-pub const LABEL_ZONE_BETA: &str = "failure-domain.beta.kubernetes.io/zone";
-/// GA region label.
-pub const LABEL_REGION: &str = "topology.kubernetes.io/region";
-/// Deprecated beta region label.
-pub const LABEL_REGION_BETA: &str = "failure-domain.beta.kubernetes.io/region";
 
 /// Beta label → GA label pairs kept in sync (the beta label is the source of truth).
 const LABEL_PAIRS: [(&str, &str); 3] = [
@@ -68,21 +59,93 @@ const UPDATE_STEP: Duration = Duration::from_millis(50);
 /// How often the uninitialised-node gauges are refreshed.
 const GAUGE_PERIOD: Duration = Duration::from_secs(10);
 
-/// What the provider says about one node (upstream `cloudprovider.InstanceMetadata`).
-#[derive(Debug, Clone, Default, PartialEq)]
-pub struct NodeMetadata {
-    /// Provider ID to set (may be empty with the legacy path when InstanceID is not implemented).
-    pub provider_id: String,
-    /// Instance type; empty when unknown.
-    pub instance_type: String,
-    /// Node addresses; empty when unknown.
-    pub addresses: Vec<NodeAddress>,
-    /// Zone; empty when unknown.
-    pub zone: String,
-    /// Region; empty when unknown.
-    pub region: String,
-    /// Extra labels proposed by the provider.
-    pub additional_labels: BTreeMap<String, String>,
+/// Flags of the cloud-node controller (upstream names and defaults).
+#[derive(Debug, Clone, clap::Args)]
+pub struct Flags {
+    /// Number of nodes synced concurrently by the cloud-node controller.
+    #[arg(long, default_value_t = 1)]
+    pub concurrent_node_syncs: u16,
+    /// Workers of the periodic node address update; 0 means --concurrent-node-syncs.
+    #[arg(long, default_value_t = 0)]
+    pub concurrent_node_status_updates: u16,
+    /// How often the cloud-node controller refreshes node addresses from the provider.
+    #[arg(long, default_value = "5m", value_parser = parse_duration)]
+    pub node_status_update_frequency: Duration,
+}
+
+impl Flags {
+    /// Number of workers of the periodic address update.
+    pub fn status_update_workers(&self) -> usize {
+        if self.concurrent_node_status_updates > 0 {
+            usize::from(self.concurrent_node_status_updates)
+        } else {
+            usize::from(self.concurrent_node_syncs)
+        }
+    }
+}
+
+/// The cloud-node controller as the registry runs it: the shared state plus its change feed.
+pub struct CloudNodeController {
+    state: Arc<NodeController>,
+    changes: ReflectHandle<CachedNode>,
+    flags: Flags,
+}
+
+impl Controller for CloudNodeController {
+    const NAMES: Names = Names {
+        canonical: "cloud-node-controller",
+        alias: "cloud-node",
+        event_component: "cloud-node-controller",
+    };
+    type Flags = Flags;
+
+    fn validate(flags: &Flags) -> Result<(), FlagError> {
+        if flags.concurrent_node_syncs == 0 {
+            return Err(FlagError::new(
+                "--concurrent-node-syncs",
+                "concurrent-node-syncs must be a positive number",
+            ));
+        }
+        if flags.node_status_update_frequency.is_zero() {
+            return Err(FlagError::new(
+                "--node-status-update-frequency",
+                "must be positive",
+            ));
+        }
+        Ok(())
+    }
+
+    fn supported_by(capabilities: &[Capability]) -> bool {
+        capabilities.contains(&Capability::InstancesV2)
+            || capabilities.contains(&Capability::Instances)
+    }
+
+    fn build(
+        ctx: &ControllerContext,
+        flags: &Flags,
+        registry: &mut Registry,
+    ) -> Result<Self, BuildError> {
+        let changes = ctx
+            .nodes
+            .subscribe()
+            .ok_or_else(|| BuildError::Disabled("the node watch cannot be subscribed to".into()))?;
+        let state = NodeController::new(
+            ctx.client.clone(),
+            ctx.cloud.clone(),
+            ctx.nodes.cache(),
+            ctx.recorder(Self::NAMES.event_component),
+        )
+        .with_metrics(NodeMetrics::register(registry));
+        Ok(Self {
+            state,
+            changes,
+            flags: flags.clone(),
+        })
+    }
+
+    async fn run(self, stop: Stop) {
+        self.state.run(self.changes, &self.flags, stop).await;
+    }
 }
 
 /// A failed node sync; the node is requeued with backoff and keeps its taint.
@@ -165,66 +228,96 @@ impl SyncError {
             Self::Conflicts(_) => "Conflicts",
         }
     }
+
+    /// A failed instance lookup for `node`.
+    fn lookup(node: String, err: LookupError) -> Self {
+        match err {
+            LookupError::Call { call, source } => Self::Cloud { call, node, source },
+            LookupError::Both { by_id, by_name } => Self::Lookups {
+                node,
+                by_id,
+                by_name,
+            },
+            LookupError::NoProviderId => Self::NoProviderId(node),
+            LookupError::EmptyInstanceId { id } => Self::InvalidProviderId {
+                node,
+                id,
+                reason: "the provider returned an empty instance ID",
+            },
+            LookupError::Zone(source) => Self::Zone { node, source },
+        }
+    }
 }
 
 /// Shared state of the cloud-node controller.
 pub struct NodeController {
     client: kube::Client,
     cloud: Cloud,
-    metrics: Arc<Metrics>,
+    metrics: NodeMetrics,
     recorder: Recorder,
     store: Store<CachedNode>,
+    /// Failed syncs in a row per node (the backoff exponent).
     failures: Mutex<HashMap<String, u32>>,
-}
-
-/// Settings of the cloud-node controller.
-#[derive(Debug, Clone)]
-pub struct NodeControllerConfig {
-    /// `--concurrent-node-syncs`.
-    pub workers: u16,
-    /// `--node-status-update-frequency`.
-    pub status_update_frequency: Duration,
-    /// `--concurrent-node-status-updates` resolved.
-    pub status_update_workers: usize,
+    /// What each node looked like when last reconciled or written by us.
+    seen: Fingerprints,
 }
 
 impl NodeController {
-    /// Creates the controller over a node cache shared with other controllers.
+    /// Creates the controller over a node cache shared with other controllers; its metrics
+    /// are unregistered until [`with_metrics`](Self::with_metrics).
     pub fn new(
         client: kube::Client,
         cloud: Cloud,
-        metrics: Arc<Metrics>,
         store: Store<CachedNode>,
-        instance: &str,
+        recorder: Recorder,
     ) -> Arc<Self> {
-        let recorder = Recorder::new(
-            client.clone(),
-            ControllerName::CloudNode.event_component(),
-            instance,
-        );
         Arc::new(Self {
             client,
             cloud,
-            metrics,
+            metrics: NodeMetrics::default(),
             recorder,
             store,
             failures: Mutex::new(HashMap::new()),
+            seen: Fingerprints::default(),
         })
     }
 
-    /// Runs the controller on the shared change feed until `shutdown` resolves.
+    /// This controller reporting into `metrics`.
+    fn with_metrics(self: Arc<Self>, metrics: NodeMetrics) -> Arc<Self> {
+        match Arc::try_unwrap(self) {
+            Ok(mut this) => {
+                this.metrics = metrics;
+                Arc::new(this)
+            }
+            Err(shared) => shared,
+        }
+    }
+
+    /// The failure counts; a poisoned map is still a map of counts.
+    fn failures(&self) -> std::sync::MutexGuard<'_, HashMap<String, u32>> {
+        self.failures.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Runs the controller on the shared change feed until `shutdown` resolves. Changes that
+    /// cannot alter the outcome of a sync (status heartbeats, our own writes) are filtered out
+    /// before they reach the work queue.
     pub async fn run(
         self: Arc<Self>,
         changes: ReflectHandle<CachedNode>,
-        config: NodeControllerConfig,
+        flags: &Flags,
         shutdown: impl Future<Output = ()> + Send + Sync + 'static,
     ) {
-        let controller = Controller::for_shared_stream(changes, self.store.clone())
-            .with_config(kube::runtime::controller::Config::default().concurrency(config.workers));
+        let this = self.clone();
+        let relevant = changes.filter(move |node| std::future::ready(this.seen.changed(node)));
+        let controller = KubeController::for_shared_stream(relevant, self.store.clone())
+            .with_config(
+                kube::runtime::controller::Config::default()
+                    .concurrency(flags.concurrent_node_syncs),
+            );
         let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
         let status_loop = tokio::spawn(self.clone().status_loop(
-            config.status_update_frequency,
-            config.status_update_workers,
+            flags.node_status_update_frequency,
+            flags.status_update_workers(),
             stop_rx.clone(),
         ));
         let gauges = tokio::spawn(self.clone().gauge_loop(stop_rx));
@@ -255,15 +348,17 @@ impl NodeController {
 
     /// Drops the backoff counts of nodes no longer in the cache (deleted while failing).
     fn forget_failures_of_deleted_nodes(&self) {
-        if let Ok(mut failures) = self.failures.lock()
-            && !failures.is_empty()
-        {
-            failures.retain(|name, _| {
-                self.store
-                    .get(&ObjectRef::<CachedNode>::new(name))
-                    .is_some()
-            });
+        let exists = |name: &str| {
+            self.store
+                .get(&ObjectRef::<CachedNode>::new(name))
+                .is_some()
+        };
+        let mut failures = self.failures();
+        if !failures.is_empty() {
+            failures.retain(|name, _| exists(name));
         }
+        drop(failures);
+        self.seen.retain(exists);
     }
 
     /// Upstream `syncNode`: syncs the cached node of this name (absent → nothing to do).
@@ -358,8 +453,8 @@ impl NodeController {
     /// Patches `nodes/status` of `name`; a failure is logged (the next sync or pass retries).
     async fn patch_status(&self, name: &str, patch: &Patch<&serde_json::Value>, what: &str) {
         let request =
-            apiclient::nodes().patch_subresource("status", name, &PatchParams::default(), patch);
-        if let Err(err) = apiclient::send_write(&self.client, request).await {
+            k8s::nodes().patch_subresource("status", name, &PatchParams::default(), patch);
+        if let Err(err) = k8s::send_write(&self.client, request).await {
             warn!(node = %name, error = %err, "failed to {what}");
         }
     }
@@ -392,8 +487,7 @@ impl NodeController {
                 oldest = oldest.max(age);
             }
         }
-        self.metrics.uninitialized_nodes.set(count);
-        self.metrics.oldest_uninitialized_node_age.set(oldest);
+        self.metrics.observe_uninitialized(count, oldest);
     }
 
     /// Upstream `UpdateNodeStatus`: one address-refresh pass over every initialised node.
@@ -415,216 +509,16 @@ impl NodeController {
         debug!(nodes = count, elapsed = ?started.elapsed(), "node status update pass done");
     }
 
-    /// Fetches metadata for initialisation (rules 10–14 of the upstream controller).
-    async fn instance_metadata(
-        &self,
-        node: &CachedNode,
-    ) -> Result<Option<NodeMetadata>, SyncError> {
-        if !self.cloud.has(Capability::InstancesV2) {
-            return self.legacy_metadata(node).await.map(Some);
-        }
-        let Some(md) = self.v2_metadata(node).await? else {
-            return Ok(None);
-        };
-        let mut metadata = metadata_from_proto(md);
-        if metadata.provider_id.is_empty() {
-            match node.provider_id() {
-                Some(id) => metadata.provider_id = id.to_string(),
-                None => return Err(SyncError::NoProviderId(node.name_any())),
-            }
-        }
-        Ok(Some(metadata))
-    }
-
-    /// InstancesV2 `InstanceMetadata`; `None` when the provider has none for the node yet.
-    async fn v2_metadata(
-        &self,
-        node: &CachedNode,
-    ) -> Result<Option<v1::InstanceMetadata>, SyncError> {
-        let request = v1::InstanceMetadataRequest {
-            node: Some(convert::node(node, self.cloud.wants_raw_objects())),
-        };
-        let response = self
-            .call(
-                "InstancesV2/InstanceMetadata",
-                &node.name_any(),
-                self.cloud.instances_v2().instance_metadata(request),
-            )
-            .await?;
-        Ok(response.metadata)
-    }
-
-    async fn legacy_metadata(&self, node: &CachedNode) -> Result<NodeMetadata, SyncError> {
-        let name = node.name_any();
-        let provider_id = match node.provider_id() {
-            Some(id) => id.to_string(),
-            None => match self
-                .cloud
-                .instance_provider_id(&self.metrics, &name, Consistency::Unspecified)
-                .await
-            {
-                Ok(Some(id)) => id,
-                Ok(None) => {
-                    return Err(SyncError::InvalidProviderId {
-                        node: name,
-                        id: cpi_proto::provider_id::join(&self.cloud.info().name, ""),
-                        reason: "the provider returned an empty instance ID",
-                    });
-                }
-                Err(CpiError::NotImplemented(_)) => {
-                    warn!(node = %name, "provider does not implement InstanceID; continuing without a provider ID");
-                    String::new()
-                }
-                Err(source) => {
-                    return Err(SyncError::Cloud {
-                        call: "Instances/InstanceID",
-                        node: name,
-                        source,
-                    });
-                }
-            },
-        };
-        let addresses = self.legacy_addresses(&name, &provider_id).await?;
-        let instances = self.cloud.instances();
-        let instance_type = self
-            .by_id_or_name(
-                &name,
-                &provider_id,
-                ("Instances/InstanceTypeByProviderID", |r| {
-                    let mut c = instances.clone();
-                    async move { c.instance_type_by_provider_id(r).await }
-                }),
-                ("Instances/InstanceType", |r| {
-                    let mut c = instances.clone();
-                    async move { c.instance_type(r).await }
-                }),
-            )
-            .await?;
-        let mut metadata = NodeMetadata {
-            provider_id: provider_id.clone(),
-            instance_type: instance_type.instance_type.unwrap_or_default(),
-            addresses,
-            ..NodeMetadata::default()
-        };
-        if self.cloud.has(Capability::Zones) {
-            let zones = self.cloud.zones();
-            let zone = self
-                .by_id_or_name(
-                    &name,
-                    &provider_id,
-                    ("Zones/GetZoneByProviderID", |r| {
-                        let mut c = zones.clone();
-                        async move { c.get_zone_by_provider_id(r).await }
-                    }),
-                    ("Zones/GetZoneByNodeName", |r| {
-                        let mut c = zones.clone();
-                        async move { c.get_zone_by_node_name(r).await }
-                    }),
-                )
-                .await
-                .map_err(|err| match err {
-                    SyncError::Cloud { source, .. } => SyncError::Zone {
-                        node: name.clone(),
-                        source,
-                    },
-                    other => other,
-                })?;
-            metadata.zone = zone.failure_domain.unwrap_or_default();
-            metadata.region = zone.region.unwrap_or_default();
-        }
-        Ok(metadata)
-    }
-
-    /// Legacy addresses: by provider ID, falling back to the node name (rule 12).
-    async fn legacy_addresses(
-        &self,
-        name: &str,
-        provider_id: &str,
-    ) -> Result<Vec<NodeAddress>, SyncError> {
-        let instances = self.cloud.instances();
-        let response = self
-            .by_id_or_name(
-                name,
-                provider_id,
-                ("Instances/NodeAddressesByProviderID", |r| {
-                    let mut c = instances.clone();
-                    async move { c.node_addresses_by_provider_id(r).await }
-                }),
-                ("Instances/NodeAddresses", |r| {
-                    let mut c = instances.clone();
-                    async move { c.node_addresses(r).await }
-                }),
-            )
-            .await?;
-        Ok(convert::addresses_from_proto(&response.addresses))
-    }
-
-    /// The legacy lookup pattern: ask by provider ID (when there is one) and, if that fails,
-    /// by node name. When both fail, both errors are reported (as upstream).
-    async fn by_id_or_name<T, ById, ByIdFut, ByName, ByNameFut>(
-        &self,
-        name: &str,
-        provider_id: &str,
-        by_id: (&'static str, ById),
-        by_name: (&'static str, ByName),
-    ) -> Result<T, SyncError>
-    where
-        ById: FnOnce(v1::ProviderIdRequest) -> ByIdFut,
-        ByIdFut: Future<Output = Result<tonic::Response<T>, tonic::Status>>,
-        ByName: FnOnce(v1::NodeNameRequest) -> ByNameFut,
-        ByNameFut: Future<Output = Result<tonic::Response<T>, tonic::Status>>,
-    {
-        let mut by_id_error = None;
-        if !provider_id.is_empty() {
-            let request = v1::ProviderIdRequest {
-                provider_id: provider_id.to_string(),
-                consistency: Consistency::Unspecified as i32,
-            };
-            match counted(&self.metrics, by_id.0, (by_id.1)(request)).await {
-                Ok(found) => return Ok(found),
-                Err(err) => by_id_error = Some(err),
-            }
-        }
-        let request = v1::NodeNameRequest {
-            node_name: name.to_string(),
-            consistency: Consistency::Unspecified as i32,
-        };
-        let by_name_result = counted(&self.metrics, by_name.0, (by_name.1)(request)).await;
-        by_name_result.map_err(|by_name_error| match by_id_error {
-            Some(by_id_error) => SyncError::Lookups {
-                node: name.to_string(),
-                by_id: by_id_error,
-                by_name: by_name_error,
-            },
-            None => SyncError::Cloud {
-                call: by_name.0,
-                node: name.to_string(),
-                source: by_name_error,
-            },
-        })
-    }
-
-    /// Calls the shim (counted) and maps a failure to a [`SyncError`] naming call and node.
-    async fn call<T>(
-        &self,
-        method: &'static str,
-        node: &str,
-        call: impl Future<Output = Result<tonic::Response<T>, tonic::Status>>,
-    ) -> Result<T, SyncError> {
-        counted(&self.metrics, method, call)
-            .await
-            .map_err(|source| SyncError::Cloud {
-                call: method,
-                node: node.to_string(),
-                source,
-            })
-    }
-
     /// Initialises one tainted node: one PUT of the Node, then one status PATCH.
     async fn initialize(&self, node: &CachedNode) -> Result<(), SyncError> {
         let name = node.name_any();
         debug!(node = %name, "initializing node with cloud provider");
-        let Some(metadata) = self.instance_metadata(node).await? else {
+        let metadata = self
+            .cloud
+            .instance_metadata(node)
+            .await
+            .map_err(|err| SyncError::lookup(name.clone(), err))?;
+        let Some(metadata) = metadata else {
             info!(node = %name, "skip sync node: the provider returned nil metadata");
             return Ok(());
         };
@@ -650,8 +544,8 @@ impl NodeController {
             // 409 instead of being overwritten. Its response is not needed: the main resource
             // ignores status, so `desired` is what the server now holds (but for metadata the
             // server maintains).
-            let request = apiclient::nodes().replace(&name, &PostParams::default(), body);
-            match apiclient::send_write(&self.client, request).await {
+            let request = k8s::nodes().replace(&name, &PostParams::default(), body);
+            match k8s::send_write(&self.client, request).await {
                 Ok(()) => {
                     updated = Some(desired);
                     break;
@@ -668,6 +562,8 @@ impl NodeController {
         let Some(updated) = updated.map(CachedNode::from) else {
             return Err(SyncError::Conflicts(name));
         };
+        // The watch will deliver this very write: it needs no second reconcile.
+        self.seen.record(&updated);
         let age = creation_age(&updated);
         if let Some(age) = age {
             self.metrics.taint_removal_delay.observe(age.as_secs_f64());
@@ -708,7 +604,8 @@ impl NodeController {
             .unwrap_or_else(|| Arc::new(node.clone()))
     }
 
-    /// Applies rules 18–23: patches status.addresses when the provider's list differs.
+    /// Patches status.addresses when the provider's list differs (upstream
+    /// `updateNodeAddress`).
     async fn update_addresses(&self, node: &CachedNode, cloud_addresses: &[NodeAddress]) {
         let name = node.name_any();
         let new = match desired_addresses(node, cloud_addresses) {
@@ -726,16 +623,15 @@ impl NodeController {
             .await;
     }
 
-    /// Mirrors beta labels to GA ones on an initialised node (rule 24).
+    /// Mirrors beta labels to GA ones on an initialised node (upstream `reconcileNodeLabels`).
     async fn reconcile_labels(&self, node: &CachedNode) -> Result<(), SyncError> {
         let Some(missing) = labels_to_reconcile(node.labels()) else {
             return Ok(());
         };
         let name = node.name_any();
         let patch = serde_json::json!({ "metadata": { "labels": missing } });
-        let request =
-            apiclient::nodes().patch(&name, &PatchParams::default(), &Patch::Merge(&patch));
-        match apiclient::send_write(&self.client, request).await {
+        let request = k8s::nodes().patch(&name, &PatchParams::default(), &Patch::Merge(&patch));
+        match k8s::send_write(&self.client, request).await {
             Ok(()) => Ok(()),
             Err(kube::Error::Api(status)) if status.code == 404 => Ok(()),
             Err(source) => Err(SyncError::Kube { node: name, source }),
@@ -759,16 +655,7 @@ impl NodeController {
     }
 
     async fn refresh_addresses(&self, node: &CachedNode) {
-        let addresses = if self.cloud.has(Capability::InstancesV2) {
-            self.v2_metadata(node).await.map(|md| {
-                md.map(|m| convert::addresses_from_proto(&m.node_addresses))
-                    .unwrap_or_default()
-            })
-        } else {
-            self.legacy_addresses(&node.name_any(), node.provider_id().unwrap_or_default())
-                .await
-        };
-        match addresses {
+        match self.cloud.node_addresses(node).await {
             Ok(addresses) => self.update_addresses(node, &addresses).await,
             Err(err) => warn!(error = %err, "address refresh failed"),
         }
@@ -780,9 +667,7 @@ async fn reconcile(node: Arc<CachedNode>, ctx: Arc<NodeController>) -> Result<Ac
     let span = info_span!("cloud-node.sync", node = %name);
     async move {
         ctx.reconcile_node(&node).await?;
-        if let Ok(mut failures) = ctx.failures.lock() {
-            failures.remove(&name);
-        }
+        ctx.failures().remove(&name);
         Ok(Action::await_change())
     }
     .instrument(span)
@@ -792,11 +677,12 @@ async fn reconcile(node: Arc<CachedNode>, ctx: Arc<NodeController>) -> Result<Ac
 /// Upstream `DefaultTypedControllerRateLimiter` per-item part: 5 ms doubling up to 1000 s.
 fn error_policy(node: Arc<CachedNode>, err: &SyncError, ctx: Arc<NodeController>) -> Action {
     let name = node.name_any();
-    let attempts = ctx.failures.lock().map_or(0, |mut failures| {
+    let attempts = {
+        let mut failures = ctx.failures();
         let n = failures.entry(name.clone()).or_insert(0);
         *n = n.saturating_add(1);
         *n
-    });
+    };
     let delay = backoff(attempts);
     warn!(node = %name, error = %err, retry_in = ?delay, "error syncing node; requeuing");
     Action::requeue(delay)
@@ -838,17 +724,6 @@ pub fn has_uninitialized_taint(node: &CachedNode) -> bool {
     node.has_taint(TAINT_UNINITIALIZED)
 }
 
-fn metadata_from_proto(md: v1::InstanceMetadata) -> NodeMetadata {
-    NodeMetadata {
-        provider_id: md.provider_id.unwrap_or_default(),
-        instance_type: md.instance_type.unwrap_or_default(),
-        addresses: convert::addresses_from_proto(&md.node_addresses),
-        zone: md.zone.unwrap_or_default(),
-        region: md.region.unwrap_or_default(),
-        additional_labels: md.additional_labels.into_iter().collect(),
-    }
-}
-
 fn validate_provider_id(node: &str, id: &str, cloud: &Cloud) -> Result<(), SyncError> {
     let invalid = |reason| SyncError::InvalidProviderId {
         node: node.to_string(),
@@ -864,7 +739,10 @@ fn validate_provider_id(node: &str, id: &str, cloud: &Cloud) -> Result<(), SyncE
     Ok(())
 }
 
-/// Applies the upstream node modifiers (rule 15 a–g) to `node`.
+/// Applies the upstream node modifiers (upstream `updateNodeWithInstanceMetadata` and the
+/// taint removal of `syncNode`) to `node`: provider ID if unset, the uninitialized taint
+/// removed, instance-type/zone/region labels in beta and GA form, and the provider's extra
+/// labels outside the reserved namespaces without overwriting existing values.
 pub fn apply_initialization(node: &mut Node, md: &NodeMetadata) -> Result<(), SyncError> {
     let name = node.name_any();
     if let Some(provided) = node.annotations().get(ANNOTATION_PROVIDED_NODE_IP) {
@@ -925,7 +803,8 @@ fn is_reserved_label(key: &str) -> bool {
         .any(|d| prefix == *d || prefix.ends_with(&format!(".{d}")))
 }
 
-/// GA labels to add or correct so they match their beta counterparts (rule 24); `None` when
+/// GA labels to add or correct so they match their beta counterparts (upstream
+/// `reconcileNodeLabels`); `None` when
 /// nothing needs to change.
 pub fn labels_to_reconcile(labels: &Labels) -> Option<BTreeMap<String, String>> {
     let mut out = BTreeMap::new();
@@ -940,7 +819,9 @@ pub fn labels_to_reconcile(labels: &Labels) -> Option<BTreeMap<String, String>> 
     (!out.is_empty()).then_some(out)
 }
 
-/// Rules 18–22: the address list to write, `Ok(None)` when nothing changes.
+/// The address list to write (upstream `updateNodeAddress`: the provider's addresses, the
+/// kubelet's Hostname kept when the provider has none, the node IP first), `Ok(None)` when
+/// nothing changes.
 pub fn desired_addresses(
     node: &CachedNode,
     cloud: &[NodeAddress],

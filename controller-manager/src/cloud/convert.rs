@@ -6,7 +6,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, Time};
 use cpi_proto::v1;
 use kube::Resource;
 
-use crate::controllers::{CachedNode, Labels};
+use crate::k8s::{CachedNode, Labels};
 
 /// Builds the CPI view of a cached Node; `raw` also embeds the object as JSON.
 pub fn node(node: &CachedNode, raw: bool) -> v1::Node {

@@ -1,7 +1,6 @@
 //! The controller-manager's view of the provider shim: one multiplexed channel, the shim's
-//! self-description, and typed calls that return [`CpiError`]s.
+//! self-description, and counted calls that return [`CpiError`]s.
 
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use cpi_proto::CpiError;
@@ -11,10 +10,16 @@ use cpi_proto::v1::{
     zones_client::ZonesClient,
 };
 use cpi_transport::{ClientEndpoint, ClientTls, ConnectOptions, CpiChannel, TlsFiles};
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::registry::Registry;
+use tokio::sync::watch;
 use tracing::{info, warn};
 
-use crate::metrics::Metrics;
-use crate::options::ProviderEndpoint;
+use super::endpoint::ProviderEndpoint;
+use super::fence::Fence;
+use crate::k8s::CachedNode;
 
 /// Failure to reach or understand the shim at start-up.
 #[derive(Debug, thiserror::Error)]
@@ -35,32 +40,85 @@ pub enum CloudError {
         /// Last error seen.
         last: CpiError,
     },
-    /// The shim answered with something we cannot work with.
-    #[error("provider shim at {endpoint}: {message}")]
-    Incompatible {
+    /// The shim's ProviderInfo has no name.
+    #[error("provider shim at {endpoint}: ProviderInfo.name is empty")]
+    Nameless {
         /// Endpoint tried.
         endpoint: String,
-        /// What is wrong.
-        message: String,
     },
 }
 
-/// A connected provider shim.
+/// How the shim is reached (upstream has no such flags: the cloud was in-process).
+#[derive(Debug, Clone)]
+pub struct ConnectSettings {
+    /// Deadline of every call (`--provider-timeout`).
+    pub request_timeout: Duration,
+    /// How often TLS files are checked for rotation (`--provider-tls-reload-interval`).
+    pub reload_interval: Duration,
+    /// How long to keep retrying the first call (`--provider-startup-timeout`).
+    pub startup_timeout: Duration,
+}
+
+/// Labels of `cloudprovider_requests_total`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RpcLabels {
+    /// gRPC method, e.g. `InstancesV2/InstanceMetadata`.
+    method: String,
+    /// `OK` or the CPI error class.
+    code: String,
+}
+
+/// The CPI client's metrics: `cloudprovider_requests_total{method,code}`.
+#[derive(Clone, Default)]
+pub struct CloudMetrics {
+    requests: Family<RpcLabels, Counter>,
+}
+
+impl CloudMetrics {
+    /// Creates the metrics and registers them in `registry`.
+    pub fn register(registry: &mut Registry) -> Self {
+        let metrics = Self::default();
+        registry.register(
+            "cloudprovider_requests",
+            "Calls to the provider shim by method and outcome",
+            metrics.requests.clone(),
+        );
+        metrics
+    }
+
+    fn count(&self, method: &str, code: &str) {
+        self.requests
+            .get_or_create(&RpcLabels {
+                method: method.to_string(),
+                code: code.to_string(),
+            })
+            .inc();
+    }
+}
+
+/// A connected provider shim, shared by every controller: one channel, the shim's
+/// self-description, the call counter and the leader fence every mutating call carries.
 #[derive(Clone)]
 pub struct Cloud {
     info: ProviderInfo,
     channel: CpiChannel,
+    metrics: CloudMetrics,
+    fence: watch::Receiver<Option<Fence>>,
 }
 
 impl Cloud {
-    /// Builds the channel and reads ProviderInfo, retrying with backoff until `startup_timeout`
-    /// (the shim may start after us).
+    /// Builds the channel and reads ProviderInfo, retrying with backoff until the start-up
+    /// timeout (the shim may start after us).
     pub async fn connect(
         endpoint: &ProviderEndpoint,
-        request_timeout: Duration,
-        reload_interval: Duration,
-        startup_timeout: Duration,
+        settings: &ConnectSettings,
+        metrics: CloudMetrics,
     ) -> Result<Self, CloudError> {
+        let ConnectSettings {
+            request_timeout,
+            reload_interval,
+            startup_timeout,
+        } = *settings;
         let (client_endpoint, shown) = match endpoint {
             ProviderEndpoint::Unix(path) => (
                 ClientEndpoint::Unix { path: path.clone() },
@@ -122,10 +180,7 @@ impl Cloud {
             }
         };
         if info.name.is_empty() {
-            return Err(CloudError::Incompatible {
-                endpoint: shown,
-                message: "ProviderInfo.name is empty".into(),
-            });
+            return Err(CloudError::Nameless { endpoint: shown });
         }
         info!(
             provider = %info.name,
@@ -133,7 +188,25 @@ impl Cloud {
             capabilities = ?capabilities(&info),
             "connected to provider shim"
         );
-        Ok(Self { info, channel })
+        Ok(Self {
+            info,
+            channel,
+            metrics,
+            // Until leader election hands a fence over, mutating calls carry none.
+            fence: watch::channel(None).1,
+        })
+    }
+
+    /// This handle with its mutating calls fenced by the current value of `fence` (updated
+    /// by leader election at every term).
+    pub fn with_fence(mut self, fence: watch::Receiver<Option<Fence>>) -> Self {
+        self.fence = fence;
+        self
+    }
+
+    /// The fence of the current leadership term, if any; every mutating call carries it.
+    pub fn fence(&self) -> Option<Fence> {
+        self.fence.borrow().clone()
     }
 
     /// Asks the shim for its ProviderInfo again: a cheap end-to-end check that it answers.
@@ -143,33 +216,6 @@ impl Cloud {
             .await
             .map(drop)
             .map_err(|status| CpiError::from_status(&status))
-    }
-
-    /// A `/readyz` check fed by a background probe of the shim every `period`. It fails once
-    /// [`ProbeHistory::FAILURES_TO_FAIL`] probes in a row went unanswered (one miss is
-    /// tolerated: a shim restart should not flap readiness). The probe stops when the check is
-    /// dropped.
-    pub fn readiness_check(&self, period: Duration) -> crate::serve::Check {
-        let history = Arc::new(Mutex::new(ProbeHistory::default()));
-        let weak = Arc::downgrade(&history);
-        let cloud = self.clone();
-        tokio::spawn(async move {
-            loop {
-                let result = cloud.probe().await;
-                let Some(history) = weak.upgrade() else {
-                    return;
-                };
-                if let Ok(mut history) = history.lock() {
-                    history.record(result);
-                }
-                drop(history);
-                tokio::time::sleep(period).await;
-            }
-        });
-        Arc::new(move || match history.lock() {
-            Ok(history) => history.verdict(),
-            Err(_) => Err("provider probe state poisoned".into()),
-        })
     }
 
     /// The shim's self-description.
@@ -194,7 +240,7 @@ impl Cloud {
 
     /// Whether a Node is this provider's to manage: its providerID (if set) has a claimed
     /// prefix. Nodes without one yet are candidates (they are looked up by name).
-    pub fn owns_node(&self, node: &crate::controllers::CachedNode) -> bool {
+    pub fn owns_node(&self, node: &CachedNode) -> bool {
         node.provider_id()
             .is_none_or(|id| self.owns_provider_id(id))
     }
@@ -220,47 +266,25 @@ impl Cloud {
     }
 }
 
-/// Awaits one CPI call, counts its outcome in `cloudprovider_requests_total{method,code}` and
-/// decodes a failure into a [`CpiError`]. Every controller calls the shim through this.
-pub async fn counted<T>(
-    metrics: &Metrics,
-    method: &str,
-    call: impl Future<Output = Result<tonic::Response<T>, tonic::Status>>,
-) -> Result<T, CpiError> {
-    match call.await {
-        Ok(response) => {
-            metrics.count_rpc(method, "OK");
-            Ok(response.into_inner())
-        }
-        Err(status) => {
-            let err = CpiError::from_status(&status);
-            metrics.count_rpc(method, err.class());
-            Err(err)
-        }
-    }
-}
-
 impl Cloud {
-    /// Upstream `GetInstanceProviderID`: `<provider>://<InstanceID(node_name)>`; `None` when the
-    /// provider answers an empty instance ID.
-    pub async fn instance_provider_id(
+    /// Awaits one CPI call, counts its outcome in `cloudprovider_requests_total{method,code}`
+    /// and decodes a failure into a [`CpiError`]. Every controller calls the shim through this.
+    pub async fn call<T>(
         &self,
-        metrics: &Metrics,
-        node_name: &str,
-        consistency: v1::Consistency,
-    ) -> Result<Option<String>, CpiError> {
-        let request = v1::NodeNameRequest {
-            node_name: node_name.to_string(),
-            consistency: consistency as i32,
-        };
-        let response = counted(
-            metrics,
-            "Instances/InstanceID",
-            self.instances().instance_id(request),
-        )
-        .await?;
-        Ok((!response.instance_id.is_empty())
-            .then(|| cpi_proto::provider_id::join(&self.info.name, &response.instance_id)))
+        method: &str,
+        call: impl Future<Output = Result<tonic::Response<T>, tonic::Status>>,
+    ) -> Result<T, CpiError> {
+        match call.await {
+            Ok(response) => {
+                self.metrics.count(method, "OK");
+                Ok(response.into_inner())
+            }
+            Err(status) => {
+                let err = CpiError::from_status(&status);
+                self.metrics.count(method, err.class());
+                Err(err)
+            }
+        }
     }
 }
 
@@ -278,41 +302,6 @@ fn capabilities(info: &ProviderInfo) -> Vec<Capability> {
 pub fn owns_provider_id(info: &v1::ProviderInfo, provider_id: &str) -> bool {
     cpi_proto::provider_id::strip_owned(&info.name, &info.provider_id_prefixes, provider_id)
         .is_some()
-}
-
-/// Consecutive failed probes of the shim and the last error, behind the `/readyz` check.
-#[derive(Debug, Default)]
-pub struct ProbeHistory {
-    consecutive_failures: u32,
-    last_error: String,
-}
-
-impl ProbeHistory {
-    /// Failed probes in a row after which the shim counts as down.
-    pub const FAILURES_TO_FAIL: u32 = 2;
-
-    /// Records one probe's outcome; a success forgets earlier failures.
-    pub fn record(&mut self, result: Result<(), CpiError>) {
-        match result {
-            Ok(()) => *self = Self::default(),
-            Err(err) => {
-                self.consecutive_failures = self.consecutive_failures.saturating_add(1);
-                self.last_error = err.to_string();
-            }
-        }
-    }
-
-    /// The readiness verdict: an error naming the last failure once the shim counts as down.
-    pub fn verdict(&self) -> Result<(), String> {
-        if self.consecutive_failures >= Self::FAILURES_TO_FAIL {
-            Err(format!(
-                "provider shim not answering ({} probes in a row failed): {}",
-                self.consecutive_failures, self.last_error
-            ))
-        } else {
-            Ok(())
-        }
-    }
 }
 
 #[cfg(test)]
@@ -339,37 +328,5 @@ mod tests {
         };
         assert!(owns_provider_id(&info, "hrobot://42"));
         assert!(!owns_provider_id(&info, "talos://x"));
-    }
-
-    fn unavailable() -> Result<(), CpiError> {
-        Err(CpiError::from_status(&tonic::Status::unavailable(
-            "connection refused",
-        )))
-    }
-
-    #[test]
-    fn one_failed_probe_is_tolerated() {
-        let mut history = ProbeHistory::default();
-        history.record(unavailable());
-        assert_eq!(history.verdict(), Ok(()));
-    }
-
-    #[test]
-    fn two_failed_probes_in_a_row_fail_with_the_last_error() {
-        let mut history = ProbeHistory::default();
-        history.record(unavailable());
-        history.record(unavailable());
-        let err = history.verdict().expect_err("down after two misses");
-        assert!(err.contains("2 probes in a row"), "{err}");
-        assert!(err.contains("connection refused"), "{err}");
-    }
-
-    #[test]
-    fn a_success_resets_the_count() {
-        let mut history = ProbeHistory::default();
-        history.record(unavailable());
-        history.record(Ok(()));
-        history.record(unavailable());
-        assert_eq!(history.verdict(), Ok(()));
     }
 }

@@ -1,0 +1,101 @@
+//! What every controller is built from: the API client, the shared caches, the provider shim
+//! (fenced by the current leadership term), events and the cluster-wide settings.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+
+use kube::runtime::reflector::{ReflectHandle, Store};
+
+use crate::cloud::Cloud;
+use crate::k8s::{CachedNode, NodeInformer, Recorder};
+
+/// Upstream's shared cloud settings (`KubeCloudSharedConfiguration`) that more than one
+/// controller reads.
+#[derive(Debug, Clone, Default)]
+pub struct ClusterSettings {
+    /// `--cluster-name`: the instance prefix passed to load-balancer and route calls.
+    pub name: String,
+    /// `--cluster-cidr`: pod CIDR range(s), at most one per IP family, comma-separated.
+    pub cidr: String,
+    /// `--allocate-node-cidrs`.
+    pub allocate_node_cidrs: bool,
+    /// `--configure-cloud-routes`.
+    pub configure_cloud_routes: bool,
+}
+
+/// The shared Node watch: prepared once, run by the manager only if a controller asked for it
+/// while being built.
+#[derive(Clone)]
+pub struct SharedNodes {
+    store: Store<CachedNode>,
+    ready: tokio::sync::watch::Receiver<bool>,
+    informer: Arc<Mutex<Option<NodeInformer>>>,
+    wanted: Arc<AtomicBool>,
+}
+
+impl SharedNodes {
+    /// Shares `informer` (not yet running).
+    pub fn new(informer: NodeInformer) -> Self {
+        Self {
+            store: informer.store.clone(),
+            ready: informer.ready(),
+            informer: Arc::new(Mutex::new(Some(informer))),
+            wanted: Arc::default(),
+        }
+    }
+
+    /// The node cache (empty until the watch runs).
+    pub fn cache(&self) -> Store<CachedNode> {
+        self.wanted.store(true, Ordering::Relaxed);
+        self.store.clone()
+    }
+
+    /// A change feed for one controller; `None` once the watch has started.
+    pub fn subscribe(&self) -> Option<ReflectHandle<CachedNode>> {
+        self.wanted.store(true, Ordering::Relaxed);
+        // The slot is only ever taken whole: a poisoned lock still holds a usable value.
+        self.informer
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .as_ref()
+            .and_then(NodeInformer::subscribe)
+    }
+
+    /// Turns true once the initial list is in the cache.
+    pub fn ready(&self) -> tokio::sync::watch::Receiver<bool> {
+        self.ready.clone()
+    }
+
+    /// The watch to run, if a controller asked for it (taken once).
+    pub fn take(&self) -> Option<NodeInformer> {
+        if !self.wanted.load(Ordering::Relaxed) {
+            return None;
+        }
+        self.informer
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take()
+    }
+}
+
+/// Everything a controller is built from (upstream `ControllerInitContext` plus the clients).
+#[derive(Clone)]
+pub struct ControllerContext {
+    /// The controllers' API client (rate limited by `--kube-api-qps/burst`).
+    pub client: kube::Client,
+    /// The provider shim; its mutating calls carry the current term's fence.
+    pub cloud: Cloud,
+    /// The shared Node watch.
+    pub nodes: SharedNodes,
+    /// Cluster-wide settings.
+    pub cluster: ClusterSettings,
+    /// Our identity: the leader-election holder and the Events' reporting instance.
+    pub identity: String,
+}
+
+impl ControllerContext {
+    /// An event recorder whose Events name `component` as their source.
+    pub fn recorder(&self, component: &str) -> Recorder {
+        Recorder::new(self.client.clone(), component, &self.identity)
+    }
+}
