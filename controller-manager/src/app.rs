@@ -16,6 +16,7 @@ use crate::cloud::{Cloud, CloudError};
 use crate::controllers::NodeInformer;
 use crate::controllers::node::{NodeController, NodeControllerConfig};
 use crate::controllers::node_lifecycle::NodeLifecycleController;
+use crate::events::EventBroadcaster;
 use crate::leader::{LeaderElector, LeaseConfig, Lost, SharedStatus};
 use crate::metrics::{LeaseLabels, Metrics};
 use crate::names::{ControllerName, ControllerSelection};
@@ -64,6 +65,8 @@ pub struct Runtime {
     pub metrics: Arc<Metrics>,
     /// Our leader-election identity (also the event reporting instance).
     pub identity: String,
+    /// Writes the controllers' Events in the background.
+    pub events: EventBroadcaster,
 }
 
 /// Loads the API-server configuration from `--kubeconfig`/`--master` or the cluster.
@@ -224,11 +227,13 @@ pub async fn run(
             .unwrap_or_else(|| "unknown".into()),
         uuid::Uuid::new_v4()
     );
+    let events = EventBroadcaster::start(clients.controllers.clone(), &identity);
     let runtime = Runtime {
         client: clients.controllers,
         cloud,
         metrics: metrics.clone(),
         identity: identity.clone(),
+        events,
     };
     if options.secure_port != 0 {
         let acceptor = serve::tls_acceptor(
@@ -258,6 +263,7 @@ pub async fn run(
         let running = start_controllers(&runtime, &options, &controllers);
         shutdown.await;
         running.stop().await;
+        runtime.events.shutdown().await;
         return Ok(());
     }
     let status = SharedStatus::default();
@@ -319,6 +325,7 @@ pub async fn run(
     };
     lease_gauge.set(0);
     running.stop().await;
+    runtime.events.shutdown().await;
     if result.is_ok() {
         elector.release().await;
     } else {
@@ -407,7 +414,7 @@ fn start_controllers(
                     rt.cloud.clone(),
                     rt.metrics.clone(),
                     store,
-                    &rt.identity,
+                    &rt.events,
                 );
                 running.tasks.spawn(async move {
                     tokio::time::sleep(delay).await;
@@ -422,7 +429,7 @@ fn start_controllers(
                     rt.cloud.clone(),
                     rt.metrics.clone(),
                     informer.store.clone(),
-                    rt.identity.clone(),
+                    &rt.events,
                 )
                 .with_deletion_policy(options.deletion_policy());
                 let period = options.node_monitor_period;

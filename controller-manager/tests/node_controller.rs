@@ -32,6 +32,7 @@ use cloud_controller_manager::controllers::CachedNode;
 use cloud_controller_manager::controllers::node::{
     self as node_controller, NodeController, SyncError,
 };
+use cloud_controller_manager::events::EventBroadcaster;
 use cloud_controller_manager::metrics::Metrics;
 use fake_provider::{CpiError, FakeCloud, FakeZone, call, external_ip, hostname, internal_ip};
 use futures::StreamExt;
@@ -60,7 +61,7 @@ impl Harness {
             self.cloud.clone(),
             Metrics::new(),
             store,
-            "node-controller-test",
+            &EventBroadcaster::start(self.client.clone(), "node-controller-test"),
         )
     }
 

@@ -31,6 +31,7 @@ use std::time::Duration;
 use cloud_controller_manager::controllers::node_lifecycle::{
     DeletionPolicy, NodeLifecycleController,
 };
+use cloud_controller_manager::events::EventBroadcaster;
 use cloud_controller_manager::metrics::Metrics;
 use fake_provider::{CpiError, FakeCall, FakeCloud, ServedFake, call, proto::Existence};
 use k8s_openapi::api::core::v1::{Event, Node, NodeCondition, NodeSpec, NodeStatus, Taint};
@@ -73,12 +74,13 @@ async fn monitor_with(
     let before = h.create(node).await;
     let name = before.name_any();
     let cache = h.cache_for(&before).await;
+    let broadcaster = EventBroadcaster::start(h.client.clone(), "node-lifecycle-test");
     let controller = NodeLifecycleController::new(
         h.client.clone(),
         h.cloud.clone(),
         Metrics::new(),
         cache.store.clone(),
-        "node-lifecycle-test".to_string(),
+        &broadcaster,
     )
     .with_deletion_policy(policy);
     for _ in 0..passes {
@@ -86,6 +88,8 @@ async fn monitor_with(
     }
 
     let after = h.nodes().get_opt(&name).await.expect("get node");
+    // Events are written in the background: wait for those of the passes.
+    broadcaster.flush().await;
     let events: Api<Event> = Api::namespaced(h.client.clone(), "default");
     let events = events
         .list(&ListParams::default().fields(&format!("involvedObject.name={name}")))

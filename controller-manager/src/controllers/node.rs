@@ -28,7 +28,7 @@ use crate::apiclient;
 use crate::cloud::{Cloud, counted};
 use crate::controllers::{CachedNode, Labels};
 use crate::convert;
-use crate::events::{EventType, Recorder};
+use crate::events::{EventBroadcaster, EventType, Recorder};
 use crate::metrics::Metrics;
 use crate::names::ControllerName;
 
@@ -195,13 +195,9 @@ impl NodeController {
         cloud: Cloud,
         metrics: Arc<Metrics>,
         store: Store<CachedNode>,
-        instance: &str,
+        events: &EventBroadcaster,
     ) -> Arc<Self> {
-        let recorder = Recorder::new(
-            client.clone(),
-            ControllerName::CloudNode.event_component(),
-            instance,
-        );
+        let recorder = events.new_recorder(ControllerName::CloudNode.event_component());
         Arc::new(Self {
             client,
             cloud,
@@ -285,14 +281,12 @@ impl NodeController {
         {
             // Operators must see why a node stays unschedulable without reading our logs;
             // repeats are aggregated by the recorder.
-            self.recorder
-                .record(
-                    &node.object_ref(&()),
-                    EventType::Warning,
-                    "FailedToInitialize",
-                    &format!("Node initialisation failed and will be retried: {err}"),
-                )
-                .await;
+            self.recorder.record(
+                &node.object_ref(&()),
+                EventType::Warning,
+                "FailedToInitialize",
+                &format!("Node initialisation failed and will be retried: {err}"),
+            );
             self.mark_initialization_failed(node, err).await;
         }
         result
@@ -674,14 +668,12 @@ impl NodeController {
         }
         self.update_addresses(&updated, &metadata.addresses).await;
         self.clear_initialization_failed(&updated).await;
-        self.recorder
-            .record(
-                &updated.object_ref(&()),
-                EventType::Normal,
-                "Synced",
-                "Node synced successfully",
-            )
-            .await;
+        self.recorder.record(
+            &updated.object_ref(&()),
+            EventType::Normal,
+            "Synced",
+            "Node synced successfully",
+        );
         if let Some(age) = creation_age(&updated) {
             self.metrics
                 .initial_node_sync_delay

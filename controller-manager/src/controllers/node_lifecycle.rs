@@ -29,7 +29,7 @@ use crate::apiclient;
 use crate::cloud::{Cloud, counted};
 use crate::controllers::CachedNode;
 use crate::convert;
-use crate::events::{EventType, Recorder};
+use crate::events::{EventBroadcaster, EventType, Recorder};
 use crate::metrics::Metrics;
 use crate::names::ControllerName;
 
@@ -107,13 +107,9 @@ impl NodeLifecycleController {
         cloud: Cloud,
         metrics: Arc<Metrics>,
         store: Store<CachedNode>,
-        instance: String,
+        events: &EventBroadcaster,
     ) -> Self {
-        let recorder = Recorder::new(
-            client.clone(),
-            ControllerName::CloudNodeLifecycle.event_component(),
-            &instance,
-        );
+        let recorder = events.new_recorder(ControllerName::CloudNodeLifecycle.event_component());
         Self {
             client,
             cloud,
@@ -204,16 +200,14 @@ impl NodeLifecycleController {
                 self.metrics.count_suppressed_deletion(&reason);
                 // A NotReady node whose instance cannot be checked is exactly the case where
                 // deleting would be wrong; say so on the node (aggregated by the recorder).
-                self.recorder
-                    .record(
-                        &node.object_ref(&()),
-                        EventType::Warning,
-                        "DeletionSuppressed",
-                        &format!(
-                            "Node is not ready and the provider could not say whether its instance exists ({reason}); the node is kept"
-                        ),
-                    )
-                    .await;
+                self.recorder.record(
+                    &node.object_ref(&()),
+                    EventType::Warning,
+                    "DeletionSuppressed",
+                    &format!(
+                        "Node is not ready and the provider could not say whether its instance exists ({reason}); the node is kept"
+                    ),
+                );
             }
             Verdict::Exists => match self.shutdown(node).await {
                 Ok(true) if !node.has_taint(TAINT_SHUTDOWN) => {
@@ -387,14 +381,12 @@ impl NodeLifecycleController {
         let name = node.name_any();
         let reference = node.object_ref(&());
         info!(node = %name, "deleting node because it does not exist in the cloud provider");
-        self.recorder
-            .record(
-                &reference,
-                EventType::Normal,
-                "DeletingNode",
-                &format!("Deleting node {name} because it does not exist in the cloud provider"),
-            )
-            .await;
+        self.recorder.record(
+            &reference,
+            EventType::Normal,
+            "DeletingNode",
+            &format!("Deleting node {name} because it does not exist in the cloud provider"),
+        );
         // Precondition on the UID: never delete a node re-created under the same name since we
         // looked at it.
         let params = DeleteParams {
@@ -407,14 +399,12 @@ impl NodeLifecycleController {
         let request = apiclient::nodes().delete(&name, &params);
         if let Err(err) = apiclient::send_write(&self.client, request).await {
             warn!(node = %name, error = %err, "failed deleting node");
-            self.recorder
-                .record(
-                    &reference,
-                    EventType::Warning,
-                    "DeletingNodeFailed",
-                    &format!("Failed deleting node {name}: {err}"),
-                )
-                .await;
+            self.recorder.record(
+                &reference,
+                EventType::Warning,
+                "DeletingNodeFailed",
+                &format!("Failed deleting node {name}: {err}"),
+            );
         }
     }
 
