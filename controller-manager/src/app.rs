@@ -17,7 +17,7 @@ use crate::controllers::{
     SharedNodes, Stop,
 };
 use crate::health::{Health, Scope, Unhealthy};
-use crate::k8s::{ClientError, ClientMetrics, NodeInformer};
+use crate::k8s::{ClientError, ClientMetrics, EventBroadcaster, NodeInformer};
 use crate::leader::{LeaderElector, LeaseConfig, Lost, SharedStatus};
 use crate::metrics::ManagerMetrics;
 use crate::options::{GenericOptions, OptionsError};
@@ -130,12 +130,14 @@ pub async fn run(
             .unwrap_or_else(|| "unknown".into()),
         uuid::Uuid::new_v4()
     );
+    // Events are written off the reconcile path, by one sink for every controller.
+    let events = EventBroadcaster::start(clients.controllers.clone(), &identity);
     let ctx = ControllerContext {
         client: clients.controllers.clone(),
         nodes: SharedNodes::new(NodeInformer::new(clients.controllers)),
         cloud,
         cluster: options.cluster(),
-        identity: identity.clone(),
+        events: events.clone(),
     };
     // Built before leadership, as upstream registers metrics at start-up: a standby serves
     // the same metric names as the leader.
@@ -170,6 +172,7 @@ pub async fn run(
         let running = start(built, &ctx.nodes, &metrics, start_interval);
         shutdown.await;
         running.stop().await;
+        events.shutdown().await;
         return Ok(());
     }
     let status = SharedStatus::default();
@@ -231,6 +234,7 @@ pub async fn run(
     };
     metrics.set_leading(&lease_name, false);
     running.stop().await;
+    events.shutdown().await;
     if result.is_ok() {
         elector.release().await;
     } else {

@@ -20,4 +20,4 @@ pub use app::{AppError, Options, run};
 pub use cloud::{Cloud, CloudMetrics, ConnectSettings, Fence, ProviderEndpoint};
 pub use controllers::{DeletionPolicy, NodeController, NodeLifecycleController, SyncError};
 pub use health::{Health, Scope, Unhealthy};
-pub use k8s::{CachedNode, EventType, NodeInformer, Recorder, well_known};
+pub use k8s::{CachedNode, EventType, NodeInformer, Recorder, events, well_known};

@@ -18,6 +18,7 @@ pub fn parse_duration(value: &str) -> Result<Duration, String> {
 
 /// The generic flags of the `cloud-controller-manager` binary.
 #[derive(Debug, Clone, clap::Args)]
+#[group(id = "generic-options")]
 pub struct GenericOptions {
     /// Path to a kubeconfig file; empty uses the in-cluster configuration.
     #[arg(long, default_value = "")]

@@ -80,6 +80,8 @@ async fn monitor_with(
         controller.monitor_nodes().await;
     }
 
+    // Events are written off the reconcile path: wait for the ones recorded by the passes.
+    h.events.flush().await;
     let after = h.nodes().get_opt(&name).await.expect("get node");
     let events: Api<Event> = Api::namespaced(h.client.clone(), "default");
     let events = events

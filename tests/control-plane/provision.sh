@@ -8,6 +8,9 @@
 # Honoured:
 #   KUBEBUILDER_ASSETS       if it already holds both binaries, nothing is built and it is printed.
 #   CCM_TEST_ASSETS_CACHE    cache root (default: ~/.cache/ccm-test-assets).
+#
+# Sourcing this file (`source provision.sh`) only defines its apt-sources functions, so they can be
+# tried on a copy of an apt configuration without building anything.
 set -euo pipefail
 
 K8S_VERSION=v1.20.2
@@ -16,6 +19,107 @@ CACHE_ROOT=${CCM_TEST_ASSETS_CACHE:-$HOME/.cache/ccm-test-assets}
 ASSETS=$CACHE_ROOT/$K8S_VERSION
 
 log() { echo "provision: $*" >&2; }
+
+# The files apt reads its sources from under $1 (an apt configuration directory such as
+# /etc/apt): sources.list and sources.list.d/*.list in one-line format, sources.list.d/*.sources
+# in deb822 format. Other names there (e.g. `*.disabled`) are ignored by apt, and so here.
+apt_source_files() {
+  local etc=$1 f
+  for f in "$etc/sources.list" "$etc"/sources.list.d/*.list "$etc"/sources.list.d/*.sources; do
+    [[ -f $f ]] && printf '%s\n' "$f"
+  done
+  return 0
+}
+
+# Reads apt source files in either format (deb822 for `*.sources`). With mode=deb-src, prints one
+# line per enabled `deb-src` entry. With mode=derive, prints a deb822 `deb-src` stanza for every
+# enabled binary (`deb`) entry: same URIs, suites, components and Signed-By / Trusted, so the
+# source packages come from wherever the machine's binary packages come from (a mirror included).
+# Signed-By may hold an embedded key over continuation lines; they are copied verbatim.
+apt_sources_awk() {
+  local mode=$1
+  shift
+  [[ $# -gt 0 ]] || return 0
+  awk -v mode="$mode" '
+    function has_word(list, word,   n, i, w) {
+      n = split(list, w, /[ \t\n]+/)
+      for (i = 1; i <= n; i++) if (w[i] == word) return 1
+      return 0
+    }
+    function stanza(uris, suites, comps, signed, trusted) {
+      printf "%sTypes: deb-src\nURIs: %s\nSuites: %s\n", (printed++ ? "\n" : ""), uris, suites
+      if (comps != "") printf "Components: %s\n", comps
+      # An embedded key starts on the next line.
+      if (signed != "") printf "Signed-By:%s%s\n", (signed ~ /^\n/ ? "" : " "), signed
+      if (trusted != "") printf "Trusted: %s\n", trusted
+    }
+    # deb822: fields of the current stanza, keyed by lower-cased name.
+    function flush822() {
+      if (("types" in f) && tolower(f["enabled"]) !~ /^(no|false|off|0)$/) {
+        if (mode == "deb-src" && has_word(f["types"], "deb-src")) print "deb-src"
+        if (mode == "derive" && has_word(f["types"], "deb") && f["uris"] != "" && f["suites"] != "")
+          stanza(f["uris"], f["suites"], f["components"], f["signed-by"], f["trusted"])
+      }
+      split("", f); key = ""
+    }
+    FNR == 1 { if (deb822) flush822(); deb822 = (FILENAME ~ /\.sources$/) }
+    deb822 {
+      if ($0 ~ /^#/) next
+      if ($0 ~ /^[ \t]*$/) { flush822(); next }
+      if ($0 ~ /^[ \t]/ && key != "") { f[key] = f[key] "\n" $0; next }
+      if (match($0, /^[^:]+:/)) {
+        key = tolower(substr($0, 1, RLENGTH - 1))
+        f[key] = substr($0, RLENGTH + 1)
+        sub(/^[ \t]+/, "", f[key]); sub(/[ \t]+$/, "", f[key])
+      }
+      next
+    }
+    # One-line format: type [options] uri suite [component...]
+    {
+      sub(/#.*/, "")
+      if ($1 == "deb-src" && mode == "deb-src") { print "deb-src"; next }
+      if ($1 != "deb" || mode != "derive") next
+      signed = ""; trusted = ""; i = 2
+      if ($i ~ /^\[/) {
+        for (; i <= NF; i++) {
+          opt = $i; gsub(/[][]/, "", opt)
+          if (opt ~ /^signed-by=/) { signed = substr(opt, 11); gsub(/,/, " ", signed) }
+          if (opt ~ /^trusted=/) trusted = substr(opt, 9)
+          if ($i ~ /\]$/) { i++; break }
+        }
+      }
+      if (i + 1 > NF) next
+      uri = $i; suite = $(i + 1); comps = ""
+      for (j = i + 2; j <= NF; j++) comps = comps (comps == "" ? "" : " ") $j
+      stanza(uri, suite, comps, signed, trusted)
+    }
+    END { if (deb822) flush822() }
+  ' "$@"
+}
+
+# Whether the apt configuration under $1 (e.g. /etc/apt) has an enabled deb-src entry.
+has_deb_src() {
+  local files
+  mapfile -t files < <(apt_source_files "$1")
+  [[ -n $(apt_sources_awk deb-src "${files[@]}") ]]
+}
+
+# Prints deb822 deb-src stanzas mirroring the binary sources configured under $1 (e.g.
+# /etc/apt); fails naming the files it read when there is none.
+deb_src_from_binary_sources() {
+  local etc=$1 files out
+  mapfile -t files < <(apt_source_files "$etc")
+  out=$(apt_sources_awk derive "${files[@]}")
+  if [[ -z $out ]]; then
+    log "no enabled binary (deb) apt source to derive a deb-src entry from; read: ${files[*]:-nothing}" \
+      "(looked for $etc/sources.list, $etc/sources.list.d/*.list and $etc/sources.list.d/*.sources)"
+    return 1
+  fi
+  printf '%s\n' "$out"
+}
+
+# Sourced: stop after the definitions above.
+[[ ${BASH_SOURCE[0]} == "$0" ]] || return 0
 
 SUDO=
 [[ $(id -u) -eq 0 ]] || SUDO=sudo
@@ -57,15 +161,11 @@ fi
 # vendor/, which builds offline with Debian's Go in GOPATH mode.
 apt_install golang-go dpkg-dev ca-certificates
 src_list=/etc/apt/sources.list.d/ccm-deb-src.sources
-if ! grep -rqs '^Types:.*deb-src' /etc/apt/sources.list.d/ && ! grep -qs '^deb-src' /etc/apt/sources.list; then
-  log "adding a deb-src entry for bookworm"
-  $SUDO tee "$src_list" >/dev/null <<SRC
-Types: deb-src
-URIs: http://deb.debian.org/debian
-Suites: bookworm
-Components: main
-Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg
-SRC
+if ! has_deb_src /etc/apt; then
+  # Derived from the configured binary sources, not a fixed archive, so a mirror keeps working.
+  entries=$(deb_src_from_binary_sources /etc/apt)
+  log "adding deb-src entries for the configured binary sources in $src_list"
+  printf '%s\n' "$entries" | $SUDO tee "$src_list" >/dev/null
   $SUDO apt-get update -qq >&2
 fi
 
@@ -73,10 +173,12 @@ WORK=$CACHE_ROOT/build
 rm -rf "$WORK"
 mkdir -p "$WORK/dl" "$WORK/gopath/src/k8s.io" "$WORK/bin"
 (cd "$WORK/dl" && apt-get source --download-only -qq "$DEB_SOURCE" >&2)
-dsc=$(ls "$WORK"/dl/*.dsc | head -n1)
+dscs=("$WORK"/dl/*.dsc)
+dsc=${dscs[0]}
+[[ -f $dsc ]] || { log "apt-get source $DEB_SOURCE downloaded no .dsc into $WORK/dl"; exit 1; }
 dpkg-source --no-check -x "$dsc" "$WORK/gopath/src/k8s.io/kubernetes" >&2
 
-export GOPATH=$WORK/gopath GO111MODULE=off GOFLAGS= GOCACHE=$CACHE_ROOT/gocache CGO_ENABLED=0
+export GOPATH=$WORK/gopath GO111MODULE=off GOFLAGS='' GOCACHE=$CACHE_ROOT/gocache CGO_ENABLED=0
 cd "$GOPATH/src/k8s.io/kubernetes"
 
 log "generating pkg/generated/openapi"

@@ -7,7 +7,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 use kube::runtime::reflector::{ReflectHandle, Store};
 
 use crate::cloud::Cloud;
-use crate::k8s::{CachedNode, NodeInformer, Recorder};
+use crate::k8s::{CachedNode, EventBroadcaster, NodeInformer, Recorder};
 
 /// Upstream's shared cloud settings (`KubeCloudSharedConfiguration`) that more than one
 /// controller reads.
@@ -89,13 +89,13 @@ pub struct ControllerContext {
     pub nodes: SharedNodes,
     /// Cluster-wide settings.
     pub cluster: ClusterSettings,
-    /// Our identity: the leader-election holder and the Events' reporting instance.
-    pub identity: String,
+    /// The Event sink shared by every controller (reporting instance: our identity).
+    pub events: EventBroadcaster,
 }
 
 impl ControllerContext {
     /// An event recorder whose Events name `component` as their source.
     pub fn recorder(&self, component: &str) -> Recorder {
-        Recorder::new(self.client.clone(), component, &self.identity)
+        self.events.new_recorder(component)
     }
 }

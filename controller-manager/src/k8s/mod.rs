@@ -3,11 +3,11 @@
 
 mod cached_node;
 mod client;
-mod events;
+pub mod events;
 mod informer;
 pub mod well_known;
 
 pub use cached_node::{CachedNode, Labels};
 pub use client::{ClientError, ClientMetrics, build_clients, load_config, nodes, send_write};
-pub use events::{EventType, Recorder};
+pub use events::{EventBroadcaster, EventType, Recorder};
 pub use informer::NodeInformer;

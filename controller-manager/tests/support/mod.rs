@@ -8,6 +8,7 @@ use std::time::Duration;
 use cloud_controller_manager::well_known::TAINT_NOT_READY;
 use cloud_controller_manager::{
     CachedNode, Cloud, CloudMetrics, ConnectSettings, NodeInformer, ProviderEndpoint, Recorder,
+    events::EventBroadcaster,
 };
 use fake_provider::{FakeCloud, ServedFake};
 use k8s_openapi::api::core::v1::{Node, Taint};
@@ -26,6 +27,8 @@ pub struct Harness {
     pub cloud: Cloud,
     /// An admin client of the control plane shared by this test binary.
     pub client: kube::Client,
+    /// The Event sink of the controllers under test.
+    pub events: EventBroadcaster,
 }
 
 /// Serves `fake`, connects a `Cloud` to it and takes an admin client of the shared control plane.
@@ -48,6 +51,7 @@ pub async fn harness(fake: FakeCloud) -> Harness {
     Harness {
         fake,
         cloud,
+        events: EventBroadcaster::start(client.clone(), "controller-test"),
         client,
     }
 }
@@ -55,7 +59,7 @@ pub async fn harness(fake: FakeCloud) -> Harness {
 impl Harness {
     /// An event recorder for `component`, through the admin client.
     pub fn recorder(&self, component: &str) -> Recorder {
-        Recorder::new(self.client.clone(), component, "controller-test")
+        self.events.new_recorder(component)
     }
 
     /// All Nodes, through the admin client.

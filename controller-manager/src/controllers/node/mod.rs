@@ -61,6 +61,8 @@ const GAUGE_PERIOD: Duration = Duration::from_secs(10);
 
 /// Flags of the cloud-node controller (upstream names and defaults).
 #[derive(Debug, Clone, clap::Args)]
+#[group(id = "cloud-node-flags")]
+#[command(next_help_heading = "cloud-node-controller")]
 pub struct Flags {
     /// Number of nodes synced concurrently by the cloud-node controller.
     #[arg(long, default_value_t = 1)]
@@ -380,14 +382,12 @@ impl NodeController {
         {
             // Operators must see why a node stays unschedulable without reading our logs;
             // repeats are aggregated by the recorder.
-            self.recorder
-                .record(
-                    &node.object_ref(&()),
-                    EventType::Warning,
-                    "FailedToInitialize",
-                    &format!("Node initialisation failed and will be retried: {err}"),
-                )
-                .await;
+            self.recorder.record(
+                &node.object_ref(&()),
+                EventType::Warning,
+                "FailedToInitialize",
+                &format!("Node initialisation failed and will be retried: {err}"),
+            );
             self.mark_initialization_failed(node, err).await;
         }
         result
@@ -570,14 +570,12 @@ impl NodeController {
         }
         self.update_addresses(&updated, &metadata.addresses).await;
         self.clear_initialization_failed(&updated).await;
-        self.recorder
-            .record(
-                &updated.object_ref(&()),
-                EventType::Normal,
-                "Synced",
-                "Node synced successfully",
-            )
-            .await;
+        self.recorder.record(
+            &updated.object_ref(&()),
+            EventType::Normal,
+            "Synced",
+            "Node synced successfully",
+        );
         if let Some(age) = creation_age(&updated) {
             self.metrics
                 .initial_node_sync_delay

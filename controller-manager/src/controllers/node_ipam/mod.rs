@@ -9,6 +9,8 @@ use super::{BuildError, Controller, ControllerContext, FlagError, Names, Stop};
 /// Flags of the node-ipam controller (none yet: `--allocate-node-cidrs` and `--cluster-cidr`
 /// are shared settings).
 #[derive(Debug, Clone, clap::Args)]
+#[group(id = "nodeipam-flags")]
+#[command(next_help_heading = "node-ipam-controller")]
 pub struct Flags {}
 
 /// The node-ipam controller (not implemented yet).

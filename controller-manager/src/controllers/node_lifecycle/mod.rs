@@ -39,6 +39,8 @@ pub use metrics::LifecycleMetrics;
 
 /// Flags of the cloud-node-lifecycle controller.
 #[derive(Debug, Clone, clap::Args)]
+#[group(id = "cloud-node-lifecycle-flags")]
+#[command(next_help_heading = "cloud-node-lifecycle-controller")]
 pub struct Flags {
     /// How often the cloud-node-lifecycle controller checks node existence and shutdown.
     #[arg(long, default_value = "5s", value_parser = parse_duration)]
@@ -305,8 +307,7 @@ impl NodeLifecycleController {
                         &format!(
                             "Node is not ready and the provider could not say whether its instance exists ({reason}); the node is kept"
                         ),
-                    )
-                    .await;
+                    );
                 Ok(())
             }
             InstanceExistence::Exists => {
@@ -344,14 +345,12 @@ impl NodeLifecycleController {
         let name = node.name_any();
         let reference = node.object_ref(&());
         info!(node = %name, "deleting node because it does not exist in the cloud provider");
-        self.recorder
-            .record(
-                &reference,
-                EventType::Normal,
-                "DeletingNode",
-                &format!("Deleting node {name} because it does not exist in the cloud provider"),
-            )
-            .await;
+        self.recorder.record(
+            &reference,
+            EventType::Normal,
+            "DeletingNode",
+            &format!("Deleting node {name} because it does not exist in the cloud provider"),
+        );
         // Precondition on the UID: never delete a node re-created under the same name since we
         // looked at it.
         let params = DeleteParams {
@@ -364,14 +363,12 @@ impl NodeLifecycleController {
         let request = k8s::nodes().delete(&name, &params);
         if let Err(source) = k8s::send_write(&self.client, request).await {
             let err = LifecycleError::Delete { node: name, source };
-            self.recorder
-                .record(
-                    &reference,
-                    EventType::Warning,
-                    err.reason(),
-                    &err.to_string(),
-                )
-                .await;
+            self.recorder.record(
+                &reference,
+                EventType::Warning,
+                err.reason(),
+                &err.to_string(),
+            );
             return Err(err);
         }
         Ok(())

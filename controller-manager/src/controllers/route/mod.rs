@@ -11,6 +11,8 @@ use crate::options::parse_duration;
 
 /// Flags of the route controller.
 #[derive(Debug, Clone, clap::Args)]
+#[group(id = "route-flags")]
+#[command(next_help_heading = "node-route-controller")]
 pub struct Flags {
     /// How often the route controller reconciles routes (no effect until it exists in this
     /// build).

@@ -8,6 +8,8 @@ use super::{BuildError, Controller, ControllerContext, FlagError, Names, Stop};
 
 /// Flags of the service-lb controller.
 #[derive(Debug, Clone, clap::Args)]
+#[group(id = "service-flags")]
+#[command(next_help_heading = "service-lb-controller")]
 pub struct Flags {
     /// Number of services synced concurrently by the service-lb controller (no effect until it
     /// exists in this build).
