@@ -13,8 +13,8 @@ use tracing::{error, info, warn};
 
 use crate::cloud::{Cloud, CloudError, CloudMetrics, EndpointError, Fence};
 use crate::controllers::{
-    BuildError, ControllerContext, ControllerFlags, ControllerSelection, Names, Registered, Runner,
-    SharedNodes, Stop,
+    BuildError, ClusterSettings, ControllerContext, ControllerFlags, ControllerSelection, Names,
+    Registered, Runner, SelectionError, SharedNodes, Stop,
 };
 use crate::health::{Health, Scope, Unhealthy};
 use crate::k8s::{ClientError, ClientMetrics, EventBroadcaster, NodeInformer};
@@ -41,9 +41,10 @@ pub struct Options {
 
 impl Options {
     /// Checks every flag; returns the resolved controller selection.
-    pub fn validate(&self) -> Result<ControllerSelection, OptionsError> {
-        let selection = self.generic.validate()?;
-        self.controllers.validate()?;
+    pub fn validate(&self) -> Result<ControllerSelection, AppError> {
+        let selection = ControllerSelection::parse(&self.generic.controllers)?;
+        self.generic.validate()?;
+        self.controllers.validate().map_err(OptionsError::from)?;
         Ok(selection)
     }
 }
@@ -54,6 +55,9 @@ pub enum AppError {
     /// Invalid flags.
     #[error(transparent)]
     Options(#[from] OptionsError),
+    /// `--controllers` names an unknown controller.
+    #[error(transparent)]
+    Controllers(#[from] SelectionError),
     /// The API client could not be set up.
     #[error(transparent)]
     Client(#[from] ClientError),
@@ -136,7 +140,12 @@ pub async fn run(
         client: clients.controllers.clone(),
         nodes: SharedNodes::new(NodeInformer::new(clients.controllers)),
         cloud,
-        cluster: options.cluster(),
+        cluster: ClusterSettings {
+            name: options.cluster_name.clone(),
+            cidr: options.cluster_cidr.clone(),
+            allocate_node_cidrs: options.allocate_node_cidrs,
+            configure_cloud_routes: options.configure_cloud_routes,
+        },
         events: events.clone(),
     };
     // Built before leadership, as upstream registers metrics at start-up: a standby serves

@@ -9,6 +9,7 @@
 mod app;
 mod cloud;
 mod controllers;
+mod flags;
 mod health;
 mod k8s;
 mod leader;

@@ -7,14 +7,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use crate::cloud::{ConnectSettings, EndpointError, EndpointTls, ProviderEndpoint};
-use crate::controllers::{ClusterSettings, ControllerSelection, FlagError, SelectionError};
-
-/// Parses a Go-style duration (`15s`, `5m0s`, `1h30m`) as accepted by upstream flags.
-pub fn parse_duration(value: &str) -> Result<Duration, String> {
-    // humantime rejects Go's "5m0s"-style concatenations without spaces only when units repeat;
-    // it accepts "5m0s" and "1h30m" directly.
-    humantime::parse_duration(value).map_err(|err| format!("invalid duration {value:?}: {err}"))
-}
+use crate::flags::{FlagError, parse_duration};
 
 /// The generic flags of the `cloud-controller-manager` binary.
 #[derive(Debug, Clone, clap::Args)]
@@ -130,9 +123,6 @@ pub struct GenericOptions {
 /// A flag combination that cannot work.
 #[derive(Debug, thiserror::Error)]
 pub enum OptionsError {
-    /// `--controllers` names an unknown controller.
-    #[error(transparent)]
-    Controllers(#[from] SelectionError),
     /// A flag value is out of range or inconsistent with another.
     #[error(transparent)]
     Invalid(#[from] FlagError),
@@ -146,9 +136,9 @@ fn invalid(flag: &'static str, message: impl Into<String>) -> OptionsError {
 }
 
 impl GenericOptions {
-    /// Checks values clap cannot check on its own; returns the resolved controller selection.
-    pub fn validate(&self) -> Result<ControllerSelection, OptionsError> {
-        let selection = ControllerSelection::parse(&self.controllers)?;
+    /// Checks values clap cannot check on its own (`--controllers` is checked against the
+    /// registry by the caller).
+    pub fn validate(&self) -> Result<(), OptionsError> {
         if self.leader_elect && self.leader_elect_resource_lock != "leases" {
             return Err(invalid(
                 "--leader-elect-resource-lock",
@@ -185,7 +175,7 @@ impl GenericOptions {
             ));
         }
         self.provider_endpoint()?;
-        Ok(selection)
+        Ok(())
     }
 
     /// The shim endpoint, checked: TLS endpoints need all three TLS files.
@@ -207,16 +197,6 @@ impl GenericOptions {
             request_timeout: self.provider_timeout,
             reload_interval: self.provider_tls_reload_interval,
             startup_timeout: self.provider_startup_timeout,
-        }
-    }
-
-    /// The cluster-wide settings the controllers share.
-    pub fn cluster(&self) -> ClusterSettings {
-        ClusterSettings {
-            name: self.cluster_name.clone(),
-            cidr: self.cluster_cidr.clone(),
-            allocate_node_cidrs: self.allocate_node_cidrs,
-            configure_cloud_routes: self.configure_cloud_routes,
         }
     }
 }

@@ -18,7 +18,7 @@ use tokio::sync::watch;
 use tracing::{info, warn};
 
 use super::endpoint::ProviderEndpoint;
-use super::fence::Fence;
+use super::fence::{Fence, Fenced};
 use crate::k8s::CachedNode;
 
 /// Failure to reach or understand the shim at start-up.
@@ -207,6 +207,13 @@ impl Cloud {
     /// The fence of the current leadership term, if any; every mutating call carries it.
     pub fn fence(&self) -> Option<Fence> {
         self.fence.borrow().clone()
+    }
+
+    /// `request` stamped with the current term's fence. Every mutating call goes through this,
+    /// so no controller can forget the fence or send a stale one it kept.
+    pub fn fenced<R: Fenced>(&self, mut request: R) -> R {
+        request.set_fence(self.fence());
+        request
     }
 
     /// Asks the shim for its ProviderInfo again: a cheap end-to-end check that it answers.

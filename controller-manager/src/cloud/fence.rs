@@ -1,10 +1,9 @@
 //! The leader fence on mutating calls: every request that changes cloud state carries the
 //! [`Fence`] of the caller's current leadership term, so a shim refuses a deposed leader's late
-//! writes (the shim keeps the highest term it has seen per lease).
+//! writes (the shim keeps the highest term it has seen per lease). [`Cloud::fenced`](super::Cloud::fenced)
+//! stamps them.
 
 use cpi_proto::v1;
-
-use super::client::Cloud;
 
 /// Proof of leadership sent with every mutating CPI call: the CPI's own message.
 pub type Fence = v1::Fence;
@@ -33,12 +32,3 @@ fenced!(
     v1::CreateRouteRequest,
     v1::DeleteRouteRequest,
 );
-
-impl Cloud {
-    /// `request` stamped with the current term's fence. Every mutating call goes through this,
-    /// so no controller can forget the fence or send a stale one it kept.
-    pub fn fenced<R: Fenced>(&self, mut request: R) -> R {
-        request.set_fence(self.fence());
-        request
-    }
-}

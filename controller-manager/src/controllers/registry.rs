@@ -7,6 +7,7 @@ use cpi_proto::v1::Capability;
 use prometheus_client::registry::Registry;
 
 use super::context::ControllerContext;
+use crate::flags::FlagError;
 
 /// Resolves when the controller must stop (shutdown or lost leadership).
 pub type Stop = Pin<Box<dyn Future<Output = ()> + Send + Sync>>;
@@ -20,26 +21,6 @@ pub struct Names {
     pub alias: &'static str,
     /// `source.component` of the Events it records.
     pub event_component: &'static str,
-}
-
-/// A flag value that is out of range or inconsistent with another.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("{flag}: {message}")]
-pub struct FlagError {
-    /// The offending flag, with its dashes.
-    pub flag: &'static str,
-    /// What is wrong.
-    pub message: String,
-}
-
-impl FlagError {
-    /// A problem with `flag`.
-    pub fn new(flag: &'static str, message: impl Into<String>) -> Self {
-        Self {
-            flag,
-            message: message.into(),
-        }
-    }
 }
 
 /// Why a controller was not built.
@@ -126,7 +107,7 @@ macro_rules! registry {
 
         impl ControllerFlags {
             /// Checks every controller's flags.
-            pub fn validate(&self) -> Result<(), FlagError> {
+            pub fn validate(&self) -> Result<(), $crate::flags::FlagError> {
                 $(<$module::$controller as Controller>::validate(&self.$field)?;)*
                 Ok(())
             }

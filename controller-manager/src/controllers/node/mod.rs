@@ -27,15 +27,15 @@ use tracing::{Instrument, debug, info, info_span, warn};
 use cpi_proto::CpiError;
 use cpi_proto::v1::Capability;
 
-use super::{BuildError, Controller, ControllerContext, FlagError, Names, Stop};
+use super::{BuildError, Controller, ControllerContext, Names, Stop};
 use crate::cloud::{Cloud, LookupError, NodeMetadata};
+use crate::flags::{FlagError, parse_duration};
 use crate::k8s::well_known::{
     ANNOTATION_PROVIDED_NODE_IP, CONDITION_INITIALIZATION_FAILED, LABEL_INSTANCE_TYPE,
     LABEL_INSTANCE_TYPE_BETA, LABEL_REGION, LABEL_REGION_BETA, LABEL_ZONE, LABEL_ZONE_BETA,
     TAINT_UNINITIALIZED,
 };
 use crate::k8s::{self, CachedNode, EventType, Labels, Recorder};
-use crate::options::parse_duration;
 
 mod fingerprint;
 mod metrics;

@@ -4,7 +4,8 @@
 use cpi_proto::v1::Capability;
 use prometheus_client::registry::Registry;
 
-use super::{BuildError, Controller, ControllerContext, FlagError, Names, Stop};
+use super::{BuildError, Controller, ControllerContext, Names, Stop};
+use crate::flags::FlagError;
 
 /// Flags of the node-ipam controller (none yet: `--allocate-node-cidrs` and `--cluster-cidr`
 /// are shared settings).

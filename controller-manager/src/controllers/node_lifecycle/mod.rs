@@ -24,11 +24,11 @@ use prometheus_client::registry::Registry;
 use tokio::sync::Mutex;
 use tracing::{Instrument, debug, info, info_span, warn};
 
-use super::{BuildError, Controller, ControllerContext, FlagError, Names, Stop};
+use super::{BuildError, Controller, ControllerContext, Names, Stop};
 use crate::cloud::{Cloud, InstanceExistence};
+use crate::flags::{FlagError, parse_duration};
 use crate::k8s::well_known::TAINT_SHUTDOWN;
 use crate::k8s::{self, CachedNode, EventType, Recorder};
-use crate::options::parse_duration;
 
 mod decide;
 mod metrics;

@@ -6,8 +6,8 @@ use std::time::Duration;
 use cpi_proto::v1::Capability;
 use prometheus_client::registry::Registry;
 
-use super::{BuildError, Controller, ControllerContext, FlagError, Names, Stop};
-use crate::options::parse_duration;
+use super::{BuildError, Controller, ControllerContext, Names, Stop};
+use crate::flags::{FlagError, parse_duration};
 
 /// Flags of the route controller.
 #[derive(Debug, Clone, clap::Args)]
