@@ -112,7 +112,10 @@ fn no_controller_imports_another() {
                 .then(|| path.file_name().unwrap().to_string_lossy().to_string())
         })
         .collect();
-    assert!(controllers.len() >= 2, "controller directories: {controllers:?}");
+    assert!(
+        controllers.len() >= 2,
+        "controller directories: {controllers:?}"
+    );
     let mut violations = Vec::new();
     for controller in &controllers {
         let mut files = Vec::new();
@@ -133,7 +136,9 @@ fn no_controller_imports_another() {
 
 #[test]
 fn the_checker_sees_imports() {
-    let found = crate_imports("use crate::cloud::Cloud;\nuse crate::{k8s, health::Scope};\n$crate::flags::X");
+    let found = crate_imports(
+        "use crate::cloud::Cloud;\nuse crate::{k8s, health::Scope};\n$crate::flags::X",
+    );
     assert_eq!(
         found.into_iter().collect::<Vec<_>>(),
         ["cloud", "health", "k8s"]

@@ -1486,7 +1486,7 @@ async fn slow_provider_call_for_one_node_does_not_block_another() {
 }
 
 // ------------------------------------------------------------------------------------------------
-// Beyond upstream: a failing initialisation is visible on the node (operator-pain-points §2.1)
+// Beyond upstream: a failing initialisation is visible on the node
 // ------------------------------------------------------------------------------------------------
 
 /// The `CloudInitializationFailed` condition of `node`: (status, reason, message, heartbeat).

@@ -774,7 +774,7 @@ async fn get_provider_id_cloud_implemented_with_instances_with_unknown_error() {
 }
 
 // ------------------------------------------------------------------------------------------------
-// Beyond the upstream tables: the CPI's tri-state existence and rule 5 (§2.2)
+// Beyond the upstream tables: the CPI's tri-state existence (only NOT_FOUND deletes)
 // ------------------------------------------------------------------------------------------------
 
 /// Existence UNKNOWN (which upstream's bool cannot express) never deletes, on either path.
@@ -821,7 +821,7 @@ async fn ready_node_loses_the_shutdown_taint() {
     o.assert_events(&[]);
 }
 
-/// Beyond upstream (operator-pain-points §2.11): a NotReady node whose instance runs again
+/// Beyond upstream: a NotReady node whose instance runs again
 /// loses the shutdown taint without waiting for the kubelet to report Ready.
 #[tokio::test]
 async fn running_instance_loses_the_shutdown_taint_before_the_node_is_ready() {
@@ -853,7 +853,7 @@ async fn running_instance_loses_the_shutdown_taint_before_the_node_is_ready() {
     );
 }
 
-// ---- The deletion policy (beyond upstream: operator-pain-points §1.1, §1.2, §1.7) ----
+// ---- The deletion policy (beyond upstream: README, the deletion policy) ----
 
 fn careful(grace_period: Duration, confirmations: u32) -> DeletionPolicy {
     DeletionPolicy {

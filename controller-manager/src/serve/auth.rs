@@ -99,8 +99,7 @@ impl Authorizer {
 
     async fn authenticate(&self, token: &str) -> Result<Option<UserInfo>, kube::Error> {
         let key = self.hasher.hash_one(token);
-        if let Ok(users) = self.users.lock()
-            && let Some((user, at)) = users.get(&key)
+        if let Some((user, at)) = locked(&self.users).get(&key)
             && at.elapsed() < self.ttl
         {
             return Ok(user.clone());
@@ -123,10 +122,10 @@ impl Authorizer {
         if user.is_none() {
             debug!(error = ?status.error, "bearer token rejected by TokenReview");
         }
-        if let Ok(mut users) = self.users.lock() {
-            users.retain(|_, (_, at)| at.elapsed() < self.ttl);
-            users.insert(key, (user.clone(), Instant::now()));
-        }
+        let mut users = locked(&self.users);
+        users.retain(|_, (_, at)| at.elapsed() < self.ttl);
+        users.insert(key, (user.clone(), Instant::now()));
+        drop(users);
         Ok(user)
     }
 
@@ -138,8 +137,7 @@ impl Authorizer {
     ) -> Result<bool, kube::Error> {
         let name = user.username.clone().unwrap_or_default();
         let key = (name, path.to_string(), verb.to_string());
-        if let Ok(decisions) = self.decisions.lock()
-            && let Some((allowed, at)) = decisions.get(&key)
+        if let Some((allowed, at)) = locked(&self.decisions).get(&key)
             && at.elapsed() < self.ttl
         {
             return Ok(*allowed);
@@ -163,10 +161,18 @@ impl Authorizer {
             .await
             .inspect_err(|err| warn!(error = %err, "SubjectAccessReview failed"))?;
         let allowed = reviewed.status.is_some_and(|s| s.allowed);
-        if let Ok(mut decisions) = self.decisions.lock() {
-            decisions.retain(|_, (_, at)| at.elapsed() < self.ttl);
-            decisions.insert(key, (allowed, Instant::now()));
-        }
+        let mut decisions = locked(&self.decisions);
+        decisions.retain(|_, (_, at)| at.elapsed() < self.ttl);
+        decisions.insert(key, (allowed, Instant::now()));
+        drop(decisions);
         Ok(allowed)
     }
+}
+
+/// A review cache, whatever panicked while it was held: entries are inserted and dropped whole,
+/// so a poisoned cache is still a valid one.
+fn locked<T>(cache: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    cache
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
 }

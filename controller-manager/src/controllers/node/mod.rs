@@ -189,12 +189,12 @@ pub enum SyncError {
         reason: &'static str,
     },
     /// The provided-node-ip annotation does not match the provider's addresses.
-    #[error("provided node ip for node {node:?} is not valid: {message}")]
+    #[error("provided node ip for node {node:?} is not valid: {source}")]
     ProvidedNodeIp {
         /// Node name.
         node: String,
-        /// Details.
-        message: String,
+        /// What is wrong with it.
+        source: NodeIpError,
     },
     /// The zone could not be determined (legacy path).
     #[error("failed to get zone from cloud provider for node {node:?}: {source}")]
@@ -609,8 +609,8 @@ impl NodeController {
         let new = match desired_addresses(node, cloud_addresses) {
             Ok(Some(new)) => new,
             Ok(None) => return,
-            Err(message) => {
-                warn!(node = %name, %message, "not updating node addresses");
+            Err(err) => {
+                warn!(node = %name, error = %err, "not updating node addresses");
                 return;
             }
         };
@@ -744,10 +744,10 @@ fn validate_provider_id(node: &str, id: &str, cloud: &Cloud) -> Result<(), SyncE
 pub fn apply_initialization(node: &mut Node, md: &NodeMetadata) -> Result<(), SyncError> {
     let name = node.name_any();
     if let Some(provided) = node.annotations().get(ANNOTATION_PROVIDED_NODE_IP) {
-        node_addresses_from_node_ip(provided, &md.addresses).map_err(|message| {
+        node_addresses_from_node_ip(provided, &md.addresses).map_err(|source| {
             SyncError::ProvidedNodeIp {
                 node: name.clone(),
-                message,
+                source,
             }
         })?;
     }
@@ -823,7 +823,7 @@ pub fn labels_to_reconcile(labels: &Labels) -> Option<BTreeMap<String, String>> 
 pub fn desired_addresses(
     node: &CachedNode,
     cloud: &[NodeAddress],
-) -> Result<Option<Vec<NodeAddress>>, String> {
+) -> Result<Option<Vec<NodeAddress>>, NodeIpError> {
     if has_uninitialized_taint(node) || cloud.is_empty() {
         return Ok(None);
     }
@@ -851,34 +851,55 @@ pub fn node_addresses_change_detected(old: &[NodeAddress], new: &[NodeAddress]) 
         .any(|a| by_type.get(a.type_.as_str()) != Some(&a.address.as_str()))
 }
 
+/// Why the kubelet's provided node IP cannot be used.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum NodeIpError {
+    /// A part is not an IP address.
+    #[error("could not parse {0:?} as an IP address")]
+    Unparsable(String),
+    /// Two addresses of one family.
+    #[error("dual-stack node IP {0:?} must have one IP of each family")]
+    SameFamily(String),
+    /// A dual-stack pair with `0.0.0.0` or `::`.
+    #[error("dual-stack node IP {0:?} cannot include an unspecified address")]
+    Unspecified(String),
+    /// Neither one address nor a pair.
+    #[error("must contain one IP or a dual-stack pair, got {0:?}")]
+    Count(String),
+    /// The provider has no address equal to the node IP.
+    #[error(
+        "failed to get node address from cloud provider that matches ip: {ip} (provider addresses: {known:?})"
+    )]
+    NoMatch {
+        /// The node IP.
+        ip: IpAddr,
+        /// The provider's addresses.
+        known: Vec<String>,
+    },
+}
+
 /// Upstream `ParseNodeIPAnnotation`: one IP, or a dual-stack pair of different families.
-pub fn parse_node_ip_annotation(value: &str) -> Result<Vec<IpAddr>, String> {
+pub fn parse_node_ip_annotation(value: &str) -> Result<Vec<IpAddr>, NodeIpError> {
     let ips = value
         .split(',')
         .map(|s| {
             s.trim()
                 .parse::<IpAddr>()
-                .map_err(|_| format!("could not parse {s:?} as an IP address"))
+                .map_err(|_| NodeIpError::Unparsable(s.to_string()))
         })
         .collect::<Result<Vec<_>, _>>()?;
     match ips.as_slice() {
         [_] => Ok(ips),
         [a, b] => {
             if a.is_ipv4() == b.is_ipv4() {
-                Err(format!(
-                    "dual-stack node IP {value:?} must have one IP of each family"
-                ))
+                Err(NodeIpError::SameFamily(value.to_string()))
             } else if a.is_unspecified() || b.is_unspecified() {
-                Err(format!(
-                    "dual-stack node IP {value:?} cannot include an unspecified address"
-                ))
+                Err(NodeIpError::Unspecified(value.to_string()))
             } else {
                 Ok(ips)
             }
         }
-        _ => Err(format!(
-            "must contain one IP or a dual-stack pair, got {value:?}"
-        )),
+        _ => Err(NodeIpError::Count(value.to_string())),
     }
 }
 
@@ -887,7 +908,7 @@ pub fn parse_node_ip_annotation(value: &str) -> Result<Vec<IpAddr>, String> {
 pub fn node_addresses_from_node_ip(
     provided: &str,
     cloud: &[NodeAddress],
-) -> Result<Vec<NodeAddress>, String> {
+) -> Result<Vec<NodeAddress>, NodeIpError> {
     let node_ips = parse_node_ip_annotation(provided)?;
     let mut result = Vec::new();
     let mut marked: Vec<&str> = Vec::new();
@@ -901,10 +922,10 @@ pub fn node_addresses_from_node_ip(
             }
         }
         if !found {
-            let known: Vec<&str> = cloud.iter().map(|a| a.address.as_str()).collect();
-            return Err(format!(
-                "failed to get node address from cloud provider that matches ip: {ip} (provider addresses: {known:?})"
-            ));
+            return Err(NodeIpError::NoMatch {
+                ip: *ip,
+                known: cloud.iter().map(|a| a.address.clone()).collect(),
+            });
         }
     }
     result.extend(
