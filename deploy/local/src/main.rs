@@ -3,15 +3,21 @@
 //! machine as a Node the way a kubelet with `--cloud-provider=external` does, and shows the
 //! nodes being initialised.
 
+use std::cell::RefCell;
+use std::collections::BTreeSet;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use clap::Parser;
-use e2e_tests::{Process, ShimMtls, free_port, initialised, kubelet_registered_node};
+use cloud_controller_manager::well_known::{
+    LABEL_INSTANCE_TYPE, LABEL_REGION, LABEL_ZONE, TAINT_UNINITIALIZED,
+};
 use k8s_openapi::api::core::v1::Node;
 use kube::api::{Api, PostParams};
+use local_shim::Inventory;
 use test_control_plane::ControlPlane;
+use test_support::{Process, ShimMtls, Wait, free_port, initialised, kubelet_registered_node};
 
 /// Flags of `local-cluster`.
 #[derive(Parser, Debug)]
@@ -30,23 +36,13 @@ struct Flags {
     timeout_seconds: u64,
 }
 
-#[derive(serde::Deserialize)]
-struct Inventory {
-    machines: Vec<Machine>,
-}
-
-#[derive(serde::Deserialize)]
-struct Machine {
-    name: String,
-}
-
 #[tokio::main]
 async fn main() -> Result<()> {
     let flags = Flags::parse();
     let _ = rustls::crypto::ring::default_provider().install_default();
     let inventory_text = std::fs::read_to_string(&flags.inventory)
         .with_context(|| format!("reading --inventory {}", flags.inventory.display()))?;
-    let inventory: Inventory = serde_yaml::from_str(&inventory_text)
+    let inventory = Inventory::parse(&flags.inventory, &inventory_text)
         .with_context(|| format!("parsing --inventory {}", flags.inventory.display()))?;
     let inventory_path = std::fs::canonicalize(&flags.inventory)?;
 
@@ -72,7 +68,9 @@ async fn main() -> Result<()> {
     ];
     shim_args.extend(mtls.shim_args(port));
     shim_args.push("--metrics-bind-address=127.0.0.1:0".into());
-    let mut shim = Process::spawn("local-shim", "local-shim", &shim_args, &[], &dir)?;
+    let shim = Process::for_workspace_binary("local-shim", "local-shim", &dir)?
+        .args(&shim_args)
+        .spawn()?;
     println!("starting the cloud-controller-manager ...");
     let mut ccm_args = vec![format!("--kubeconfig={}", cp.kubeconfig_path().display())];
     ccm_args.extend(mtls.ccm_args(port));
@@ -80,74 +78,79 @@ async fn main() -> Result<()> {
         "--bind-address=127.0.0.1".into(),
         "--cloud-provider=local".into(),
     ]);
-    let mut ccm = Process::spawn(
+    let ccm = Process::for_workspace_binary(
         "cloud-controller-manager",
         "cloud-controller-manager",
-        &ccm_args,
-        &[],
         &dir,
-    )?;
+    )?
+    .args(&ccm_args)
+    .spawn()?;
     println!("  logs: {}", dir.display());
 
     let client = cp.client()?;
     let nodes: Api<Node> = Api::all(client);
     println!(
         "registering {} tainted nodes (as kubelets with --cloud-provider=external do) ...",
-        inventory.machines.len()
+        inventory.machines().len()
     );
     let started = Instant::now();
-    for machine in &inventory.machines {
-        let node = kubelet_registered_node(&machine.name, None);
+    for machine in inventory.machines() {
+        let node = kubelet_registered_node(&machine.name, None, TAINT_UNINITIALIZED);
         nodes.create(&PostParams::default(), &node).await?;
     }
 
-    let mut done = std::collections::BTreeSet::new();
+    let done = RefCell::new(BTreeSet::new());
     let deadline = Duration::from_secs(flags.timeout_seconds);
-    while done.len() < inventory.machines.len() {
-        if started.elapsed() > deadline {
-            bail!(
-                "nodes not initialised after {deadline:?}; see the logs in {}\n--- controller-manager ---\n{}\n--- local-shim ---\n{}",
-                dir.display(),
-                ccm.logs(),
-                shim.logs()
-            );
-        }
+    let total = inventory.machines().len();
+    // The probe prints each node once it is initialised; `Ok(Err(..))` ends the wait early.
+    let outcome = Wait::new(
+        "every node to be initialised",
+        deadline.saturating_sub(started.elapsed()),
+    )
+    .every(Duration::from_millis(200))
+    .until(|| async {
         if let Some(status) = ccm.exit_status() {
-            bail!("the controller-manager exited ({status}):\n{}", ccm.logs());
+            return Ok(Err(anyhow::anyhow!(
+                "the controller-manager exited ({status}):\n{}",
+                ccm.logs()
+            )));
         }
         if let Some(status) = shim.exit_status() {
-            bail!("the local shim exited ({status}):\n{}", shim.logs());
+            return Ok(Err(anyhow::anyhow!(
+                "the local shim exited ({status}):\n{}",
+                shim.logs()
+            )));
         }
-        for node in nodes.list(&Default::default()).await?.items {
+        let list = match nodes.list(&Default::default()).await {
+            Ok(list) => list,
+            Err(e) => return Ok(Err(e.into())),
+        };
+        let mut done = done.borrow_mut();
+        for node in list.items {
             let name = node.metadata.name.clone().unwrap_or_default();
-            if initialised(&node).is_err() || done.contains(&name) {
+            if initialised(&node, TAINT_UNINITIALIZED).is_err() || done.contains(&name) {
                 continue;
             }
-            let spec = node.spec.clone().unwrap_or_default();
-            let addresses = node
-                .status
-                .as_ref()
-                .and_then(|s| s.addresses.clone())
-                .unwrap_or_default();
-            let labels = node.metadata.labels.clone().unwrap_or_default();
-            let label = |k: &str| labels.get(k).cloned().unwrap_or_else(|| "-".into());
-            println!(
-                "  [{:>6.2}s] {name:<10} initialised: providerID={} zone={} region={} type={} addresses={}",
-                started.elapsed().as_secs_f64(),
-                spec.provider_id.unwrap_or_default(),
-                label("topology.kubernetes.io/zone"),
-                label("topology.kubernetes.io/region"),
-                label("node.kubernetes.io/instance-type"),
-                addresses
-                    .iter()
-                    .map(|a| format!("{}={}", a.type_, a.address))
-                    .collect::<Vec<_>>()
-                    .join(",")
-            );
+            print_initialised(&node, &name, started);
             done.insert(name);
         }
-        tokio::time::sleep(Duration::from_millis(200)).await;
+        if done.len() < total {
+            Err(format!("{}/{total} nodes initialised", done.len()))
+        } else {
+            Ok(Ok(()))
+        }
+    })
+    .await;
+    match outcome {
+        Ok(result) => result?,
+        Err(_) => bail!(
+            "nodes not initialised after {deadline:?}; see the logs in {}\n--- controller-manager ---\n{}\n--- local-shim ---\n{}",
+            dir.display(),
+            ccm.logs(),
+            shim.logs()
+        ),
     }
+    let done = done.into_inner();
     println!(
         "all {} nodes initialised in {:.2?}",
         done.len(),
@@ -157,11 +160,37 @@ async fn main() -> Result<()> {
         return Ok(());
     }
     println!(
-        "\nrunning; look around with:\n  kubectl --kubeconfig {} get nodes -L topology.kubernetes.io/zone,node.kubernetes.io/instance-type -o wide\nedit {} (e.g. set a machine's state) and watch; Ctrl-C stops everything.",
+        "\nrunning; look around with:\n  kubectl --kubeconfig {} get nodes -L {LABEL_ZONE},{LABEL_INSTANCE_TYPE} -o wide\nedit {} (e.g. set a machine's state) and watch; Ctrl-C stops everything.",
         cp.kubeconfig_path().display(),
         inventory_path.display()
     );
     tokio::signal::ctrl_c().await?;
     println!("stopping ...");
     Ok(())
+}
+
+/// Prints one line for the initialised `node` called `name`: when, provider ID, zone, region,
+/// instance type and addresses.
+fn print_initialised(node: &Node, name: &str, started: Instant) {
+    let spec = node.spec.clone().unwrap_or_default();
+    let addresses = node
+        .status
+        .as_ref()
+        .and_then(|s| s.addresses.clone())
+        .unwrap_or_default();
+    let labels = node.metadata.labels.clone().unwrap_or_default();
+    let label = |k: &str| labels.get(k).cloned().unwrap_or_else(|| "-".into());
+    println!(
+        "  [{:>6.2}s] {name:<10} initialised: providerID={} zone={} region={} type={} addresses={}",
+        started.elapsed().as_secs_f64(),
+        spec.provider_id.unwrap_or_default(),
+        label(LABEL_ZONE),
+        label(LABEL_REGION),
+        label(LABEL_INSTANCE_TYPE),
+        addresses
+            .iter()
+            .map(|a| format!("{}={}", a.type_, a.address))
+            .collect::<Vec<_>>()
+            .join(",")
+    );
 }

@@ -6,6 +6,10 @@ use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::time::{Duration, Instant};
 
+use cloud_controller_manager::well_known::{
+    LABEL_INSTANCE_TYPE, LABEL_INSTANCE_TYPE_BETA, LABEL_REGION, LABEL_REGION_BETA, LABEL_ZONE,
+    LABEL_ZONE_BETA, TAINT_UNINITIALIZED,
+};
 use futures::{StreamExt, TryStreamExt};
 use k8s_openapi::api::core::v1::{
     Event, EventSource, Node, NodeAddress, NodeSpec, ObjectReference,
@@ -15,8 +19,8 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, Time};
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{Api, Patch, PatchParams, PostParams};
 use kube::{Resource, ResourceExt};
+use test_support::kubelet_registered_node;
 
-pub use e2e_tests::TAINT_UNINITIALIZED;
 /// Label marking which set (`ccm` or `baseline`) a benchmark Node belongs to.
 pub const SET_LABEL: &str = "bench.cloud-provider.local/set";
 /// Region of every machine.
@@ -102,7 +106,7 @@ impl Machine {
         .into_iter()
         .map(|(k, v)| (k.to_string(), Quantity(v.to_string())))
         .collect();
-        let mut node = e2e_tests::kubelet_registered_node(&self.name, Some(&self.name));
+        let mut node = kubelet_registered_node(&self.name, Some(&self.name), TAINT_UNINITIALIZED);
         node.metadata.labels = Some(labels);
         if let Some(status) = node.status.as_mut() {
             status.capacity = Some(resources.clone());
@@ -122,12 +126,12 @@ impl Machine {
         }
         let labels = node.metadata.labels.get_or_insert_with(BTreeMap::new);
         for (key, value) in [
-            ("node.kubernetes.io/instance-type", self.instance_type),
-            ("beta.kubernetes.io/instance-type", self.instance_type),
-            ("topology.kubernetes.io/zone", self.zone),
-            ("failure-domain.beta.kubernetes.io/zone", self.zone),
-            ("topology.kubernetes.io/region", REGION),
-            ("failure-domain.beta.kubernetes.io/region", REGION),
+            (LABEL_INSTANCE_TYPE, self.instance_type),
+            (LABEL_INSTANCE_TYPE_BETA, self.instance_type),
+            (LABEL_ZONE, self.zone),
+            (LABEL_ZONE_BETA, self.zone),
+            (LABEL_REGION, REGION),
+            (LABEL_REGION_BETA, REGION),
         ] {
             labels.insert(key.to_string(), value.to_string());
         }
@@ -256,6 +260,7 @@ pub async fn initialise_like_the_controller(
 mod tests {
     use super::*;
     use k8s_openapi::api::core::v1::NodeStatus;
+    use test_support::initialised;
 
     #[test]
     fn machines_are_distinct_and_valid() {
@@ -280,16 +285,16 @@ mod tests {
     fn initialised_copy_passes_the_check_once_addresses_are_patched() {
         let m = Machine::new("bench-node", 7);
         let node = m.tainted_node("ccm");
-        assert!(e2e_tests::initialised(&node).is_err());
+        assert!(initialised(&node, TAINT_UNINITIALIZED).is_err());
         let mut done = m.initialised(&node);
         assert!(
-            e2e_tests::initialised(&done).is_err(),
+            initialised(&done, TAINT_UNINITIALIZED).is_err(),
             "still only the kubelet's Hostname"
         );
         done.status
             .get_or_insert_with(NodeStatus::default)
             .addresses = Some(m.addresses());
-        assert_eq!(e2e_tests::initialised(&done), Ok(()));
+        assert_eq!(initialised(&done, TAINT_UNINITIALIZED), Ok(()));
         let labels = done.labels();
         assert_eq!(labels["topology.kubernetes.io/zone"], m.zone);
         assert_eq!(labels[SET_LABEL], "ccm");

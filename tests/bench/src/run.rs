@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
-use e2e_tests::{HarnessError, Process};
+use cloud_controller_manager::well_known::TAINT_UNINITIALIZED;
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::Node;
 use kube::ResourceExt;
@@ -16,6 +16,7 @@ use kube::api::Api;
 use kube::runtime::WatchStreamExt;
 use kube::runtime::watcher;
 use test_control_plane::{ControlPlane, Options};
+use test_support::{Location, Process, Wait, last_lines, temp_dir};
 
 use crate::NodeInitArgs;
 use crate::metrics::{self, Scraper};
@@ -42,10 +43,7 @@ pub async fn node_init(args: &NodeInitArgs) -> anyhow::Result<NodeInitReport> {
     let n = args.nodes;
     let workers = usize::from(args.workers);
 
-    let work = tempfile::Builder::new()
-        .prefix("ccm-bench-")
-        .tempdir()
-        .context("creating a work directory")?;
+    let work = temp_dir("ccm-bench-", Location::System).context("creating a work directory")?;
     let dir = work.path();
 
     progress(format_args!("starting etcd + kube-apiserver"));
@@ -80,22 +78,16 @@ pub async fn node_init(args: &NodeInitArgs) -> anyhow::Result<NodeInitReport> {
 
     // 2. Shim, then controller-manager.
     let socket = dir.join("shim.sock");
-    let mut shim = Process::spawn(
-        SHIM_BINARY,
-        "local-shim",
-        &[
+    let shim = Process::for_workspace_binary(SHIM_BINARY, "local-shim", dir)?
+        .args([
             format!("--inventory={}", inventory.display()),
             format!("--state-dir={}", dir.join("shim-state").display()),
             format!("--unix-socket={}", socket.display()),
             "--metrics-bind-address=127.0.0.1:0".into(),
-        ],
-        &[
-            ("RUST_LOG", args.log_level.clone()),
-            ("NO_COLOR", "1".into()),
-        ],
-        dir,
-    )?;
-    wait_for_socket(&socket, &mut shim).await?;
+        ])
+        .envs([("RUST_LOG", args.log_level.as_str()), ("NO_COLOR", "1")])
+        .spawn()?;
+    wait_for_socket(&socket, &shim).await?;
 
     let ca = test_pki::Ca::new("bench-ca")?;
     let serving = ca.issue(&["127.0.0.1"])?;
@@ -103,7 +95,7 @@ pub async fn node_init(args: &NodeInitArgs) -> anyhow::Result<NodeInitReport> {
     let key_file = dir.join("ccm-serving-key.pem");
     test_pki::write_atomic(&cert_file, serving.chain_pem.as_bytes(), false)?;
     test_pki::write_atomic(&key_file, serving.key_pem.as_bytes(), true)?;
-    let port = e2e_tests::free_port().context("finding a free loopback port")?;
+    let port = test_support::free_port().context("finding a free loopback port")?;
     let scraper = Scraper::new(ca.cert_der(), port, cp.admin_token()?)?;
 
     let initialised = Arc::new(AtomicUsize::new(0));
@@ -128,10 +120,8 @@ pub async fn node_init(args: &NodeInitArgs) -> anyhow::Result<NodeInitReport> {
     let shim_startup_cpu = procfs::cpu_seconds(&shim.pid().to_string(), ticks)?;
     let before = cp_pids.sample(ticks)?;
     let t0 = Instant::now();
-    let mut ccm = Process::spawn(
-        CCM_BINARY,
-        "cloud-controller-manager",
-        &[
+    let ccm = Process::for_workspace_binary(CCM_BINARY, "cloud-controller-manager", dir)?
+        .args([
             format!("--kubeconfig={}", cp.kubeconfig_path().display()),
             format!("--provider-endpoint=unix://{}", socket.display()),
             "--cloud-provider=local".into(),
@@ -144,13 +134,9 @@ pub async fn node_init(args: &NodeInitArgs) -> anyhow::Result<NodeInitReport> {
             "--bind-address=127.0.0.1".into(),
             format!("--tls-cert-file={}", cert_file.display()),
             format!("--tls-private-key-file={}", key_file.display()),
-        ],
-        &[
-            ("RUST_LOG", args.log_level.clone()),
-            ("NO_COLOR", "1".into()),
-        ],
-        dir,
-    )?;
+        ])
+        .envs([("RUST_LOG", args.log_level.as_str()), ("NO_COLOR", "1")])
+        .spawn()?;
     ccm_pid.store(ccm.pid(), Ordering::Relaxed);
 
     // 3. Wait until every Node is initialised.
@@ -167,14 +153,14 @@ pub async fn node_init(args: &NodeInitArgs) -> anyhow::Result<NodeInitReport> {
                         "the controller-manager exited ({status}) after {:.1} s with {}/{n} nodes initialised; log tail:\n{}",
                         t0.elapsed().as_secs_f64(),
                         initialised.load(Ordering::Relaxed),
-                        tail(&ccm.logs(), 40)
+                        last_lines(&ccm.logs(), 40)
                     );
                 }
                 if let Some(status) = shim.exit_status() {
                     keep_logs(args, dir, &cp);
                     anyhow::bail!(
                         "the shim exited ({status}); log tail:\n{}",
-                        tail(&shim.logs(), 40)
+                        last_lines(&shim.logs(), 40)
                     );
                 }
                 if Instant::now() >= deadline {
@@ -184,7 +170,7 @@ pub async fn node_init(args: &NodeInitArgs) -> anyhow::Result<NodeInitReport> {
                         "timed out after {} s with {}/{n} nodes initialised; controller-manager log tail:\n{}",
                         args.timeout_secs,
                         initialised.load(Ordering::Relaxed),
-                        tail(&ccm.logs(), 40)
+                        last_lines(&ccm.logs(), 40)
                     );
                 }
             }
@@ -266,9 +252,9 @@ fn progress(message: std::fmt::Arguments<'_>) {
 /// Checks that the measured binaries exist next to this one; returns the Cargo profile.
 fn check_binaries() -> anyhow::Result<String> {
     for name in [CCM_BINARY, SHIM_BINARY] {
-        match e2e_tests::binary(name) {
+        match test_support::workspace_binary(name) {
             Ok(_) => {}
-            Err(HarnessError::MissingBinary { .. }) => {
+            Err(test_support::Error::MissingBinary { .. }) => {
                 let here = std::env::current_exe()
                     .ok()
                     .and_then(|exe| exe.parent().map(|d| d.display().to_string()))
@@ -292,26 +278,30 @@ fn check_binaries() -> anyhow::Result<String> {
 }
 
 /// Waits until the shim accepts connections on its Unix socket.
-async fn wait_for_socket(socket: &Path, shim: &mut Process) -> anyhow::Result<()> {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        if tokio::net::UnixStream::connect(socket).await.is_ok() {
-            return Ok(());
-        }
-        if let Some(status) = shim.exit_status() {
-            anyhow::bail!(
-                "the shim exited ({status}) before serving; log tail:\n{}",
-                tail(&shim.logs(), 40)
-            );
-        }
-        if Instant::now() >= deadline {
-            anyhow::bail!(
-                "the shim did not listen on {} within 30 s; log tail:\n{}",
-                socket.display(),
-                tail(&shim.logs(), 40)
-            );
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
+async fn wait_for_socket(socket: &Path, shim: &Process) -> anyhow::Result<()> {
+    let listening = Wait::new("the shim to listen", Duration::from_secs(30))
+        .every(Duration::from_millis(10))
+        .until(|| async {
+            match tokio::net::UnixStream::connect(socket).await {
+                Ok(_) => Ok(Ok(())),
+                Err(e) => match shim.exit_status() {
+                    Some(status) => Ok(Err(status)),
+                    None => Err(format!("connecting to {}: {e}", socket.display())),
+                },
+            }
+        })
+        .await;
+    match listening {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(status)) => anyhow::bail!(
+            "the shim exited ({status}) before serving; log tail:\n{}",
+            last_lines(&shim.logs(), 40)
+        ),
+        Err(_) => anyhow::bail!(
+            "the shim did not listen on {} within 30 s; log tail:\n{}",
+            socket.display(),
+            last_lines(&shim.logs(), 40)
+        ),
     }
 }
 
@@ -352,7 +342,7 @@ async fn watch_until_initialised(
         };
         match event {
             watcher::Event::Apply(node) | watcher::Event::InitApply(node) => {
-                if e2e_tests::initialised(&node).is_ok() {
+                if test_support::initialised(&node, TAINT_UNINITIALIZED).is_ok() {
                     if done.insert(node.name_any()) && first.is_none() {
                         first = Some(Instant::now());
                         let pid = ccm_pid.load(Ordering::Relaxed);
@@ -441,12 +431,6 @@ fn round_ms(seconds: f64) -> f64 {
     (seconds * 1000.0).round() / 1000.0
 }
 
-/// The last `lines` lines of `text`.
-fn tail(text: &str, lines: usize) -> String {
-    let all: Vec<&str> = text.lines().collect();
-    all[all.len().saturating_sub(lines)..].join("\n")
-}
-
 /// Copies the process logs and the kube-apiserver log to `--keep-logs`, if given.
 fn keep_logs(args: &NodeInitArgs, dir: &Path, cp: &ControlPlane) {
     let Some(target) = args.keep_logs.as_ref() else {
@@ -468,16 +452,5 @@ fn keep_logs(args: &NodeInitArgs, dir: &Path, cp: &ControlPlane) {
         if let Err(e) = std::fs::copy(&from, target.join(name)) {
             eprintln!("bench: copying {}: {e}", from.display());
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn tail_keeps_the_last_lines() {
-        assert_eq!(tail("a\nb\nc\n", 2), "b\nc");
-        assert_eq!(tail("a", 5), "a");
     }
 }

@@ -33,6 +33,9 @@ pub enum Error {
     /// Generating the control plane's certificates failed.
     #[error("generating the control plane's certificates: {0}")]
     Pki(#[from] test_pki::Error),
+    /// Creating the state directory or starting a server process failed.
+    #[error(transparent)]
+    Support(#[from] test_support::Error),
     /// A server process exited before it became ready.
     #[error("{process} exited during start-up ({status}); log {log}, last lines:\n{tail}", log = .log.display())]
     ExitedEarly {

@@ -27,7 +27,6 @@
 
 mod binaries;
 mod error;
-mod process;
 
 use std::ffi::OsString;
 use std::io::Read;
@@ -36,6 +35,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
+use k8s_openapi::api::core::v1::Node;
 use k8s_openapi::apimachinery::pkg::version::Info;
 use kube::config::{
     AuthInfo, Cluster, Context, Kubeconfig, NamedAuthInfo, NamedCluster, NamedContext,
@@ -46,8 +46,7 @@ pub use binaries::{
     BinaryPaths, ENV_ASSETS_CACHE, ENV_ETCD, ENV_KUBE_APISERVER, ENV_KUBEBUILDER_ASSETS,
 };
 pub use error::Error;
-use process::ServerProcess;
-pub use process::process_alive;
+use test_support::{Location, Process, Wait};
 
 /// The Kubernetes version `provision.sh` builds and the default cache is keyed by.
 pub const K8S_VERSION: &str = "v1.20.2";
@@ -68,6 +67,10 @@ const DEFAULT_STARTUP_TIMEOUT: Duration = Duration::from_secs(60);
 const STATE_DIR_PREFIX: &str = "ccm-test-control-plane-";
 /// Start attempts when a freshly chosen port was taken by someone else in the meantime.
 const START_ATTEMPTS: usize = 3;
+/// Name of the etcd process in errors.
+const ETCD: &str = "etcd";
+/// Name of the kube-apiserver process in errors.
+const KUBE_APISERVER: &str = "kube-apiserver";
 
 /// How to start a [`ControlPlane`]; `Options::default()` is what [`ControlPlane::start`] uses.
 #[derive(Debug, Clone)]
@@ -99,8 +102,8 @@ impl Default for Options {
 #[derive(Debug)]
 pub struct ControlPlane {
     // Field order is drop order: servers stop before their directory is removed.
-    apiserver: ServerProcess,
-    etcd: ServerProcess,
+    apiserver: Process,
+    etcd: Process,
     server_url: String,
     cluster_url: http::Uri,
     ca: test_pki::Ca,
@@ -256,15 +259,25 @@ impl ControlPlane {
         .map(OsString::from)
         .collect();
         let logs = dir.join("logs");
-        let etcd = ServerProcess::spawn(
-            "etcd",
-            &binaries.etcd,
-            &etcd_args,
-            &logs.join("etcd.log"),
-            dir,
+        let etcd = Process::builder(ETCD, &binaries.etcd, logs.join("etcd.log"))
+            .args(&etcd_args)
+            .remove_when_orphaned(dir)
+            .spawn()?;
+        wait_ready(
+            (ETCD, &etcd),
+            &[],
+            Duration::from_millis(50),
+            deadline,
+            started,
+            move || async move {
+                match etcd_health(etcd_port).await {
+                    Ok(true) => Ok(()),
+                    Ok(false) => Err("GET /health did not report health true".to_owned()),
+                    Err(e) => Err(format!("GET /health: {e}")),
+                }
+            },
         )
         .await?;
-        wait_etcd_healthy(&etcd, etcd_port, deadline, started).await?;
 
         let pki = dir.join("pki");
         let mut api_args: Vec<String> = vec![
@@ -300,14 +313,14 @@ impl ControlPlane {
         ];
         api_args.extend(options.extra_apiserver_args.iter().cloned());
         let api_args: Vec<OsString> = api_args.into_iter().map(OsString::from).collect();
-        let apiserver = ServerProcess::spawn(
-            "kube-apiserver",
+        let apiserver = Process::builder(
+            KUBE_APISERVER,
             &binaries.kube_apiserver,
-            &api_args,
-            &logs.join("kube-apiserver.log"),
-            dir,
+            logs.join("kube-apiserver.log"),
         )
-        .await?;
+        .args(&api_args)
+        .remove_when_orphaned(dir)
+        .spawn()?;
 
         let server_url = format!("https://127.0.0.1:{api_port}");
         let cluster_url: http::Uri = server_url
@@ -320,7 +333,15 @@ impl ControlPlane {
         );
         let client =
             kube::Client::try_from(config).map_err(Error::kube("building the admin client"))?;
-        wait_apiserver_ready(&apiserver, &etcd, &client, deadline, started).await?;
+        wait_ready(
+            (KUBE_APISERVER, &apiserver),
+            &[(ETCD, &etcd)],
+            Duration::from_millis(200),
+            deadline,
+            started,
+            || apiserver_ready(&client),
+        )
+        .await?;
         let version = client
             .apiserver_version()
             .await
@@ -449,7 +470,7 @@ impl ControlPlane {
 
     /// kube-apiserver's log file.
     pub fn apiserver_log(&self) -> &Path {
-        self.apiserver.log()
+        self.apiserver.log_path()
     }
 
     /// The temp directory holding data, certificates, tokens, kubeconfigs and logs.
@@ -461,6 +482,24 @@ impl ControlPlane {
     pub fn is_running(&self) -> bool {
         self.apiserver.exit_status().is_none() && self.etcd.exit_status().is_none()
     }
+}
+
+/// Waits up to `timeout` until `client` may list Nodes: RBAC objects reach the API server's
+/// authorizer through a watch, so a grant takes effect a moment after it is created.
+pub async fn wait_until_nodes_listable(
+    client: kube::Client,
+    timeout: Duration,
+) -> Result<(), test_support::WaitError> {
+    let nodes: kube::Api<Node> = kube::Api::all(client);
+    let nodes = &nodes;
+    test_support::wait_for("RBAC to allow listing nodes", timeout, move || async move {
+        nodes
+            .list(&Default::default())
+            .await
+            .map(drop)
+            .map_err(|e| e.to_string())
+    })
+    .await
 }
 
 /// A name unique within this process and across processes, for objects in a shared control plane.
@@ -568,8 +607,8 @@ struct Failed {
 
 /// Both servers ready, before the [`ControlPlane`] owns them.
 struct Launched {
-    apiserver: ServerProcess,
-    etcd: ServerProcess,
+    apiserver: Process,
+    etcd: Process,
     server_url: String,
     cluster_url: http::Uri,
     files: StateFiles,
@@ -642,20 +681,10 @@ fn keep_logs(error: Error, state: Option<tempfile::TempDir>) -> Error {
 
 /// A fresh state directory, on tmpfs when `/dev/shm` is usable (etcd fsyncs a lot).
 fn state_dir() -> Result<tempfile::TempDir, Error> {
-    let builder = {
-        let mut b = tempfile::Builder::new();
-        b.prefix(STATE_DIR_PREFIX);
-        b
-    };
-    let shm = Path::new("/dev/shm");
-    if shm.is_dir()
-        && let Ok(dir) = builder.tempdir_in(shm)
-    {
-        return Ok(dir);
-    }
-    builder
-        .tempdir()
-        .map_err(Error::io("creating the control plane's temp dir"))
+    Ok(test_support::temp_dir(
+        STATE_DIR_PREFIX,
+        Location::PreferMemory,
+    )?)
 }
 
 struct StateFiles {
@@ -744,26 +773,36 @@ fn free_ports() -> Result<[u16; 3], Error> {
     Ok(ports)
 }
 
-async fn wait_etcd_healthy(
-    etcd: &ServerProcess,
-    port: u16,
+/// Waits until `probe` reports `server` ready, failing early when it or one of the servers it
+/// needs exits, and with [`Error::NotReady`] and the probe's last answer at `deadline`.
+async fn wait_ready<Fut: Future<Output = Result<(), String>>>(
+    (name, server): (&'static str, &Process),
+    needs: &[(&'static str, &Process)],
+    interval: Duration,
     deadline: Instant,
     started: Instant,
+    mut probe: impl FnMut() -> Fut,
 ) -> Result<(), Error> {
-    loop {
-        if let Some(status) = etcd.exit_status() {
-            return Err(etcd.exited_early(status));
-        }
-        let last = match etcd_health(port).await {
-            Ok(true) => return Ok(()),
-            Ok(false) => "GET /health did not report health true".to_owned(),
-            Err(e) => format!("GET /health: {e}"),
-        };
-        if Instant::now() >= deadline {
-            return Err(etcd.not_ready(started.elapsed(), last));
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let outcome = Wait::new(format!("{name} to be ready"), remaining(deadline))
+        .every(interval)
+        .until(|| {
+            let exited =
+                std::iter::once(&(name, server))
+                    .chain(needs)
+                    .find_map(|&(name, process)| {
+                        let status = process.exit_status()?;
+                        Some(exited_early(name, process, status))
+                    });
+            let ready = probe();
+            async move {
+                match exited {
+                    Some(error) => Ok(Err(error)),
+                    None => ready.await.map(Ok),
+                }
+            }
+        })
+        .await;
+    outcome.unwrap_or_else(|timeout| Err(not_ready(name, server, started.elapsed(), timeout.last)))
 }
 
 /// `GET /health` over plain HTTP/1.0; true when etcd answers 200 with `"health":"true"`.
@@ -785,33 +824,41 @@ async fn etcd_health(port: u16) -> std::io::Result<bool> {
         .unwrap_or_else(|_| Err(std::io::Error::other("timed out")))
 }
 
-async fn wait_apiserver_ready(
-    apiserver: &ServerProcess,
-    etcd: &ServerProcess,
-    client: &kube::Client,
-    deadline: Instant,
-    started: Instant,
-) -> Result<(), Error> {
-    loop {
-        if let Some(status) = apiserver.exit_status() {
-            return Err(apiserver.exited_early(status));
-        }
-        if let Some(status) = etcd.exit_status() {
-            return Err(etcd.exited_early(status));
-        }
-        let request = http::Request::get("/readyz")
-            .body(Vec::new())
-            .map_err(|e| Error::Config(format!("building the /readyz request: {e}")))?;
-        let probe = tokio::time::timeout(Duration::from_secs(5), client.request_text(request));
-        let last = match probe.await {
-            Ok(Ok(_)) => return Ok(()),
-            Ok(Err(e)) => format!("GET /readyz: {e}"),
-            Err(_) => "GET /readyz: timed out after 5s".to_owned(),
-        };
-        if Instant::now() >= deadline {
-            return Err(apiserver.not_ready(started.elapsed(), last));
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
+/// Whether kube-apiserver answers `GET /readyz` (within 5 s); the error says how it failed.
+async fn apiserver_ready(client: &kube::Client) -> Result<(), String> {
+    let request = http::Request::get("/readyz")
+        .body(Vec::new())
+        .map_err(|e| format!("building the /readyz request: {e}"))?;
+    match tokio::time::timeout(Duration::from_secs(5), client.request_text(request)).await {
+        Ok(Ok(_)) => Ok(()),
+        Ok(Err(e)) => Err(format!("GET /readyz: {e}")),
+        Err(_) => Err("GET /readyz: timed out after 5s".to_owned()),
+    }
+}
+
+/// The time left until `deadline`.
+fn remaining(deadline: Instant) -> Duration {
+    deadline.saturating_duration_since(Instant::now())
+}
+
+/// The error for a server that exited during start-up.
+fn exited_early(name: &'static str, server: &Process, status: std::process::ExitStatus) -> Error {
+    Error::ExitedEarly {
+        process: name,
+        status: status.to_string(),
+        log: server.log_path().to_path_buf(),
+        tail: server.log_tail(30),
+    }
+}
+
+/// The error for a server that did not become ready in `waited`.
+fn not_ready(name: &'static str, server: &Process, waited: Duration, last_check: String) -> Error {
+    Error::NotReady {
+        process: name,
+        waited,
+        last_check,
+        log: server.log_path().to_path_buf(),
+        tail: server.log_tail(30),
     }
 }
 
@@ -880,20 +927,5 @@ mod tests {
             user.impersonate_groups.as_deref(),
             Some(&["devs".to_owned(), "ops".to_owned()][..])
         );
-    }
-
-    #[test]
-    fn log_tail_and_process_alive() {
-        let dir = tempfile::tempdir().unwrap();
-        let log = dir.path().join("x.log");
-        let text: String = (1..=100).map(|i| format!("line {i}\n")).collect();
-        std::fs::write(&log, text).unwrap();
-        assert_eq!(process::log_tail(&log, 3), "line 98\nline 99\nline 100");
-        assert!(process::log_tail(&dir.path().join("missing"), 3).contains("cannot read"));
-        assert!(process_alive(std::process::id()));
-        let mut child = std::process::Command::new("true").spawn().unwrap();
-        let pid = child.id();
-        child.wait().unwrap();
-        assert!(!process_alive(pid));
     }
 }

@@ -16,22 +16,12 @@ use k8s_openapi::apimachinery::pkg::version::Info;
 use kube::api::{Api, PostParams};
 use test_control_plane::{
     BinaryPaths, ControlPlane, ENV_ETCD, ENV_KUBE_APISERVER, ENV_KUBEBUILDER_ASSETS, Error,
-    K8S_VERSION, UNPRIVILEGED_USER, process_alive, unique_name,
+    K8S_VERSION, UNPRIVILEGED_USER, unique_name, wait_until_nodes_listable,
 };
+use test_support::{process_alive, wait_for};
 
 /// Set in the child process of `children_die_with_a_killed_test_process`.
 const HELPER_ENV: &str = "CCM_TEST_CONTROL_PLANE_HOLDER";
-
-fn wait_until(timeout: Duration, mut done: impl FnMut() -> bool) -> bool {
-    let deadline = Instant::now() + timeout;
-    while Instant::now() < deadline {
-        if done() {
-            return true;
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    done()
-}
 
 fn node(name: &str) -> Node {
     Node {
@@ -172,10 +162,12 @@ async fn kubeconfig_file_and_identities_work() {
         )
         .await
         .unwrap();
-    let granted = wait_until_async(Duration::from_secs(10), || async {
-        as_user.list(&Default::default()).await.is_ok()
-    })
-    .await;
+    let granted = wait_until_nodes_listable(
+        cp.client_as(&user, &["tests:readers"]).unwrap(),
+        Duration::from_secs(10),
+    )
+    .await
+    .is_ok();
     assert!(granted, "RBAC grant to {user} took effect");
 
     // A kubeconfig file with impersonation behaves the same.
@@ -219,21 +211,6 @@ async fn client_certificates_from_the_ca_authenticate() {
     config.auth_info.client_key = Some(files.key.display().to_string());
     let nodes: Api<Node> = Api::all(kube::Client::try_from(config).unwrap());
     nodes.list(&Default::default()).await.unwrap();
-}
-
-async fn wait_until_async<F, Fut>(timeout: Duration, mut done: F) -> bool
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = bool>,
-{
-    let deadline = Instant::now() + timeout;
-    while Instant::now() < deadline {
-        if done().await {
-            return true;
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-    false
 }
 
 #[test]
@@ -363,8 +340,8 @@ async fn hold_control_plane_until_killed() {
     tokio::time::sleep(Duration::from_secs(300)).await;
 }
 
-#[test]
-fn children_die_with_a_killed_test_process() {
+#[tokio::test]
+async fn children_die_with_a_killed_test_process() {
     let mut holder = Command::new(std::env::current_exe().unwrap())
         .args([
             "--exact",
@@ -393,13 +370,33 @@ fn children_die_with_a_killed_test_process() {
     holder.wait().unwrap();
 
     assert!(
-        wait_until(Duration::from_secs(10), || !process_alive(etcd)
-            && !process_alive(apiserver)),
+        eventually("the servers to die", Duration::from_secs(10), || {
+            !process_alive(etcd) && !process_alive(apiserver)
+        })
+        .await,
         "servers {etcd}/{apiserver} survived their test process"
     );
     assert!(
-        wait_until(Duration::from_secs(5), || !dir.exists()),
+        eventually(
+            "the state directory to be removed",
+            Duration::from_secs(5),
+            || { !dir.exists() }
+        )
+        .await,
         "{} not removed after the test process died",
         dir.display()
     );
+}
+
+/// Whether `done` becomes true within `timeout`.
+async fn eventually(what: &str, timeout: Duration, done: impl Fn() -> bool) -> bool {
+    wait_for(what, timeout, || {
+        std::future::ready(if done() {
+            Ok(())
+        } else {
+            Err("not yet".to_owned())
+        })
+    })
+    .await
+    .is_ok()
 }

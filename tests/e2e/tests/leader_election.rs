@@ -7,11 +7,12 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::*;
-use e2e_tests::{Process, wait_for, write_inventory};
+use e2e_tests::write_inventory;
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::Node;
 use kube::api::Api;
 use test_control_plane::ControlPlane;
+use test_support::{Process, wait_for};
 
 const LEASE: Duration = Duration::from_secs(6);
 const RETRY: Duration = Duration::from_secs(1);

@@ -7,10 +7,11 @@ mod common;
 use std::time::Duration;
 
 use common::*;
-use e2e_tests::{ShimMtls, free_port, wait_for, write_inventory};
+use e2e_tests::write_inventory;
 use k8s_openapi::api::core::v1::Event;
 use k8s_openapi::api::core::v1::Node;
 use kube::api::{Api, ListParams};
+use test_support::{ShimMtls, free_port, wait_for};
 
 #[tokio::test]
 async fn local_shim_and_ccm_initialise_nodes_over_mtls() {

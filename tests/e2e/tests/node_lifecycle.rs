@@ -7,12 +7,12 @@ mod common;
 
 use std::time::Duration;
 
+use cloud_controller_manager::well_known::TAINT_SHUTDOWN;
 use common::*;
-use e2e_tests::{wait_for, write_inventory};
+use e2e_tests::write_inventory;
 use k8s_openapi::api::core::v1::{Event, Node, NodeCondition, NodeStatus};
 use kube::api::{Api, ListParams, PostParams};
-
-const SHUTDOWN_TAINT: &str = "node.cloudprovider.kubernetes.io/shutdown";
+use test_support::wait_for;
 
 fn has_taint(node: &Node, key: &str) -> bool {
     node.spec
@@ -86,7 +86,7 @@ async fn inventory_changes_drive_shutdown_taints_and_deletions() {
         let nodes = probe.clone();
         async move {
             let node = nodes.get("node-c").await.map_err(|e| e.to_string())?;
-            if has_taint(&node, SHUTDOWN_TAINT) {
+            if has_taint(&node, TAINT_SHUTDOWN) {
                 Ok(())
             } else {
                 Err("no shutdown taint yet".into())
@@ -97,7 +97,7 @@ async fn inventory_changes_drive_shutdown_taints_and_deletions() {
     .unwrap();
     assert!(!has_taint(
         &nodes.get("node-b").await.unwrap(),
-        SHUTDOWN_TAINT
+        TAINT_SHUTDOWN
     ));
 
     // node-b's machine is terminated and node-a's removed from the inventory.

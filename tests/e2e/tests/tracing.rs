@@ -10,7 +10,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use common::*;
-use e2e_tests::{wait_for, write_inventory};
+use e2e_tests::write_inventory;
 use k8s_openapi::api::core::v1::Node;
 use kube::api::Api;
 use opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::{
@@ -20,6 +20,7 @@ use opentelemetry_proto::tonic::collector::trace::v1::{
     ExportTraceServiceRequest, ExportTraceServiceResponse,
 };
 use opentelemetry_proto::tonic::common::v1::any_value::Value;
+use test_support::wait_for;
 
 /// A span as received, flattened with its service name.
 #[derive(Debug, Clone)]

@@ -5,10 +5,13 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use e2e_tests::{HarnessError, Process, initialised, kubelet_registered_node, wait_for};
+use cloud_controller_manager::well_known::TAINT_UNINITIALIZED;
 use k8s_openapi::api::core::v1::Node;
 use kube::api::{Api, PostParams};
-use test_control_plane::ControlPlane;
+use test_control_plane::{ControlPlane, wait_until_nodes_listable};
+use test_support::{
+    Location, Process, WaitError, initialised, kubelet_registered_node, temp_dir, wait_for,
+};
 
 /// The user the suites run the controller-manager as: the ServiceAccount of
 /// `deploy/kubernetes/rbac.yaml`, so that the controllers get exactly what that manifest grants.
@@ -48,7 +51,7 @@ machines:
 
 /// Creates a Node the way a kubelet with `--cloud-provider=external` registers it.
 pub async fn create_tainted_node(client: &kube::Client, name: &str) -> Node {
-    let node = kubelet_registered_node(name, Some(&format!("{name}-kubelet")));
+    let node = kubelet_registered_node(name, Some(&format!("{name}-kubelet")), TAINT_UNINITIALIZED);
     Api::<Node>::all(client.clone())
         .create(&PostParams::default(), &node)
         .await
@@ -58,14 +61,6 @@ pub async fn create_tainted_node(client: &kube::Client, name: &str) -> Node {
 /// Label map of a node.
 pub fn labels(node: &Node) -> BTreeMap<String, String> {
     node.metadata.labels.clone().unwrap_or_default()
-}
-
-/// Creates a temp dir for one test.
-pub fn tempdir() -> tempfile::TempDir {
-    tempfile::Builder::new()
-        .prefix("ccm-e2e-")
-        .tempdir()
-        .unwrap()
 }
 
 /// Path as an owned string argument.
@@ -79,7 +74,7 @@ pub async fn start_control_plane() -> (ControlPlane, kube::Client, tempfile::Tem
     let cp = ControlPlane::start().await.expect("control plane");
     let client = cp.client().unwrap();
     apply_rbac(&cp).await;
-    (cp, client, tempdir())
+    (cp, client, temp_dir("ccm-e2e-", Location::System).unwrap())
 }
 
 /// Applies `deploy/kubernetes/rbac.yaml` to `cp` with kubectl (as the admin), then waits until
@@ -101,20 +96,9 @@ pub async fn apply_rbac(cp: &ControlPlane) {
         String::from_utf8_lossy(&output.stdout),
         String::from_utf8_lossy(&output.stderr)
     );
-    let as_ccm: Api<Node> = Api::all(cp.client_as(CCM_USER, CCM_GROUPS).unwrap());
-    wait_for(
-        "rbac.yaml to let the controller-manager list nodes",
+    wait_until_nodes_listable(
+        cp.client_as(CCM_USER, CCM_GROUPS).unwrap(),
         Duration::from_secs(10),
-        || {
-            let as_ccm = as_ccm.clone();
-            async move {
-                as_ccm
-                    .list(&Default::default())
-                    .await
-                    .map(drop)
-                    .map_err(|e| e.to_string())
-            }
-        },
     )
     .await
     .unwrap();
@@ -125,10 +109,15 @@ pub async fn wait_initialised(
     nodes: &Api<Node>,
     name: &str,
     timeout: Duration,
-) -> Result<(), HarnessError> {
+) -> Result<(), WaitError> {
     wait_for(&format!("{name} to be initialised"), timeout, || {
         let nodes = nodes.clone();
-        async move { initialised(&nodes.get(name).await.map_err(|e| e.to_string())?) }
+        async move {
+            initialised(
+                &nodes.get(name).await.map_err(|e| e.to_string())?,
+                TAINT_UNINITIALIZED,
+            )
+        }
     })
     .await
 }
@@ -138,7 +127,7 @@ pub async fn wait_deleted(
     nodes: &Api<Node>,
     name: &str,
     timeout: Duration,
-) -> Result<(), HarnessError> {
+) -> Result<(), WaitError> {
     wait_for(&format!("{name} to be deleted"), timeout, || {
         let nodes = nodes.clone();
         async move {
@@ -165,7 +154,7 @@ pub fn spawn_local_shim(
     ];
     all.extend_from_slice(args);
     all.push("--metrics-bind-address=127.0.0.1:0".into());
-    Process::spawn("local-shim", "local-shim", &all, env, dir).unwrap()
+    spawn_binary("local-shim", "local-shim", &all, env, dir)
 }
 
 /// [`spawn_local_shim`] listening on the Unix socket `dir/shim.sock`, with `extra_args` after
@@ -195,7 +184,24 @@ pub fn spawn_ccm(
     let kubeconfig = cp.write_kubeconfig_as(CCM_USER, CCM_GROUPS).unwrap();
     let mut all = vec![format!("--kubeconfig={}", arg(&kubeconfig))];
     all.extend_from_slice(args);
-    Process::spawn("cloud-controller-manager", label, &all, env, dir).unwrap()
+    spawn_binary("cloud-controller-manager", label, &all, env, dir)
+}
+
+/// Spawns the workspace binary `binary` as `label` with `args` and `env`, logging to
+/// `<dir>/<label>.log`.
+fn spawn_binary(
+    binary: &str,
+    label: &str,
+    args: &[String],
+    env: &[(&str, String)],
+    dir: &Path,
+) -> Process {
+    Process::for_workspace_binary(binary, label, dir)
+        .unwrap()
+        .args(args)
+        .envs(env.iter().cloned())
+        .spawn()
+        .unwrap()
 }
 
 /// [`spawn_ccm`] with the provider at the Unix socket `socket` and the secure port off, then

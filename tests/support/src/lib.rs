@@ -1,0 +1,36 @@
+//! What the test harnesses of this workspace share, written once:
+//!
+//! * [`Process`] — a child process that cannot outlive the test process (an `sh` watchdog kills
+//!   it, and removes its directory, when the test process goes away however it ends);
+//! * [`wait_for`] / [`Wait`] — waiting for a condition with a deadline; a timeout is a
+//!   [`WaitError`] naming what was awaited and the last observation;
+//! * [`temp_dir`] — temp directories, on tmpfs where that matters;
+//! * [`workspace_binary`], [`free_port`], [`ShimMtls`], [`kubelet_registered_node`] and
+//!   [`initialised`] — running the `local` shim and the controller-manager against a control
+//!   plane, for the end-to-end suites, `bench` and `local-cluster`.
+//!
+//! It depends on no crate of the product or of the other harnesses, so that `test-control-plane`
+//! and the controller-manager's own tests can use it without a dependency cycle; where a
+//! well-known name of the product matters (the uninitialized taint), callers pass it from
+//! `cloud_controller_manager::well_known`.
+
+mod error;
+mod mtls;
+mod node;
+mod process;
+mod temp;
+mod wait;
+
+pub use error::Error;
+pub use mtls::ShimMtls;
+pub use node::{initialised, kubelet_registered_node};
+pub use process::{Process, ProcessBuilder, last_lines, process_alive, workspace_binary};
+pub use temp::{Location, temp_dir};
+pub use wait::{DEFAULT_INTERVAL, Wait, WaitError, wait_for};
+
+/// A free loopback TCP port (it may be taken again before it is used).
+pub fn free_port() -> std::io::Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
+}
