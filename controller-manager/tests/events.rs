@@ -240,13 +240,22 @@ async fn a_full_queue_drops_and_counts_events() {
 
     s.record(EventType::Normal, "Reason-first", "m");
     // The sink takes the first event and waits for the API server, which does not answer.
-    for _ in 0..500 {
-        if s.broadcaster.queued() == 0 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    assert_eq!(s.broadcaster.queued(), 0, "the sink holds the first event");
+    test_support::wait_for(
+        "the sink to take the first event",
+        Duration::from_secs(5),
+        || {
+            let queued = s.broadcaster.queued();
+            async move {
+                if queued == 0 {
+                    Ok(())
+                } else {
+                    Err(format!("{queued} queued"))
+                }
+            }
+        },
+    )
+    .await
+    .expect("the sink holds the first event");
     let extra = 7;
     for i in 0..MAX_QUEUED_EVENTS + extra {
         s.record(EventType::Normal, &format!("Reason-{i}"), "m");

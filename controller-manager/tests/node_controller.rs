@@ -1457,16 +1457,23 @@ async fn slow_provider_call_for_one_node_does_not_block_another() {
         async move { controller.sync_node(&slow).await }
     });
     // Let the slow call reach the provider first: without it the test would prove nothing.
-    let mut reached = false;
-    for _ in 0..200 {
-        reached = h.fake.call_log().iter().any(|c| c.subject == slow);
-        if reached {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    let reached = test_support::wait_for(
+        "the slow call to reach the fake",
+        Duration::from_secs(2),
+        || {
+            let reached = h.fake.call_log().iter().any(|c| c.subject == slow);
+            async move {
+                if reached {
+                    Ok(())
+                } else {
+                    Err("not yet".to_string())
+                }
+            }
+        },
+    )
+    .await;
     assert!(
-        reached,
+        reached.is_ok(),
         "the slow node's provider call never reached the fake"
     );
     controller.sync_node(&fast).await.unwrap();

@@ -100,18 +100,18 @@ async fn get_response(
 
 /// Polls `/readyz?verbose` until its status is `want`; returns the last response text.
 async fn readyz_until(addr: std::net::SocketAddr, ca: &Ca, want: u16) -> String {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
-    loop {
-        let (code, text) = get_response(addr, ca, "/readyz?verbose", None).await;
-        if code == want {
-            return text;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "/readyz did not turn {want} within 15 s; last answer:\n{text}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    test_support::Wait::new(format!("/readyz to answer {want}"), Duration::from_secs(15))
+        .every(Duration::from_millis(50))
+        .until(|| async move {
+            let (code, text) = get_response(addr, ca, "/readyz?verbose", None).await;
+            if code == want {
+                Ok(text)
+            } else {
+                Err(format!("{code}: {text}"))
+            }
+        })
+        .await
+        .expect("/readyz turns as expected")
 }
 
 #[tokio::test]
@@ -221,15 +221,19 @@ async fn metrics_need_an_authorized_token_and_health_paths_are_open() {
         )
         .await
         .unwrap();
-    let mut code = 0;
-    for _ in 0..50 {
-        tokio::time::sleep(Duration::from_millis(250)).await;
-        code = get(addr, &ca, "/metrics", Some(&unprivileged)).await;
-        if code == 200 {
-            break;
-        }
-    }
-    assert_eq!(code, 200, "RBAC grant not honoured");
+    let granted = test_support::Wait::new("the RBAC grant to be honoured", Duration::from_secs(12))
+        .every(Duration::from_millis(250))
+        .until(|| {
+            let (ca, token) = (&ca, &unprivileged);
+            async move {
+                match get(addr, ca, "/metrics", Some(token)).await {
+                    200 => Ok(()),
+                    code => Err(code.to_string()),
+                }
+            }
+        })
+        .await;
+    assert!(granted.is_ok(), "RBAC grant not honoured: {granted:?}");
     // Still not allowed elsewhere.
     assert_eq!(
         get(addr, &ca, "/debug/anything", Some(&unprivileged)).await,

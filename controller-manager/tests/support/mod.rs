@@ -144,13 +144,22 @@ impl NodeCache {
                     .is_some_and(|c| c.resource_version() == n.resource_version())
             })
         };
-        for _ in 0..500 {
-            if fresh() {
-                return;
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-        panic!("node cache did not catch up with the created nodes");
+        test_support::wait_for(
+            "the node cache to hold the created nodes",
+            Duration::from_secs(10),
+            || {
+                let caught_up = fresh();
+                async move {
+                    if caught_up {
+                        Ok(())
+                    } else {
+                        Err("an older version or none".to_string())
+                    }
+                }
+            },
+        )
+        .await
+        .expect("node cache catches up");
     }
 }
 
