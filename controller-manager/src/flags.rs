@@ -40,3 +40,11 @@ impl FlagError {
         }
     }
 }
+
+/// Refuses a zero duration for `flag` (periods and intervals).
+pub fn positive(flag: &'static str, value: Duration) -> Result<(), FlagError> {
+    if value.is_zero() {
+        return Err(FlagError::new(flag, "must be positive"));
+    }
+    Ok(())
+}

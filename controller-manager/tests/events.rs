@@ -238,12 +238,11 @@ async fn record_does_not_wait_for_the_api_server() {
 async fn a_full_queue_drops_and_counts_events() {
     let (cp, proxy, s) = unanswered("full-queue", BroadcasterOptions::default()).await;
 
-    s.record(EventType::Normal, "Reason-first", "m");
-    // The sink takes the first event and waits for the API server, which does not answer.
-    test_support::wait_for(
-        "the sink to take the first event",
-        Duration::from_secs(5),
-        || {
+    // The sink takes the first event and waits for the API server, which does not answer;
+    // it takes the second too, and holds it until the first one's write (same object) ends.
+    for first in ["Reason-first", "Reason-second"] {
+        s.record(EventType::Normal, first, "m");
+        test_support::wait_for("the sink to take the event", Duration::from_secs(5), || {
             let queued = s.broadcaster.queued();
             async move {
                 if queued == 0 {
@@ -252,10 +251,10 @@ async fn a_full_queue_drops_and_counts_events() {
                     Err(format!("{queued} queued"))
                 }
             }
-        },
-    )
-    .await
-    .expect("the sink holds the first event");
+        })
+        .await
+        .expect("the sink holds the event");
+    }
     let extra = 7;
     for i in 0..MAX_QUEUED_EVENTS + extra {
         s.record(EventType::Normal, &format!("Reason-{i}"), "m");

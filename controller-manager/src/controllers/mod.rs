@@ -15,7 +15,7 @@ mod selection;
 mod service_lb;
 
 pub use context::{ClusterSettings, ControllerContext, SharedNodes};
-pub use registry::{BuildError, Controller, Names, Registered, Runner, Stop};
+pub use registry::{BuildError, Controller, Names, Registered, Runner, Stop, serves_instances};
 pub use selection::{ControllerSelection, SelectionError};
 
 pub use node::{NodeController, SyncError};

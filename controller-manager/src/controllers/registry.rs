@@ -59,6 +59,12 @@ pub trait Controller: Sized + Send + 'static {
     fn run(self, stop: Stop) -> impl Future<Output = ()> + Send;
 }
 
+/// Whether the provider serves instance lookups (InstancesV2 or the legacy Instances), which
+/// the node controllers need.
+pub fn serves_instances(capabilities: &[Capability]) -> bool {
+    capabilities.contains(&Capability::InstancesV2) || capabilities.contains(&Capability::Instances)
+}
+
 /// A built controller's run: give it its stop signal and await it.
 pub type Runner = Box<dyn FnOnce(Stop) -> Pin<Box<dyn Future<Output = ()> + Send>> + Send>;
 

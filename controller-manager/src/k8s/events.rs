@@ -8,7 +8,8 @@
 //! ([`EventBroadcaster::dropped`]) and logged at warn, at most once per ten seconds.
 //!
 //! One sink task per [`EventBroadcaster`] takes the events in order and, as client-go's
-//! `EventCorrelator` does, before writing them:
+//! `EventCorrelator` does, before writing them (up to eight writes in flight, those about one
+//! object one after another):
 //! - counts identical events (same source, object, type, reason and message) in one Event, whose
 //!   `count`, `lastTimestamp` and `message` are patched;
 //! - combines similar events (same source, object, type and reason, another message) once
@@ -39,7 +40,7 @@ use k8s_openapi::jiff::Timestamp;
 use kube::api::{Patch, PatchParams, PostParams};
 use tokio::sync::mpsc::error::TrySendError;
 use tokio::sync::{mpsc, oneshot, watch};
-use tokio::task::JoinHandle;
+use tokio::task::{JoinHandle, JoinSet};
 use tracing::{debug, warn};
 
 use super::client::send_write;
@@ -682,7 +683,7 @@ impl EventCorrelator {
 // ------------------------------------------------------------------------------------------------
 
 /// Where events are written: the API server, or a fake in the unit tests.
-trait Sink: Send + Sync + 'static {
+trait Sink: Clone + Send + Sync + 'static {
     /// Creates `event`.
     fn create(&self, event: &Event) -> impl Future<Output = Result<(), kube::Error>> + Send;
     /// Applies `patch` to the Event named as `event`.
@@ -694,6 +695,7 @@ trait Sink: Send + Sync + 'static {
 }
 
 /// Writes events through the API client (and so under its rate limit).
+#[derive(Clone)]
 struct ApiSink {
     client: kube::Client,
 }
@@ -777,7 +779,36 @@ async fn attempt_write<S: Sink>(sink: &S, write: &Write) -> Result<(), kube::Err
     sink.create(&write.event).await
 }
 
-/// The sink task: takes queued events in order, correlates and writes them.
+/// Writes in flight at once. One writer in order (as client-go) cannot keep up with a burst
+/// such as a thousand nodes joining at once, and the bounded queue would then drop events; the
+/// writes of one object still happen one after another, in order.
+const MAX_WRITES_IN_FLIGHT: usize = 8;
+
+/// The object an event is about: writes about one object are never concurrent, so its
+/// deduplication state is always up to date when its next event is correlated.
+fn object_key(event: &Event) -> String {
+    let object = &event.involved_object;
+    format!(
+        "{}/{}/{}/{}",
+        text(object.kind.as_ref()),
+        text(object.namespace.as_ref()),
+        text(object.name.as_ref()),
+        text(object.uid.as_ref())
+    )
+}
+
+/// How a write ended.
+struct Written {
+    /// The object the event is about.
+    key: String,
+    /// The event as written, when the write succeeded.
+    written: Option<Event>,
+    /// Whether the broadcaster was shut down while the write waited to retry.
+    stopped: bool,
+}
+
+/// The sink task: takes queued events in order, correlates them, and writes them with at most
+/// [`MAX_WRITES_IN_FLIGHT`] writes in flight, one at a time per object.
 struct Worker<S> {
     sink: S,
     queue: mpsc::Receiver<Queued>,
@@ -790,6 +821,8 @@ struct Worker<S> {
 
 impl<S: Sink> Worker<S> {
     async fn run(mut self) {
+        let mut in_flight: JoinSet<Written> = JoinSet::new();
+        let mut busy: HashSet<String> = HashSet::new();
         loop {
             let next = if self.stopping {
                 self.queue.recv().await
@@ -805,19 +838,71 @@ impl<S: Sink> Worker<S> {
                 next
             };
             match next {
-                None => return,
+                None => {
+                    while self.finish_one(&mut in_flight, &mut busy).await {}
+                    return;
+                }
                 Some(Queued::Flush(done)) => {
+                    while self.finish_one(&mut in_flight, &mut busy).await {}
                     let _ = done.send(());
                 }
                 Some(Queued::Event(event)) => {
-                    if let Some(write) = self.correlator.correlate(*event, Timestamp::now()) {
-                        self.write(&write).await;
-                    } else {
-                        debug!("event skipped: too many events about this object");
+                    let key = object_key(&event);
+                    // The previous write about this object must have updated the caches.
+                    while busy.contains(&key) || in_flight.len() >= MAX_WRITES_IN_FLIGHT {
+                        self.finish_one(&mut in_flight, &mut busy).await;
                     }
+                    let Some(write) = self.correlator.correlate(*event, Timestamp::now()) else {
+                        debug!("event skipped: too many events about this object");
+                        continue;
+                    };
+                    busy.insert(key.clone());
+                    let sink = self.sink.clone();
+                    let mut stop = self.stop.clone();
+                    let (retry_interval, stopping) = (self.retry_interval, self.stopping);
+                    in_flight.spawn(async move {
+                        let outcome =
+                            write_with_retries(&sink, &write, retry_interval, &mut stop, stopping)
+                                .await;
+                        Written {
+                            key,
+                            written: outcome.written.then_some(write.event),
+                            stopped: outcome.stopped,
+                        }
+                    });
                 }
             }
         }
+    }
+
+    /// Waits for one write in flight and records its outcome; false when none was in flight.
+    async fn finish_one(
+        &mut self,
+        in_flight: &mut JoinSet<Written>,
+        busy: &mut HashSet<String>,
+    ) -> bool {
+        let Some(joined) = in_flight.join_next().await else {
+            return false;
+        };
+        match joined {
+            Ok(done) => {
+                busy.remove(&done.key);
+                if let Some(event) = &done.written {
+                    self.correlator.update_state(event);
+                }
+                if done.stopped && !self.stopping {
+                    self.begin_stopping();
+                }
+            }
+            // A write task panicked: its object stays marked busy only until the set is empty.
+            Err(err) => {
+                warn!(error = %err, "event write task failed");
+                if in_flight.is_empty() {
+                    busy.clear();
+                }
+            }
+        }
+        true
     }
 
     /// Closes the queue; what it holds is still handed out.
@@ -826,56 +911,94 @@ impl<S: Sink> Worker<S> {
         self.queue.close();
     }
 
-    /// Writes one correlated event, retrying transient failures.
+    /// Writes one correlated event, retrying transient failures, and records it.
+    #[cfg(test)]
     async fn write(&mut self, write: &Write) {
-        let event = &write.event;
-        let object = event.involved_object.name.as_deref().unwrap_or_default();
-        let reason = event.reason.as_deref().unwrap_or_default();
-        for attempt in 1..=MAX_TRIES_PER_EVENT {
-            let err = match attempt_write(&self.sink, write).await {
-                Ok(()) => {
-                    self.correlator.update_state(event);
-                    return;
-                }
-                Err(err) => err,
-            };
-            match retry_policy(&err) {
-                Retry::Never { expected: true } => {
-                    debug!(object, reason, error = %err, "server rejected event (will not retry)");
-                    return;
-                }
-                Retry::Never { expected: false } => {
-                    warn!(object, reason, error = %err, "server rejected event (will not retry)");
-                    return;
-                }
-                Retry::Later => {}
-            }
-            if attempt == MAX_TRIES_PER_EVENT {
-                warn!(object, reason, error = %err, attempts = attempt, "unable to write event (retry limit exceeded)");
-                return;
-            }
-            if self.stopping {
-                warn!(object, reason, error = %err, "unable to write event (event broadcaster is shut down)");
-                return;
-            }
-            debug!(object, reason, error = %err, attempt, "unable to write event (will retry)");
-            let delay = retry_delay(attempt, self.retry_interval, rand::random());
-            // A zero pause (the jitter can draw one) need not wait for the timer.
-            let stopped = if delay.is_zero() {
-                *self.stop.borrow()
-            } else {
-                tokio::select! {
-                    () = tokio::time::sleep(delay) => false,
-                    _ = self.stop.wait_for(|stop| *stop) => true,
-                }
-            };
-            if stopped {
-                self.begin_stopping();
-                warn!(object, reason, error = %err, "unable to write event (event broadcaster is shut down)");
-                return;
-            }
+        let outcome = write_with_retries(
+            &self.sink,
+            write,
+            self.retry_interval,
+            &mut self.stop,
+            self.stopping,
+        )
+        .await;
+        if outcome.written {
+            self.correlator.update_state(&write.event);
+        }
+        if outcome.stopped {
+            self.begin_stopping();
         }
     }
+}
+
+/// How [`write_with_retries`] ended.
+struct Outcome {
+    /// The event was written.
+    written: bool,
+    /// The broadcaster was shut down while waiting to retry.
+    stopped: bool,
+}
+
+/// Writes one correlated event, retrying transient failures up to [`MAX_TRIES_PER_EVENT`]
+/// times; once `stopping`, a failure is not retried.
+async fn write_with_retries<S: Sink>(
+    sink: &S,
+    write: &Write,
+    retry_interval: Duration,
+    stop: &mut watch::Receiver<bool>,
+    stopping: bool,
+) -> Outcome {
+    let event = &write.event;
+    let object = event.involved_object.name.as_deref().unwrap_or_default();
+    let reason = event.reason.as_deref().unwrap_or_default();
+    let done = |written| Outcome {
+        written,
+        stopped: false,
+    };
+    for attempt in 1..=MAX_TRIES_PER_EVENT {
+        let err = match attempt_write(sink, write).await {
+            Ok(()) => return done(true),
+            Err(err) => err,
+        };
+        match retry_policy(&err) {
+            Retry::Never { expected: true } => {
+                debug!(object, reason, error = %err, "server rejected event (will not retry)");
+                return done(false);
+            }
+            Retry::Never { expected: false } => {
+                warn!(object, reason, error = %err, "server rejected event (will not retry)");
+                return done(false);
+            }
+            Retry::Later => {}
+        }
+        if attempt == MAX_TRIES_PER_EVENT {
+            warn!(object, reason, error = %err, attempts = attempt, "unable to write event (retry limit exceeded)");
+            return done(false);
+        }
+        if stopping {
+            warn!(object, reason, error = %err, "unable to write event (event broadcaster is shut down)");
+            return done(false);
+        }
+        debug!(object, reason, error = %err, attempt, "unable to write event (will retry)");
+        let delay = retry_delay(attempt, retry_interval, rand::random());
+        // A zero pause (the jitter can draw one) need not wait for the timer.
+        let stopped = if delay.is_zero() {
+            *stop.borrow()
+        } else {
+            tokio::select! {
+                () = tokio::time::sleep(delay) => false,
+                _ = stop.wait_for(|stop| *stop) => true,
+            }
+        };
+        if stopped {
+            warn!(object, reason, error = %err, "unable to write event (event broadcaster is shut down)");
+            return Outcome {
+                written: false,
+                stopped: true,
+            };
+        }
+    }
+    done(false)
 }
 
 #[cfg(test)]
@@ -1279,6 +1402,8 @@ mod tests {
         calls: Arc<Mutex<Vec<Call>>>,
         fail: Option<Failure>,
         open: watch::Receiver<bool>,
+        /// Calls begun, answered or not.
+        started: Arc<AtomicU64>,
     }
 
     impl FakeSink {
@@ -1287,6 +1412,7 @@ mod tests {
                 calls: Arc::default(),
                 fail: None,
                 open: watch::channel(true).1,
+                started: Arc::default(),
             }
         }
 
@@ -1316,6 +1442,7 @@ mod tests {
         }
 
         async fn answer(&self, call: Call) -> Result<(), kube::Error> {
+            self.started.fetch_add(1, Ordering::SeqCst);
             let _ = self.open.clone().wait_for(|open| *open).await;
             let seen = {
                 let mut calls = self.calls.lock().unwrap();
@@ -1377,6 +1504,69 @@ mod tests {
             stopping: false,
         };
         (worker, stop)
+    }
+
+    /// Waits (bounded) until `sink` has begun `n` calls.
+    async fn begun(sink: &FakeSink, n: u64) {
+        for _ in 0..200 {
+            if sink.started.load(Ordering::SeqCst) >= n {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        panic!("only {} calls begun", sink.started.load(Ordering::SeqCst));
+    }
+
+    #[tokio::test]
+    async fn writes_about_different_objects_overlap_up_to_the_limit() {
+        let (sink, resume) = FakeSink::paused();
+        let (broadcaster, recorder) = start(&sink, "overlap", &quick());
+        let objects = MAX_WRITES_IN_FLIGHT + 2;
+        for i in 0..objects {
+            recorder.record(
+                &pod_ref(&format!("uid-{i}"), None),
+                EventType::Normal,
+                "Started",
+                "m",
+            );
+        }
+        begun(&sink, u64::try_from(MAX_WRITES_IN_FLIGHT).unwrap()).await;
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert_eq!(
+            sink.started.load(Ordering::SeqCst),
+            u64::try_from(MAX_WRITES_IN_FLIGHT).unwrap(),
+            "no more than the limit in flight"
+        );
+        resume.send_replace(true);
+        broadcaster.flush().await;
+        assert_eq!(sink.calls().len(), objects);
+    }
+
+    #[tokio::test]
+    async fn writes_about_one_object_stay_in_order_one_at_a_time() {
+        let (sink, resume) = FakeSink::paused();
+        let (broadcaster, recorder) = start(&sink, "in-order", &quick());
+        let object = pod_ref("uid-1", None);
+        for reason in ["First", "Second", "Third"] {
+            recorder.record(&object, EventType::Normal, reason, "m");
+        }
+        begun(&sink, 1).await;
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert_eq!(
+            sink.started.load(Ordering::SeqCst),
+            1,
+            "one write per object"
+        );
+        resume.send_replace(true);
+        broadcaster.flush().await;
+        let reasons: Vec<String> = sink
+            .calls()
+            .into_iter()
+            .map(|call| match call {
+                Call::Create(event) | Call::Patch(event, _) => event.reason.unwrap_or_default(),
+            })
+            .collect();
+        assert_eq!(reasons, ["First", "Second", "Third"]);
     }
 
     fn write_of(event: Event) -> Write {

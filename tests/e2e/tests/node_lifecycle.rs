@@ -127,8 +127,29 @@ async fn inventory_changes_drive_shutdown_taints_and_deletions() {
         .await
         .unwrap();
 
+    // Events are written off the reconcile path: the second may land just after its deletion.
     let events: Api<Event> = Api::namespaced(client.clone(), "default");
-    let list = events.list(&ListParams::default()).await.unwrap();
+    let list = test_support::wait_for("two DeletingNode events", Duration::from_secs(10), || {
+        let events = events.clone();
+        async move {
+            let list = events
+                .list(&ListParams::default())
+                .await
+                .map_err(|e| e.to_string())?;
+            let count = list
+                .items
+                .iter()
+                .filter(|e| e.reason.as_deref() == Some("DeletingNode"))
+                .count();
+            if count >= 2 {
+                Ok(list)
+            } else {
+                Err(format!("{count} so far"))
+            }
+        }
+    })
+    .await
+    .unwrap();
     let deleting: Vec<_> = list
         .items
         .iter()

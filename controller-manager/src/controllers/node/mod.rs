@@ -29,7 +29,7 @@ use cpi_proto::v1::Capability;
 
 use super::{BuildError, Controller, ControllerContext, Names, Stop};
 use crate::cloud::{Cloud, LookupError, NodeMetadata};
-use crate::flags::{FlagError, parse_duration};
+use crate::flags::{FlagError, parse_duration, positive};
 use crate::k8s::well_known::{
     ANNOTATION_PROVIDED_NODE_IP, CONDITION_INITIALIZATION_FAILED, LABEL_INSTANCE_TYPE,
     LABEL_INSTANCE_TYPE_BETA, LABEL_REGION, LABEL_REGION_BETA, LABEL_ZONE, LABEL_ZONE_BETA,
@@ -108,18 +108,14 @@ impl Controller for CloudNodeController {
                 "concurrent-node-syncs must be a positive number",
             ));
         }
-        if flags.node_status_update_frequency.is_zero() {
-            return Err(FlagError::new(
-                "--node-status-update-frequency",
-                "must be positive",
-            ));
-        }
-        Ok(())
+        positive(
+            "--node-status-update-frequency",
+            flags.node_status_update_frequency,
+        )
     }
 
     fn supported_by(capabilities: &[Capability]) -> bool {
-        capabilities.contains(&Capability::InstancesV2)
-            || capabilities.contains(&Capability::Instances)
+        super::serves_instances(capabilities)
     }
 
     fn build(

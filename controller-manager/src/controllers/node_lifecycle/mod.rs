@@ -26,7 +26,7 @@ use tracing::{Instrument, debug, info, info_span, warn};
 
 use super::{BuildError, Controller, ControllerContext, Names, Stop};
 use crate::cloud::{Cloud, InstanceExistence};
-use crate::flags::{FlagError, parse_duration};
+use crate::flags::{FlagError, parse_duration, positive};
 use crate::k8s::well_known::TAINT_SHUTDOWN;
 use crate::k8s::{self, CachedNode, EventType, Recorder};
 
@@ -138,9 +138,7 @@ impl Controller for NodeLifecycleController {
     type Flags = Flags;
 
     fn validate(flags: &Flags) -> Result<(), FlagError> {
-        if flags.node_monitor_period.is_zero() {
-            return Err(FlagError::new("--node-monitor-period", "must be positive"));
-        }
+        positive("--node-monitor-period", flags.node_monitor_period)?;
         if !(0.0..=100.0).contains(&flags.node_deletion_budget_percent) {
             return Err(FlagError::new(
                 "--node-deletion-budget-percent",
@@ -157,8 +155,7 @@ impl Controller for NodeLifecycleController {
     }
 
     fn supported_by(capabilities: &[Capability]) -> bool {
-        capabilities.contains(&Capability::InstancesV2)
-            || capabilities.contains(&Capability::Instances)
+        super::serves_instances(capabilities)
     }
 
     fn build(

@@ -7,7 +7,7 @@ use cpi_proto::v1::Capability;
 use prometheus_client::registry::Registry;
 
 use super::{BuildError, Controller, ControllerContext, Names, Stop};
-use crate::flags::{FlagError, parse_duration};
+use crate::flags::{FlagError, parse_duration, positive};
 
 /// Flags of the route controller.
 #[derive(Debug, Clone, clap::Args)]
@@ -32,13 +32,10 @@ impl Controller for RouteController {
     type Flags = Flags;
 
     fn validate(flags: &Flags) -> Result<(), FlagError> {
-        if flags.route_reconciliation_period.is_zero() {
-            return Err(FlagError::new(
-                "--route-reconciliation-period",
-                "must be positive",
-            ));
-        }
-        Ok(())
+        positive(
+            "--route-reconciliation-period",
+            flags.route_reconciliation_period,
+        )
     }
 
     fn supported_by(capabilities: &[Capability]) -> bool {
