@@ -8,7 +8,7 @@
 //! ([`EventBroadcaster::dropped`]) and logged at warn, at most once per ten seconds.
 //!
 //! One sink task per [`EventBroadcaster`] takes the events in order and, as client-go's
-//! `EventCorrelator` does, before writing them (up to eight writes in flight, those about one
+//! `EventCorrelator` does, before writing them (up to 32 writes in flight, those about one
 //! object one after another):
 //! - counts identical events (same source, object, type, reason and message) in one Event, whose
 //!   `count`, `lastTimestamp` and `message` are patched;
@@ -29,7 +29,7 @@
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::future::Future;
-use std::hash::Hash;
+use std::hash::{Hash, Hasher};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
@@ -383,27 +383,39 @@ fn unique_name_suffix(now: Timestamp) -> u64 {
 // Correlation (client-go `events_cache.go`): pure, with `now` passed in
 // ------------------------------------------------------------------------------------------------
 
-/// A map that forgets its least recently used key beyond `capacity` keys.
+/// A 64-bit digest of a cache key. The caches keep digests, not the keys' strings: a key is
+/// up to a dozen strings, and thousands of them (one per node of a large cluster) would cost
+/// megabytes; two keys of one cache colliding among a few thousand is a 2^-40 event.
+fn digest(key: &impl Hash) -> u64 {
+    let mut hasher = std::hash::DefaultHasher::new();
+    key.hash(&mut hasher);
+    hasher.finish()
+}
+
+/// A map that forgets its least recently used key beyond `capacity` keys (by key digest).
 struct Lru<K, V> {
     capacity: usize,
     clock: u64,
-    entries: HashMap<K, (u64, V)>,
-    /// Keys by last use, oldest first.
-    order: BTreeMap<u64, K>,
+    entries: HashMap<u64, (u64, V)>,
+    /// Key digests by last use, oldest first.
+    order: BTreeMap<u64, u64>,
+    keys: std::marker::PhantomData<fn(&K)>,
 }
 
-impl<K: Clone + Eq + Hash, V> Lru<K, V> {
+impl<K: Hash, V> Lru<K, V> {
     fn new(capacity: usize) -> Self {
         Self {
             capacity: capacity.max(1),
             clock: 0,
             entries: HashMap::new(),
             order: BTreeMap::new(),
+            keys: std::marker::PhantomData,
         }
     }
 
     /// The value of `key`, inserted with `make` when absent; either way now the most recent.
     fn get_or_insert_with(&mut self, key: K, make: impl FnOnce() -> V) -> &mut V {
+        let key = digest(&key);
         self.clock += 1;
         let stamp = self.clock;
         if let Some((used, _)) = self.entries.get(&key) {
@@ -416,7 +428,7 @@ impl<K: Clone + Eq + Hash, V> Lru<K, V> {
                 self.entries.remove(&oldest);
             }
         }
-        self.order.insert(stamp, key.clone());
+        self.order.insert(stamp, key);
         let entry = self.entries.entry(key).or_insert_with(|| (stamp, make()));
         entry.0 = stamp;
         &mut entry.1
@@ -501,9 +513,9 @@ impl ObservationKey {
     }
 }
 
-/// Distinct messages of similar events seen recently.
+/// Distinct messages (their digests) of similar events seen recently.
 struct AggregateRecord {
-    messages: HashSet<String>,
+    messages: HashSet<u64>,
     last: Timestamp,
 }
 
@@ -611,14 +623,14 @@ impl EventCorrelator {
             record.messages.clear();
         }
         record.last = now;
-        record.messages.insert(message.clone());
+        record.messages.insert(digest(&message));
         if record.messages.len() < AGGREGATE_MAX_EVENTS {
             let key = ObservationKey::of(&event);
             return (event, key);
         }
         // Keep the set below the threshold so every further new message is combined too.
         // (client-go drops an arbitrary message; dropping this one keeps the outcome stable.)
-        record.messages.remove(&message);
+        record.messages.remove(&digest(&message));
         let nanos = u64::try_from(now.as_nanosecond()).unwrap_or(0);
         let combined = Event {
             metadata: ObjectMeta {
@@ -782,7 +794,7 @@ async fn attempt_write<S: Sink>(sink: &S, write: &Write) -> Result<(), kube::Err
 /// Writes in flight at once. One writer in order (as client-go) cannot keep up with a burst
 /// such as a thousand nodes joining at once, and the bounded queue would then drop events; the
 /// writes of one object still happen one after another, in order.
-const MAX_WRITES_IN_FLIGHT: usize = 8;
+const MAX_WRITES_IN_FLIGHT: usize = 32;
 
 /// The object an event is about: writes about one object are never concurrent, so its
 /// deduplication state is always up to date when its next event is correlated.
