@@ -167,7 +167,7 @@ pub async fn run(
                 health.clone(),
                 registry.clone(),
                 Some(Arc::new(Authorizer::new(
-                    clients.control.clone(),
+                    clients.reviews.clone(),
                     options.authorization_always_allow_paths.clone(),
                 ))),
             ),
@@ -214,7 +214,7 @@ pub async fn run(
     }
     let lease_name = options.leader_elect_resource_name.clone();
     let mut elector = LeaderElector::new(
-        clients.control,
+        clients.leader_election,
         LeaseConfig {
             namespace: options.leader_elect_resource_namespace.clone(),
             name: lease_name.clone(),

@@ -4,9 +4,10 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
-use cloud_controller_manager::serve::{self, Authorizer};
+use cloud_controller_manager::serve::{self, Authorizer, MAX_REVIEWS_IN_FLIGHT};
 use cloud_controller_manager::{
     Cloud, CloudMetrics, ConnectSettings, Health, ProviderEndpoint, Scope,
 };
@@ -234,9 +235,76 @@ async fn metrics_need_an_authorized_token_and_health_paths_are_open() {
         })
         .await;
     assert!(granted.is_ok(), "RBAC grant not honoured: {granted:?}");
-    // Still not allowed elsewhere.
+    // Nothing is served elsewhere; an unknown path is answered 404 without a review (a
+    // review per probed path would let anyone load the API server).
     assert_eq!(
         get(addr, &ca, "/debug/anything", Some(&unprivileged)).await,
-        403
+        404
+    );
+}
+
+/// An admin client that counts the requests it sends.
+fn counting_client(cp: &ControlPlane) -> (kube::Client, Arc<AtomicUsize>) {
+    let sent = Arc::new(AtomicUsize::new(0));
+    let counter = sent.clone();
+    let client = kube::client::ClientBuilder::try_from(cp.kube_config())
+        .unwrap()
+        .with_layer(&tower::util::MapRequestLayer::new(
+            move |request: http::Request<kube::client::Body>| {
+                counter.fetch_add(1, Ordering::SeqCst);
+                request
+            },
+        ))
+        .build();
+    (client, sent)
+}
+
+#[tokio::test]
+async fn unknown_paths_are_not_reviewed() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let cp = ControlPlane::shared().await.expect("shared control plane");
+    let (client, reviews) = counting_client(cp);
+    let dir = tempfile::tempdir().unwrap();
+    let (addr, ca) = secure_port(client, dir.path()).await;
+    for i in 0..20 {
+        let path = format!("/no-such-path-{i}");
+        assert_eq!(get(addr, &ca, &path, None).await, 404, "{path}");
+        let token = format!("random-token-{i}");
+        assert_eq!(get(addr, &ca, &path, Some(&token)).await, 404, "{path}");
+    }
+    assert_eq!(
+        reviews.load(Ordering::SeqCst),
+        0,
+        "requests for unknown paths must cause no TokenReview or SubjectAccessReview"
+    );
+    // A routed path is still reviewed.
+    assert_eq!(get(addr, &ca, "/metrics", Some("random-token")).await, 401);
+    assert!(reviews.load(Ordering::SeqCst) >= 1);
+}
+
+#[tokio::test]
+async fn reviews_in_flight_are_capped() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let cp = ControlPlane::shared().await.expect("shared control plane");
+    let dir = tempfile::tempdir().unwrap();
+    let (addr, ca) = secure_port(cp.client().unwrap(), dir.path()).await;
+    let ca = Arc::new(ca);
+    let requests = 4 * MAX_REVIEWS_IN_FLIGHT;
+    let mut answers = tokio::task::JoinSet::new();
+    for i in 0..requests {
+        let ca = ca.clone();
+        answers.spawn(async move { get(addr, &ca, "/metrics", Some(&format!("flood-{i}"))).await });
+    }
+    let mut codes = Vec::new();
+    while let Some(code) = answers.join_next().await {
+        codes.push(code.unwrap());
+    }
+    assert!(
+        codes.iter().all(|c| *c == 401 || *c == 429),
+        "only refusals expected: {codes:?}"
+    );
+    assert!(
+        codes.contains(&429),
+        "{requests} concurrent reviews must hit the cap of {MAX_REVIEWS_IN_FLIGHT}: {codes:?}"
     );
 }

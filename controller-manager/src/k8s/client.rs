@@ -40,6 +40,9 @@ pub enum ClientError {
     /// The client stack could not be built (TLS or auth settings).
     #[error("building the API client: {0}")]
     Build(#[from] kube::Error),
+    /// The kubeconfig's credential plugin failed.
+    #[error("building the API client: {0}")]
+    Credentials(#[from] CredentialPluginError),
 }
 
 /// Loads the API-server configuration from `kubeconfig`/`master` (upstream `--kubeconfig`,
@@ -66,14 +69,16 @@ pub async fn load_config(kubeconfig: &str, master: &str) -> Result<kube::Config,
     Ok(config)
 }
 
-/// The manager's API clients: both over one connection, each with its own token bucket.
+/// The manager's API clients: all over one connection, each with its own token bucket.
 pub struct Clients {
     /// For the controllers.
     pub controllers: kube::Client,
-    /// For leader election and the secure port's token and access reviews: as upstream's
-    /// separate leader-election client, lease renewals never queue behind a burst of
-    /// controller writes (which could cost the lease).
-    pub control: kube::Client,
+    /// For leader election: as upstream's separate leader-election client, lease renewals
+    /// never queue behind a burst of controller writes (which could cost the lease).
+    pub leader_election: kube::Client,
+    /// For the secure port's token and access reviews: whoever reaches the port can cause
+    /// them, so they must not queue lease renewals or controller writes either.
+    pub reviews: kube::Client,
 }
 
 /// Builds the rate-limited, instrumented API clients. Unlike kube's default stack (HTTP/1.1,
@@ -112,7 +117,14 @@ pub fn build_clients(
     let client = |hyper_client| -> Result<kube::Client, ClientError> {
         let service = ServiceBuilder::new()
             .layer(config.base_uri_layer())
-            .option_layer(config.auth_layer()?)
+            .map_err(redact_credential_errors)
+            .option_layer(config.auth_layer().map_err(|err| match err {
+                kube::Error::Auth(auth) => match redacted(auth) {
+                    Ok(plugin) => ClientError::Credentials(plugin),
+                    Err(auth) => ClientError::Build(kube::Error::Auth(auth)),
+                },
+                other => ClientError::Build(other),
+            })?)
             .layer(config.extra_headers_layer()?)
             .map_err(tower::BoxError::from)
             .service(hyper_client);
@@ -125,8 +137,53 @@ pub fn build_clients(
     };
     Ok(Clients {
         controllers: client(hyper_client.clone())?,
-        control: client(hyper_client)?,
+        leader_election: client(hyper_client.clone())?,
+        reviews: client(hyper_client)?,
     })
+}
+
+/// A kubeconfig credential plugin (`exec`) that failed. Only its exit status is kept: kube's
+/// own error carries the plugin's command line and its whole output, which may hold the very
+/// credentials it was asked for, and would end up in logs and events.
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "the kubeconfig's credential plugin failed ({what}); its command line and output are not shown because they may hold credentials"
+)]
+pub struct CredentialPluginError {
+    /// What went wrong, without the plugin's words.
+    what: String,
+}
+
+/// Replaces kube's credential-plugin errors with [`CredentialPluginError`] (the plugin runs
+/// again whenever its token expires); other errors pass.
+fn redact_credential_errors(err: tower::BoxError) -> tower::BoxError {
+    match err.downcast::<kube::client::AuthError>() {
+        Ok(auth) => match redacted(*auth) {
+            Ok(plugin) => Box::new(plugin),
+            Err(auth) => Box::new(auth),
+        },
+        Err(other) => other,
+    }
+}
+
+/// The redacted form of a credential-plugin error; any other auth error is handed back.
+fn redacted(
+    auth: kube::client::AuthError,
+) -> Result<CredentialPluginError, kube::client::AuthError> {
+    use kube::client::AuthError;
+    let what = match &auth {
+        AuthError::AuthExecRun { out, .. } => match out.status.code() {
+            Some(code) => format!("exit status {code}"),
+            None => "killed by a signal".to_string(),
+        },
+        AuthError::AuthExecStart(io) => format!("could not be started: {}", io.kind()),
+        AuthError::AuthExecParse(_) => "its output is not an ExecCredential".to_string(),
+        AuthError::AuthExec(_) | AuthError::AuthExecSerialize(_) | AuthError::MissingCommand => {
+            "exec authentication failed".to_string()
+        }
+        _ => return Err(auth),
+    };
+    Ok(CredentialPluginError { what })
 }
 
 /// Labels of `rest_client_requests_total` (client-go's names).

@@ -4,6 +4,11 @@
 //! path and verb; members of `system:masters` and the always-allowed paths
 //! (`/healthz`, `/readyz`, `/livez` by default) skip the review. Requests without a token are
 //! `system:anonymous`. Answers are cached for [`CACHE_TTL`] so scrapes do not load the API server.
+//!
+//! The port is reachable by anyone who reaches the node, so reviews are bounded: at most
+//! [`MAX_REVIEWS_IN_FLIGHT`] requests are being reviewed at once (beyond that the answer is 429
+//! at once), and the reviews go through a client of their own whose rate limit is not the one
+//! lease renewals use, so a flood of requests cannot cost the leader its lease.
 
 use std::collections::HashMap;
 use std::collections::hash_map::RandomState;
@@ -21,6 +26,12 @@ use tracing::{debug, warn};
 /// How long review answers are reused (upstream's webhook cache TTLs are 10 s).
 pub const CACHE_TTL: Duration = Duration::from_secs(10);
 
+/// Requests reviewed at once; more are answered 429 without a review.
+pub const MAX_REVIEWS_IN_FLIGHT: usize = 8;
+
+/// Cached review answers kept at most (per cache); beyond that the oldest are dropped first.
+const MAX_CACHED_ANSWERS: usize = 1024;
+
 /// The outcome of checking one request.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Decision {
@@ -32,6 +43,8 @@ pub enum Decision {
     Forbidden(String),
     /// A review could not be made (HTTP 500); never treated as allowed.
     Error(String),
+    /// Too many requests are being reviewed (HTTP 429); try again later.
+    Busy,
 }
 
 /// Checks secure-port requests against the API server.
@@ -41,11 +54,9 @@ pub struct Authorizer {
     hasher: RandomState,
     ttl: Duration,
     users: Mutex<HashMap<u64, (Option<UserInfo>, Instant)>>,
-    decisions: Mutex<HashMap<DecisionKey, (bool, Instant)>>,
+    decisions: Mutex<HashMap<u64, (bool, Instant)>>,
+    in_flight: tokio::sync::Semaphore,
 }
-
-/// (user name, path, verb) of a cached authorisation decision.
-type DecisionKey = (String, String, String);
 
 impl Authorizer {
     /// An authoriser reviewing through `client`; `always_allow` paths are served to anyone.
@@ -57,6 +68,7 @@ impl Authorizer {
             ttl: CACHE_TTL,
             users: Mutex::default(),
             decisions: Mutex::default(),
+            in_flight: tokio::sync::Semaphore::new(MAX_REVIEWS_IN_FLIGHT),
         }
     }
 
@@ -71,6 +83,9 @@ impl Authorizer {
         if self.always_allow.iter().any(|p| p == path) {
             return Decision::Allow;
         }
+        let Ok(_permit) = self.in_flight.try_acquire() else {
+            return Decision::Busy;
+        };
         let user = match authorization.and_then(|h| h.strip_prefix("Bearer ")) {
             Some(token) => match self.authenticate(token.trim()).await {
                 Ok(Some(user)) => user,
@@ -122,10 +137,7 @@ impl Authorizer {
         if user.is_none() {
             debug!(error = ?status.error, "bearer token rejected by TokenReview");
         }
-        let mut users = locked(&self.users);
-        users.retain(|_, (_, at)| at.elapsed() < self.ttl);
-        users.insert(key, (user.clone(), Instant::now()));
-        drop(users);
+        remember(&self.users, key, user.clone(), self.ttl);
         Ok(user)
     }
 
@@ -135,8 +147,15 @@ impl Authorizer {
         path: &str,
         verb: &str,
     ) -> Result<bool, kube::Error> {
-        let name = user.username.clone().unwrap_or_default();
-        let key = (name, path.to_string(), verb.to_string());
+        // The whole identity is the key: two users of one name may differ in groups or extra.
+        let key = self.hasher.hash_one((
+            &user.username,
+            &user.uid,
+            &user.groups,
+            user.extra.as_ref().map(|e| e.iter().collect::<Vec<_>>()),
+            path,
+            verb,
+        ));
         if let Some((allowed, at)) = locked(&self.decisions).get(&key)
             && at.elapsed() < self.ttl
         {
@@ -161,10 +180,7 @@ impl Authorizer {
             .await
             .inspect_err(|err| warn!(error = %err, "SubjectAccessReview failed"))?;
         let allowed = reviewed.status.is_some_and(|s| s.allowed);
-        let mut decisions = locked(&self.decisions);
-        decisions.retain(|_, (_, at)| at.elapsed() < self.ttl);
-        decisions.insert(key, (allowed, Instant::now()));
-        drop(decisions);
+        remember(&self.decisions, key, allowed, self.ttl);
         Ok(allowed)
     }
 }
@@ -175,4 +191,52 @@ fn locked<T>(cache: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     cache
         .lock()
         .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// Caches `value` under `key`, dropping expired answers, and the oldest ones beyond
+/// [`MAX_CACHED_ANSWERS`] (random tokens must not grow the cache without bound).
+fn remember<V>(cache: &Mutex<HashMap<u64, (V, Instant)>>, key: u64, value: V, ttl: Duration) {
+    let mut cache = locked(cache);
+    cache.retain(|_, (_, at)| at.elapsed() < ttl);
+    while cache.len() >= MAX_CACHED_ANSWERS {
+        let Some(oldest) = cache.iter().min_by_key(|(_, (_, at))| *at).map(|(k, _)| *k) else {
+            break;
+        };
+        cache.remove(&oldest);
+    }
+    cache.insert(key, (value, Instant::now()));
+}
+
+/// The SubjectAccessReview verb of an HTTP method (upstream's request-info mapping for
+/// non-resource requests: GET and HEAD are `get`).
+pub fn verb_of(method: &http::Method) -> String {
+    match *method {
+        http::Method::GET | http::Method::HEAD => "get".into(),
+        http::Method::POST => "create".into(),
+        http::Method::PUT => "update".into(),
+        http::Method::PATCH => "patch".into(),
+        http::Method::DELETE => "delete".into(),
+        ref other => other.as_str().to_ascii_lowercase(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn head_is_reviewed_as_get() {
+        assert_eq!(verb_of(&http::Method::HEAD), "get");
+        assert_eq!(verb_of(&http::Method::GET), "get");
+        assert_eq!(verb_of(&http::Method::POST), "create");
+    }
+
+    #[test]
+    fn the_answer_cache_is_bounded() {
+        let cache = Mutex::new(HashMap::new());
+        for key in 0..(MAX_CACHED_ANSWERS as u64 + 10) {
+            remember(&cache, key, true, Duration::from_secs(60));
+        }
+        assert_eq!(locked(&cache).len(), MAX_CACHED_ANSWERS);
+    }
 }

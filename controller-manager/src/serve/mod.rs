@@ -16,7 +16,7 @@ use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use tokio::net::TcpListener;
 use tokio_rustls::TlsAcceptor;
-use tracing::{debug, info};
+use tracing::{debug, info, warn};
 
 use prometheus_client::registry::Registry;
 
@@ -25,7 +25,7 @@ use crate::health::{Health, Scope};
 mod auth;
 
 use auth::Decision;
-pub use auth::{Authorizer, CACHE_TTL};
+pub use auth::{Authorizer, CACHE_TTL, MAX_REVIEWS_IN_FLIGHT};
 
 /// Failure to start serving.
 #[derive(Debug, thiserror::Error)]
@@ -136,9 +136,11 @@ pub fn router(
             }),
         )
         .with_state(state);
+    // `route_layer`: only requests for these routes are reviewed; any other path is a 404
+    // without a review, so probing random paths costs the API server nothing.
     match authorizer {
         Some(authorizer) => {
-            router.layer(axum::middleware::from_fn_with_state(authorizer, authorize))
+            router.route_layer(axum::middleware::from_fn_with_state(authorizer, authorize))
         }
         None => router,
     }
@@ -164,7 +166,7 @@ async fn authorize(
         .headers()
         .get(axum::http::header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok());
-    let verb = request.method().as_str().to_ascii_lowercase();
+    let verb = auth::verb_of(request.method());
     match authorizer.check(request.uri().path(), &verb, header).await {
         Decision::Allow => next.run(request).await,
         Decision::Unauthenticated => (StatusCode::UNAUTHORIZED, "Unauthorized\n").into_response(),
@@ -172,8 +174,16 @@ async fn authorize(
             (StatusCode::FORBIDDEN, format!("forbidden: {why}\n")).into_response()
         }
         Decision::Error(why) => {
-            (StatusCode::INTERNAL_SERVER_ERROR, format!("{why}\n")).into_response()
+            // The reason is logged, not shown: the caller may be anyone on the network.
+            warn!(error = %why, "secure port: could not review a request");
+            (StatusCode::INTERNAL_SERVER_ERROR, "Internal Server Error\n").into_response()
         }
+        Decision::Busy => (
+            StatusCode::TOO_MANY_REQUESTS,
+            [(axum::http::header::RETRY_AFTER, "1")],
+            "Too many requests\n",
+        )
+            .into_response(),
     }
 }
 
