@@ -242,7 +242,14 @@ pub async fn run(
         () = &mut shutdown => Ok(()),
     };
     metrics.set_leading(&lease_name, false);
-    running.stop().await;
+    if result.is_ok() {
+        running.stop().await;
+    } else {
+        // Deposed: another replica may already act; nothing more of ours may run, not even
+        // for a graceful stop. (The fence stays: a call already on its way carries this
+        // term's, which the shim refuses once the successor has spoken.)
+        running.abort().await;
+    }
     events.shutdown().await;
     if result.is_ok() {
         elector.release().await;
@@ -322,6 +329,12 @@ impl Running {
                 break;
             }
         }
+    }
+
+    /// Aborts every controller at once and waits for the aborts to land.
+    pub async fn abort(mut self) {
+        self.tasks.abort_all();
+        while self.tasks.join_next().await.is_some() {}
     }
 
     fn stopper(&mut self) -> Stop {

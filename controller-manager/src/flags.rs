@@ -3,22 +3,36 @@
 
 use std::time::Duration;
 
-/// A duration flag value that does not parse.
+/// A duration flag value that does not parse, or is absurdly long.
 #[derive(Debug, thiserror::Error)]
-#[error("invalid duration {value:?}: {source}")]
-pub struct DurationError {
-    /// The value given.
-    value: String,
-    /// Why it does not parse.
-    source: humantime::DurationError,
+pub enum DurationError {
+    /// Not a duration.
+    #[error("invalid duration {value:?}: {source}")]
+    Invalid {
+        /// The value given.
+        value: String,
+        /// Why it does not parse.
+        source: humantime::DurationError,
+    },
+    /// Longer than [`MAX_DURATION`]: no period or timeout of the manager is, and adding such
+    /// a duration to the clock would overflow.
+    #[error("duration {0:?} is longer than a year")]
+    TooLong(String),
 }
+
+/// The longest duration any flag accepts.
+pub const MAX_DURATION: Duration = Duration::from_secs(365 * 24 * 3600);
 
 /// Parses a Go-style duration (`15s`, `5m0s`, `1h30m`) as accepted by upstream flags.
 pub fn parse_duration(value: &str) -> Result<Duration, DurationError> {
-    humantime::parse_duration(value).map_err(|source| DurationError {
+    let parsed = humantime::parse_duration(value).map_err(|source| DurationError::Invalid {
         value: value.to_string(),
         source,
-    })
+    })?;
+    if parsed > MAX_DURATION {
+        return Err(DurationError::TooLong(value.to_string()));
+    }
+    Ok(parsed)
 }
 
 /// A flag value that is out of range or inconsistent with another.

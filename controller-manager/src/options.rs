@@ -165,8 +165,15 @@ impl GenericOptions {
                 return Err(invalid("--leader-elect-retry-period", "must be positive"));
             }
         }
-        if self.kube_api_qps.is_nan() || self.kube_api_qps <= 0.0 {
-            return Err(invalid("--kube-api-qps", "must be positive"));
+        // Below one request per 100 s the client would wait minutes for its first token.
+        if !(0.01..=1e6).contains(&self.kube_api_qps) {
+            return Err(invalid(
+                "--kube-api-qps",
+                "must be between 0.01 and 1000000",
+            ));
+        }
+        if self.kube_api_burst == 0 {
+            return Err(invalid("--kube-api-burst", "must be at least 1"));
         }
         if self.tls_cert_file.is_some() != self.tls_private_key_file.is_some() {
             return Err(invalid(

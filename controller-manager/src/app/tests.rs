@@ -208,3 +208,28 @@ fn plain_http_endpoint_is_refused() {
     let err = o.validate().unwrap_err();
     assert!(err.to_string().contains("https://"), "{err}");
 }
+
+#[test]
+fn kube_api_qps_is_bounded() {
+    for bad in [
+        "--kube-api-qps=0",
+        "--kube-api-qps=0.0000001",
+        "--kube-api-qps=NaN",
+    ] {
+        let err = parse(&[bad]).unwrap().validate().unwrap_err();
+        assert!(err.to_string().contains("--kube-api-qps"), "{bad}: {err}");
+    }
+    let err = parse(&["--kube-api-burst=0"])
+        .unwrap()
+        .validate()
+        .unwrap_err();
+    assert!(err.to_string().contains("--kube-api-burst"), "{err}");
+}
+
+#[test]
+fn absurd_durations_are_refused() {
+    let err = parse(&["--node-monitor-period=100000000000000y"]).unwrap_err();
+    assert!(err.to_string().contains("--node-monitor-period"), "{err}");
+    let err = parse(&["--leader-elect-lease-duration=400days"]).unwrap_err();
+    assert!(err.to_string().contains("longer than a year"), "{err}");
+}

@@ -253,7 +253,13 @@ impl TokenBucket {
             self.tokens -= 1.0;
             Ok(())
         } else {
-            Err(Duration::from_secs_f64((1.0 - self.tokens) / self.qps))
+            // Never more than an hour: a finite wait even for a tiny or broken rate.
+            let wait = (1.0 - self.tokens) / self.qps;
+            Err(
+                Duration::try_from_secs_f64(wait).map_or(Duration::from_secs(3600), |wait| {
+                    wait.min(Duration::from_secs(3600))
+                }),
+            )
         }
     }
 }
@@ -411,6 +417,14 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_tiny_rate_waits_at_most_an_hour() {
+        let start = Instant::now();
+        let mut bucket = TokenBucket::new(1e-30, 1, start);
+        assert!(bucket.try_take(start).is_ok());
+        assert_eq!(bucket.try_take(start), Err(Duration::from_secs(3600)));
+    }
 
     #[test]
     fn burst_then_qps() {

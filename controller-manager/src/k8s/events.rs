@@ -47,6 +47,8 @@ use super::client::send_write;
 
 /// Events queued before [`Recorder::record`] drops new ones (client-go `maxQueuedEvents`).
 pub const MAX_QUEUED_EVENTS: usize = 1000;
+/// Longest Event message written (the `events.k8s.io` note limit); longer ones are cut.
+pub const MAX_MESSAGE_BYTES: usize = 1024;
 /// Attempts to write one event before giving up on it (client-go `maxTriesPerEvent`).
 pub const MAX_TRIES_PER_EVENT: u32 = 12;
 /// Pause between two attempts of a failed write; the first is jittered (client-go
@@ -273,11 +275,13 @@ impl Recorder {
     /// change the outcome of a reconcile, so nothing here waits for the API server or fails.
     pub fn record(&self, object: &ObjectReference, type_: EventType, reason: &str, message: &str) {
         let now = Timestamp::now();
+        // Messages often carry a provider's or the API server's error text, of any length.
+        let message = super::truncated(message.to_string(), MAX_MESSAGE_BYTES);
         let event = new_event(
             object,
             type_,
             reason,
-            message,
+            &message,
             (&self.component, &self.shared.instance),
             now,
             unique_name_suffix(now),

@@ -7,6 +7,20 @@ pub mod events;
 mod informer;
 pub mod well_known;
 
+/// `text` cut to at most `max` bytes on a character boundary, marked when cut: error texts
+/// from a provider or the API server are unbounded, the objects we write them into are not.
+pub fn truncated(mut text: String, max: usize) -> String {
+    if text.len() > max {
+        let mut end = max.saturating_sub(3);
+        while !text.is_char_boundary(end) {
+            end -= 1;
+        }
+        text.truncate(end);
+        text.push_str("...");
+    }
+    text
+}
+
 pub use cached_node::{CachedNode, Labels};
 pub use client::{ClientError, ClientMetrics, build_clients, load_config, nodes, send_write};
 pub use events::{EventBroadcaster, EventType, Recorder};

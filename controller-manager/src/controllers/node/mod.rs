@@ -393,7 +393,7 @@ impl NodeController {
     async fn mark_initialization_failed(&self, node: &CachedNode, err: &SyncError) {
         let name = node.name_any();
         let reason = err.reason();
-        let message = truncated(err.to_string(), MAX_CONDITION_MESSAGE);
+        let message = k8s::truncated(err.to_string(), MAX_CONDITION_MESSAGE);
         let existing = node
             .conditions()
             .iter()
@@ -688,19 +688,6 @@ pub fn backoff(attempts: u32) -> Duration {
     Duration::from_millis(5)
         .saturating_mul(1u32 << exp)
         .min(Duration::from_secs(1000))
-}
-
-/// `text` cut to at most `max` bytes on a character boundary, marked when cut.
-fn truncated(mut text: String, max: usize) -> String {
-    if text.len() > max {
-        let mut end = max.saturating_sub(3);
-        while !text.is_char_boundary(end) {
-            end -= 1;
-        }
-        text.truncate(end);
-        text.push_str("...");
-    }
-    text
 }
 
 fn jittered(base: Duration) -> Duration {

@@ -3,6 +3,7 @@
 #![allow(clippy::unwrap_used)]
 
 use super::*;
+use crate::k8s::truncated;
 use k8s_openapi::api::core::v1::{NodeSpec, NodeStatus, Taint};
 
 fn addr(kind: &str, address: &str) -> NodeAddress {

@@ -117,6 +117,8 @@ impl Hold {
 #[derive(Debug, Default)]
 pub struct DeletionState {
     not_found: HashMap<String, u32>,
+    /// Why each node's existence was last inconclusive (until the provider answers again).
+    suppressed: HashMap<String, &'static str>,
     recent: VecDeque<Instant>,
     budget_exhausted: bool,
     exhaustion_reported: bool,
@@ -126,6 +128,19 @@ impl DeletionState {
     /// Forgets the counts of nodes no longer in the cache.
     pub fn retain_nodes(&mut self, live_uids: &HashSet<String>) {
         self.not_found.retain(|uid, _| live_uids.contains(uid));
+        self.suppressed.retain(|uid, _| live_uids.contains(uid));
+    }
+
+    /// Records that the provider could not say whether the node's instance exists, for
+    /// `reason`; true when that is news (the first pass so, or another reason than last time),
+    /// so the Warning is emitted on a change, not on every pass.
+    pub fn inconclusive(&mut self, uid: &str, reason: &'static str) -> bool {
+        self.suppressed.insert(uid.to_string(), reason) != Some(reason)
+    }
+
+    /// Records that the provider answered conclusively (the instance exists, or is gone).
+    pub fn conclusive(&mut self, uid: &str) {
+        self.suppressed.remove(uid);
     }
 
     /// Forgets the NOT_FOUND count of a node whose instance was not reported gone.

@@ -264,10 +264,12 @@ impl NodeLifecycleController {
             FirstLook::AskExistence => {}
         }
         let existence = self.cloud.instance_exists(node).await;
-        if existence != InstanceExistence::NotFound
-            && let Some(uid) = node.uid()
-        {
+        let uid = node.uid().unwrap_or_default();
+        if existence != InstanceExistence::NotFound {
             state.not_gone(&uid);
+        }
+        if !matches!(existence, InstanceExistence::Unknown(_)) {
+            state.conclusive(&uid);
         }
         match existence {
             InstanceExistence::NotFound => {
@@ -295,7 +297,11 @@ impl NodeLifecycleController {
                 let reason = why.reason();
                 self.metrics.count_suppressed(reason);
                 // A NotReady node whose instance cannot be checked is exactly the case where
-                // deleting would be wrong; say so on the node (aggregated by the recorder).
+                // deleting would be wrong; say so on the node, once per change of reason (a
+                // Warning every pass while the shim is down would be a write per node per pass).
+                if !state.inconclusive(&uid, reason) {
+                    return Ok(());
+                }
                 self.recorder
                     .record(
                         &node.object_ref(&()),

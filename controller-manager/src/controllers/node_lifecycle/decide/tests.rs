@@ -235,6 +235,30 @@ fn budget_allows_a_fraction_per_window_and_at_least_one() {
 }
 
 #[test]
+fn an_inconclusive_answer_is_news_once_per_reason() {
+    let mut state = DeletionState::default();
+    assert!(state.inconclusive("uid-0", "UNAVAILABLE"));
+    assert!(
+        !state.inconclusive("uid-0", "UNAVAILABLE"),
+        "not again every pass"
+    );
+    assert!(
+        state.inconclusive("uid-0", "UNKNOWN"),
+        "a new reason is news"
+    );
+    state.conclusive("uid-0");
+    assert!(
+        state.inconclusive("uid-0", "UNKNOWN"),
+        "news again after an answer"
+    );
+    state.retain_nodes(&HashSet::new());
+    assert!(
+        state.inconclusive("uid-0", "UNKNOWN"),
+        "a forgotten node starts afresh"
+    );
+}
+
+#[test]
 fn hold_reasons_are_the_metric_labels() {
     assert_eq!(Hold::GracePeriod.reason(), "grace_period");
     assert_eq!(Hold::Confirming.reason(), "confirming");
