@@ -310,3 +310,60 @@ async fn reviews_in_flight_are_capped() {
         "{requests} concurrent reviews must hit the cap of {MAX_REVIEWS_IN_FLIGHT}: {codes:?}"
     );
 }
+
+/// A kubelet probe's budget: `timeoutSeconds: 1`.
+const PROBE_TIMEOUT: Duration = Duration::from_secs(1);
+
+#[tokio::test]
+async fn livez_answers_while_idle_and_slow_clients_hold_connections() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let dir = tempfile::tempdir().unwrap();
+    let health = Health::default();
+    health.add("ping", Scope::Live, Arc::new(|| Ok(())));
+    let (addr, ca) = serve_health(health, None, dir.path()).await;
+
+    // 1024 connections that never say a word (no TLS handshake)...
+    let mut idle = Vec::new();
+    for _ in 0..1024 {
+        idle.push(tokio::net::TcpStream::connect(addr).await.unwrap());
+    }
+    // ...and one that completes TLS, then sends its request headers a byte at a time.
+    let mut roots = rustls::RootCertStore::empty();
+    roots
+        .add(rustls::pki_types::CertificateDer::from(
+            ca.cert_der().to_vec(),
+        ))
+        .unwrap();
+    let config = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
+    let slow = tokio::spawn(async move {
+        let tcp = tokio::net::TcpStream::connect(addr).await.ok()?;
+        let mut tls = connector
+            .connect(ServerName::try_from("localhost").ok()?, tcp)
+            .await
+            .ok()?;
+        for byte in b"GET /livez HTTP/1.1\r\nHost: localhost\r\nX-Slow: " {
+            tls.write_all(&[*byte]).await.ok()?;
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        Some(())
+    });
+
+    // A probe still gets its answer in time.
+    let started = tokio::time::Instant::now();
+    let code = tokio::time::timeout(PROBE_TIMEOUT, get(addr, &ca, "/livez", None))
+        .await
+        .unwrap_or_else(|_| {
+            panic!("/livez did not answer within {PROBE_TIMEOUT:?} with 1024 idle connections open")
+        });
+    assert_eq!(code, 200);
+    eprintln!("/livez answered in {:?}", started.elapsed());
+    slow.abort();
+    drop(idle);
+}

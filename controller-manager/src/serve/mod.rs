@@ -254,6 +254,9 @@ pub async fn bind(
     Ok((local, accept_loop(listener, acceptor, router)))
 }
 
+/// How long a client may take to send a request's headers.
+pub const HEADER_READ_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
 /// Serves HTTP/1.1 on every TLS connection of the transport crate's bounded accept loop.
 async fn accept_loop(listener: TcpListener, acceptor: TlsAcceptor, router: Router) {
     let config = acceptor.config().clone();
@@ -263,6 +266,11 @@ async fn accept_loop(listener: TcpListener, acceptor: TlsAcceptor, router: Route
         let service = TowerToHyperService::new(router.clone());
         tokio::spawn(async move {
             if let Err(err) = hyper::server::conn::http1::Builder::new()
+                // A client that does not finish its request headers (or, on a kept-alive
+                // connection, does not send the next request) within this time is dropped:
+                // slow or idle clients must not hold connections a kubelet probe needs.
+                .timer(hyper_util::rt::TokioTimer::new())
+                .header_read_timeout(HEADER_READ_TIMEOUT)
                 .serve_connection(TokioIo::new(tls), service)
                 .await
             {
