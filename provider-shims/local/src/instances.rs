@@ -7,7 +7,8 @@
 //!
 //! Absent and `terminated` machines are authoritatively not found (the inventory is the cloud);
 //! `shutdown` machines exist. A call asking for strong consistency re-reads the file first, and
-//! if the file is broken right then, existence is UNKNOWN and other calls fail retryably.
+//! if the file is broken or refused right then, existence is UNKNOWN and other calls fail
+//! retryably.
 
 use std::sync::Arc;
 
@@ -63,7 +64,7 @@ impl LocalProvider {
         }
         self.inventory.fresh().await.map_err(|err| {
             CpiError::Cloud(format!(
-                "cannot give a fresh answer, the inventory file is broken: {err}"
+                "cannot give a fresh answer, the inventory file is not being served: {err}"
             ))
         })
     }
@@ -344,6 +345,7 @@ impl shim_framework::Zones for LocalProvider {
 #[allow(clippy::unwrap_used, clippy::expect_used)]
 mod tests {
     use super::*;
+    use crate::shrink::ShrinkPolicy;
     use cpi_proto::v1::ObjectMeta;
     use shim_framework::{Instances, InstancesV2, Zones};
 
@@ -364,7 +366,7 @@ machines:
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("inv.yaml");
         std::fs::write(&path, INVENTORY).unwrap();
-        let handle = InventoryHandle::load(&path).unwrap();
+        let handle = InventoryHandle::load(&path, ShrinkPolicy::default()).unwrap();
         (dir, LocalProvider::new(handle, None))
     }
 

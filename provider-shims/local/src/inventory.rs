@@ -3,13 +3,28 @@
 //! The inventory is authoritative: a machine absent from it (or `terminated`) does not exist.
 //! That is why validation is strict (unknown fields, duplicate names or IDs, malformed addresses
 //! are all errors): a typo must never read as "this machine is gone".
+//!
+//! The file is operator-edited and re-read while the shim runs, so reading and parsing are
+//! bounded: at most [`MAX_INVENTORY_BYTES`] are read, YAML anchors and aliases are refused before
+//! anything is expanded (an alias bomb is a few kilobytes that expand to gigabytes), and the
+//! parser's budget caps events, nodes, depth and documents in proportion to that size.
 
 use std::collections::{BTreeMap, HashMap};
+use std::io::Read as _;
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 
 use cpi_proto::v1::{Existence, NodeAddress, NodeAddressType, PowerState};
 use serde::Deserialize;
+
+/// Largest inventory file accepted: far above any real inventory (a machine takes a few hundred
+/// bytes, so this is over ten thousand machines), small enough that a runaway file cannot
+/// exhaust the shim's memory.
+pub const MAX_INVENTORY_BYTES: u64 = 4 * 1024 * 1024;
+
+/// Deepest nesting an inventory needs is 5 (document, machines, machine, addresses, address);
+/// anything much deeper is not an inventory.
+const MAX_YAML_DEPTH: usize = 16;
 
 /// Why an inventory could not be loaded; names the file, and the machine and field when known.
 #[derive(Debug, thiserror::Error)]
@@ -22,13 +37,71 @@ pub enum InventoryError {
         /// Why.
         error: std::io::Error,
     },
-    /// The file is not a YAML inventory (syntax, unknown field, wrong type).
+    /// The file is larger than [`MAX_INVENTORY_BYTES`].
+    #[error(
+        "reading inventory {}: the file has {size} bytes, more than the {limit} an inventory may have",
+        .path.display()
+    )]
+    TooLarge {
+        /// The file.
+        path: PathBuf,
+        /// Its size in bytes (at least `limit + 1` when it grew while being read).
+        size: u64,
+        /// The cap, [`MAX_INVENTORY_BYTES`].
+        limit: u64,
+    },
+    /// The file is not a YAML inventory (syntax, unknown field, wrong type, over budget).
     #[error("parsing inventory {}: {error}", .path.display())]
     Parse {
         /// The file.
         path: PathBuf,
-        /// Where and why.
-        error: serde_yaml::Error,
+        /// Where and why (boxed: the parser's error is large, and errors travel in Results).
+        error: Box<serde_saphyr::Error>,
+    },
+    /// The file uses a YAML anchor (`&name`), alias (`*name`) or merge key (`<<`).
+    #[error(
+        "parsing inventory {}: line {line}, column {column}: YAML anchors and aliases (&name, \
+         *name, << merges) are not allowed in an inventory; write each value out",
+        .path.display()
+    )]
+    Alias {
+        /// The file.
+        path: PathBuf,
+        /// Line of the first anchor or alias (1-based; 0 when unknown).
+        line: u64,
+        /// Its column (1-based; 0 when unknown).
+        column: u64,
+    },
+    /// The file lists no machines and `--allow-empty-inventory` is not set.
+    #[error(
+        "inventory {}: lists no machines ({existing} existing machines served until now); \
+         refused, as every node's instance would read as gone (--allow-empty-inventory allows it)",
+        .path.display()
+    )]
+    Empty {
+        /// The file.
+        path: PathBuf,
+        /// Existing machines of the inventory being served (0 at start-up).
+        existing: usize,
+    },
+    /// A reload would remove more of the served machines than `--inventory-max-drop-percent`.
+    #[error(
+        "inventory {}: the new content removes {removed} of the {existing} machines being served \
+         ({listed} listed), more than --inventory-max-drop-percent={max_drop_percent}; refused, \
+         the last good inventory is still served",
+        .path.display()
+    )]
+    Shrink {
+        /// The file.
+        path: PathBuf,
+        /// Existing machines of the inventory being served.
+        existing: usize,
+        /// How many of them the new content lacks.
+        removed: usize,
+        /// Machines the new content lists.
+        listed: usize,
+        /// The limit, in percent.
+        max_drop_percent: u8,
     },
     /// A machine entry is invalid.
     #[error("inventory {}: machine {machine}: {field}: {message}", .path.display())]
@@ -166,13 +239,37 @@ pub struct Inventory {
 }
 
 impl Inventory {
+    /// Reads the inventory file at `path`, at most [`MAX_INVENTORY_BYTES`] of it.
+    pub fn read(path: &Path) -> Result<String, InventoryError> {
+        let read_error = |error| InventoryError::Read {
+            path: path.to_path_buf(),
+            error,
+        };
+        let too_large = |size| InventoryError::TooLarge {
+            path: path.to_path_buf(),
+            size,
+            limit: MAX_INVENTORY_BYTES,
+        };
+        let file = std::fs::File::open(path).map_err(read_error)?;
+        let size = file.metadata().map_err(read_error)?.len();
+        if size > MAX_INVENTORY_BYTES {
+            return Err(too_large(size));
+        }
+        // The file may grow between the size check and the read: never read past the cap.
+        let mut text = String::new();
+        let read = file
+            .take(MAX_INVENTORY_BYTES + 1)
+            .read_to_string(&mut text)
+            .map_err(read_error)?;
+        if read as u64 > MAX_INVENTORY_BYTES {
+            return Err(too_large(read as u64));
+        }
+        Ok(text)
+    }
+
     /// Parses and validates inventory text; `path` is only used in errors.
     pub fn parse(path: &Path, text: &str) -> Result<Self, InventoryError> {
-        let raw: RawInventory =
-            serde_yaml::from_str(text).map_err(|error| InventoryError::Parse {
-                path: path.to_path_buf(),
-                error,
-            })?;
+        let raw = parse_yaml(path, text)?;
         let region = non_empty(raw.region);
         let mut inventory = Self {
             region: region.clone(),
@@ -232,6 +329,59 @@ impl Inventory {
             .get(instance_id)
             .map(|&i| &self.machines[i])
     }
+}
+
+/// Deserialises the file format within a budget proportional to [`MAX_INVENTORY_BYTES`], with
+/// anchors and aliases refused before any is expanded.
+fn parse_yaml(path: &Path, text: &str) -> Result<RawInventory, InventoryError> {
+    let parse_error = |error| InventoryError::Parse {
+        path: path.to_path_buf(),
+        error: Box::new(error),
+    };
+    if text.len() as u64 > MAX_INVENTORY_BYTES {
+        return Err(InventoryError::TooLarge {
+            path: path.to_path_buf(),
+            size: text.len() as u64,
+            limit: MAX_INVENTORY_BYTES,
+        });
+    }
+    // Without aliases, events, nodes and scalar bytes number at most about one per input byte
+    // (the densest, `{a,b,…}`, is two scalars per two bytes), so twice the size cap bounds them
+    // without refusing any file under the cap.
+    let bound = usize::try_from(MAX_INVENTORY_BYTES)
+        .unwrap_or(usize::MAX)
+        .saturating_mul(2);
+    let mut budget = serde_saphyr::Budget::default();
+    budget.max_events = bound;
+    budget.max_nodes = bound;
+    budget.max_total_scalar_bytes = bound;
+    budget.max_depth = MAX_YAML_DEPTH;
+    budget.max_documents = 1;
+    budget.max_aliases = 0;
+    budget.max_anchors = 0;
+    budget.max_merge_keys = 0;
+    budget.max_inclusion_depth = 0;
+    let mut options = serde_saphyr::Options::default();
+    options.budget = Some(budget);
+    // One-line errors: they end up in log lines and in answers' detail strings.
+    options.with_snippet = false;
+    serde_saphyr::from_str_with_options(text, options).map_err(|error| match &error {
+        serde_saphyr::Error::Budget {
+            breach:
+                serde_saphyr::budget::BudgetBreach::Aliases { .. }
+                | serde_saphyr::budget::BudgetBreach::Anchors { .. }
+                | serde_saphyr::budget::BudgetBreach::MergeKeys { .. },
+            ..
+        } => {
+            let at = error.location();
+            InventoryError::Alias {
+                path: path.to_path_buf(),
+                line: at.map_or(0, |at| at.line()),
+                column: at.map_or(0, |at| at.column()),
+            }
+        }
+        _ => parse_error(error),
+    })
 }
 
 fn non_empty(value: Option<String>) -> Option<String> {
@@ -449,6 +599,89 @@ machines:
     fn syntax_errors_name_the_file() {
         let msg = error("machines: [\n");
         assert!(msg.starts_with("parsing inventory inv.yaml"), "{msg}");
+    }
+
+    #[test]
+    fn anchors_and_aliases_are_refused_with_their_line() {
+        let msg = error("machines:\n- name: a\n  instanceID: i-a\n  labels: {x: &v one, y: *v}\n");
+        assert!(
+            msg.starts_with("parsing inventory inv.yaml: line 4"),
+            "{msg}"
+        );
+        assert!(msg.contains("anchors and aliases"), "{msg}");
+        // An anchor alone is refused too: it only exists to be aliased.
+        let msg = error("machines:\n- &m {name: a, instanceID: i-a}\n");
+        assert!(msg.contains("anchors and aliases"), "{msg}");
+        let msg = error("machines:\n- name: a\n  instanceID: i-a\n  labels:\n    <<: {x: y}\n");
+        assert!(msg.contains("line 5"), "{msg}");
+        assert!(msg.contains("anchors and aliases"), "{msg}");
+    }
+
+    #[test]
+    fn alias_bomb_is_refused_quickly_before_any_expansion() {
+        // The classic "billion laughs": nine levels of ten aliases each, 10^9 strings expanded.
+        let mut bomb = String::from("machines:\n- name: a\n  instanceID: i-a\n  labels:\n");
+        bomb.push_str("    l0: &l0 lol\n");
+        for level in 1..=9 {
+            let refs = vec![format!("*l{}", level - 1); 10].join(", ");
+            bomb.push_str(&format!("    l{level}: &l{level} [{refs}]\n"));
+        }
+        let started = std::time::Instant::now();
+        let msg = error(&bomb);
+        let took = started.elapsed();
+        assert!(msg.contains("anchors and aliases"), "{msg}");
+        assert!(
+            took < std::time::Duration::from_millis(250),
+            "took {took:?}"
+        );
+    }
+
+    #[test]
+    fn more_than_one_document_is_refused() {
+        let msg = error("machines: []\n---\nmachines: []\n");
+        assert!(msg.starts_with("parsing inventory inv.yaml"), "{msg}");
+    }
+
+    #[test]
+    fn nesting_deeper_than_an_inventory_is_refused() {
+        let deep = format!("machines: {}{}\n", "[".repeat(100), "]".repeat(100));
+        let msg = error(&deep);
+        assert!(msg.starts_with("parsing inventory inv.yaml"), "{msg}");
+    }
+
+    #[test]
+    fn files_over_the_size_cap_are_refused_naming_file_and_size() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("big.yaml");
+        let size = MAX_INVENTORY_BYTES + 1;
+        std::fs::write(&path, " ".repeat(usize::try_from(size).unwrap())).unwrap();
+        let msg = Inventory::read(&path).unwrap_err().to_string();
+        assert!(msg.contains("big.yaml"), "{msg}");
+        assert!(msg.contains(&format!("has {size} bytes")), "{msg}");
+        assert!(msg.contains(&MAX_INVENTORY_BYTES.to_string()), "{msg}");
+        // Text handed over directly is held to the same cap.
+        let text = " ".repeat(usize::try_from(size).unwrap());
+        assert!(matches!(parse(&text), Err(InventoryError::TooLarge { .. })));
+    }
+
+    #[test]
+    fn a_large_real_inventory_fits_the_bounds() {
+        // Ten thousand machines, each as the bench writes them: well inside the size cap, and
+        // the parser's budget must not refuse it.
+        let mut text = String::from("region: r\nmachines:\n");
+        for i in 0..10_000 {
+            text.push_str(&format!(
+                "  - name: node-{i}\n    instanceID: m-{i}\n    instanceType: t\n    zone: z\n    \
+                 addresses:\n      - {{type: InternalIP, address: 10.0.{}.{}}}\n      - \
+                 {{type: Hostname, address: node-{i}}}\n",
+                i / 250,
+                i % 250
+            ));
+        }
+        assert!((text.len() as u64) < MAX_INVENTORY_BYTES);
+        let started = std::time::Instant::now();
+        assert_eq!(parse(&text).unwrap().machines().len(), 10_000);
+        assert!(started.elapsed() < std::time::Duration::from_secs(5));
     }
 
     #[test]

@@ -3,7 +3,9 @@
 //!
 //! The inventory (YAML, `--inventory`) is the local "cloud": it is re-read every
 //! `--inventory-reload-interval`, a broken edit keeps the last good version, and a machine absent
-//! from it or `terminated` is authoritatively gone. State the shim must not forget across
+//! from it or `terminated` is authoritatively gone. Because of that, an edit that empties the
+//! inventory or removes more than `--inventory-max-drop-percent` of its machines at once is
+//! refused like a broken one (see [`shrink`]). State the shim must not forget across
 //! restarts (today the fence high-water marks) lives in `<--state-dir>/state.redb`.
 //!
 //! Served: Provider, InstancesV2, Instances and Zones. Provider IDs are `local://<instanceID>`;
@@ -12,6 +14,7 @@
 pub mod instances;
 pub mod inventory;
 pub mod reload;
+pub mod shrink;
 pub mod store;
 
 use std::future::Future;
@@ -25,6 +28,7 @@ use shim_framework::{RunningShim, ServeFlags, ShimError, ShimServer};
 pub use instances::{LocalProvider, PROVIDER_NAME};
 pub use inventory::{Inventory, InventoryError, Machine, MachineState};
 pub use reload::InventoryHandle;
+pub use shrink::{Shrink, ShrinkPolicy, ShrinkVerdict};
 pub use store::{Store, StoreError};
 
 /// Command line of the `local-shim` binary.
@@ -47,6 +51,21 @@ pub struct LocalFlags {
     #[arg(long, default_value = "2s", value_parser = humantime::parse_duration)]
     pub inventory_reload_interval: Duration,
 
+    /// A reload removing more than this percentage of the machines served now is refused, and
+    /// the last good inventory kept (0: refuse any removal; 100: no limit).
+    #[arg(
+        long,
+        value_name = "PERCENT",
+        default_value_t = 50,
+        value_parser = clap::value_parser!(u8).range(0..=100)
+    )]
+    pub inventory_max_drop_percent: u8,
+
+    /// Accept an inventory listing no machines, at start-up and on reload (by default start-up
+    /// fails and a reload is refused, as every node's instance would read as gone).
+    #[arg(long)]
+    pub allow_empty_inventory: bool,
+
     /// Directory of the state database (state.redb).
     #[arg(long, value_name = "DIR", default_value = "/var/lib/local-shim")]
     pub state_dir: PathBuf,
@@ -59,6 +78,16 @@ pub struct LocalFlags {
     /// Region answered with --zone; defaults to the inventory's top-level region.
     #[arg(long, requires = "zone")]
     pub region: Option<String>,
+}
+
+impl LocalFlags {
+    /// The shrink rule the inventory flags ask for.
+    pub fn shrink_policy(&self) -> ShrinkPolicy {
+        ShrinkPolicy {
+            max_drop_percent: self.inventory_max_drop_percent,
+            allow_empty: self.allow_empty_inventory,
+        }
+    }
 }
 
 /// Why the local shim could not start or stopped.
@@ -85,7 +114,7 @@ pub struct LocalShim {
 impl LocalShim {
     /// Loads the inventory and opens the state database, failing on either (blocking).
     pub fn new(flags: &LocalFlags) -> Result<Self, LocalShimError> {
-        let inventory = InventoryHandle::load(&flags.inventory)?;
+        let inventory = InventoryHandle::load(&flags.inventory, flags.shrink_policy())?;
         let store = Store::open(&flags.state_dir)?;
         let own_zone = flags.zone.clone().map(|zone| Zone {
             failure_domain: Some(zone),
@@ -110,6 +139,11 @@ impl LocalShim {
             inventory,
             reload_interval: flags.inventory_reload_interval,
         })
+    }
+
+    /// The live inventory the shim will serve (for its reload state and errors).
+    pub fn inventory(&self) -> &InventoryHandle {
+        &self.inventory
     }
 
     /// Starts serving in the background (see [`ShimServer::start`]) and reloading the inventory.

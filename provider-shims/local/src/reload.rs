@@ -1,26 +1,70 @@
 //! The live inventory: the last good version of the file, re-read on a timer and on demand.
 //!
-//! A broken edit never replaces a good inventory: the shim keeps answering from the last good
-//! one, logs the error once per distinct broken content, and reports it through
-//! `local_shim_inventory_stale` and `local_shim_inventory_reload_errors_total`.
+//! A broken edit never replaces a good inventory, and neither does one that takes away too many
+//! machines at once ([`crate::shrink`]): the shim keeps answering from the last good one, logs
+//! the rejection once per distinct content (naming the file and the machine counts), keeps it
+//! for callers ([`InventoryHandle::last_error`], and every strongly-consistent answer), and
+//! reports it through `local_shim_inventory_reloads_total{result}`,
+//! `local_shim_inventory_reload_errors_total` and `local_shim_inventory_stale`.
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, RwLock, Weak};
 use std::time::Duration;
 
+use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
 
 use crate::inventory::{Inventory, InventoryError};
+use crate::shrink::{Shrink, ShrinkPolicy, ShrinkVerdict};
+
+/// What became of one distinct file content (the `result` label of the reloads counter).
+#[derive(Debug, Clone, Copy, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ReloadResult {
+    result: &'static str,
+}
+
+const OK: ReloadResult = ReloadResult { result: "ok" };
+const INVALID: ReloadResult = ReloadResult { result: "invalid" };
+const REFUSED_EMPTY: ReloadResult = ReloadResult {
+    result: "refused_empty",
+};
+const REFUSED_SHRINK: ReloadResult = ReloadResult {
+    result: "refused_shrink",
+};
+
+impl ReloadResult {
+    fn of(error: &InventoryError) -> Self {
+        match error {
+            InventoryError::Empty { .. } => REFUSED_EMPTY,
+            InventoryError::Shrink { .. } => REFUSED_SHRINK,
+            _ => INVALID,
+        }
+    }
+}
 
 /// Metrics about the inventory file.
 #[derive(Debug, Clone, Default)]
 struct InventoryMetrics {
     machines: Gauge,
-    reloads: Counter,
+    reloads: Family<ReloadResult, Counter>,
     reload_errors: Counter,
     stale: Gauge,
+}
+
+impl InventoryMetrics {
+    fn new(machines: i64) -> Self {
+        let metrics = Self::default();
+        metrics.machines.set(machines);
+        // Every result is exported from the start, so an alert on a refusal has a series to
+        // compare against before the first one happens.
+        for result in [OK, INVALID, REFUSED_EMPTY, REFUSED_SHRINK] {
+            drop(metrics.reloads.get_or_create(&result));
+        }
+        metrics
+    }
 }
 
 /// What was last read from disk, good or bad, so an unchanged file is not re-parsed or
@@ -36,6 +80,7 @@ struct Seen {
 #[derive(Debug)]
 struct Shared {
     path: PathBuf,
+    policy: ShrinkPolicy,
     current: RwLock<Arc<Inventory>>,
     seen: Mutex<Seen>,
     metrics: InventoryMetrics,
@@ -48,24 +93,22 @@ pub struct InventoryHandle {
 }
 
 impl InventoryHandle {
-    /// Loads the inventory at `path`; any error fails start-up.
-    pub fn load(path: &Path) -> Result<Self, InventoryError> {
-        let text = std::fs::read_to_string(path).map_err(|error| InventoryError::Read {
-            path: path.to_path_buf(),
-            error,
-        })?;
+    /// Loads the inventory at `path`; any error fails start-up, and so does an inventory without
+    /// machines unless `policy` allows it.
+    pub fn load(path: &Path, policy: ShrinkPolicy) -> Result<Self, InventoryError> {
+        let text = Inventory::read(path)?;
         let inventory = Inventory::parse(path, &text)?;
-        let metrics = InventoryMetrics::default();
-        metrics.machines.set(machine_count(&inventory));
+        judge(path, policy, &Inventory::default(), &inventory)?;
         Ok(Self {
             shared: Arc::new(Shared {
                 path: path.to_path_buf(),
+                policy,
+                metrics: InventoryMetrics::new(machine_count(&inventory)),
                 current: RwLock::new(Arc::new(inventory)),
                 seen: Mutex::new(Seen {
                     text: Some(text),
                     error: None,
                 }),
-                metrics,
             }),
         })
     }
@@ -79,22 +122,28 @@ impl InventoryHandle {
         }
     }
 
-    /// Re-reads the file now (blocking). `Ok(true)` when a new inventory was installed,
-    /// `Ok(false)` when the file is unchanged, `Err` when the file is unreadable or invalid (the
-    /// last good inventory stays current).
-    pub fn reload(&self) -> Result<bool, Arc<InventoryError>> {
-        let shared = &self.shared;
-        let mut seen = match shared.seen.lock() {
+    /// Why the file on disk is not the inventory being served (unreadable, invalid, or refused
+    /// as too great a shrink), or `None` when it is.
+    pub fn last_error(&self) -> Option<Arc<InventoryError>> {
+        self.seen().error.clone()
+    }
+
+    fn seen(&self) -> std::sync::MutexGuard<'_, Seen> {
+        match self.shared.seen.lock() {
             Ok(seen) => seen,
             Err(poisoned) => poisoned.into_inner(),
-        };
-        let text = match std::fs::read_to_string(&shared.path) {
+        }
+    }
+
+    /// Re-reads the file now (blocking). `Ok(true)` when a new inventory was installed,
+    /// `Ok(false)` when the file is unchanged, `Err` when the file is unreadable, invalid or
+    /// refused by the shrink rule (the last good inventory stays current).
+    pub fn reload(&self) -> Result<bool, Arc<InventoryError>> {
+        let shared = &self.shared;
+        let mut seen = self.seen();
+        let text = match Inventory::read(&shared.path) {
             Ok(text) => text,
-            Err(error) => {
-                let err = InventoryError::Read {
-                    path: shared.path.clone(),
-                    error,
-                };
+            Err(err) => {
                 let repeated = seen.text.is_none()
                     && seen
                         .error
@@ -108,7 +157,7 @@ impl InventoryHandle {
                     text: None,
                     error: Some(Arc::clone(&err)),
                 };
-                self.report_broken(&err);
+                self.report_rejected(&err);
                 return Err(err);
             }
         };
@@ -118,7 +167,10 @@ impl InventoryHandle {
                 Some(err) => Err(Arc::clone(err)),
             };
         }
-        match Inventory::parse(&shared.path, &text) {
+        let accepted = Inventory::parse(&shared.path, &text).and_then(|next| {
+            judge(&shared.path, shared.policy, &self.current(), &next).map(|()| next)
+        });
+        match accepted {
             Ok(inventory) => {
                 let count = machine_count(&inventory);
                 match shared.current.write() {
@@ -130,7 +182,7 @@ impl InventoryHandle {
                     error: None,
                 };
                 shared.metrics.machines.set(count);
-                shared.metrics.reloads.inc();
+                shared.metrics.reloads.get_or_create(&OK).inc();
                 shared.metrics.stale.set(0);
                 tracing::info!(path = %shared.path.display(), machines = count, "inventory reloaded");
                 Ok(true)
@@ -141,22 +193,52 @@ impl InventoryHandle {
                     text: Some(text),
                     error: Some(Arc::clone(&err)),
                 };
-                self.report_broken(&err);
+                self.report_rejected(&err);
                 Err(err)
             }
         }
     }
 
-    fn report_broken(&self, err: &InventoryError) {
-        let metrics = &self.shared.metrics;
-        metrics.reload_errors.inc();
-        metrics.stale.set(1);
-        tracing::error!(error = %err, "inventory rejected; still serving the last good inventory");
+    fn report_rejected(&self, err: &InventoryError) {
+        let shared = &self.shared;
+        let result = ReloadResult::of(err);
+        shared.metrics.reloads.get_or_create(&result).inc();
+        shared.metrics.reload_errors.inc();
+        shared.metrics.stale.set(1);
+        let path = shared.path.display();
+        match err {
+            InventoryError::Empty { existing, .. } => tracing::error!(
+                %path,
+                machines_served = existing,
+                machines_in_file = 0,
+                error = %err,
+                "inventory refused: the file lists no machines; still serving the last good inventory"
+            ),
+            InventoryError::Shrink {
+                existing,
+                removed,
+                listed,
+                ..
+            } => tracing::error!(
+                %path,
+                machines_served = existing,
+                machines_in_file = listed,
+                machines_removed = removed,
+                error = %err,
+                "inventory refused: it removes too many machines at once; still serving the last \
+                 good inventory"
+            ),
+            _ => tracing::error!(
+                %path,
+                error = %err,
+                "inventory rejected; still serving the last good inventory"
+            ),
+        }
     }
 
     /// Re-reads the file off the async threads and returns the inventory it yields (for calls
-    /// asking for strong consistency). Errors when the file on disk is not a valid inventory:
-    /// then nothing fresh can be said.
+    /// asking for strong consistency). Errors when the file on disk is not the inventory served
+    /// (invalid, or refused by the shrink rule): then nothing fresh can be said.
     pub async fn fresh(&self) -> Result<Arc<Inventory>, Arc<InventoryError>> {
         let handle = self.clone();
         let reloaded = tokio::task::spawn_blocking(move || handle.reload())
@@ -201,24 +283,52 @@ impl InventoryHandle {
         );
         registry.register(
             "local_shim_inventory_reloads",
-            "Times a changed inventory file was loaded",
+            "Changed inventory file contents read, by result: ok (served), invalid (unreadable, \
+             too large, not a valid inventory), refused_empty or refused_shrink (valid, but \
+             removing all or too many machines at once)",
             m.reloads.clone(),
         );
         registry.register(
             "local_shim_inventory_reload_errors",
-            "Times the inventory file was found unreadable or invalid",
+            "Times the inventory file was found unreadable, invalid or refused",
             m.reload_errors.clone(),
         );
         registry.register(
             "local_shim_inventory_stale",
-            "1 while the file on disk is broken and the last good inventory is served",
+            "1 while the file on disk is not served (broken or refused) and the last good \
+             inventory is",
             m.stale.clone(),
         );
     }
 
-    /// Whether the file on disk is currently broken (the last good inventory is being served).
+    /// Whether the file on disk is currently not served (broken or refused; the last good
+    /// inventory is being served).
     pub fn is_stale(&self) -> bool {
         self.shared.metrics.stale.get() != 0
+    }
+}
+
+/// Applies the shrink rule to replacing `served` by `next`, as an error naming `path`.
+fn judge(
+    path: &Path,
+    policy: ShrinkPolicy,
+    served: &Inventory,
+    next: &Inventory,
+) -> Result<(), InventoryError> {
+    let shrink = Shrink::between(served, next);
+    match policy.judge(shrink) {
+        ShrinkVerdict::Accept => Ok(()),
+        ShrinkVerdict::RefuseEmpty => Err(InventoryError::Empty {
+            path: path.to_path_buf(),
+            existing: shrink.existing,
+        }),
+        ShrinkVerdict::RefuseShrink => Err(InventoryError::Shrink {
+            path: path.to_path_buf(),
+            existing: shrink.existing,
+            removed: shrink.removed,
+            listed: shrink.listed,
+            max_drop_percent: policy.max_drop_percent,
+        }),
     }
 }
 
@@ -238,7 +348,8 @@ mod tests {
     #[test]
     fn missing_file_fails_start_up() {
         let dir = tempfile::tempdir().unwrap();
-        let err = InventoryHandle::load(&dir.path().join("nope.yaml")).unwrap_err();
+        let err = InventoryHandle::load(&dir.path().join("nope.yaml"), ShrinkPolicy::default())
+            .unwrap_err();
         assert!(err.to_string().contains("nope.yaml"), "{err}");
     }
 
@@ -247,7 +358,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("inv.yaml");
         std::fs::write(&path, "machines:\n- {name: a}\n").unwrap();
-        let err = InventoryHandle::load(&path).unwrap_err();
+        let err = InventoryHandle::load(&path, ShrinkPolicy::default()).unwrap_err();
         assert!(err.to_string().contains("instanceID: is required"), "{err}");
     }
 
@@ -256,7 +367,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("inv.yaml");
         std::fs::write(&path, ONE).unwrap();
-        let handle = InventoryHandle::load(&path).unwrap();
+        let handle = InventoryHandle::load(&path, ShrinkPolicy::default()).unwrap();
         assert!(!handle.reload().unwrap(), "unchanged");
 
         std::fs::write(&path, TWO).unwrap();
@@ -285,12 +396,169 @@ mod tests {
         assert!(handle.current().by_name("node-b").is_none());
     }
 
+    const THREE: &str = "machines:\n- {name: node-a, instanceID: i-a}\n- {name: node-b, instanceID: i-b}\n\
+                         - {name: node-c, instanceID: i-c}\n";
+
+    fn loaded(text: &str, policy: ShrinkPolicy) -> (tempfile::TempDir, PathBuf, InventoryHandle) {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("inv.yaml");
+        std::fs::write(&path, text).unwrap();
+        let handle = InventoryHandle::load(&path, policy).unwrap();
+        (dir, path, handle)
+    }
+
+    fn reloads(handle: &InventoryHandle, result: ReloadResult) -> u64 {
+        handle.shared.metrics.reloads.get_or_create(&result).get()
+    }
+
+    #[test]
+    fn empty_file_fails_start_up_unless_allowed() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("inv.yaml");
+        for text in [
+            "",
+            "# nothing yet\n",
+            "machines: []\n",
+            "region: r\nmachines:\n",
+        ] {
+            std::fs::write(&path, text).unwrap();
+            let msg = InventoryHandle::load(&path, ShrinkPolicy::default())
+                .unwrap_err()
+                .to_string();
+            assert!(
+                msg.contains("inv.yaml: lists no machines"),
+                "{text:?}: {msg}"
+            );
+            assert!(msg.contains("--allow-empty-inventory"), "{msg}");
+            let allowed = ShrinkPolicy {
+                allow_empty: true,
+                ..ShrinkPolicy::default()
+            };
+            let handle = InventoryHandle::load(&path, allowed).unwrap();
+            assert!(handle.current().machines().is_empty());
+        }
+    }
+
+    #[test]
+    fn reload_refuses_an_emptied_file_and_keeps_serving() {
+        let (_dir, path, handle) = loaded(TWO, ShrinkPolicy::default());
+        std::fs::write(&path, "").unwrap();
+        let err = handle.reload().unwrap_err();
+        assert!(
+            matches!(*err, InventoryError::Empty { existing: 2, .. }),
+            "{err}"
+        );
+        assert!(
+            handle.current().by_name("node-a").is_some(),
+            "last good kept"
+        );
+        assert!(handle.is_stale());
+        assert_eq!(handle.shared.metrics.machines.get(), 2);
+        assert_eq!(reloads(&handle, REFUSED_EMPTY), 1);
+        assert_eq!(
+            handle.last_error().unwrap().to_string(),
+            err.to_string(),
+            "kept for callers"
+        );
+        // Unchanged: reported again to callers, counted once.
+        assert!(handle.reload().is_err());
+        assert_eq!(reloads(&handle, REFUSED_EMPTY), 1);
+        assert_eq!(handle.shared.metrics.reload_errors.get(), 1);
+
+        // Restoring the file (or any acceptable edit) clears the refusal.
+        std::fs::write(&path, ONE).unwrap();
+        assert!(handle.reload().unwrap());
+        assert!(!handle.is_stale());
+        assert!(handle.last_error().is_none());
+        assert_eq!(reloads(&handle, OK), 1);
+    }
+
+    #[test]
+    fn reload_accepts_an_emptied_file_when_allowed() {
+        let policy = ShrinkPolicy {
+            allow_empty: true,
+            ..ShrinkPolicy::default()
+        };
+        let (_dir, path, handle) = loaded(THREE, policy);
+        std::fs::write(&path, "machines: []\n").unwrap();
+        assert!(handle.reload().unwrap());
+        assert!(handle.current().machines().is_empty());
+        assert_eq!(handle.shared.metrics.machines.get(), 0);
+    }
+
+    #[test]
+    fn reload_refuses_removing_more_than_the_limit() {
+        let (_dir, path, handle) = loaded(THREE, ShrinkPolicy::default());
+        // A cut between two entries: one of three machines left.
+        std::fs::write(&path, ONE).unwrap();
+        let err = handle.reload().unwrap_err();
+        assert!(
+            matches!(
+                *err,
+                InventoryError::Shrink {
+                    existing: 3,
+                    removed: 2,
+                    listed: 1,
+                    max_drop_percent: 50,
+                    ..
+                }
+            ),
+            "{err}"
+        );
+        let msg = err.to_string();
+        assert!(msg.contains("inv.yaml"), "{msg}");
+        assert!(msg.contains("removes 2 of the 3 machines"), "{msg}");
+        assert!(msg.contains("--inventory-max-drop-percent=50"), "{msg}");
+        assert_eq!(handle.current().machines().len(), 3, "last good kept");
+        assert_eq!(reloads(&handle, REFUSED_SHRINK), 1);
+        assert!(handle.is_stale());
+
+        // One of three is within 50%.
+        std::fs::write(&path, TWO).unwrap();
+        assert!(handle.reload().unwrap());
+        assert_eq!(handle.current().machines().len(), 2);
+    }
+
+    #[test]
+    fn reload_limit_of_hundred_percent_accepts_any_non_empty_shrink() {
+        let policy = ShrinkPolicy {
+            max_drop_percent: 100,
+            ..ShrinkPolicy::default()
+        };
+        let (_dir, path, handle) = loaded(THREE, policy);
+        std::fs::write(&path, ONE).unwrap();
+        assert!(handle.reload().unwrap());
+        std::fs::write(&path, "machines: []\n").unwrap();
+        assert!(
+            matches!(*handle.reload().unwrap_err(), InventoryError::Empty { .. }),
+            "emptying needs --allow-empty-inventory"
+        );
+    }
+
+    #[test]
+    fn every_reload_result_is_exported_from_the_start() {
+        let (_dir, _path, handle) = loaded(ONE, ShrinkPolicy::default());
+        let mut registry = Registry::default();
+        handle.register_metrics(&mut registry);
+        let mut page = String::new();
+        prometheus_client::encoding::text::encode(&mut page, &registry).unwrap();
+        for result in ["ok", "invalid", "refused_empty", "refused_shrink"] {
+            assert!(
+                page.contains(&format!(
+                    "local_shim_inventory_reloads_total{{result=\"{result}\"}} 0"
+                )),
+                "{page}"
+            );
+        }
+        assert!(page.contains("local_shim_inventory_machines 1"), "{page}");
+    }
+
     #[tokio::test]
     async fn background_reloader_applies_edits() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("inv.yaml");
         std::fs::write(&path, ONE).unwrap();
-        let handle = InventoryHandle::load(&path).unwrap();
+        let handle = InventoryHandle::load(&path, ShrinkPolicy::default()).unwrap();
         let task = handle
             .spawn_reloader(Duration::from_millis(20))
             .expect("enabled");

@@ -1,6 +1,7 @@
 //! The real local shim served over a Unix socket and called through the generated clients.
 #![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
 
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -30,12 +31,17 @@ impl Shim {
         let mut args = vec![
             "local-shim".to_string(),
             format!("--unix-socket={}", socket.display()),
-            "--metrics-bind-address=0".into(),
             format!("--inventory={}", dir.join("inventory.yaml").display()),
             format!("--state-dir={}", dir.join("state").display()),
             "--inventory-reload-interval=50ms".into(),
             "--shutdown-grace-period=2s".into(),
         ];
+        if !extra
+            .iter()
+            .any(|a| a.starts_with("--metrics-bind-address"))
+        {
+            args.push("--metrics-bind-address=0".into());
+        }
         args.extend(extra.iter().map(|a| a.to_string()));
         let flags = LocalFlags::try_parse_from(args).unwrap();
         let (stop, stopped) = oneshot::channel::<()>();
@@ -415,4 +421,234 @@ async fn start_up_fails_clearly_on_a_bad_inventory() {
         LocalFlags::try_parse_from(["local-shim", "--unix-socket=/x"]).is_err(),
         "--inventory is required"
     );
+}
+
+/// The shim's `/metrics` page (the framework serves it over plain HTTP/1.1).
+async fn scrape(addr: SocketAddr) -> String {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    stream
+        .write_all(b"GET /metrics HTTP/1.1\r\nHost: shim\r\nConnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let mut response = String::new();
+    stream.read_to_string(&mut response).await.unwrap();
+    assert!(response.starts_with("HTTP/1.1 200"), "{response}");
+    response
+}
+
+/// The sum of every series of the metrics named `names`, whatever their labels.
+fn metric_sum(page: &str, names: &[&str]) -> f64 {
+    page.lines()
+        .filter(|line| !line.starts_with('#'))
+        .filter_map(|line| {
+            let (series, value) = line.rsplit_once(' ')?;
+            let name = series.split('{').next()?;
+            names.contains(&name).then(|| value.parse::<f64>().ok())?
+        })
+        .sum()
+}
+
+/// The value of one exact series (name and labels as the page spells them), 0 when absent.
+fn metric(page: &str, series: &str) -> f64 {
+    page.lines()
+        .find_map(|line| line.strip_prefix(series)?.strip_prefix(' '))
+        .map_or(0.0, |value| value.parse().unwrap())
+}
+
+/// Every counter the reloader moves when it has read a new content, accepted or not.
+const RELOAD_COUNTERS: &[&str] = &[
+    "local_shim_inventory_reloads_total",
+    "local_shim_inventory_reload_errors_total",
+];
+
+/// A shim serving the example inventory with its metrics on an ephemeral port.
+async fn shim_with_metrics(dir: &Path) -> (Shim, SocketAddr) {
+    let shim = Shim::start(dir, &["--metrics-bind-address=127.0.0.1:0"]).await;
+    let addr = shim
+        .running
+        .metrics_addr()
+        .expect("metrics endpoint enabled");
+    (shim, addr)
+}
+
+/// Writes `content` over the inventory and waits until the background reloader has processed
+/// it (a reload counter moved), returning the metrics page read then and how long it took.
+async fn edit_and_wait(dir: &Path, addr: SocketAddr, content: &str) -> (String, Duration) {
+    let before = metric_sum(&scrape(addr).await, RELOAD_COUNTERS);
+    let written = tokio::time::Instant::now();
+    std::fs::write(dir.join("inventory.yaml"), content).unwrap();
+    let deadline = written + Duration::from_secs(10);
+    loop {
+        let page = scrape(addr).await;
+        if metric_sum(&page, RELOAD_COUNTERS) > before {
+            return (page, written.elapsed());
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the reloader did not process the edit within 10 s:\n{page}"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// Asks InstanceExists for every example machine, cached and strongly consistent; none may be
+/// NOT_FOUND, and the cached answer (the last good inventory) must be EXISTS. Returns the
+/// strong answer's detail for node-a.
+async fn assert_example_machines_exist(shim: &Shim) -> String {
+    let mut client = InstancesV2Client::new(shim.channel());
+    let mut detail = String::new();
+    for name in ["node-a", "node-b", "node-c"] {
+        assert_eq!(
+            existence(&mut client, name).await,
+            pb::Existence::Exists as i32,
+            "{name} must still exist (cached answer)"
+        );
+        let strong = client
+            .instance_exists(pb::InstanceExistsRequest {
+                node: node(name, None),
+                consistency: pb::Consistency::Strong as i32,
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert_ne!(
+            strong.existence,
+            pb::Existence::NotFound as i32,
+            "{name} must never read as not found: {}",
+            strong.detail
+        );
+        if name == "node-a" {
+            detail = strong.detail;
+        }
+    }
+    detail
+}
+
+/// Asserts the edit was counted once under `result` and not served: the example's three
+/// machines still are, and the file is reported stale.
+fn assert_not_served(page: &str, result: &str) {
+    let series = format!("local_shim_inventory_reloads_total{{result=\"{result}\"}}");
+    assert_eq!(metric(page, &series), 1.0, "{page}");
+    assert_eq!(metric(page, "local_shim_inventory_machines"), 3.0, "{page}");
+    assert_eq!(metric(page, "local_shim_inventory_stale"), 1.0, "{page}");
+}
+
+#[tokio::test]
+async fn emptied_inventory_file_never_makes_machines_not_found() {
+    let dir = setup();
+    let (shim, addr) = shim_with_metrics(dir.path()).await;
+    let (page, _) = edit_and_wait(dir.path(), addr, "").await;
+    let detail = assert_example_machines_exist(&shim).await;
+    assert!(detail.contains("inventory.yaml"), "{detail}");
+    assert!(detail.contains("no machines"), "{detail}");
+    assert_not_served(&page, "refused_empty");
+    shim.stop().await;
+}
+
+#[tokio::test]
+async fn inventory_file_cut_between_machines_never_makes_machines_not_found() {
+    let dir = setup();
+    let (shim, addr) = shim_with_metrics(dir.path()).await;
+    // An in-place edit read half-way: only node-a's entry made it, and it is valid YAML.
+    let cut = &EXAMPLE[..EXAMPLE.find("  - name: node-b").unwrap()];
+    let (page, _) = edit_and_wait(dir.path(), addr, cut).await;
+    let detail = assert_example_machines_exist(&shim).await;
+    assert!(
+        detail.contains("removes 2 of the 3 machines"),
+        "the refusal names the counts: {detail}"
+    );
+    assert_not_served(&page, "refused_shrink");
+    shim.stop().await;
+}
+
+/// The process's peak resident set size so far (Linux `VmHWM`), in bytes.
+fn peak_rss() -> u64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap();
+    let kib = status
+        .lines()
+        .find_map(|line| line.strip_prefix("VmHWM:"))
+        .and_then(|rest| {
+            rest.trim()
+                .trim_end_matches("kB")
+                .trim()
+                .parse::<u64>()
+                .ok()
+        })
+        .unwrap();
+    kib * 1024
+}
+
+#[tokio::test]
+async fn inventory_alias_bomb_is_rejected_quickly_and_never_makes_machines_not_found() {
+    let dir = setup();
+    let (shim, addr) = shim_with_metrics(dir.path()).await;
+    // 512 KiB of label text, referenced 400 times: 200 MiB once aliases are expanded, from a
+    // file of a little over 512 KiB.
+    let mut bomb = EXAMPLE.replace(
+        "      example.com/rack: rack-1\n",
+        &format!("      example.com/blob: &blob {}\n", "x".repeat(512 * 1024)),
+    );
+    bomb.push_str("    labels:\n");
+    for i in 0..400 {
+        bomb.push_str(&format!("      example.com/copy-{i}: *blob\n"));
+    }
+    let peak_before = peak_rss();
+    let (page, took) = edit_and_wait(dir.path(), addr, &bomb).await;
+    let grown = peak_rss().saturating_sub(peak_before);
+    // One reload tick is 50 ms; parsing must not add to that noticeably.
+    assert!(took < Duration::from_millis(750), "took {took:?}");
+    assert!(
+        grown < 64 * 1024 * 1024,
+        "peak memory grew by {} MiB",
+        grown / (1024 * 1024)
+    );
+    let detail = assert_example_machines_exist(&shim).await;
+    assert!(detail.contains("aliases"), "names the cause: {detail}");
+    assert_not_served(&page, "invalid");
+    shim.stop().await;
+}
+
+#[tokio::test]
+async fn start_up_fails_clearly_on_an_empty_inventory_unless_allowed() {
+    let dir = tempfile::tempdir().unwrap();
+    let inventory = dir.path().join("inventory.yaml");
+    std::fs::write(&inventory, "").unwrap();
+    let flags = |extra: &[&str]| {
+        let mut args = vec![
+            "local-shim".to_string(),
+            "--unix-socket=/nonexistent/x.sock".into(),
+            format!("--inventory={}", inventory.display()),
+            format!("--state-dir={}", dir.path().join("state").display()),
+        ];
+        args.extend(extra.iter().map(|a| a.to_string()));
+        LocalFlags::try_parse_from(args).unwrap()
+    };
+    let msg = LocalShim::new(&flags(&[])).err().unwrap().to_string();
+    assert!(msg.contains("inventory.yaml: lists no machines"), "{msg}");
+    assert!(msg.contains("--allow-empty-inventory"), "{msg}");
+
+    let shim = LocalShim::new(&flags(&["--allow-empty-inventory"])).unwrap();
+    assert!(shim.inventory().current().machines().is_empty());
+}
+
+#[test]
+fn inventory_max_drop_percent_is_a_percentage() {
+    let parse = |value: &str| {
+        LocalFlags::try_parse_from([
+            "local-shim",
+            "--unix-socket=/x",
+            "--inventory=/x.yaml",
+            &format!("--inventory-max-drop-percent={value}"),
+        ])
+    };
+    assert_eq!(parse("0").unwrap().inventory_max_drop_percent, 0);
+    assert_eq!(parse("100").unwrap().inventory_max_drop_percent, 100);
+    assert!(parse("101").is_err());
+    assert!(parse("-1").is_err());
+    let defaults =
+        LocalFlags::try_parse_from(["local-shim", "--unix-socket=/x", "--inventory=/x.yaml"])
+            .unwrap();
+    assert_eq!(defaults.inventory_max_drop_percent, 50);
+    assert!(!defaults.allow_empty_inventory);
 }

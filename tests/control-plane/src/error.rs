@@ -79,7 +79,7 @@ pub enum Error {
     Config(String),
     /// Serialising a kubeconfig failed.
     #[error("serialising a kubeconfig: {0}")]
-    Yaml(#[from] serde_yaml::Error),
+    Yaml(#[from] serde_saphyr::SerializeError),
     /// The process-wide shared control plane failed to start earlier in this process.
     #[error("the shared test control plane failed to start (first attempt in this process): {0}")]
     SharedStartFailed(String),

@@ -559,7 +559,7 @@ fn kubeconfig_yaml(
         current_context: Some(name),
         ..Kubeconfig::default()
     };
-    Ok(serde_yaml::to_string(&kubeconfig)?)
+    Ok(serde_saphyr::to_string(&kubeconfig)?)
 }
 
 /// Installs rustls' ring provider process-wide if no provider is installed yet.
