@@ -5,8 +5,15 @@
 //! Server: build the router with [`server::server_builder`] (it installs the per-request trace
 //! span), then [`server::serve`] it (or [`server::bind`] first to learn the port). Client:
 //! [`client::connect`] returns a lazily-connecting [`CpiChannel`] for the generated clients.
+//!
+//! Every TCP port is accepted under [`AcceptLimits`] (handshake timeout and cap, connection cap,
+//! idle timeout; see [`accept`]); plain HTTP/1.1 endpoints are served with [`serve_http1`], which
+//! adds a header-read timeout.
 
+pub mod accept;
 pub mod client;
+pub mod http;
+mod log_limit;
 pub mod server;
 pub mod telemetry;
 pub mod tls;
@@ -21,6 +28,9 @@ pub(crate) const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(30);
 /// How long to wait for a PING acknowledgement before declaring the connection dead.
 pub(crate) const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(10);
 
+pub use accept::{AcceptLimits, TrackedConnection, tcp_incoming, tls_incoming_with};
 pub use client::{ClientEndpoint, ConnectError, ConnectOptions, CpiChannel, connect};
+pub use http::serve_http1;
+pub use log_limit::WARN_INTERVAL;
 pub use server::{Bound, Listen, LocalAddr, ServeError, bind, serve, server_builder, tls_incoming};
 pub use tls::{ClientTls, ServerTls, TlsError, TlsFiles};

@@ -11,11 +11,19 @@
 //! ```
 //!
 //! TLS is terminated here rather than by tonic's `ServerTlsConfig`, which cannot hot-reload:
-//! each accepted TCP connection is handshaken in its own task (bounded by
-//! [`HANDSHAKE_TIMEOUT`]) with the [`ServerTls`] configuration current at that moment, and only
-//! connections whose client certificate passed verification and the SAN allow-list reach tonic.
-//! Refused handshakes are logged at `warn` with the peer address and the reason. The TLS streams
+//! each accepted TCP connection is handshaken in its own task with the [`ServerTls`]
+//! configuration current at that moment, and only connections whose client certificate passed
+//! verification and the SAN allow-list reach tonic. Accepting follows [`AcceptLimits`]
+//! (handshake timeout, caps on handshakes and on connections, idle timeout; see
+//! [`crate::accept`]); refused handshakes are logged with the peer address and the reason, at
+//! `warn` at most once per [`crate::WARN_INTERVAL`] and otherwise at `debug`. The TLS streams
 //! carry their peer certificates, so handlers can use `request.peer_certs()`.
+//!
+//! The HTTP/2 settings of [`server_builder`] bound what one connection can ask for:
+//! [`MAX_CONCURRENT_STREAMS`] streams at once, resets answered with GOAWAY beyond
+//! [`MAX_PENDING_ACCEPT_RESET_STREAMS`] / [`MAX_LOCAL_ERROR_RESET_STREAMS`] (the "rapid reset"
+//! floods), PINGs every 30 s with a 10 s timeout, and [`REQUEST_TIMEOUT`] for calls that carry
+//! no shorter deadline.
 
 use std::future::Future;
 use std::io;
@@ -25,25 +33,35 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::net::{TcpListener, TcpStream, UnixListener};
-use tokio::sync::mpsc;
-use tokio::task::JoinSet;
-use tokio_rustls::TlsAcceptor;
 use tokio_rustls::server::TlsStream;
 use tokio_stream::StreamExt as _;
-use tokio_stream::wrappers::{ReceiverStream, UnixListenerStream};
-use tracing::{debug, info, warn};
+use tokio_stream::wrappers::UnixListenerStream;
+use tracing::{debug, info};
 
+pub use crate::accept::HANDSHAKE_TIMEOUT;
+use crate::accept::{AcceptLimits, TrackedConnection, tls_incoming_with};
 use crate::tls::ServerTls;
 use crate::{KEEPALIVE_INTERVAL, KEEPALIVE_TIMEOUT};
 
-/// How long a client may take to complete the TLS handshake before it is disconnected.
-pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// HTTP/2 streams (calls) one connection may have open at once; without a value tonic allows
+/// any number. A client with more calls in flight queues them until a stream is free (h2 clients
+/// honour SETTINGS_MAX_CONCURRENT_STREAMS), so the cap costs a legitimate client no errors.
+pub const MAX_CONCURRENT_STREAMS: u32 = 256;
 
-/// Handshakes in progress beyond this are refused, so a flood cannot exhaust memory.
-const MAX_PENDING_HANDSHAKES: usize = 1024;
+/// Streams a client may open and reset before the server has accepted them, before the
+/// connection is closed with GOAWAY (h2's own default, set explicitly because it is what stops
+/// a "rapid reset" flood).
+pub const MAX_PENDING_ACCEPT_RESET_STREAMS: usize = 20;
 
-/// Pause after a failed `accept` (e.g. out of file descriptors) so the loop does not spin.
-const ACCEPT_ERROR_BACKOFF: Duration = Duration::from_millis(100);
+/// Streams the server may reset for protocol errors the client provokes, before the connection
+/// is closed with GOAWAY. tonic passes "unset" on to hyper, which turns h2's check off; this is
+/// h2's default of 1024.
+pub const MAX_LOCAL_ERROR_RESET_STREAMS: usize = 1024;
+
+/// Server-side deadline of a call without a shorter `grpc-timeout` (the controller-manager sends
+/// `--provider-timeout`, 30 s by default): a backstop for clients that set none. Streaming calls
+/// are bounded only until their response starts.
+pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(600);
 
 /// Where and how a gRPC server listens.
 pub enum Listen {
@@ -135,6 +153,7 @@ enum BoundInner {
         listener: TcpListener,
         local: SocketAddr,
         tls: ServerTls,
+        limits: AcceptLimits,
     },
     Unix {
         listener: UnixListener,
@@ -148,6 +167,10 @@ pub fn server_builder() -> tonic::transport::Server {
         .trace_fn(crate::trace::server_span)
         .http2_keepalive_interval(Some(KEEPALIVE_INTERVAL))
         .http2_keepalive_timeout(Some(KEEPALIVE_TIMEOUT))
+        .max_concurrent_streams(MAX_CONCURRENT_STREAMS)
+        .http2_max_pending_accept_reset_streams(Some(MAX_PENDING_ACCEPT_RESET_STREAMS))
+        .http2_max_local_error_reset_streams(Some(MAX_LOCAL_ERROR_RESET_STREAMS))
+        .timeout(REQUEST_TIMEOUT)
 }
 
 /// Binds the listening socket (replacing a stale Unix socket file) without serving yet.
@@ -164,6 +187,7 @@ pub async fn bind(listen: Listen) -> Result<Bound, ServeError> {
                 listener,
                 local,
                 tls,
+                limits: AcceptLimits::default(),
             }
         }
         Listen::Unix { path } => {
@@ -198,6 +222,15 @@ impl Bound {
         }
     }
 
+    /// Accepts TCP connections under `limits` instead of [`AcceptLimits::default`] (no effect on
+    /// a Unix socket, whose peers are local processes).
+    pub fn with_limits(mut self, new_limits: AcceptLimits) -> Self {
+        if let BoundInner::Tls { limits, .. } = &mut self.inner {
+            *limits = new_limits;
+        }
+        self
+    }
+
     /// Serves `router` until `shutdown` resolves, then stops accepting and drains in-flight
     /// calls. A Unix socket file is removed afterwards.
     pub async fn serve(
@@ -210,10 +243,11 @@ impl Bound {
                 listener,
                 local,
                 tls,
+                limits,
             } => {
-                info!(addr = %local, "serving gRPC over mutual TLS");
-                let incoming =
-                    tls_incoming(listener, move || tls.current_config()).map(Ok::<_, io::Error>);
+                info!(addr = %local, ?limits, "serving gRPC over mutual TLS");
+                let incoming = tls_incoming_with(listener, move || tls.current_config(), limits)
+                    .map(Ok::<_, io::Error>);
                 router
                     .serve_with_incoming_shutdown(incoming, shutdown)
                     .await
@@ -234,83 +268,14 @@ impl Bound {
     }
 }
 
-/// The TLS connections accepted on `listener`, each handshaken with the configuration `config`
-/// returns at accept time (so reloaded certificates apply to new connections): at most
-/// `MAX_PENDING_HANDSHAKES` handshakes in flight, each bounded by `HANDSHAKE_TIMEOUT`, and a
-/// pause after a failed `accept`. Accepting stops when the stream is dropped.
+/// [`tls_incoming_with`] under [`AcceptLimits::default`]: the TLS connections accepted on
+/// `listener`, each handshaken with the configuration `config` returns at accept time (so
+/// reloaded certificates apply to new connections). Accepting stops when the stream is dropped.
 pub fn tls_incoming(
     listener: TcpListener,
     config: impl Fn() -> Arc<rustls::ServerConfig> + Send + 'static,
-) -> impl futures::Stream<Item = TlsStream<TcpStream>> + Send + 'static {
-    let (tx, rx) = mpsc::channel::<TlsStream<TcpStream>>(64);
-    // The accept loop ends by itself once the receiving end is dropped; aborting on drop covers
-    // a loop that is paused at that moment.
-    let accept = AbortOnDrop(tokio::spawn(accept_loop(listener, config, tx)));
-    ReceiverStream::new(rx).map(move |stream| {
-        let _keep = &accept;
-        stream
-    })
-}
-
-struct AbortOnDrop(tokio::task::JoinHandle<()>);
-
-impl Drop for AbortOnDrop {
-    fn drop(&mut self) {
-        self.0.abort();
-    }
-}
-
-async fn accept_loop(
-    listener: TcpListener,
-    config: impl Fn() -> Arc<rustls::ServerConfig>,
-    tx: mpsc::Sender<TlsStream<TcpStream>>,
-) {
-    // Dropping the JoinSet (when the loop ends) aborts handshakes still in progress.
-    let mut handshakes = JoinSet::new();
-    loop {
-        tokio::select! {
-            () = tx.closed() => break,
-            Some(_) = handshakes.join_next(), if !handshakes.is_empty() => {}
-            accepted = listener.accept() => match accepted {
-                Ok((tcp, peer)) => {
-                    if handshakes.len() >= MAX_PENDING_HANDSHAKES {
-                        warn!(%peer, "refusing TCP connection: {MAX_PENDING_HANDSHAKES} TLS handshakes already in progress");
-                        continue;
-                    }
-                    if let Err(err) = tcp.set_nodelay(true) {
-                        debug!(%peer, error = %err, "cannot set TCP_NODELAY");
-                    }
-                    let acceptor = TlsAcceptor::from(config());
-                    handshakes.spawn(handshake(acceptor, tcp, peer, tx.clone()));
-                }
-                Err(err) => {
-                    warn!(error = %err, "accepting a TCP connection failed");
-                    tokio::time::sleep(ACCEPT_ERROR_BACKOFF).await;
-                }
-            },
-        }
-    }
-}
-
-async fn handshake(
-    acceptor: TlsAcceptor,
-    tcp: TcpStream,
-    peer: SocketAddr,
-    tx: mpsc::Sender<TlsStream<TcpStream>>,
-) {
-    match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
-        Ok(Ok(stream)) => {
-            debug!(%peer, "TLS handshake complete");
-            // Fails only when the server is shutting down; the connection is then dropped.
-            let _ = tx.send(stream).await;
-        }
-        Ok(Err(err)) => {
-            warn!(%peer, error = %err, "refusing TLS connection");
-        }
-        Err(_) => {
-            warn!(%peer, "refusing TLS connection: handshake not completed within {HANDSHAKE_TIMEOUT:?}");
-        }
-    }
+) -> impl futures::Stream<Item = TrackedConnection<TlsStream<TcpStream>>> + Send + 'static {
+    tls_incoming_with(listener, config, AcceptLimits::default())
 }
 
 fn remove_stale_socket(path: &Path) -> Result<(), ServeError> {

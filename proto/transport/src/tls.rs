@@ -36,6 +36,8 @@ use rustls::{
 };
 use tracing::{info, warn};
 
+use crate::log_limit::{LogLimiter, warn_limited};
+
 /// The only application protocol spoken: gRPC needs HTTP/2.
 pub(crate) const ALPN_H2: &[u8] = b"h2";
 
@@ -168,8 +170,11 @@ impl ServerTls {
     ) -> Result<Self, TlsError> {
         let allowed_sans: Arc<[String]> = allowed_sans.into();
         let allowed = Arc::clone(&allowed_sans);
+        // One limiter across reloads: a client refused over and over is warned about once per
+        // interval, however often the configuration is rebuilt.
+        let refusals = Arc::new(LogLimiter::default());
         let build = move |files: &TlsFiles, contents: &FileContents| {
-            build_server_config(files, contents, &allowed)
+            build_server_config(files, contents, &allowed, &refusals)
         };
         let reloadable = Reloadable::start(files, Box::new(build), reload_interval, "server")?;
         Ok(Self {
@@ -491,6 +496,7 @@ fn build_server_config(
     files: &TlsFiles,
     contents: &FileContents,
     allowed_sans: &Arc<[String]>,
+    refusals: &Arc<LogLimiter>,
 ) -> Result<Arc<ServerConfig>, TlsError> {
     let provider = provider();
     let certified = certified_key(files, contents, &provider)?;
@@ -504,6 +510,7 @@ fn build_server_config(
     let verifier = Arc::new(SanAllowListVerifier {
         inner: webpki,
         allowed_sans: Arc::clone(allowed_sans),
+        refusals: Arc::clone(refusals),
     });
     let mut config = ServerConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
@@ -541,6 +548,8 @@ fn build_client_config(
 struct SanAllowListVerifier {
     inner: Arc<dyn ClientCertVerifier>,
     allowed_sans: Arc<[String]>,
+    /// Rate limits the warning about a refused certificate (see [`crate::accept`]).
+    refusals: Arc<LogLimiter>,
 }
 
 /// Why an otherwise valid client certificate was refused.
@@ -595,7 +604,7 @@ impl ClientCertVerifier for SanAllowListVerifier {
             presented,
             allowed: self.allowed_sans.to_vec(),
         };
-        warn!("refusing client: {refusal}");
+        warn_limited!(self.refusals, "refusing client: {refusal}");
         // Authenticated but not authorised: `access_denied` is the alert for exactly that.
         Err(rustls::Error::InvalidCertificate(
             CertificateError::ApplicationVerificationFailure,

@@ -46,8 +46,9 @@ pub struct ServeFlags {
     pub tls_reload_interval: Duration,
 
     /// Address of the plain-HTTP /metrics, /healthz, /readyz and /livez endpoint; "0" or ""
-    /// disables it.
-    #[arg(long, default_value = "0.0.0.0:10271")]
+    /// disables it. Loopback by default: the endpoint has neither TLS nor authentication, so
+    /// exposing it (e.g. 0.0.0.0:10271 for Prometheus or HTTP probes) is an explicit choice.
+    #[arg(long, default_value = "127.0.0.1:10271")]
     pub metrics_bind_address: MetricsBind,
 
     /// How long in-flight calls may run after SIGTERM before they are abandoned.
@@ -65,7 +66,7 @@ impl Default for ServeFlags {
             client_ca_file: None,
             allowed_client_sans: Vec::new(),
             tls_reload_interval: Duration::from_secs(10),
-            metrics_bind_address: MetricsBind(Some(SocketAddr::from(([0, 0, 0, 0], 10271)))),
+            metrics_bind_address: MetricsBind(Some(SocketAddr::from(([127, 0, 0, 1], 10271)))),
             shutdown_grace_period: Duration::from_secs(30),
         }
     }

@@ -10,6 +10,7 @@ use axum::extract::State;
 use axum::http::{StatusCode, header};
 use axum::response::IntoResponse;
 use axum::routing::get;
+use cpi_transport::AcceptLimits;
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -164,6 +165,19 @@ async fn ready_handler(State(state): State<HttpState>) -> (StatusCode, &'static 
     }
 }
 
+/// Connections the metrics endpoint holds at once: Prometheus and the kubelet's probes need a
+/// few; at the cap the connection idle the longest is closed, so idle clients cannot keep the
+/// probes out (issue 8).
+const METRICS_MAX_CONNECTIONS: usize = 64;
+
+/// How the metrics endpoint accepts connections: [`AcceptLimits::default`] but for the cap.
+fn metrics_limits() -> AcceptLimits {
+    AcceptLimits {
+        max_connections: METRICS_MAX_CONNECTIONS,
+        ..AcceptLimits::default()
+    }
+}
+
 /// The plain-HTTP endpoint, bound but not yet serving.
 pub(crate) struct HttpEndpoint {
     listener: TcpListener,
@@ -194,14 +208,17 @@ impl HttpEndpoint {
         self.listener.local_addr().ok()
     }
 
-    /// Serves until `shutdown` resolves.
+    /// Serves until `shutdown` resolves, under [`metrics_limits`] and with a header-read timeout
+    /// of [`cpi_transport::http::HEADER_READ_TIMEOUT`] (which also closes idle keep-alive
+    /// connections).
     pub(crate) async fn serve(self, shutdown: impl Future<Output = ()> + Send + 'static) {
-        let addr = self.local_addr();
-        if let Err(err) = axum::serve(self.listener, self.router)
-            .with_graceful_shutdown(shutdown)
-            .await
-        {
-            tracing::error!(?addr, error = %err, "metrics endpoint failed");
-        }
+        let incoming = cpi_transport::tcp_incoming(self.listener, metrics_limits());
+        cpi_transport::serve_http1(
+            incoming,
+            self.router,
+            cpi_transport::http::HEADER_READ_TIMEOUT,
+            shutdown,
+        )
+        .await;
     }
 }

@@ -311,6 +311,14 @@ impl ShimServer {
             .add_optional_service(services.routes)
             .add_optional_service(services.volume_labels)
             .add_optional_service(services.load_balancer_validation);
+        if matches!(listen, cpi_transport::Listen::Tls { .. })
+            && flags.allowed_client_sans.is_empty()
+        {
+            tracing::warn!(
+                "--allowed-client-sans is empty: any client certificate issued by \
+                 --client-ca-file is accepted; list the controller-manager's SAN to admit only it"
+            );
+        }
         // Bound before anything is reported ready, so a taken port or socket fails start-up.
         let bound = cpi_transport::bind(listen).await?;
         let grpc_addr = bound.local_addr();

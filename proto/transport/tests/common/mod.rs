@@ -9,7 +9,7 @@ use std::sync::{Arc, Mutex, OnceLock};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
-use cpi_transport::{ClientTls, Listen, ServeError, ServerTls, TlsFiles};
+use cpi_transport::{AcceptLimits, ClientTls, Listen, ServeError, ServerTls, TlsFiles};
 use futures::future::BoxFuture;
 use rustls::pki_types::{CertificateDer, ServerName};
 use rustls::{ClientConfig, RootCertStore};
@@ -112,6 +112,11 @@ pub struct TestServer {
 
 impl TestServer {
     pub async fn start(listen: Listen, delay: Duration) -> Self {
+        Self::start_limited(listen, delay, AcceptLimits::default()).await
+    }
+
+    /// [`TestServer::start`] accepting TCP connections under `limits`.
+    pub async fn start_limited(listen: Listen, delay: Duration, limits: AcceptLimits) -> Self {
         let (reporter, health) = tonic_health::server::health_reporter();
         let seen = Seen::default();
         let router = cpi_transport::server_builder().add_service(Recording {
@@ -119,7 +124,10 @@ impl TestServer {
             delay,
             seen: seen.clone(),
         });
-        let bound = cpi_transport::bind(listen).await.unwrap();
+        let bound = cpi_transport::bind(listen)
+            .await
+            .unwrap()
+            .with_limits(limits);
         let addr = bound.local_addr().tcp();
         let (tx, rx) = oneshot::channel::<()>();
         let task = tokio::spawn(bound.serve(router, async {
@@ -135,11 +143,16 @@ impl TestServer {
     }
 
     pub async fn start_tls(tls: ServerTls) -> Self {
+        Self::start_tls_limited(tls, AcceptLimits::default()).await
+    }
+
+    /// A TLS server on 127.0.0.1 accepting under `limits`.
+    pub async fn start_tls_limited(tls: ServerTls, limits: AcceptLimits) -> Self {
         let listen = Listen::Tls {
             addr: "127.0.0.1:0".parse().unwrap(),
             tls,
         };
-        Self::start(listen, Duration::ZERO).await
+        Self::start_limited(listen, Duration::ZERO, limits).await
     }
 
     pub fn uri(&self) -> String {
@@ -207,11 +220,16 @@ impl MtlsServer {
     /// Starts a server admitting client certificates from its CA whose SAN is in `allowed`
     /// (empty: any).
     pub async fn start(allowed: &[&str]) -> Self {
+        Self::start_limited(allowed, AcceptLimits::default()).await
+    }
+
+    /// [`MtlsServer::start`] accepting under `limits`.
+    pub async fn start_limited(allowed: &[&str], limits: AcceptLimits) -> Self {
         let pki = Pki::new().unwrap();
         let ca = Ca::new("ca").unwrap();
         let leaf = ca.issue(&["localhost"]).unwrap();
         let files = pki.write_tls_files("server", &leaf, ca.cert_pem()).unwrap();
-        let server = TestServer::start_tls(server_tls(&files, allowed)).await;
+        let server = TestServer::start_tls_limited(server_tls(&files, allowed), limits).await;
         Self {
             pki,
             ca,
@@ -277,12 +295,20 @@ pub struct Handshake {
     pub alpn: Option<Vec<u8>>,
 }
 
+/// A raw rustls client connection to the `localhost` server at `addr`.
+pub async fn tls_connect(
+    addr: SocketAddr,
+    config: Arc<ClientConfig>,
+) -> std::io::Result<tokio_rustls::client::TlsStream<TcpStream>> {
+    let tcp = TcpStream::connect(addr).await?;
+    tokio_rustls::TlsConnector::from(config)
+        .connect(ServerName::try_from("localhost").unwrap(), tcp)
+        .await
+}
+
 /// Handshakes with a raw rustls client and returns what the server presented and negotiated.
 pub async fn handshake(addr: SocketAddr, config: Arc<ClientConfig>) -> std::io::Result<Handshake> {
-    let tcp = TcpStream::connect(addr).await?;
-    let stream = tokio_rustls::TlsConnector::from(config)
-        .connect(ServerName::try_from("localhost").unwrap(), tcp)
-        .await?;
+    let stream = tls_connect(addr, config).await?;
     let (_, conn) = stream.get_ref();
     Ok(Handshake {
         cert: conn.peer_certificates().unwrap()[0].clone().into_owned(),
@@ -307,10 +333,7 @@ pub fn raw_channel(addr: SocketAddr, config: Arc<ClientConfig>) -> Channel {
         .connect_with_connector_lazy(tower::service_fn(move |_: Uri| {
             let config = Arc::clone(&config);
             async move {
-                let tcp = TcpStream::connect(addr).await?;
-                let stream = tokio_rustls::TlsConnector::from(config)
-                    .connect(ServerName::try_from("localhost").unwrap(), tcp)
-                    .await?;
+                let stream = tls_connect(addr, config).await?;
                 Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(stream))
             }
         }))
@@ -330,6 +353,18 @@ pub fn anonymous_client_config(ca_pem: &str) -> Arc<ClientConfig> {
             .with_no_client_auth();
     config.alpn_protocols = vec![b"h2".to_vec()];
     Arc::new(config)
+}
+
+/// Whether the peer closed `stream` (EOF or error) within `budget`; data read meanwhile is
+/// discarded.
+pub async fn closed_within<S: tokio::io::AsyncRead + Unpin>(
+    stream: &mut S,
+    budget: Duration,
+) -> bool {
+    use tokio::io::AsyncReadExt as _;
+    tokio::time::timeout(budget, stream.read_to_end(&mut Vec::new()))
+        .await
+        .is_ok()
 }
 
 /// Polls `condition` every 50 ms for up to 5 s.
