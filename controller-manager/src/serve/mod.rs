@@ -10,13 +10,11 @@ use axum::extract::{Query, State};
 use axum::http::StatusCode;
 use axum::response::IntoResponse;
 use axum::routing::get;
-use hyper_util::rt::TokioIo;
-use hyper_util::service::TowerToHyperService;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use tokio::net::TcpListener;
 use tokio_rustls::TlsAcceptor;
-use tracing::{debug, info, warn};
+use tracing::{info, warn};
 
 use prometheus_client::registry::Registry;
 
@@ -254,28 +252,17 @@ pub async fn bind(
     Ok((local, accept_loop(listener, acceptor, router)))
 }
 
-/// How long a client may take to send a request's headers.
-pub const HEADER_READ_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
-
-/// Serves HTTP/1.1 on every TLS connection of the transport crate's bounded accept loop.
+/// Serves HTTP/1.1 on the transport crate's bounded TLS accept loop (handshake timeout,
+/// connection caps, idle timeout), with its header-read timeout: slow or idle clients must not
+/// hold the connections a kubelet probe needs.
 async fn accept_loop(listener: TcpListener, acceptor: TlsAcceptor, router: Router) {
     let config = acceptor.config().clone();
     let incoming = cpi_transport::tls_incoming(listener, move || config.clone());
-    let mut incoming = std::pin::pin!(incoming);
-    while let Some(tls) = futures::StreamExt::next(&mut incoming).await {
-        let service = TowerToHyperService::new(router.clone());
-        tokio::spawn(async move {
-            if let Err(err) = hyper::server::conn::http1::Builder::new()
-                // A client that does not finish its request headers (or, on a kept-alive
-                // connection, does not send the next request) within this time is dropped:
-                // slow or idle clients must not hold connections a kubelet probe needs.
-                .timer(hyper_util::rt::TokioTimer::new())
-                .header_read_timeout(HEADER_READ_TIMEOUT)
-                .serve_connection(TokioIo::new(tls), service)
-                .await
-            {
-                debug!(error = %err, "connection error");
-            }
-        });
-    }
+    cpi_transport::serve_http1(
+        incoming,
+        router,
+        cpi_transport::http::HEADER_READ_TIMEOUT,
+        std::future::pending(),
+    )
+    .await;
 }
