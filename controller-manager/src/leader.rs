@@ -2,8 +2,11 @@
 //! judged by when *we* last saw the record change (immune to clock skew), the leader renews
 //! every retry period and gives up when it could not renew within the renew deadline.
 //!
-//! Acquiring yields a [`Fence`]: the lease transitions count at acquisition, carried by every
-//! mutating CPI call so a shim can refuse a deposed leader's writes.
+//! Acquiring yields a [`Fence`]: the Lease's UID and transitions count at acquisition, carried
+//! by every mutating CPI call so a shim can refuse a deposed leader's writes. The UID tells the
+//! shim a Lease that was deleted and created again (its transitions restart at 0) from a
+//! deposed leader; for the same reason a leader whose Lease is deleted under it stops leading
+//! instead of recreating it under its old fence.
 
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -42,6 +45,10 @@ pub enum Lost {
     /// No renewal succeeded within the renew deadline.
     #[error("could not renew the lease within {0:?}: {1}")]
     RenewDeadline(Duration, String),
+    /// The Lease was deleted (and maybe created again) while we held it: our fence names a
+    /// lease generation that is gone.
+    #[error("lease with uid {0:?} was deleted")]
+    LeaseDeleted(String),
 }
 
 /// Live leadership state, read by the health checks and metrics.
@@ -62,14 +69,24 @@ pub struct LeaderElector {
     config: LeaseConfig,
     observed: Option<(LeaseSpec, Instant)>,
     status: SharedStatus,
+    /// UID of the Lease we acquired, while we lead.
+    held_uid: Option<String>,
+}
+
+/// The Lease generation and transitions count we hold.
+struct Term {
+    uid: String,
+    transitions: i64,
 }
 
 /// Outcome of one acquire-or-renew attempt.
 enum Attempt {
-    Held(i64),
+    Held(Term),
     HeldByOther(String),
     /// Someone wrote the lease between our read and our write; try again.
     Conflict,
+    /// The Lease we lead on does not exist any more.
+    Deleted,
 }
 
 impl LeaderElector {
@@ -80,6 +97,7 @@ impl LeaderElector {
             config,
             observed: None,
             status,
+            held_uid: None,
         }
     }
 
@@ -92,19 +110,23 @@ impl LeaderElector {
         info!(lease = %self.lease_key(), identity = %self.config.identity, "attempting to acquire leader lease");
         loop {
             match self.try_acquire_or_renew().await {
-                Ok(Attempt::Held(transitions)) => {
-                    info!(lease = %self.lease_key(), identity = %self.config.identity, "successfully acquired lease");
+                Ok(Attempt::Held(term)) => {
+                    info!(lease = %self.lease_key(), identity = %self.config.identity, lease_uid = %term.uid, "successfully acquired lease");
                     self.set_status(true);
+                    self.held_uid = Some(term.uid.clone());
                     return Fence {
                         lease: self.lease_key(),
                         holder_identity: self.config.identity.clone(),
-                        lease_transitions: transitions,
+                        lease_transitions: term.transitions,
+                        lease_uid: term.uid,
                     };
                 }
                 Ok(Attempt::HeldByOther(holder)) => {
                     debug!(%holder, "lease is held by another replica");
                 }
                 Ok(Attempt::Conflict) => debug!("lease changed while acquiring; retrying"),
+                // Only while leading is a missing Lease not simply created.
+                Ok(Attempt::Deleted) => debug!("lease deleted while acquiring; retrying"),
                 Err(err) => warn!(error = %err, lease = %self.lease_key(), "error acquiring lease"),
             }
             tokio::time::sleep(jitter(self.config.retry_period)).await;
@@ -121,13 +143,22 @@ impl LeaderElector {
                 .config
                 .renew_deadline
                 .saturating_sub(last_renew.elapsed());
+            let held_uid = self.held_uid.clone().unwrap_or_default();
             match tokio::time::timeout(remaining, self.try_acquire_or_renew()).await {
-                Ok(Ok(Attempt::Held(_))) => {
+                Ok(Ok(Attempt::Held(term))) if term.uid == held_uid => {
                     last_renew = Instant::now();
                     self.set_status(true);
                 }
+                // Recreated between two renewals and taken by us: the fence we hand out names
+                // the old generation, so this term is over all the same.
+                Ok(Ok(Attempt::Held(_) | Attempt::Deleted)) => {
+                    self.set_status(false);
+                    self.held_uid = None;
+                    return Lost::LeaseDeleted(held_uid);
+                }
                 Ok(Ok(Attempt::HeldByOther(holder))) => {
                     self.set_status(false);
+                    self.held_uid = None;
                     return Lost::TakenOver(holder);
                 }
                 Ok(Ok(Attempt::Conflict)) => last_error = "conflicting lease update".into(),
@@ -139,6 +170,7 @@ impl LeaderElector {
             }
             if last_renew.elapsed() >= self.config.renew_deadline {
                 self.set_status(false);
+                self.held_uid = None;
                 return Lost::RenewDeadline(self.config.renew_deadline, last_error);
             }
         }
@@ -147,6 +179,7 @@ impl LeaderElector {
     /// Gives the lease up (on graceful shutdown) so a standby takes over at once.
     pub async fn release(&mut self) {
         self.set_status(false);
+        self.held_uid = None;
         let Ok(Some(mut lease)) = self.api.get_opt(&self.config.name).await else {
             return;
         };
@@ -185,6 +218,10 @@ impl LeaderElector {
         let now = MicroTime(Timestamp::now());
         let duration_secs = i32::try_from(self.config.lease_duration.as_secs()).unwrap_or(i32::MAX);
         let Some(mut lease) = self.api.get_opt(&self.config.name).await? else {
+            if self.held_uid.is_some() {
+                // Recreating it would lead on under a fence naming the deleted generation.
+                return Ok(Attempt::Deleted);
+            }
             let spec = LeaseSpec {
                 holder_identity: Some(self.config.identity.clone()),
                 lease_duration_seconds: Some(duration_secs),
@@ -202,9 +239,12 @@ impl LeaderElector {
                 spec: Some(spec.clone()),
             };
             return match self.api.create(&PostParams::default(), &lease).await {
-                Ok(_) => {
+                Ok(created) => {
                     self.observed = Some((spec, Instant::now()));
-                    Ok(Attempt::Held(0))
+                    Ok(Attempt::Held(Term {
+                        uid: created.metadata.uid.unwrap_or_default(),
+                        transitions: 0,
+                    }))
                 }
                 Err(kube::Error::Api(status)) if status.code == 409 => Ok(Attempt::Conflict),
                 Err(err) => Err(err),
@@ -255,9 +295,12 @@ impl LeaderElector {
             .replace(&self.config.name, &PostParams::default(), &lease)
             .await
         {
-            Ok(_) => {
+            Ok(replaced) => {
                 self.observed = Some((spec, Instant::now()));
-                Ok(Attempt::Held(i64::from(transitions)))
+                Ok(Attempt::Held(Term {
+                    uid: replaced.metadata.uid.unwrap_or_default(),
+                    transitions: i64::from(transitions),
+                }))
             }
             Err(kube::Error::Api(status)) if status.code == 409 => Ok(Attempt::Conflict),
             Err(err) => Err(err),
@@ -269,4 +312,149 @@ impl LeaderElector {
 fn jitter(base: Duration) -> Duration {
     let extra = rand::random::<f64>() * 0.2;
     base.mul_f64(1.0 + extra)
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
+mod tests {
+    //! The fence leader election hands out, against the real API server and a shim served by
+    //! the shim framework (the fake provider) over a real socket.
+
+    use super::*;
+    use crate::cloud::{Cloud, CloudMetrics, ConnectSettings, ProviderEndpoint};
+    use cpi_proto::CpiError;
+    use cpi_proto::v1::AddSshKeyRequest;
+    use fake_provider::FakeCloud;
+    use kube::api::DeleteParams;
+    use test_control_plane::ControlPlane;
+
+    // The lease the shim framework fences on by default. No other test of this binary uses a
+    // Lease, so the shared control plane is ours for it.
+    const NAMESPACE: &str = "kube-system";
+    const NAME: &str = "cloud-controller-manager";
+
+    fn elector(client: &kube::Client, identity: &str) -> LeaderElector {
+        LeaderElector::new(
+            client.clone(),
+            LeaseConfig {
+                namespace: NAMESPACE.into(),
+                name: NAME.into(),
+                identity: identity.into(),
+                lease_duration: Duration::from_secs(15),
+                renew_deadline: Duration::from_secs(10),
+                retry_period: Duration::from_millis(200),
+            },
+            SharedStatus::default(),
+        )
+    }
+
+    async fn acquire(elector: &mut LeaderElector) -> Fence {
+        tokio::time::timeout(Duration::from_secs(30), elector.acquire())
+            .await
+            .expect("lease acquired")
+    }
+
+    /// One mutating call (AddSSHKeyToAllInstances: the fake provider does not implement it, so
+    /// a call that passes the fence fails with NOT_IMPLEMENTED).
+    async fn mutate(cloud: &Cloud, fence: &Fence) -> Result<(), CpiError> {
+        let request = AddSshKeyRequest {
+            user: "core".into(),
+            key_data: b"ssh-ed25519 AAAA".to_vec(),
+            fence: Some(fence.clone()),
+        };
+        let mut instances = cloud.instances();
+        let call = instances.add_ssh_key_to_all_instances(request);
+        match cloud.call("Instances/AddSSHKeyToAllInstances", call).await {
+            Ok(_) | Err(CpiError::NotImplemented(_)) => Ok(()),
+            Err(err) => Err(err),
+        }
+    }
+
+    async fn lease_uid(leases: &Api<Lease>) -> String {
+        leases.get(NAME).await.unwrap().metadata.uid.unwrap()
+    }
+
+    #[tokio::test]
+    async fn fences_name_the_lease_generation_and_a_recreated_lease_is_accepted() {
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let cp = ControlPlane::shared().await.unwrap();
+        let client = cp.client().unwrap();
+        let leases: Api<Lease> = Api::namespaced(client.clone(), NAMESPACE);
+        let _ = leases.delete(NAME, &DeleteParams::default()).await;
+        let fake = FakeCloud::default().serve().await.unwrap();
+        let cloud = Cloud::connect(
+            &ProviderEndpoint::Unix(fake.socket_path().to_path_buf()),
+            &ConnectSettings {
+                request_timeout: Duration::from_secs(5),
+                reload_interval: Duration::from_secs(10),
+                startup_timeout: Duration::from_secs(5),
+            },
+            CloudMetrics::default(),
+        )
+        .await
+        .unwrap();
+
+        // A creates the Lease; its fence names the Lease and its UID.
+        let mut a = elector(&client, "replica-a");
+        let first = acquire(&mut a).await;
+        let uid = lease_uid(&leases).await;
+        assert_eq!(first.lease, "kube-system/cloud-controller-manager");
+        assert_eq!(
+            (first.lease_uid.as_str(), first.lease_transitions),
+            (uid.as_str(), 0)
+        );
+        mutate(&cloud, &first).await.expect("first leader");
+
+        // A hands over to B: same generation, one transition later; A is deposed.
+        a.release().await;
+        let mut b = elector(&client, "replica-b");
+        let second = acquire(&mut b).await;
+        assert_eq!(
+            (second.lease_uid.as_str(), second.lease_transitions),
+            (uid.as_str(), 1)
+        );
+        mutate(&cloud, &second).await.expect("second leader");
+        let deposed = mutate(&cloud, &first).await;
+        assert!(
+            matches!(deposed, Err(CpiError::StaleLeader(_))),
+            "{deposed:?}"
+        );
+
+        // A client claiming the real lease at i64::MAX is refused and does not lock B out.
+        let forged = Fence {
+            lease_transitions: i64::MAX,
+            holder_identity: "rogue".into(),
+            ..second.clone()
+        };
+        let refused = mutate(&cloud, &forged).await;
+        assert!(
+            matches!(refused, Err(CpiError::InvalidObject { .. })),
+            "{refused:?}"
+        );
+        mutate(&cloud, &second).await.expect("B is not locked out");
+
+        // The Lease is deleted: B stops leading rather than recreate it under its old fence.
+        leases.delete(NAME, &DeleteParams::default()).await.unwrap();
+        let lost = tokio::time::timeout(Duration::from_secs(5), b.hold())
+            .await
+            .expect("B notices the deletion within its renew deadline");
+        assert_eq!(lost, Lost::LeaseDeleted(uid.clone()));
+        assert!(
+            leases.get_opt(NAME).await.unwrap().is_none(),
+            "B recreated the Lease"
+        );
+
+        // C creates it again: a new UID, transitions back at 0, and the shim accepts it.
+        let mut c = elector(&client, "replica-c");
+        let third = acquire(&mut c).await;
+        assert_ne!(third.lease_uid, uid);
+        assert_eq!(
+            (third.lease_uid.clone(), third.lease_transitions),
+            (lease_uid(&leases).await, 0)
+        );
+        mutate(&cloud, &third)
+            .await
+            .expect("the recreated Lease's first leader is accepted");
+        c.release().await;
+    }
 }

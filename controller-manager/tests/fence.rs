@@ -11,12 +11,20 @@ use support::harness;
 use tokio::sync::watch;
 
 const LEASE: &str = "kube-system/cloud-controller-manager";
+/// The Lease's UID; [`RECREATED`] after it was deleted and created again.
+const UID: &str = "8d3f2c1a-0000-4000-8000-000000000001";
+const RECREATED: &str = "8d3f2c1a-0000-4000-8000-000000000002";
 
 fn fence(holder: &str, term: i64) -> Fence {
+    fence_of(UID, holder, term)
+}
+
+fn fence_of(uid: &str, holder: &str, term: i64) -> Fence {
     Fence {
         lease: LEASE.into(),
         holder_identity: holder.into(),
         lease_transitions: term,
+        lease_uid: uid.into(),
     }
 }
 
@@ -67,4 +75,35 @@ async fn mutating_calls_carry_the_current_term_and_a_deposed_leader_is_refused()
         Err(CpiError::StaleLeader(_)) => {}
         other => panic!("B is deposed now, got {other:?}"),
     }
+}
+
+#[tokio::test]
+async fn a_forged_term_cannot_lock_out_the_leader_and_a_recreated_lease_is_accepted() {
+    let h = harness(FakeCloud::default()).await;
+    let (term, leader_fence) = watch::channel(Some(fence("replica-a", 4)));
+    let leader = h.cloud.clone().with_fence(leader_fence);
+    mutate(&leader).await.expect("term 4 accepted");
+
+    // Another client claims the lease at i64::MAX (under its UID or a made-up one), or names
+    // another lease: refused, and the leader's next call still passes.
+    let mut other_lease = fence("rogue", 5);
+    other_lease.lease = "kube-system/rogue".into();
+    for forged in [
+        fence("rogue", i64::MAX),
+        fence_of("made-up", "rogue", i64::MAX),
+        other_lease,
+    ] {
+        let (_, forged_fence) = watch::channel(Some(forged.clone()));
+        match mutate(&h.cloud.clone().with_fence(forged_fence)).await {
+            Err(CpiError::InvalidObject { .. }) => {}
+            other => panic!("{forged:?} must be refused as invalid, got {other:?}"),
+        }
+        mutate(&leader).await.expect("the leader is not locked out");
+    }
+
+    // The Lease is deleted and created again: new UID, transitions back at 0.
+    term.send_replace(Some(fence_of(RECREATED, "replica-b", 0)));
+    mutate(&leader)
+        .await
+        .expect("the recreated Lease's leader is accepted");
 }

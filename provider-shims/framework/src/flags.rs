@@ -9,6 +9,7 @@ use std::time::Duration;
 use cpi_transport::{Listen, ServerTls, TlsFiles};
 
 use crate::error::ShimError;
+use crate::fence::{DEFAULT_FENCE_LEASE, parse_fence_lease};
 
 /// Where the gRPC service listens and how it shuts down.
 #[derive(Debug, Clone, clap::Args)]
@@ -54,6 +55,17 @@ pub struct ServeFlags {
     /// How long in-flight calls may run after SIGTERM before they are abandoned.
     #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
     pub shutdown_grace_period: Duration,
+
+    /// The Lease mutating calls are fenced on, as the controller-manager's
+    /// --leader-elect-resource-namespace/--leader-elect-resource-name; a fence naming another
+    /// lease is refused.
+    #[arg(
+        long,
+        value_name = "NAMESPACE/NAME",
+        default_value = DEFAULT_FENCE_LEASE,
+        value_parser = parse_fence_lease,
+    )]
+    pub fence_lease: String,
 }
 
 impl Default for ServeFlags {
@@ -68,6 +80,7 @@ impl Default for ServeFlags {
             tls_reload_interval: Duration::from_secs(10),
             metrics_bind_address: MetricsBind(Some(SocketAddr::from(([127, 0, 0, 1], 10271)))),
             shutdown_grace_period: Duration::from_secs(30),
+            fence_lease: DEFAULT_FENCE_LEASE.to_string(),
         }
     }
 }
@@ -194,6 +207,7 @@ mod tests {
         assert_eq!(cli.serve.metrics_bind_address, d.metrics_bind_address);
         assert_eq!(cli.serve.tls_reload_interval, d.tls_reload_interval);
         assert_eq!(cli.serve.shutdown_grace_period, d.shutdown_grace_period);
+        assert_eq!(cli.serve.fence_lease, d.fence_lease);
     }
 
     #[test]
@@ -208,6 +222,7 @@ mod tests {
             "--tls-reload-interval=1m",
             "--metrics-bind-address=0",
             "--shutdown-grace-period=5s",
+            "--fence-lease=infra/my-ccm",
         ])
         .unwrap();
         assert_eq!(
@@ -217,6 +232,7 @@ mod tests {
         assert_eq!(cli.serve.tls_reload_interval, Duration::from_secs(60));
         assert_eq!(cli.serve.metrics_bind_address, MetricsBind(None));
         assert_eq!(cli.serve.shutdown_grace_period, Duration::from_secs(5));
+        assert_eq!(cli.serve.fence_lease, "infra/my-ccm");
     }
 
     #[test]
@@ -225,6 +241,7 @@ mod tests {
             ["shim", "--shutdown-grace-period=soon"],
             ["shim", "--metrics-bind-address=localhost"],
             ["shim", "--bind-address=nowhere"],
+            ["shim", "--fence-lease=cloud-controller-manager"],
         ] {
             assert!(Cli::try_parse_from(args).is_err(), "{args:?}");
         }

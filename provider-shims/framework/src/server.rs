@@ -91,7 +91,7 @@ impl ShimServerBuilder {
         self
     }
 
-    /// Keeps fence high-water marks in `store` instead of process memory.
+    /// Keeps the fence mark of `--fence-lease` in `store` instead of process memory.
     pub fn fence_store(mut self, store: impl FenceStore) -> Self {
         self.fence_store = Arc::new(store);
         self
@@ -269,7 +269,8 @@ impl ShimServer {
     }
 
     /// Checks the flags, loads TLS material and binds the gRPC and metrics listeners (failing
-    /// fast on any of them), then serves in the background. On SIGTERM, SIGINT or `shutdown`:
+    /// fast on any of them), then serves in the background, fencing mutating calls on
+    /// `--fence-lease`. On SIGTERM, SIGINT or `shutdown`:
     /// every health status turns NOT_SERVING and /readyz fails, the listener closes, and
     /// in-flight calls get up to `--shutdown-grace-period` to finish before they are abandoned.
     pub async fn start(
@@ -278,6 +279,7 @@ impl ShimServer {
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> Result<RunningShim, ShimError> {
         let listen = flags.listen()?;
+        self.core.fence.set_lease(&flags.fence_lease).await;
         use tokio::signal::unix::{SignalKind, signal};
         let mut sigterm = signal(SignalKind::terminate()).map_err(ShimError::Signal)?;
         let mut sigint = signal(SignalKind::interrupt()).map_err(ShimError::Signal)?;
@@ -341,7 +343,8 @@ impl ShimServer {
         let grace = flags.shutdown_grace_period;
         let provider = self.core.provider.name.clone();
         ready.store(true, Ordering::SeqCst);
-        tracing::info!(%provider, grpc = %grpc_addr, ?metrics_addr, "serving CPI");
+        let fence_lease = &flags.fence_lease;
+        tracing::info!(%provider, grpc = %grpc_addr, ?metrics_addr, %fence_lease, "serving CPI");
         let task = tokio::spawn(async move {
             let (stop_http_tx, mut stop_http_rx) = watch::channel(false);
             let http_task = http.map(|http| {

@@ -2,23 +2,35 @@
 //! tables. Every write is its own durable (fsynced) transaction, so a crash loses nothing that
 //! was acknowledged.
 //!
-//! Tables today: `meta` (schema version) and `fence_marks` (the framework's fence high-water
-//! marks). Load-balancer addresses and routes will get their own tables.
+//! Tables today: `meta` (schema version) and `fence_marks_v2` (the framework's fence marks, one
+//! row per fenced lease: with `--fence-lease` there is one, and [`MAX_FENCE_MARKS`] bounds the
+//! table whatever happens). Load-balancer addresses and routes will get their own tables.
+//!
+//! Schema versions: 1 had `fence_marks` without the lease UID; opening it drops those marks
+//! (they cannot be compared with fences that carry a UID), as a reset would.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
+use redb::{Database, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition};
 use shim_framework::{FenceMark, FenceStore, FenceStoreError};
 
 /// Schema version written by this build; a newer one on disk refuses to open.
-const SCHEMA_VERSION: u64 = 1;
+const SCHEMA_VERSION: u64 = 2;
 const SCHEMA_KEY: &str = "schema_version";
 
 /// `key → value` metadata about the database itself.
 const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
-/// `lease → (lease_transitions, holder_identity)`.
-const FENCE_MARKS: TableDefinition<&str, (i64, &str)> = TableDefinition::new("fence_marks");
+/// Schema 1: `lease → (lease_transitions, holder_identity)`; dropped when opened.
+const FENCE_MARKS_V1: TableDefinition<&str, (i64, &str)> = TableDefinition::new("fence_marks");
+/// `lease → (lease_uid, lease_transitions, holder_identity)`.
+const FENCE_MARKS: TableDefinition<&str, (&str, i64, &str)> =
+    TableDefinition::new("fence_marks_v2");
+
+/// Most rows `fence_marks_v2` holds. The framework only stores its `--fence-lease`, so more
+/// rows only come from changing that flag; a mark for a new lease beyond this many drops the
+/// others (leases no longer fenced on) rather than grow the table.
+pub const MAX_FENCE_MARKS: u64 = 16;
 
 /// A state-database failure, naming the file and what was being done.
 #[derive(Debug, thiserror::Error)]
@@ -143,8 +155,19 @@ impl Store {
                         supported: SCHEMA_VERSION,
                     });
                 }
-                Some(_) => {}
-                None => {
+                Some(SCHEMA_VERSION) => {}
+                older => {
+                    if older.is_some()
+                        && txn
+                            .delete_table(FENCE_MARKS_V1)
+                            .map_err(|e| fail(e.into()))?
+                    {
+                        tracing::warn!(
+                            path = %self.inner.path.display(),
+                            "dropped the fence marks of schema 1 (no lease UID); the next \
+                             leader's fence sets a new mark"
+                        );
+                    }
                     meta.insert(SCHEMA_KEY, SCHEMA_VERSION)
                         .map_err(|e| fail(e.into()))?;
                 }
@@ -160,8 +183,9 @@ impl Store {
         let txn = self.inner.db.begin_read().map_err(|e| fail(e.into()))?;
         let table = txn.open_table(FENCE_MARKS).map_err(|e| fail(e.into()))?;
         let mark = table.get(lease).map_err(|e| fail(e.into()))?.map(|v| {
-            let (lease_transitions, holder) = v.value();
+            let (lease_uid, lease_transitions, holder) = v.value();
             FenceMark {
+                lease_uid: lease_uid.to_string(),
                 lease_transitions,
                 holder_identity: holder.to_string(),
             }
@@ -169,20 +193,51 @@ impl Store {
         Ok(mark)
     }
 
-    /// Durably replaces the fence mark of `lease`.
+    /// Durably replaces the fence mark of `lease`; a new lease in a table already holding
+    /// [`MAX_FENCE_MARKS`] rows drops the other rows first.
     pub fn set_fence_mark(&self, lease: &str, mark: &FenceMark) -> Result<(), StoreError> {
         let fail = self.io_error("writing a fence mark");
         let txn = self.inner.db.begin_write().map_err(|e| fail(e.into()))?;
         {
             let mut table = txn.open_table(FENCE_MARKS).map_err(|e| fail(e.into()))?;
+            let known = table.get(lease).map_err(|e| fail(e.into()))?.is_some();
+            let rows = table.len().map_err(|e| fail(e.into()))?;
+            if !known && rows >= MAX_FENCE_MARKS {
+                table.retain(|_, _| false).map_err(|e| fail(e.into()))?;
+                tracing::warn!(
+                    path = %self.inner.path.display(),
+                    rows,
+                    %lease,
+                    "fence mark table full; dropped the marks of other leases"
+                );
+            }
             table
                 .insert(
                     lease,
-                    (mark.lease_transitions, mark.holder_identity.as_str()),
+                    (
+                        mark.lease_uid.as_str(),
+                        mark.lease_transitions,
+                        mark.holder_identity.as_str(),
+                    ),
                 )
                 .map_err(|e| fail(e.into()))?;
         }
         txn.commit().map_err(|e| fail(e.into()))
+    }
+
+    /// Durably forgets every fence mark (`local-shim --reset-fence`); returns how many there
+    /// were.
+    pub fn clear_fence_marks(&self) -> Result<u64, StoreError> {
+        let fail = self.io_error("clearing the fence marks");
+        let txn = self.inner.db.begin_write().map_err(|e| fail(e.into()))?;
+        let rows = {
+            let mut table = txn.open_table(FENCE_MARKS).map_err(|e| fail(e.into()))?;
+            let rows = table.len().map_err(|e| fail(e.into()))?;
+            table.retain(|_, _| false).map_err(|e| fail(e.into()))?;
+            rows
+        };
+        txn.commit().map_err(|e| fail(e.into()))?;
+        Ok(rows)
     }
 }
 
@@ -211,8 +266,11 @@ fn create_private_dir(dir: &Path) -> std::io::Result<()> {
 mod tests {
     use super::*;
 
-    fn mark(transitions: i64, holder: &str) -> FenceMark {
+    const LEASE: &str = "kube-system/cloud-controller-manager";
+
+    fn mark(uid: &str, transitions: i64, holder: &str) -> FenceMark {
         FenceMark {
+            lease_uid: uid.into(),
             lease_transitions: transitions,
             holder_identity: holder.into(),
         }
@@ -224,19 +282,12 @@ mod tests {
         let state = dir.path().join("state");
         {
             let store = Store::open(&state).unwrap();
-            assert_eq!(store.fence_mark("kube-system/ccm").unwrap(), None);
-            store
-                .set_fence_mark("kube-system/ccm", &mark(3, "a"))
-                .unwrap();
-            store
-                .set_fence_mark("kube-system/ccm", &mark(4, "b"))
-                .unwrap();
+            assert_eq!(store.fence_mark(LEASE).unwrap(), None);
+            store.set_fence_mark(LEASE, &mark("u1", 3, "a")).unwrap();
+            store.set_fence_mark(LEASE, &mark("u2", 0, "b")).unwrap();
         }
         let store = Store::open(&state).unwrap();
-        assert_eq!(
-            store.fence_mark("kube-system/ccm").unwrap(),
-            Some(mark(4, "b"))
-        );
+        assert_eq!(store.fence_mark(LEASE).unwrap(), Some(mark("u2", 0, "b")));
         assert_eq!(store.path(), state.join("state.redb"));
     }
 
@@ -244,9 +295,10 @@ mod tests {
     async fn fence_guard_over_a_reopened_store_refuses_the_old_leader() {
         let dir = tempfile::tempdir().unwrap();
         let fence = |t: i64, h: &str| cpi_proto::v1::Fence {
-            lease: "kube-system/ccm".into(),
+            lease: LEASE.into(),
             holder_identity: h.into(),
             lease_transitions: t,
+            lease_uid: "u1".into(),
         };
         {
             let guard = shim_framework::FenceGuard::new(Arc::new(Store::open(dir.path()).unwrap()));
@@ -257,6 +309,71 @@ mod tests {
             guard.check(Some(&fence(6, "old"))).await,
             Err(cpi_proto::CpiError::StaleLeader(_))
         ));
+    }
+
+    #[test]
+    fn clearing_forgets_every_mark_durably() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let store = Store::open(dir.path()).unwrap();
+            store.set_fence_mark(LEASE, &mark("u1", 9, "a")).unwrap();
+            store
+                .set_fence_mark("infra/ccm", &mark("u2", 1, "b"))
+                .unwrap();
+            assert_eq!(store.clear_fence_marks().unwrap(), 2);
+            assert_eq!(store.clear_fence_marks().unwrap(), 0);
+        }
+        let store = Store::open(dir.path()).unwrap();
+        assert_eq!(store.fence_mark(LEASE).unwrap(), None);
+        assert_eq!(store.fence_mark("infra/ccm").unwrap(), None);
+    }
+
+    #[test]
+    fn the_fence_mark_table_is_bounded() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        for i in 0..MAX_FENCE_MARKS {
+            store
+                .set_fence_mark(&format!("ns/lease-{i}"), &mark("u", 1, "a"))
+                .unwrap();
+        }
+        // Known leases are updated in place, whatever the count.
+        store
+            .set_fence_mark("ns/lease-0", &mark("u", 2, "a"))
+            .unwrap();
+        assert_eq!(
+            store.fence_mark("ns/lease-1").unwrap(),
+            Some(mark("u", 1, "a"))
+        );
+        // One more lease drops the others instead of growing the table.
+        store.set_fence_mark(LEASE, &mark("u", 5, "b")).unwrap();
+        assert_eq!(store.fence_mark(LEASE).unwrap(), Some(mark("u", 5, "b")));
+        assert_eq!(store.fence_mark("ns/lease-0").unwrap(), None);
+        assert_eq!(store.clear_fence_marks().unwrap(), 1);
+    }
+
+    #[test]
+    fn schema_1_marks_are_dropped_on_open() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let db = Database::create(dir.path().join(Store::FILE_NAME)).unwrap();
+            let txn = db.begin_write().unwrap();
+            {
+                txn.open_table(META).unwrap().insert(SCHEMA_KEY, 1).unwrap();
+                txn.open_table(FENCE_MARKS_V1)
+                    .unwrap()
+                    .insert(LEASE, (7, "old"))
+                    .unwrap();
+            }
+            txn.commit().unwrap();
+        }
+        let store = Store::open(dir.path()).unwrap();
+        assert_eq!(store.fence_mark(LEASE).unwrap(), None);
+        store.set_fence_mark(LEASE, &mark("u1", 0, "a")).unwrap();
+        drop(store);
+        // Reopening a current database keeps its marks.
+        let store = Store::open(dir.path()).unwrap();
+        assert_eq!(store.fence_mark(LEASE).unwrap(), Some(mark("u1", 0, "a")));
     }
 
     #[test]

@@ -362,6 +362,7 @@ fn fence(transitions: i64, holder: &str) -> pb::Fence {
         lease: "kube-system/cloud-controller-manager".into(),
         holder_identity: holder.into(),
         lease_transitions: transitions,
+        ..Default::default()
     }
 }
 

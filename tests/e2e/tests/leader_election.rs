@@ -53,7 +53,9 @@ async fn only_the_leader_runs_controllers_and_the_standby_takes_over() {
     let (cp, client, dir) = start_control_plane().await;
     let d = dir.path();
     let inventory = write_inventory(d, INVENTORY).unwrap();
-    let (_shim, socket) = spawn_local_shim_unix(d, &inventory, &[], &[]);
+    // The shim fences on the lease the replicas elect on.
+    let fence_lease = "--fence-lease=kube-system/ccm-e2e".to_string();
+    let (_shim, socket) = spawn_local_shim_unix(d, &inventory, &[fence_lease], &[]);
 
     let mut first = replica(&cp, &socket, "ccm-1", d);
     let mut second = replica(&cp, &socket, "ccm-2", d);
