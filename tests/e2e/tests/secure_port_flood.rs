@@ -139,7 +139,7 @@ async fn a_review_flood_does_not_cost_the_leader_its_lease() {
             // Bounded in time and count (a dead server answers refusals very fast).
             while Instant::now() < until && i < 2_000 {
                 i += 1;
-                let path = if i % 2 == 0 {
+                let path = if i.is_multiple_of(2) {
                     "/metrics".to_string()
                 } else {
                     format!("/x{c}-{i}")
