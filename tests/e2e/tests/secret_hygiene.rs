@@ -7,18 +7,15 @@
 mod common;
 
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 use std::time::Duration;
 
 use common::*;
 use e2e_tests::write_inventory;
 use k8s_openapi::api::core::v1::{Event, Node};
 use kube::api::{Api, ListParams};
-use rustls::pki_types::{CertificateDer, ServerName};
 use test_control_plane::ControlPlane;
 use test_pki::{Ca, write_atomic};
-use test_support::{Process, free_port, wait_for};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use test_support::{Process, free_port, https_get, tls_connector, wait_for};
 
 /// What the failing credential plugin prints and is called with.
 const PLUGIN_SECRET: &str = "plugin-secret-6c1f0e";
@@ -60,34 +57,11 @@ fn failing_plugin_kubeconfig(cp: &ControlPlane, dir: &Path) -> PathBuf {
     path
 }
 
-/// One HTTPS GET over TLS verified against `ca`; the whole response text.
+/// One HTTPS GET to the secure port; the whole answer.
 async fn get(port: u16, ca: &Ca, path: &str, token: Option<&str>) -> String {
-    let mut roots = rustls::RootCertStore::empty();
-    roots
-        .add(CertificateDer::from(ca.cert_der().to_vec()))
-        .unwrap();
-    let config = rustls::ClientConfig::builder_with_provider(Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()
-    .unwrap()
-    .with_root_certificates(roots)
-    .with_no_client_auth();
-    let tls = tokio_rustls::TlsConnector::from(Arc::new(config));
-    let tcp = tokio::net::TcpStream::connect(("127.0.0.1", port))
-        .await
-        .unwrap();
-    let mut stream = tls
-        .connect(ServerName::try_from("localhost").unwrap(), tcp)
-        .await
-        .unwrap();
-    let auth = token.map_or_else(String::new, |t| format!("Authorization: Bearer {t}\r\n"));
-    let request =
-        format!("GET {path} HTTP/1.1\r\nHost: localhost\r\n{auth}Connection: close\r\n\r\n");
-    stream.write_all(request.as_bytes()).await.unwrap();
-    let mut response = Vec::new();
-    let _ = stream.read_to_end(&mut response).await;
-    String::from_utf8_lossy(&response).into_owned()
+    let connector = tls_connector(ca.cert_der()).unwrap();
+    let addr = std::net::SocketAddr::from(([127, 0, 0, 1], port));
+    https_get(&connector, addr, path, token).await.unwrap().1
 }
 
 /// Fails naming where `secret` was found.

@@ -6,7 +6,6 @@
 
 mod common;
 
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::*;
@@ -14,42 +13,28 @@ use e2e_tests::write_inventory;
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::jiff::Timestamp;
 use kube::api::Api;
-use rustls::pki_types::{CertificateDer, ServerName};
 use test_pki::{Ca, write_atomic};
-use test_support::{free_port, wait_for};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use test_support::{free_port, https_get, tls_connector, wait_for};
 
 const LEASE_NAME: &str = "ccm-flood";
 const FLOOD: Duration = Duration::from_secs(12);
 const CLIENTS: usize = 32;
 
-/// One HTTPS GET; the status code, or 0 when the connection failed.
+/// One HTTPS GET; the status code, or 0 when it failed or took over 3 s.
 async fn get(
     addr: std::net::SocketAddr,
     tls: &tokio_rustls::TlsConnector,
     path: &str,
     token: &str,
 ) -> u16 {
-    let attempt = async {
-        let tcp = tokio::net::TcpStream::connect(addr).await.ok()?;
-        let name = ServerName::try_from("localhost").ok()?;
-        let mut stream = tls.connect(name, tcp).await.ok()?;
-        let request = format!(
-            "GET {path} HTTP/1.1\r\nHost: localhost\r\nAuthorization: Bearer {token}\r\nConnection: close\r\n\r\n"
-        );
-        stream.write_all(request.as_bytes()).await.ok()?;
-        let mut response = Vec::new();
-        let _ = stream.read_to_end(&mut response).await;
-        String::from_utf8_lossy(&response)
-            .split_whitespace()
-            .nth(1)
-            .and_then(|code| code.parse().ok())
-    };
-    tokio::time::timeout(Duration::from_secs(3), attempt)
-        .await
-        .ok()
-        .flatten()
-        .unwrap_or(0)
+    let answer = tokio::time::timeout(
+        Duration::from_secs(3),
+        https_get(tls, addr, path, Some(token)),
+    );
+    match answer.await {
+        Ok(Ok((code, _))) => code,
+        _ => 0,
+    }
 }
 
 #[tokio::test]
@@ -113,18 +98,7 @@ async fn a_review_flood_does_not_cost_the_leader_its_lease() {
         .unwrap()
         .holder_identity;
 
-    let mut roots = rustls::RootCertStore::empty();
-    roots
-        .add(CertificateDer::from(ca.cert_der().to_vec()))
-        .unwrap();
-    let config = rustls::ClientConfig::builder_with_provider(Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()
-    .unwrap()
-    .with_root_certificates(roots)
-    .with_no_client_auth();
-    let tls = tokio_rustls::TlsConnector::from(Arc::new(config));
+    let tls = tls_connector(ca.cert_der()).unwrap();
     let addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
 
     // The flood: every request has a token never seen before; half ask for routed paths

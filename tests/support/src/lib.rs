@@ -4,6 +4,7 @@
 //!   it, and removes its directory, when the test process goes away however it ends);
 //! * [`wait_for`] / [`Wait`] — waiting for a condition with a deadline; a timeout is a
 //!   [`WaitError`] naming what was awaited and the last observation;
+//! * [`https_get`] — one GET to an HTTPS port, verified against a test CA;
 //! * [`temp_dir`] — temp directories, on tmpfs where that matters;
 //! * [`workspace_binary`], [`free_port`], [`ShimMtls`], [`kubelet_registered_node`] and
 //!   [`initialised`] — running the `local` shim and the controller-manager against a control
@@ -15,6 +16,7 @@
 //! `cloud_controller_manager::well_known`.
 
 mod error;
+mod https;
 mod mtls;
 mod node;
 mod process;
@@ -22,6 +24,7 @@ mod temp;
 mod wait;
 
 pub use error::Error;
+pub use https::{HttpsError, https_get, tls_connector};
 pub use mtls::ShimMtls;
 pub use node::{initialised, kubelet_registered_node};
 pub use process::{Process, ProcessBuilder, last_lines, process_alive, workspace_binary};
