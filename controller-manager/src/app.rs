@@ -153,7 +153,7 @@ pub async fn run(
     let built = build_controllers(&ctx, &selection, flags.registry(), &mut registry);
     let registry = Arc::new(registry);
     if options.secure_port != 0 {
-        let acceptor = serve::tls_acceptor(
+        let serving = serve::tls_acceptor(
             options
                 .tls_cert_file
                 .as_deref()
@@ -162,7 +162,7 @@ pub async fn run(
         let addr = SocketAddr::new(options.bind_address, options.secure_port);
         let (_, server) = serve::bind(
             addr,
-            acceptor,
+            serving,
             serve::router(
                 health.clone(),
                 registry.clone(),

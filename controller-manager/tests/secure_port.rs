@@ -367,3 +367,59 @@ async fn livez_answers_while_idle_and_slow_clients_hold_connections() {
     slow.abort();
     drop(idle);
 }
+
+/// Completes a TLS handshake with the secure port as a client trusting only `ca`.
+async fn handshake_trusting(addr: std::net::SocketAddr, ca: &Ca) -> Result<(), String> {
+    let mut roots = rustls::RootCertStore::empty();
+    roots
+        .add(rustls::pki_types::CertificateDer::from(
+            ca.cert_der().to_vec(),
+        ))
+        .map_err(|e| e.to_string())?;
+    let config = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .map_err(|e| e.to_string())?
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    let tcp = tokio::net::TcpStream::connect(addr)
+        .await
+        .map_err(|e| e.to_string())?;
+    tokio_rustls::TlsConnector::from(Arc::new(config))
+        .connect(ServerName::try_from("localhost").unwrap(), tcp)
+        .await
+        .map(drop)
+        .map_err(|e| e.to_string())
+}
+
+#[tokio::test]
+async fn a_rotated_serving_certificate_is_used_for_new_connections() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let dir = tempfile::tempdir().unwrap();
+    let health = Health::default();
+    health.add("ping", Scope::Live, Arc::new(|| Ok(())));
+    // `serve_health` writes `tls.crt`/`tls.key` in `dir`, signed by the returned CA.
+    let (addr, ca1) = serve_health(health, None, dir.path()).await;
+    assert_eq!(get(addr, &ca1, "/livez", None).await, 200);
+
+    let ca2 = Ca::new("secure-port-rotated").unwrap();
+    let leaf = ca2.issue(&["localhost", "127.0.0.1"]).unwrap();
+    write_atomic(&dir.path().join("tls.key"), leaf.key_pem.as_bytes(), true).unwrap();
+    write_atomic(
+        &dir.path().join("tls.crt"),
+        leaf.chain_pem.as_bytes(),
+        false,
+    )
+    .unwrap();
+
+    // Bounded by the reload interval plus slack: a server that never reloads fails here.
+    let wait = serve::SERVING_CERT_RELOAD_INTERVAL + Duration::from_secs(10);
+    test_support::wait_for("a client trusting only the new CA to connect", wait, || {
+        handshake_trusting(addr, &ca2)
+    })
+    .await
+    .expect("the rotated certificate is served");
+    assert_eq!(get(addr, &ca2, "/livez", None).await, 200);
+    assert!(handshake_trusting(addr, &ca1).await.is_err());
+}

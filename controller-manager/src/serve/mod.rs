@@ -1,19 +1,22 @@
 //! The secure port (upstream 10258): `/healthz`, `/readyz`, `/livez` and `/metrics` over HTTPS,
-//! with a generated self-signed certificate when no serving certificate is given.
+//! with a generated self-signed certificate when no serving certificate is given. A given
+//! certificate is re-read every [`SERVING_CERT_RELOAD_INTERVAL`], so a rotated certificate is
+//! served to new connections without a restart.
 
 use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::Arc;
+use std::time::Duration;
 
 use axum::Router;
 use axum::extract::{Query, State};
 use axum::http::StatusCode;
 use axum::response::IntoResponse;
 use axum::routing::get;
-use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use cpi_transport::ServingTls;
+use rustls::ServerConfig;
+use rustls::pki_types::PrivateKeyDer;
 use tokio::net::TcpListener;
-use tokio_rustls::TlsAcceptor;
 use tracing::{info, warn};
 
 use prometheus_client::registry::Registry;
@@ -24,6 +27,11 @@ mod auth;
 
 use auth::Decision;
 pub use auth::{Authorizer, CACHE_TTL, MAX_REVIEWS_IN_FLIGHT};
+
+/// How often `--tls-cert-file`/`--tls-private-key-file` are re-read for rotation. A constant
+/// (10 s, like upstream's dynamic serving certificate) because the manager has no flag for the
+/// secure port: `--provider-tls-reload-interval` governs the connection to the shim.
+pub const SERVING_CERT_RELOAD_INTERVAL: Duration = Duration::from_secs(10);
 
 /// Failure to start serving.
 #[derive(Debug, thiserror::Error)]
@@ -36,6 +44,9 @@ pub enum ServeError {
         /// What is wrong.
         message: String,
     },
+    /// The serving certificate files could not be loaded.
+    #[error("--tls-cert-file/--tls-private-key-file: {0}")]
+    ServingTls(#[from] cpi_transport::TlsError),
     /// A self-signed certificate could not be generated.
     #[error("generating a self-signed serving certificate: {0}")]
     SelfSigned(#[from] rcgen::Error),
@@ -185,61 +196,63 @@ async fn authorize(
     }
 }
 
-/// Loads (or generates) the serving certificate and builds the TLS acceptor.
-pub fn tls_acceptor(cert_and_key: Option<(&Path, &Path)>) -> Result<TlsAcceptor, ServeError> {
-    let (certs, key) = match cert_and_key {
-        Some((cert, key)) => {
-            let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(cert)
-                .and_then(|it| it.collect::<Result<Vec<_>, _>>())
-                .map_err(|e| ServeError::Certificate {
-                    path: cert.display().to_string(),
-                    message: e.to_string(),
-                })?;
-            if certs.is_empty() {
-                return Err(ServeError::Certificate {
-                    path: cert.display().to_string(),
-                    message: "no certificate found".into(),
-                });
-            }
-            let key = PrivateKeyDer::from_pem_file(key).map_err(|e| ServeError::Certificate {
-                path: key.display().to_string(),
-                message: e.to_string(),
-            })?;
-            (certs, key)
+/// The only application protocol the secure port speaks.
+const ALPN_HTTP1: &[u8] = b"http/1.1";
+
+/// The secure port's serving certificate: files re-read on rotation, or generated once.
+#[derive(Debug, Clone)]
+pub enum ServingCert {
+    /// `--tls-cert-file`/`--tls-private-key-file`, reloaded when their contents change.
+    Files(ServingTls),
+    /// A self-signed certificate generated at start-up (no files given); never changes.
+    SelfSigned(Arc<ServerConfig>),
+}
+
+impl ServingCert {
+    /// The configuration new handshakes use right now.
+    pub fn current_config(&self) -> Arc<ServerConfig> {
+        match self {
+            Self::Files(serving) => serving.current_config(),
+            Self::SelfSigned(config) => Arc::clone(config),
         }
-        None => {
-            let key = rcgen::KeyPair::generate()?;
-            let params = rcgen::CertificateParams::new(vec![
-                "localhost".to_string(),
-                "127.0.0.1".to_string(),
-            ])?;
-            let cert = params.self_signed(&key)?;
-            (
-                vec![cert.der().clone()],
-                PrivateKeyDer::try_from(key.serialize_der()).map_err(|e| {
-                    ServeError::Certificate {
-                        path: "<generated>".into(),
-                        message: e.to_string(),
-                    }
-                })?,
-            )
-        }
-    };
-    let mut config = rustls::ServerConfig::builder_with_provider(Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()?
-    .with_no_client_auth()
-    .with_single_cert(certs, key)?;
-    config.alpn_protocols = vec![b"http/1.1".to_vec()];
-    Ok(TlsAcceptor::from(Arc::new(config)))
+    }
+}
+
+/// Loads the serving certificate (failing fast, then reloading it every
+/// [`SERVING_CERT_RELOAD_INTERVAL`]) or, without files, generates a self-signed one.
+pub fn tls_acceptor(cert_and_key: Option<(&Path, &Path)>) -> Result<ServingCert, ServeError> {
+    if let Some((cert, key)) = cert_and_key {
+        let serving = ServingTls::new(
+            cert.to_owned(),
+            key.to_owned(),
+            vec![ALPN_HTTP1.to_vec()],
+            SERVING_CERT_RELOAD_INTERVAL,
+        )?;
+        return Ok(ServingCert::Files(serving));
+    }
+    let key = rcgen::KeyPair::generate()?;
+    let params =
+        rcgen::CertificateParams::new(vec!["localhost".to_string(), "127.0.0.1".to_string()])?;
+    let cert = params.self_signed(&key)?;
+    let key =
+        PrivateKeyDer::try_from(key.serialize_der()).map_err(|e| ServeError::Certificate {
+            path: "<generated>".into(),
+            message: e.to_string(),
+        })?;
+    let mut config =
+        ServerConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+            .with_safe_default_protocol_versions()?
+            .with_no_client_auth()
+            .with_single_cert(vec![cert.der().clone()], key)?;
+    config.alpn_protocols = vec![ALPN_HTTP1.to_vec()];
+    Ok(ServingCert::SelfSigned(Arc::new(config)))
 }
 
 /// Binds the secure port now (so errors surface at start-up) and returns the bound address and
 /// the serving future.
 pub async fn bind(
     addr: SocketAddr,
-    acceptor: TlsAcceptor,
+    serving: ServingCert,
     router: Router,
 ) -> Result<(SocketAddr, impl Future<Output = ()>), ServeError> {
     let listener = TcpListener::bind(addr)
@@ -249,15 +262,17 @@ pub async fn bind(
         .local_addr()
         .map_err(|source| ServeError::Bind { addr, source })?;
     info!(address = %local, "serving /healthz, /readyz, /livez and /metrics over HTTPS");
-    Ok((local, accept_loop(listener, acceptor, router)))
+    Ok((local, accept_loop(listener, serving, router)))
 }
 
 /// Serves HTTP/1.1 on the transport crate's bounded TLS accept loop (handshake timeout,
 /// connection caps, idle timeout), with its header-read timeout: slow or idle clients must not
 /// hold the connections a kubelet probe needs.
-async fn accept_loop(listener: TcpListener, acceptor: TlsAcceptor, router: Router) {
-    let config = acceptor.config().clone();
-    let incoming = cpi_transport::tls_incoming(listener, move || config.clone());
+///
+/// The configuration is fetched per connection so a reloaded certificate reaches new
+/// connections; established ones keep theirs.
+async fn accept_loop(listener: TcpListener, serving: ServingCert, router: Router) {
+    let incoming = cpi_transport::tls_incoming(listener, move || serving.current_config());
     cpi_transport::serve_http1(
         incoming,
         router,

@@ -32,5 +32,8 @@ pub use accept::{AcceptLimits, TrackedConnection, tcp_incoming, tls_incoming_wit
 pub use client::{ClientEndpoint, ConnectError, ConnectOptions, CpiChannel, connect};
 pub use http::serve_http1;
 pub use log_limit::WARN_INTERVAL;
-pub use server::{Bound, Listen, LocalAddr, ServeError, bind, serve, server_builder, tls_incoming};
-pub use tls::{ClientTls, ServerTls, TlsError, TlsFiles};
+pub use server::{
+    Bound, Listen, LocalAddr, ServeError, UNIX_SOCKET_MODE, UnixPeers, bind, serve, server_builder,
+    tls_incoming,
+};
+pub use tls::{ClientTls, ServerTls, ServingTls, TlsError, TlsFiles};

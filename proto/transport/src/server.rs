@@ -19,6 +19,12 @@
 //! `warn` at most once per [`crate::WARN_INTERVAL`] and otherwise at `debug`. The TLS streams
 //! carry their peer certificates, so handlers can use `request.peer_certs()`.
 //!
+//! A Unix socket is made owner-only (mode 0600) right after binding, and every accepted
+//! connection's peer credentials are checked against [`UnixPeers`] (by default the server's own
+//! uid and root): the plaintext socket is for a sidecar in the same pod, running as the same
+//! user, and file modes alone do not cover a connection made before the mode was set. Refused
+//! peers are logged (rate limited like the TLS refusals) and their connection closed.
+//!
 //! The HTTP/2 settings of [`server_builder`] bound what one connection can ask for:
 //! [`MAX_CONCURRENT_STREAMS`] streams at once, resets answered with GOAWAY beyond
 //! [`MAX_PENDING_ACCEPT_RESET_STREAMS`] / [`MAX_LOCAL_ERROR_RESET_STREAMS`] (the "rapid reset"
@@ -37,6 +43,8 @@ use tokio_rustls::server::TlsStream;
 use tokio_stream::StreamExt as _;
 use tokio_stream::wrappers::UnixListenerStream;
 use tracing::{debug, info};
+
+use crate::log_limit::{LogLimiter, warn_limited};
 
 pub use crate::accept::HANDSHAKE_TIMEOUT;
 use crate::accept::{AcceptLimits, TrackedConnection, tls_incoming_with};
@@ -77,6 +85,29 @@ pub enum Listen {
         /// Socket path; a stale socket file is replaced.
         path: PathBuf,
     },
+}
+
+/// Mode of a bound Unix socket file: read and write (connect) for the owner only.
+pub const UNIX_SOCKET_MODE: u32 = 0o600;
+
+/// Which local users may connect to a Unix socket, by the peer credentials of the connection.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub enum UnixPeers {
+    /// The server's own uid and root (uid 0): a sidecar in the same pod runs as the same user.
+    #[default]
+    OwnUidAndRoot,
+    /// Exactly these uids (the server's own uid and root only if listed).
+    Uids(Vec<u32>),
+}
+
+impl UnixPeers {
+    /// Whether a peer running as `peer_uid` may connect to a server running as `own_uid`.
+    pub fn allows(&self, peer_uid: u32, own_uid: u32) -> bool {
+        match self {
+            Self::OwnUidAndRoot => peer_uid == own_uid || peer_uid == 0,
+            Self::Uids(uids) => uids.contains(&peer_uid),
+        }
+    }
 }
 
 /// Failure to serve.
@@ -158,6 +189,9 @@ enum BoundInner {
     Unix {
         listener: UnixListener,
         path: PathBuf,
+        /// Owner of the socket file, i.e. the uid this process binds as.
+        own_uid: u32,
+        peers: UnixPeers,
     },
 }
 
@@ -196,7 +230,15 @@ pub async fn bind(listen: Listen) -> Result<Bound, ServeError> {
                 path: path.clone(),
                 source,
             })?;
-            BoundInner::Unix { listener, path }
+            // Owner-only before anything else happens; the peer check in `serve` covers a
+            // connection attempted in the moment between bind and chmod.
+            let own_uid = restrict_socket_file(&path)?;
+            BoundInner::Unix {
+                listener,
+                path,
+                own_uid,
+                peers: UnixPeers::default(),
+            }
         }
     };
     Ok(Bound { inner })
@@ -231,6 +273,15 @@ impl Bound {
         self
     }
 
+    /// Accepts Unix-socket connections only from `new_peers` instead of
+    /// [`UnixPeers::default`] (no effect on TCP, whose peers are checked by mTLS).
+    pub fn with_unix_peers(mut self, new_peers: UnixPeers) -> Self {
+        if let BoundInner::Unix { peers, .. } = &mut self.inner {
+            *peers = new_peers;
+        }
+        self
+    }
+
     /// Serves `router` until `shutdown` resolves, then stops accepting and drains in-flight
     /// calls. A Unix socket file is removed afterwards.
     pub async fn serve(
@@ -253,9 +304,25 @@ impl Bound {
                     .await
                     .map_err(ServeError::from)
             }
-            BoundInner::Unix { listener, path } => {
-                info!(path = %path.display(), "serving gRPC over plaintext Unix socket");
-                let incoming = UnixListenerStream::new(listener);
+            BoundInner::Unix {
+                listener,
+                path,
+                own_uid,
+                peers,
+            } => {
+                info!(
+                    path = %path.display(),
+                    own_uid,
+                    ?peers,
+                    "serving gRPC over plaintext Unix socket"
+                );
+                let limiter = LogLimiter::default();
+                let incoming =
+                    UnixListenerStream::new(listener).filter_map(move |conn| match conn {
+                        Ok(stream) => admit_unix_peer(stream, &peers, own_uid, &limiter).map(Ok),
+                        // Accept errors go to tonic as before.
+                        Err(err) => Some(Err(err)),
+                    });
                 let result = router
                     .serve_with_incoming_shutdown(incoming, shutdown)
                     .await;
@@ -276,6 +343,54 @@ pub fn tls_incoming(
     config: impl Fn() -> Arc<rustls::ServerConfig> + Send + 'static,
 ) -> impl futures::Stream<Item = TrackedConnection<TlsStream<TcpStream>>> + Send + 'static {
     tls_incoming_with(listener, config, AcceptLimits::default())
+}
+
+/// `stream` if its peer may connect; otherwise logs the refusal and drops (closes) it.
+fn admit_unix_peer(
+    stream: tokio::net::UnixStream,
+    peers: &UnixPeers,
+    own_uid: u32,
+    limiter: &LogLimiter,
+) -> Option<tokio::net::UnixStream> {
+    match stream.peer_cred() {
+        Ok(cred) if peers.allows(cred.uid(), own_uid) => Some(stream),
+        Ok(cred) => {
+            warn_limited!(
+                limiter,
+                peer_uid = cred.uid(),
+                peer_gid = cred.gid(),
+                peer_pid = ?cred.pid(),
+                own_uid,
+                "refused Unix-socket connection: peer uid not allowed"
+            );
+            None
+        }
+        Err(err) => {
+            // Without credentials the peer cannot be vouched for.
+            warn_limited!(
+                limiter,
+                error = %err,
+                "refused Unix-socket connection: peer credentials unavailable"
+            );
+            None
+        }
+    }
+}
+
+/// Sets the socket file at `path` to [`UNIX_SOCKET_MODE`] and returns its owner's uid.
+fn restrict_socket_file(path: &Path) -> Result<u32, ServeError> {
+    use std::os::unix::fs::{MetadataExt as _, PermissionsExt as _};
+
+    let socket_error = |source| ServeError::Socket {
+        path: path.to_owned(),
+        source,
+    };
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(UNIX_SOCKET_MODE))
+        .map_err(socket_error)?;
+    // The file was just created by this process, so its owner is the uid we run as (no unsafe
+    // `geteuid` needed).
+    let metadata = std::fs::symlink_metadata(path).map_err(socket_error)?;
+    Ok(metadata.uid())
 }
 
 fn remove_stale_socket(path: &Path) -> Result<(), ServeError> {

@@ -1,11 +1,12 @@
-//! Reloadable rustls configurations for both sides of an mTLS connection.
+//! Reloadable rustls configurations for both sides of an mTLS connection, and for a server that
+//! does not ask for client certificates (HTTPS endpoints such as a secure health port).
 //!
-//! Both [`ServerTls`] and [`ClientTls`] hold a complete rustls configuration behind an
+//! [`ServerTls`], [`ClientTls`] and [`ServingTls`] each hold a complete rustls configuration behind an
 //! `RwLock<Arc<..>>`. Every new handshake takes the configuration that is current at that moment;
 //! established connections keep the configuration they were made with, so a rotation never drops
 //! a connection or an in-flight call.
 //!
-//! A background thread re-reads the certificate, key and CA files every `reload_interval` and
+//! A background thread re-reads the certificate, key and (where there is one) CA files every `reload_interval` and
 //! rebuilds the configuration when their *contents* change. Contents rather than mtimes are
 //! compared because Kubernetes Secret volumes swap a `..data` symlink (so the path's own metadata
 //! may not move) and because two writes within one mtime tick must not be missed. When the new
@@ -173,10 +174,11 @@ impl ServerTls {
         // One limiter across reloads: a client refused over and over is warned about once per
         // interval, however often the configuration is rebuilt.
         let refusals = Arc::new(LogLimiter::default());
-        let build = move |files: &TlsFiles, contents: &FileContents| {
-            build_server_config(files, contents, &allowed, &refusals)
+        let watched = WatchedFiles::from(&files);
+        let build = move |contents: &FileContents| {
+            build_server_config(&files, contents, &allowed, &refusals)
         };
-        let reloadable = Reloadable::start(files, Box::new(build), reload_interval, "server")?;
+        let reloadable = Reloadable::start(watched, Box::new(build), reload_interval, "server")?;
         Ok(Self {
             reloadable,
             allowed_sans,
@@ -220,12 +222,9 @@ impl ClientTls {
                 reason: err.to_string(),
             }
         })?;
-        let reloadable = Reloadable::start(
-            files,
-            Box::new(build_client_config),
-            reload_interval,
-            "client",
-        )?;
+        let watched = WatchedFiles::from(&files);
+        let build = move |contents: &FileContents| build_client_config(&files, contents);
+        let reloadable = Reloadable::start(watched, Box::new(build), reload_interval, "client")?;
         Ok(Self {
             reloadable,
             server_name,
@@ -252,29 +251,96 @@ impl fmt::Debug for ClientTls {
     }
 }
 
-/// Raw bytes of the three files, compared between polls to detect a change.
+/// Server-side TLS without client authentication: presents the certificate in `cert` (with the
+/// key in `key`) to anyone; reloads both files when they change on disk.
+#[derive(Clone)]
+pub struct ServingTls {
+    reloadable: Arc<Reloadable<ServerConfig>>,
+}
+
+impl ServingTls {
+    /// Loads the files now (failing fast) and re-reads them every `reload_interval`; every
+    /// configuration offers `alpn_protocols`. A zero `reload_interval` disables reloading.
+    pub fn new(
+        cert: PathBuf,
+        key: PathBuf,
+        alpn_protocols: Vec<Vec<u8>>,
+        reload_interval: Duration,
+    ) -> Result<Self, TlsError> {
+        let watched = WatchedFiles {
+            cert,
+            key,
+            ca: None,
+        };
+        let (cert, key) = (watched.cert.clone(), watched.key.clone());
+        let build = move |contents: &FileContents| {
+            build_serving_config(&cert, &key, contents, &alpn_protocols)
+        };
+        let reloadable = Reloadable::start(watched, Box::new(build), reload_interval, "serving")?;
+        Ok(Self { reloadable })
+    }
+
+    /// The configuration new handshakes use right now.
+    pub fn current_config(&self) -> Arc<ServerConfig> {
+        self.reloadable.current()
+    }
+}
+
+impl fmt::Debug for ServingTls {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ServingTls")
+            .field("files", &self.reloadable.files)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The files one [`Reloadable`] watches; `ca` is absent for a server that verifies no peer.
+#[derive(Debug)]
+struct WatchedFiles {
+    cert: PathBuf,
+    key: PathBuf,
+    ca: Option<PathBuf>,
+}
+
+impl From<&TlsFiles> for WatchedFiles {
+    fn from(files: &TlsFiles) -> Self {
+        Self {
+            cert: files.cert.clone(),
+            key: files.key.clone(),
+            ca: Some(files.ca.clone()),
+        }
+    }
+}
+
+/// Raw bytes of the watched files, compared between polls to detect a change.
 #[derive(PartialEq, Eq)]
 struct FileContents {
     cert: Vec<u8>,
     key: Vec<u8>,
-    ca: Vec<u8>,
+    ca: Option<Vec<u8>>,
 }
 
 impl FileContents {
-    fn read(files: &TlsFiles) -> Result<Self, TlsError> {
+    fn read(files: &WatchedFiles) -> Result<Self, TlsError> {
         Ok(Self {
             cert: read_file(&files.cert)?,
             key: read_file(&files.key)?,
-            ca: read_file(&files.ca)?,
+            ca: files.ca.as_deref().map(read_file).transpose()?,
         })
+    }
+
+    /// The CA bundle's bytes; empty (rejected later as an empty bundle) if none was watched,
+    /// which the constructors of the mTLS types rule out.
+    fn ca(&self) -> &[u8] {
+        self.ca.as_deref().unwrap_or_default()
     }
 }
 
-type Builder<T> = Box<dyn Fn(&TlsFiles, &FileContents) -> Result<Arc<T>, TlsError> + Send + Sync>;
+type Builder<T> = Box<dyn Fn(&FileContents) -> Result<Arc<T>, TlsError> + Send + Sync>;
 
 /// A configuration rebuilt from files whenever they change.
 struct Reloadable<T> {
-    files: TlsFiles,
+    files: WatchedFiles,
     side: &'static str,
     current: RwLock<Arc<T>>,
     build: Builder<T>,
@@ -289,13 +355,13 @@ struct Reloadable<T> {
 
 impl<T: Send + Sync + 'static> Reloadable<T> {
     fn start(
-        files: TlsFiles,
+        files: WatchedFiles,
         build: Builder<T>,
         reload_interval: Duration,
         side: &'static str,
     ) -> Result<Arc<Self>, TlsError> {
         let contents = FileContents::read(&files)?;
-        let initial = build(&files, &contents)?;
+        let initial = build(&contents)?;
         let (stop_tx, stop_rx) = mpsc::channel();
         let this = Arc::new(Self {
             files,
@@ -359,14 +425,14 @@ impl<T: Send + Sync + 'static> Reloadable<T> {
         if *last_attempt == contents {
             return;
         }
-        match (self.build)(&self.files, &contents) {
+        match (self.build)(&contents) {
             Ok(config) => {
                 *self.current.write().unwrap_or_else(PoisonError::into_inner) = config;
                 info!(
                     side = self.side,
                     cert = %self.files.cert.display(),
                     key = %self.files.key.display(),
-                    ca = %self.files.ca.display(),
+                    ca = ?self.files.ca,
                     "reloaded TLS material; new handshakes use it"
                 );
             }
@@ -425,22 +491,23 @@ fn parse_certs(path: &Path, pem: &[u8]) -> Result<Vec<CertificateDer<'static>>, 
 }
 
 fn certified_key(
-    files: &TlsFiles,
+    cert_path: &Path,
+    key_path: &Path,
     contents: &FileContents,
     provider: &CryptoProvider,
 ) -> Result<Arc<CertifiedKey>, TlsError> {
-    let chain = parse_certs(&files.cert, &contents.cert)?;
+    let chain = parse_certs(cert_path, &contents.cert)?;
     if chain.is_empty() {
         return Err(TlsError::NoCertificate {
-            path: files.cert.clone(),
+            path: cert_path.to_owned(),
         });
     }
-    let key = parse_key(&files.key, &contents.key)?;
+    let key = parse_key(key_path, &contents.key)?;
     let signing_key = provider
         .key_provider
         .load_private_key(key)
         .map_err(|source| TlsError::InvalidPrivateKey {
-            path: files.key.clone(),
+            path: key_path.to_owned(),
             source,
         })?;
     let certified = CertifiedKey::new(chain, signing_key);
@@ -451,12 +518,12 @@ fn certified_key(
         }
         Err(rustls::Error::InconsistentKeys(InconsistentKeys::KeyMismatch)) => {
             Err(TlsError::KeyMismatch {
-                cert: files.cert.clone(),
-                key: files.key.clone(),
+                cert: cert_path.to_owned(),
+                key: key_path.to_owned(),
             })
         }
         Err(source) => Err(TlsError::InvalidCertificate {
-            path: files.cert.clone(),
+            path: cert_path.to_owned(),
             source,
         }),
     }
@@ -499,8 +566,8 @@ fn build_server_config(
     refusals: &Arc<LogLimiter>,
 ) -> Result<Arc<ServerConfig>, TlsError> {
     let provider = provider();
-    let certified = certified_key(files, contents, &provider)?;
-    let roots = root_store(&files.ca, &contents.ca)?;
+    let certified = certified_key(&files.cert, &files.key, contents, &provider)?;
+    let roots = root_store(&files.ca, contents.ca())?;
     let webpki = WebPkiClientVerifier::builder_with_provider(roots, Arc::clone(&provider))
         .build()
         .map_err(|source| TlsError::Verifier {
@@ -521,13 +588,30 @@ fn build_server_config(
     Ok(Arc::new(config))
 }
 
+fn build_serving_config(
+    cert: &Path,
+    key: &Path,
+    contents: &FileContents,
+    alpn_protocols: &[Vec<u8>],
+) -> Result<Arc<ServerConfig>, TlsError> {
+    let provider = provider();
+    let certified = certified_key(cert, key, contents, &provider)?;
+    let mut config = ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(TlsError::Config)?
+        .with_no_client_auth()
+        .with_cert_resolver(Arc::new(SingleCertAndKey::from(certified)));
+    config.alpn_protocols = alpn_protocols.to_vec();
+    Ok(Arc::new(config))
+}
+
 fn build_client_config(
     files: &TlsFiles,
     contents: &FileContents,
 ) -> Result<Arc<ClientConfig>, TlsError> {
     let provider = provider();
-    let certified = certified_key(files, contents, &provider)?;
-    let roots = root_store(&files.ca, &contents.ca)?;
+    let certified = certified_key(&files.cert, &files.key, contents, &provider)?;
+    let roots = root_store(&files.ca, contents.ca())?;
     let verifier = WebPkiServerVerifier::builder_with_provider(roots, Arc::clone(&provider))
         .build()
         .map_err(|source| TlsError::Verifier {

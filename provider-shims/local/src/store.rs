@@ -35,13 +35,25 @@ pub const MAX_FENCE_MARKS: u64 = 16;
 /// A state-database failure, naming the file and what was being done.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
-    /// The state directory could not be created.
-    #[error("creating --state-dir {}: {error}", .path.display())]
+    /// The state directory could not be inspected or created.
+    #[error("preparing --state-dir {}: {error}", .path.display())]
     StateDir {
         /// The directory.
         path: PathBuf,
         /// Why.
         error: std::io::Error,
+    },
+    /// The state directory exists but others may write to it.
+    #[error(
+        "--state-dir {} has mode {mode:04o}, which is group- or world-writable; refusing to keep \
+         state there (run `chmod go-w` on it, or point --state-dir elsewhere)",
+        .path.display()
+    )]
+    StateDirWritableByOthers {
+        /// The directory.
+        path: PathBuf,
+        /// Its permission bits.
+        mode: u32,
     },
     /// Another process holds the database.
     #[error(
@@ -105,10 +117,7 @@ impl Store {
 
     /// Opens (creating if needed) `<state_dir>/state.redb` and its tables. Blocking.
     pub fn open(state_dir: &Path) -> Result<Self, StoreError> {
-        create_private_dir(state_dir).map_err(|error| StoreError::StateDir {
-            path: state_dir.to_path_buf(),
-            error,
-        })?;
+        prepare_state_dir(state_dir)?;
         let path = state_dir.join(Self::FILE_NAME);
         let db = Database::create(&path).map_err(|err| match err {
             redb::DatabaseError::DatabaseAlreadyOpen => StoreError::InUse { path: path.clone() },
@@ -252,13 +261,45 @@ impl FenceStore for Store {
     }
 }
 
-/// Creates `dir` (and parents) readable by the owner only: the state is nobody else's business.
-fn create_private_dir(dir: &Path) -> std::io::Result<()> {
-    use std::os::unix::fs::DirBuilderExt as _;
-    std::fs::DirBuilder::new()
-        .recursive(true)
-        .mode(0o700)
-        .create(dir)
+/// Mode of a `--state-dir` the shim creates: the state is nobody else's business.
+pub const STATE_DIR_MODE: u32 = 0o700;
+
+/// Creates a missing `dir` (and parents) with [`STATE_DIR_MODE`]; refuses an existing one that
+/// is group- or world-writable, since whoever can write there can replace the database (and
+/// with it the fence marks).
+fn prepare_state_dir(dir: &Path) -> Result<(), StoreError> {
+    use std::os::unix::fs::{DirBuilderExt as _, PermissionsExt as _};
+
+    let dir_error = |error| StoreError::StateDir {
+        path: dir.to_path_buf(),
+        error,
+    };
+    match std::fs::metadata(dir) {
+        Ok(metadata) if !metadata.is_dir() => Err(dir_error(std::io::Error::other(
+            "exists and is not a directory",
+        ))),
+        Ok(metadata) => {
+            let mode = metadata.permissions().mode() & 0o7777;
+            if mode & 0o022 != 0 {
+                return Err(StoreError::StateDirWritableByOthers {
+                    path: dir.to_path_buf(),
+                    mode,
+                });
+            }
+            Ok(())
+        }
+        Err(err) if err.kind() == std::io::ErrorKind::NotFound => {
+            std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(STATE_DIR_MODE)
+                .create(dir)
+                .map_err(dir_error)?;
+            // DirBuilder's mode is filtered by the umask; set it exactly.
+            std::fs::set_permissions(dir, std::fs::Permissions::from_mode(STATE_DIR_MODE))
+                .map_err(dir_error)
+        }
+        Err(err) => Err(dir_error(err)),
+    }
 }
 
 #[cfg(test)]
