@@ -14,10 +14,10 @@ use cloud_controller_manager::{
 use fake_provider::FakeCloud;
 use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding, PolicyRule, RoleRef, Subject};
 use kube::api::{Api, PostParams};
-use rustls::pki_types::ServerName;
 use test_control_plane::{ControlPlane, UNPRIVILEGED_USER, unique_name};
 use test_pki::{Ca, write_atomic};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use test_support::{https_get, tls_connect, tls_connector};
+use tokio::io::AsyncWriteExt;
 
 /// Serves the secure-port router with delegated auth on a free port; returns its address and
 /// the CA that signed its certificate.
@@ -65,38 +65,8 @@ async fn get_response(
     path: &str,
     token: Option<&str>,
 ) -> (u16, String) {
-    let mut roots = rustls::RootCertStore::empty();
-    roots
-        .add(rustls::pki_types::CertificateDer::from(
-            ca.cert_der().to_vec(),
-        ))
-        .unwrap();
-    let config = rustls::ClientConfig::builder_with_provider(Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()
-    .unwrap()
-    .with_root_certificates(roots)
-    .with_no_client_auth();
-    let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
-    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
-    let mut tls = connector
-        .connect(ServerName::try_from("localhost").unwrap(), tcp)
-        .await
-        .unwrap();
-    let auth = token.map_or_else(String::new, |t| format!("Authorization: Bearer {t}\r\n"));
-    let request =
-        format!("GET {path} HTTP/1.1\r\nHost: localhost\r\n{auth}Connection: close\r\n\r\n");
-    tls.write_all(request.as_bytes()).await.unwrap();
-    let mut response = Vec::new();
-    let _ = tls.read_to_end(&mut response).await;
-    let text = String::from_utf8_lossy(&response).into_owned();
-    let code = text
-        .split_whitespace()
-        .nth(1)
-        .and_then(|code| code.parse().ok())
-        .unwrap_or_else(|| panic!("no status line in {text:?}"));
-    (code, text)
+    let connector = tls_connector(ca.cert_der()).unwrap();
+    https_get(&connector, addr, path, token).await.unwrap()
 }
 
 /// Polls `/readyz?verbose` until its status is `want`; returns the last response text.
@@ -328,26 +298,9 @@ async fn livez_answers_while_idle_and_slow_clients_hold_connections() {
         idle.push(tokio::net::TcpStream::connect(addr).await.unwrap());
     }
     // ...and one that completes TLS, then sends its request headers a byte at a time.
-    let mut roots = rustls::RootCertStore::empty();
-    roots
-        .add(rustls::pki_types::CertificateDer::from(
-            ca.cert_der().to_vec(),
-        ))
-        .unwrap();
-    let config = rustls::ClientConfig::builder_with_provider(Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()
-    .unwrap()
-    .with_root_certificates(roots)
-    .with_no_client_auth();
-    let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
+    let connector = tls_connector(ca.cert_der()).unwrap();
     let slow = tokio::spawn(async move {
-        let tcp = tokio::net::TcpStream::connect(addr).await.ok()?;
-        let mut tls = connector
-            .connect(ServerName::try_from("localhost").ok()?, tcp)
-            .await
-            .ok()?;
+        let mut tls = tls_connect(&connector, addr).await.ok()?;
         for byte in b"GET /livez HTTP/1.1\r\nHost: localhost\r\nX-Slow: " {
             tls.write_all(&[*byte]).await.ok()?;
             tokio::time::sleep(Duration::from_millis(200)).await;
@@ -370,24 +323,8 @@ async fn livez_answers_while_idle_and_slow_clients_hold_connections() {
 
 /// Completes a TLS handshake with the secure port as a client trusting only `ca`.
 async fn handshake_trusting(addr: std::net::SocketAddr, ca: &Ca) -> Result<(), String> {
-    let mut roots = rustls::RootCertStore::empty();
-    roots
-        .add(rustls::pki_types::CertificateDer::from(
-            ca.cert_der().to_vec(),
-        ))
-        .map_err(|e| e.to_string())?;
-    let config = rustls::ClientConfig::builder_with_provider(Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()
-    .map_err(|e| e.to_string())?
-    .with_root_certificates(roots)
-    .with_no_client_auth();
-    let tcp = tokio::net::TcpStream::connect(addr)
-        .await
-        .map_err(|e| e.to_string())?;
-    tokio_rustls::TlsConnector::from(Arc::new(config))
-        .connect(ServerName::try_from("localhost").unwrap(), tcp)
+    let connector = tls_connector(ca.cert_der()).map_err(|e| e.to_string())?;
+    tls_connect(&connector, addr)
         .await
         .map(drop)
         .map_err(|e| e.to_string())

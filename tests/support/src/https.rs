@@ -44,6 +44,17 @@ pub fn tls_connector(ca_der: &[u8]) -> Result<tokio_rustls::TlsConnector, HttpsE
     Ok(tokio_rustls::TlsConnector::from(Arc::new(config)))
 }
 
+/// Connects to `addr` and completes a TLS handshake for the name `localhost`.
+pub async fn tls_connect(
+    connector: &tokio_rustls::TlsConnector,
+    addr: SocketAddr,
+) -> std::io::Result<tokio_rustls::client::TlsStream<tokio::net::TcpStream>> {
+    let tcp = tokio::net::TcpStream::connect(addr).await?;
+    let name = ServerName::try_from("localhost")
+        .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
+    connector.connect(name, tcp).await
+}
+
 /// GETs `path` from `addr` (certificate name `localhost`) with an optional bearer token and
 /// `Connection: close`; returns the status code and the whole answer.
 pub async fn https_get(
@@ -56,10 +67,7 @@ pub async fn https_get(
         path: path.to_string(),
         source,
     };
-    let tcp = tokio::net::TcpStream::connect(addr).await.map_err(io)?;
-    let name = ServerName::try_from("localhost")
-        .map_err(|e| io(std::io::Error::new(std::io::ErrorKind::InvalidInput, e)))?;
-    let mut tls = connector.connect(name, tcp).await.map_err(io)?;
+    let mut tls = tls_connect(connector, addr).await.map_err(io)?;
     let auth = token.map_or_else(String::new, |t| format!("Authorization: Bearer {t}\r\n"));
     let request =
         format!("GET {path} HTTP/1.1\r\nHost: localhost\r\n{auth}Connection: close\r\n\r\n");

@@ -24,7 +24,7 @@ mod temp;
 mod wait;
 
 pub use error::Error;
-pub use https::{HttpsError, https_get, tls_connector};
+pub use https::{HttpsError, https_get, tls_connect, tls_connector};
 pub use mtls::ShimMtls;
 pub use node::{initialised, kubelet_registered_node};
 pub use process::{Process, ProcessBuilder, last_lines, process_alive, workspace_binary};

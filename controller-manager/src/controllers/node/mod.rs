@@ -127,13 +127,13 @@ impl Controller for CloudNodeController {
             .nodes
             .subscribe()
             .ok_or_else(|| BuildError::Disabled("the node watch cannot be subscribed to".into()))?;
-        let state = NodeController::new(
+        let state = Arc::new(NodeController::with_metrics(
             ctx.client.clone(),
             ctx.cloud.clone(),
             ctx.nodes.cache(),
             ctx.recorder(Self::NAMES.event_component),
-        )
-        .with_metrics(NodeMetrics::register(registry));
+            NodeMetrics::register(registry),
+        ));
         Ok(Self {
             state,
             changes,
@@ -261,33 +261,39 @@ pub struct NodeController {
 }
 
 impl NodeController {
-    /// Creates the controller over a node cache shared with other controllers; its metrics
-    /// are unregistered until [`with_metrics`](Self::with_metrics).
+    /// Creates the controller over a node cache shared with other controllers, reporting into
+    /// unregistered metrics (the tests' controller).
     pub fn new(
         client: kube::Client,
         cloud: Cloud,
         store: Store<CachedNode>,
         recorder: Recorder,
     ) -> Arc<Self> {
-        Arc::new(Self {
+        Arc::new(Self::with_metrics(
             client,
             cloud,
-            metrics: NodeMetrics::default(),
+            store,
+            recorder,
+            NodeMetrics::default(),
+        ))
+    }
+
+    /// The controller reporting into `metrics`.
+    fn with_metrics(
+        client: kube::Client,
+        cloud: Cloud,
+        store: Store<CachedNode>,
+        recorder: Recorder,
+        metrics: NodeMetrics,
+    ) -> Self {
+        Self {
+            client,
+            cloud,
+            metrics,
             recorder,
             store,
             failures: Mutex::new(HashMap::new()),
             seen: Fingerprints::default(),
-        })
-    }
-
-    /// This controller reporting into `metrics`.
-    fn with_metrics(self: Arc<Self>, metrics: NodeMetrics) -> Arc<Self> {
-        match Arc::try_unwrap(self) {
-            Ok(mut this) => {
-                this.metrics = metrics;
-                Arc::new(this)
-            }
-            Err(shared) => shared,
         }
     }
 
