@@ -178,6 +178,11 @@ pub async fn run(
     let mut shutdown = Box::pin(shutdown);
     let start_interval = options.controller_start_interval;
     if !options.leader_elect {
+        // Without a lease there is no term to fence on: the shim must not require one.
+        tracing::warn!(
+            "--leader-elect=false: mutating provider calls carry no fence; run a single \
+             controller-manager, and its shim with --fence-lease=none"
+        );
         let running = start(built, &ctx.nodes, &metrics, start_interval);
         shutdown.await;
         running.stop().await;

@@ -50,6 +50,10 @@ use crate::validate::invalid;
 /// default `--leader-elect-resource-namespace`/`--leader-elect-resource-name`.
 pub const DEFAULT_FENCE_LEASE: &str = "kube-system/cloud-controller-manager";
 
+/// `--fence-lease` value that turns fencing off, for a single controller-manager run with
+/// `--leader-elect=false`: such a caller holds no lease and sends no fence.
+pub const NO_FENCE: &str = "none";
+
 /// How far above the mark (or above 0, for a new lease generation) `lease_transitions` may be.
 /// A million leadership changes, none of which made a mutating call, is about 23 days of a new
 /// leader every two seconds (the default retry period): no real lease gets there.
@@ -68,8 +72,11 @@ pub(crate) struct FenceLeaseError {
     value: String,
 }
 
-/// Parses `--fence-lease`: `<namespace>/<name>`, both Kubernetes names.
+/// Parses `--fence-lease`: `<namespace>/<name>`, both Kubernetes names, or [`NO_FENCE`].
 pub(crate) fn parse_fence_lease(s: &str) -> Result<String, FenceLeaseError> {
+    if s == NO_FENCE {
+        return Ok(s.to_string());
+    }
     // Namespaces are DNS labels and Lease names DNS subdomains: at most 253 characters of
     // lower-case letters, digits, '-' and '.'.
     let is_name = |part: &str| {
@@ -289,6 +296,10 @@ impl FenceGuard {
     /// are in the module documentation.
     pub async fn check(&self, fence: Option<&Fence>) -> Result<(), CpiError> {
         let mut state = self.state.lock().await;
+        if state.lease == NO_FENCE {
+            // Fencing is off: there is no lease whose terms could order the callers.
+            return Ok(());
+        }
         let fence = check_shape(fence, &state.lease)?;
         let mark = match &state.mark {
             Some(mark) => Some(mark.clone()),
@@ -494,6 +505,18 @@ mod tests {
         assert!(guard.check(Some(&other)).await.is_err());
         assert!(guard.check(Some(&fence(UID, i64::MAX, "a"))).await.is_err());
         assert_eq!(store.load("kube-system/other").unwrap(), None);
+        assert_eq!(store.load(DEFAULT_FENCE_LEASE).unwrap(), None);
+    }
+
+    #[tokio::test]
+    async fn fencing_off_accepts_calls_without_a_fence_and_stores_nothing() {
+        let store = Arc::new(MemoryFenceStore::default());
+        let guard = FenceGuard::new(store.clone());
+        assert!(guard.check(None).await.is_err(), "a fence is required by default");
+        guard.set_lease(NO_FENCE).await;
+        guard.check(None).await.unwrap();
+        guard.check(Some(&fence(UID, 3, "a"))).await.unwrap();
+        assert_eq!(store.load(NO_FENCE).unwrap(), None);
         assert_eq!(store.load(DEFAULT_FENCE_LEASE).unwrap(), None);
     }
 

@@ -58,7 +58,8 @@ pub struct ServeFlags {
 
     /// The Lease mutating calls are fenced on, as the controller-manager's
     /// --leader-elect-resource-namespace/--leader-elect-resource-name; a fence naming another
-    /// lease is refused.
+    /// lease is refused. `none` turns fencing off, for one controller-manager run with
+    /// --leader-elect=false (which sends no fence).
     #[arg(
         long,
         value_name = "NAMESPACE/NAME",
@@ -246,6 +247,8 @@ mod tests {
             assert!(Cli::try_parse_from(args).is_err(), "{args:?}");
         }
         assert!(Cli::try_parse_from(["shim", "--unix-socket=/s", "--tls-cert-file=c"]).is_err());
+        let off = Cli::try_parse_from(["shim", "--fence-lease=none"]).map(|c| c.serve.fence_lease);
+        assert_eq!(off.ok().as_deref(), Some("none"));
         assert!(
             Cli::try_parse_from(["shim", "--unix-socket=/s", "--metrics-bind-address="]).is_ok()
         );

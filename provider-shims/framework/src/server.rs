@@ -345,6 +345,12 @@ impl ShimServer {
         ready.store(true, Ordering::SeqCst);
         let fence_lease = &flags.fence_lease;
         tracing::info!(%provider, grpc = %grpc_addr, ?metrics_addr, %fence_lease, "serving CPI");
+        if fence_lease == crate::fence::NO_FENCE {
+            tracing::warn!(
+                "--fence-lease=none: mutating calls are not fenced; run one controller-manager \
+                 only (with --leader-elect=false)"
+            );
+        }
         let task = tokio::spawn(async move {
             let (stop_http_tx, mut stop_http_rx) = watch::channel(false);
             let http_task = http.map(|http| {
