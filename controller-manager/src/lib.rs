@@ -19,6 +19,12 @@ pub mod serve;
 
 pub use app::{AppError, Options, run};
 pub use cloud::{Cloud, CloudMetrics, ConnectSettings, Fence, ProviderEndpoint};
-pub use controllers::{DeletionPolicy, NodeController, NodeLifecycleController, SyncError};
+pub use controllers::{
+    Backends, DeletionPolicy, HostUpdateError, NodeController, NodeLifecycleController, Op,
+    Requeue, ServiceLb, ServiceLbMetrics, ServiceSyncError, SyncError, WorkQueue, service_lb_rules,
+};
 pub use health::{Health, Scope, Unhealthy};
-pub use k8s::{CachedNode, EventType, NodeInformer, Recorder, events, well_known};
+pub use k8s::{
+    CachedNode, CachedService, EventType, NodeInformer, Recorder, ServiceChange, ServiceInformer,
+    events, well_known,
+};

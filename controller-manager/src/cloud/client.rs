@@ -6,8 +6,8 @@ use std::time::{Duration, Instant};
 use cpi_proto::CpiError;
 use cpi_proto::v1::{
     self, Capability, GetProviderInfoRequest, ProviderInfo, instances_client::InstancesClient,
-    instances_v2_client::InstancesV2Client, provider_client::ProviderClient,
-    zones_client::ZonesClient,
+    instances_v2_client::InstancesV2Client, load_balancer_client::LoadBalancerClient,
+    provider_client::ProviderClient, zones_client::ZonesClient,
 };
 use cpi_transport::{ClientEndpoint, ClientTls, ConnectOptions, CpiChannel, TlsFiles};
 use prometheus_client::encoding::EncodeLabelSet;
@@ -265,6 +265,11 @@ impl Cloud {
     /// Legacy Zones client over the shared channel.
     pub fn zones(&self) -> ZonesClient<CpiChannel> {
         ZonesClient::new(self.channel.clone())
+    }
+
+    /// LoadBalancer client over the shared channel.
+    pub fn load_balancers(&self) -> LoadBalancerClient<CpiChannel> {
+        LoadBalancerClient::new(self.channel.clone())
     }
 
     /// Whether objects handed to the shim should carry their raw JSON.

@@ -6,7 +6,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, Time};
 use cpi_proto::v1;
 use kube::Resource;
 
-use crate::k8s::{CachedNode, Labels};
+use crate::k8s::{CachedNode, CachedService, Labels};
 
 /// Builds the CPI view of a cached Node; `raw` also embeds the object as JSON.
 pub fn node(node: &CachedNode, raw: bool) -> v1::Node {
@@ -37,6 +37,135 @@ pub fn node(node: &CachedNode, raw: bool) -> v1::Node {
         } else {
             Vec::new()
         },
+    }
+}
+
+/// Builds the CPI view of a load balancer's backend node: the node's view without its
+/// conditions, so no shim can make a backend set depend on readiness (and a Ready flip changes
+/// nothing a load-balancer call sends); `raw` still embeds the whole cached object.
+pub fn backend_node(cached: &CachedNode, raw: bool) -> v1::Node {
+    let mut view = node(cached, raw);
+    view.conditions = Vec::new();
+    view
+}
+
+/// Builds the CPI view of a cached Service; `raw` also embeds the object as JSON.
+pub fn service(svc: &CachedService, raw: bool) -> v1::Service {
+    let spec = svc.spec();
+    v1::Service {
+        metadata: Some(meta(svc.meta())),
+        r#type: spec.type_.clone().unwrap_or_default(),
+        ports: spec
+            .ports
+            .as_deref()
+            .unwrap_or_default()
+            .iter()
+            .map(service_port)
+            .collect(),
+        cluster_ips: spec.cluster_ips.clone().unwrap_or_default(),
+        external_ips: spec.external_ips.clone().unwrap_or_default(),
+        load_balancer_ip: spec.load_balancer_ip.clone(),
+        load_balancer_source_ranges: spec.load_balancer_source_ranges.clone().unwrap_or_default(),
+        load_balancer_class: spec.load_balancer_class.clone(),
+        external_traffic_policy: spec.external_traffic_policy.clone(),
+        internal_traffic_policy: spec.internal_traffic_policy.clone(),
+        health_check_node_port: spec.health_check_node_port,
+        session_affinity: spec.session_affinity.clone().unwrap_or_default(),
+        session_affinity_timeout_seconds: spec
+            .session_affinity_config
+            .as_ref()
+            .and_then(|c| c.client_ip.as_ref())
+            .and_then(|c| c.timeout_seconds),
+        ip_families: spec.ip_families.clone().unwrap_or_default(),
+        ip_family_policy: spec.ip_family_policy.clone(),
+        allocate_load_balancer_node_ports: spec.allocate_load_balancer_node_ports,
+        status: Some(load_balancer_status_to_proto(svc.load_balancer())),
+        raw_json: if raw {
+            serde_json::to_vec(&svc.to_service()).unwrap_or_default()
+        } else {
+            Vec::new()
+        },
+    }
+}
+
+fn service_port(p: &core::ServicePort) -> v1::ServicePort {
+    use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+    let (target_port_number, target_port_name) = match &p.target_port {
+        Some(IntOrString::Int(n)) => (Some(*n), None),
+        Some(IntOrString::String(s)) => (None, Some(s.clone())),
+        None => (None, None),
+    };
+    v1::ServicePort {
+        name: p.name.clone().unwrap_or_default(),
+        protocol: p.protocol.clone().unwrap_or_else(|| "TCP".to_string()),
+        port: p.port,
+        target_port_number,
+        target_port_name,
+        node_port: p.node_port,
+        app_protocol: p.app_protocol.clone(),
+    }
+}
+
+/// Converts a Kubernetes load-balancer status to its CPI form.
+pub fn load_balancer_status_to_proto(status: &core::LoadBalancerStatus) -> v1::LoadBalancerStatus {
+    v1::LoadBalancerStatus {
+        ingress: status
+            .ingress
+            .as_deref()
+            .unwrap_or_default()
+            .iter()
+            .map(|i| v1::LoadBalancerIngress {
+                ip: i.ip.clone().unwrap_or_default(),
+                hostname: i.hostname.clone().unwrap_or_default(),
+                ip_mode: i.ip_mode.clone(),
+                ports: i
+                    .ports
+                    .as_deref()
+                    .unwrap_or_default()
+                    .iter()
+                    .map(|p| v1::PortStatus {
+                        port: p.port,
+                        protocol: p.protocol.clone(),
+                        error: p.error.clone(),
+                    })
+                    .collect(),
+            })
+            .collect(),
+    }
+}
+
+/// Converts the status a shim returned to the one written to the Service: exactly the shim's
+/// ingress points (never anything else), with `ipMode` only when the API server stores it
+/// (`with_ip_mode`). No ingress is an absent list, as the API server stores it.
+pub fn load_balancer_status_from_proto(
+    status: &v1::LoadBalancerStatus,
+    with_ip_mode: bool,
+) -> core::LoadBalancerStatus {
+    let ingress: Vec<core::LoadBalancerIngress> = status
+        .ingress
+        .iter()
+        .map(|i| core::LoadBalancerIngress {
+            ip: (!i.ip.is_empty()).then(|| i.ip.clone()),
+            hostname: (!i.hostname.is_empty()).then(|| i.hostname.clone()),
+            ip_mode: if with_ip_mode {
+                i.ip_mode.clone()
+            } else {
+                None
+            },
+            ports: (!i.ports.is_empty()).then(|| {
+                i.ports
+                    .iter()
+                    .map(|p| core::PortStatus {
+                        port: p.port,
+                        protocol: p.protocol.clone(),
+                        error: p.error.clone(),
+                    })
+                    .collect()
+            }),
+        })
+        .collect();
+    core::LoadBalancerStatus {
+        ingress: (!ingress.is_empty()).then_some(ingress),
     }
 }
 
@@ -179,5 +308,69 @@ mod tests {
         assert_eq!(v.provider_id, None);
         assert!(v.raw_json.is_empty());
         assert!(!node(&n, true).raw_json.is_empty());
+    }
+
+    #[test]
+    fn load_balancer_status_keeps_only_the_shims_ingress_and_ip_mode_when_stored() {
+        let from_shim = v1::LoadBalancerStatus {
+            ingress: vec![v1::LoadBalancerIngress {
+                ip: "203.0.113.10".into(),
+                hostname: String::new(),
+                ip_mode: Some("Proxy".into()),
+                ports: vec![v1::PortStatus {
+                    port: 80,
+                    protocol: "TCP".into(),
+                    error: None,
+                }],
+            }],
+        };
+        let with = load_balancer_status_from_proto(&from_shim, true);
+        let ingress = &with.ingress.as_ref().unwrap()[0];
+        assert_eq!(ingress.ip.as_deref(), Some("203.0.113.10"));
+        assert_eq!(ingress.hostname, None);
+        assert_eq!(ingress.ip_mode.as_deref(), Some("Proxy"));
+        assert_eq!(ingress.ports.as_ref().unwrap()[0].port, 80);
+        let without = load_balancer_status_from_proto(&from_shim, false);
+        assert_eq!(without.ingress.as_ref().unwrap()[0].ip_mode, None);
+        let none = load_balancer_status_from_proto(&v1::LoadBalancerStatus::default(), true);
+        assert_eq!(none.ingress, None);
+        // And back: what the CPI's Service view carries.
+        assert_eq!(load_balancer_status_to_proto(&with), from_shim);
+    }
+
+    #[test]
+    fn service_view_and_backend_nodes() {
+        use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+        let mut svc = core::Service::default();
+        svc.metadata.name = Some("s".into());
+        svc.metadata.namespace = Some("ns".into());
+        svc.spec = Some(core::ServiceSpec {
+            type_: Some("LoadBalancer".into()),
+            ports: Some(vec![core::ServicePort {
+                port: 80,
+                node_port: Some(30080),
+                target_port: Some(IntOrString::String("http".into())),
+                ..Default::default()
+            }]),
+            ..Default::default()
+        });
+        let view = service(&CachedService::from(svc), false);
+        assert_eq!(view.r#type, "LoadBalancer");
+        assert_eq!(view.ports[0].protocol, "TCP");
+        assert_eq!(view.ports[0].node_port, Some(30080));
+        assert_eq!(view.ports[0].target_port_name.as_deref(), Some("http"));
+        assert_eq!(view.metadata.unwrap().namespace, "ns");
+        let mut n = core::Node::default();
+        n.metadata.name = Some("n1".into());
+        n.status = Some(core::NodeStatus {
+            conditions: Some(vec![core::NodeCondition {
+                type_: "Ready".into(),
+                status: "False".into(),
+                ..Default::default()
+            }]),
+            ..Default::default()
+        });
+        let backend = backend_node(&CachedNode::from(n), false);
+        assert!(backend.conditions.is_empty(), "no readiness reaches a shim");
     }
 }

@@ -29,6 +29,7 @@ pub struct ClusterSettings {
 pub struct SharedNodes {
     store: Store<CachedNode>,
     ready: tokio::sync::watch::Receiver<bool>,
+    changes: tokio::sync::watch::Receiver<u64>,
     informer: Arc<Mutex<Option<NodeInformer>>>,
     wanted: Arc<AtomicBool>,
 }
@@ -39,6 +40,7 @@ impl SharedNodes {
         Self {
             store: informer.store.clone(),
             ready: informer.ready(),
+            changes: informer.changes(),
             informer: Arc::new(Mutex::new(Some(informer))),
             wanted: Arc::default(),
         }
@@ -64,6 +66,12 @@ impl SharedNodes {
     /// Turns true once the initial list is in the cache.
     pub fn ready(&self) -> tokio::sync::watch::Receiver<bool> {
         self.ready.clone()
+    }
+
+    /// Ticks after every change applied to the cache, deletions included.
+    pub fn changes(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.wanted.store(true, Ordering::Relaxed);
+        self.changes.clone()
     }
 
     /// The watch to run, if a controller asked for it (taken once).

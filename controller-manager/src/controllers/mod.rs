@@ -20,6 +20,10 @@ pub use selection::{ControllerSelection, SelectionError};
 
 pub use node::{NodeController, SyncError};
 pub use node_lifecycle::{DeletionPolicy, NodeLifecycleController};
+pub use service_lb::{
+    Backends, HostUpdateError, Op, Requeue, ServiceLb, ServiceLbMetrics, ServiceSyncError,
+    WorkQueue, decide as service_lb_rules,
+};
 
 registry! {
     cloud_node: node::CloudNodeController,

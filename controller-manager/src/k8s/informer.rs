@@ -27,6 +27,7 @@ pub struct NodeInformer {
     client: kube::Client,
     config: watcher::Config,
     ready: tokio::sync::watch::Sender<bool>,
+    changes: tokio::sync::watch::Sender<u64>,
 }
 
 impl NodeInformer {
@@ -45,6 +46,7 @@ impl NodeInformer {
             client,
             config: config.page_size(LIST_PAGE_SIZE),
             ready: tokio::sync::watch::channel(false).0,
+            changes: tokio::sync::watch::channel(0).0,
         }
     }
 
@@ -52,6 +54,12 @@ impl NodeInformer {
     /// more than one task waiting on it, only the last one to poll is woken.)
     pub fn ready(&self) -> tokio::sync::watch::Receiver<bool> {
         self.ready.subscribe()
+    }
+
+    /// Ticks after every change the cache has applied, deletions included (a subscription's
+    /// feed carries no deletions); a burst of changes may show as one tick.
+    pub fn changes(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.changes.subscribe()
     }
 
     /// A change feed for one controller.
@@ -68,10 +76,15 @@ impl NodeInformer {
         let stream =
             reflector::reflector(writer, watcher(api, self.config.clone()).default_backoff());
         let ready = &self.ready;
+        let changes = &self.changes;
         let drive = stream.for_each(|event| async move {
             match event {
                 Ok(watcher::Event::InitDone) => {
                     ready.send_replace(true);
+                    changes.send_modify(|n| *n = n.wrapping_add(1));
+                }
+                Ok(watcher::Event::Apply(_) | watcher::Event::Delete(_)) => {
+                    changes.send_modify(|n| *n = n.wrapping_add(1));
                 }
                 Ok(_) => {}
                 Err(err) => warn!(error = %err, "node watch error; retrying with backoff"),

@@ -1,7 +1,9 @@
 //! The Kubernetes side of the manager: the API clients, Events, the shared Node watch and its
-//! compact cache, and the API's well-known label, taint and condition names.
+//! compact cache, the Service watch and its compact cache, and the API's well-known label,
+//! taint, annotation, finalizer and condition names.
 
 mod cached_node;
+mod cached_service;
 mod client;
 pub mod events;
 mod informer;
@@ -22,6 +24,7 @@ pub fn truncated(mut text: String, max: usize) -> String {
 }
 
 pub use cached_node::{CachedNode, Labels};
+pub use cached_service::{CachedService, ServiceChange, ServiceInformer, services};
 pub use client::{ClientError, ClientMetrics, build_clients, load_config, nodes, send_write};
 pub use events::{EventBroadcaster, EventType, Recorder};
 pub use informer::NodeInformer;

@@ -28,3 +28,13 @@ pub const LABEL_ZONE_BETA: &str = "failure-domain.beta.kubernetes.io/zone";
 pub const LABEL_REGION: &str = "topology.kubernetes.io/region";
 /// Deprecated beta region label.
 pub const LABEL_REGION_BETA: &str = "failure-domain.beta.kubernetes.io/region";
+/// Node label excluding a node from load-balancer backends unless its value parses as false.
+pub const LABEL_EXCLUDE_FROM_EXTERNAL_LB: &str =
+    "node.kubernetes.io/exclude-from-external-load-balancers";
+/// Taint key the cluster autoscaler puts on nodes it is about to delete (any value or effect).
+pub const TAINT_TO_BE_DELETED_BY_CLUSTER_AUTOSCALER: &str = "ToBeDeletedByClusterAutoscaler";
+/// Finalizer the service-lb controller keeps on Services that may own a cloud load balancer.
+pub const FINALIZER_LOAD_BALANCER_CLEANUP: &str = "service.kubernetes.io/load-balancer-cleanup";
+/// Service annotation read when `spec.loadBalancerSourceRanges` is empty.
+pub const ANNOTATION_LOAD_BALANCER_SOURCE_RANGES: &str =
+    "service.beta.kubernetes.io/load-balancer-source-ranges";

@@ -25,6 +25,17 @@
 //!   instance_types[node.providerID], addresses, zone, additional_labels}`.
 //! - Every call is logged (upstream `Calls`, same method names) and first sleeps
 //!   `request_delay` (upstream `RequestDelay`).
+//! - LoadBalancer (served unless `load_balancers_disabled`, upstream `DisableLoadBalancers`):
+//!   `EnsureLoadBalancer` logs `"create"`, records the Service and its hosts in `ensure_calls`,
+//!   stores a [`FakeBalancer`] under the LB name (upstream `GetLoadBalancerName`: `"a"` + UID
+//!   without dashes, at most 32 characters) with the region of `zone`, and answers one ingress
+//!   `{ip: external_ip, ipMode: balancer_ip_mode}`; `UpdateLoadBalancer` logs `"update"` and
+//!   records `update_calls`; `EnsureLoadBalancerDeleted` logs `"delete"` and forgets the
+//!   balancer; `GetLoadBalancer` logs `"get"` (upstream logs nothing) and answers `exists`.
+//!   Each fails with its own scripted error (`ensure_err`, `update_err`, `delete_err`,
+//!   `get_err`: e.g. RETRY_AFTER, IMPLEMENTED_ELSEWHERE, INVALID_OBJECT) or else with `err`,
+//!   as upstream's shared `Err`. The subject of LB calls is the Service's `namespace/name`;
+//!   a call whose subject has a gate in `gates` waits for a permit before answering.
 //!
 //! Capabilities follow the toggles (`instances_v2_enabled`, `instances_disabled`,
 //! `zones_disabled`) at the time [`FakeCloud::serve`] is called; every other field may be
@@ -42,8 +53,8 @@ pub use cpi_proto::v1 as proto;
 
 use cpi_proto::v1::{self as pb, Consistency, Existence, NodeAddressType, PowerState};
 use shim_framework::{
-    Instances, InstancesV2, ProviderDescription, RunningShim, ServeFlags, ShimError, ShimServer,
-    Zones, node_name,
+    Instances, InstancesV2, LoadBalancer, ProviderDescription, RunningShim, ServeFlags, ShimError,
+    ShimServer, Zones, node_name,
 };
 use tokio::sync::oneshot;
 
@@ -83,6 +94,64 @@ pub mod call {
     pub const GET_ZONE_BY_PROVIDER_ID: &str = "get-zone-by-provider-id";
     /// `Zones.GetZoneByNodeName`.
     pub const GET_ZONE_BY_NODE_NAME: &str = "get-zone-by-node-name";
+    /// `LoadBalancer.EnsureLoadBalancer`.
+    pub const CREATE: &str = "create";
+    /// `LoadBalancer.UpdateLoadBalancer`.
+    pub const UPDATE: &str = "update";
+    /// `LoadBalancer.EnsureLoadBalancerDeleted`.
+    pub const DELETE: &str = "delete";
+    /// `LoadBalancer.GetLoadBalancer` (not logged upstream).
+    pub const GET: &str = "get";
+    /// `LoadBalancer.GetLoadBalancerName` (not logged upstream).
+    pub const GET_NAME: &str = "get-name";
+}
+
+/// A load balancer as the fake stores it (upstream `fakecloud.Balancer`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FakeBalancer {
+    /// LB name.
+    pub name: String,
+    /// Region (of `FakeCloud::zone`).
+    pub region: String,
+    /// `spec.loadBalancerIP` of the Service.
+    pub load_balancer_ip: Option<String>,
+    /// The Service's ports.
+    pub ports: Vec<pb::ServicePort>,
+    /// Backend node names.
+    pub hosts: Vec<String>,
+}
+
+/// One Ensure or Update call (upstream `EnsureCalls` / `UpdateCalls`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FakeLbCall {
+    /// The Service's `namespace/name`.
+    pub service: String,
+    /// The Service's UID.
+    pub uid: String,
+    /// Backend node names, in the order received.
+    pub hosts: Vec<String>,
+    /// Backend node provider IDs (empty when unset), in the same order.
+    pub provider_ids: Vec<String>,
+}
+
+/// Upstream `DefaultLoadBalancerName`: `"a"` + the UID without dashes, at most 32 characters.
+pub fn default_load_balancer_name(service: &pb::Service) -> String {
+    let uid = service
+        .metadata
+        .as_ref()
+        .map(|m| m.uid.replace('-', ""))
+        .unwrap_or_default();
+    let mut name = format!("a{uid}");
+    name.truncate(32);
+    name
+}
+
+fn service_key(service: &pb::Service) -> String {
+    service
+        .metadata
+        .as_ref()
+        .map(|m| format!("{}/{}", m.namespace, m.name))
+        .unwrap_or_default()
 }
 
 /// One call that reached the fake.
@@ -158,6 +227,30 @@ pub struct FakeCloud {
     pub in_flight: usize,
     /// The most calls ever answered at the same time (how many workers really ran at once).
     pub peak_in_flight: usize,
+    /// Do not serve LoadBalancer (upstream `DisableLoadBalancers`).
+    pub load_balancers_disabled: bool,
+    /// Ingress IP answered by EnsureLoadBalancer (upstream `ExternalIP`).
+    pub external_ip: String,
+    /// Ingress `ipMode` answered by EnsureLoadBalancer (upstream `BalancerIPMode`).
+    pub balancer_ip_mode: Option<String>,
+    /// GetLoadBalancer's `exists` (upstream `Exists`).
+    pub exists: bool,
+    /// EnsureLoadBalancer's error (else `err`).
+    pub ensure_err: Option<CpiError>,
+    /// UpdateLoadBalancer's error (else `err`).
+    pub update_err: Option<CpiError>,
+    /// EnsureLoadBalancerDeleted's error (else `err`).
+    pub delete_err: Option<CpiError>,
+    /// GetLoadBalancer's error (else `err`).
+    pub get_err: Option<CpiError>,
+    /// Stored balancers by name (upstream `Balancers`).
+    pub balancers: HashMap<String, FakeBalancer>,
+    /// EnsureLoadBalancer calls (upstream `EnsureCalls`).
+    pub ensure_calls: Vec<FakeLbCall>,
+    /// UpdateLoadBalancer calls (upstream `UpdateCalls`).
+    pub update_calls: Vec<FakeLbCall>,
+    /// Calls about a subject with a gate wait for one permit of it before answering.
+    pub gates: HashMap<String, Arc<tokio::sync::Semaphore>>,
 }
 
 impl Default for FakeCloud {
@@ -188,6 +281,18 @@ impl Default for FakeCloud {
             calls: Vec::new(),
             in_flight: 0,
             peak_in_flight: 0,
+            load_balancers_disabled: false,
+            external_ip: String::new(),
+            balancer_ip_mode: None,
+            exists: false,
+            ensure_err: None,
+            update_err: None,
+            delete_err: None,
+            get_err: None,
+            balancers: HashMap::new(),
+            ensure_calls: Vec::new(),
+            update_calls: Vec::new(),
+            gates: HashMap::new(),
         }
     }
 }
@@ -347,10 +452,11 @@ impl FakeCloud {
         let description = ProviderDescription::new(self.provider_name(), env!("CARGO_PKG_VERSION"))
             .with_cluster_id(true)
             .with_provider_id_prefixes(self.provider_id_prefixes.clone());
-        let (v2, instances, zones) = (
+        let (v2, instances, zones, load_balancers) = (
             self.instances_v2_enabled,
             !self.instances_disabled,
             !self.zones_disabled,
+            !self.load_balancers_disabled,
         );
         let state = Arc::new(Mutex::new(self));
         let provider = FakeProvider {
@@ -362,6 +468,9 @@ impl FakeCloud {
         }
         if instances {
             builder = builder.instances(provider.clone());
+        }
+        if load_balancers {
+            builder = builder.load_balancer(provider.clone());
         }
         if zones {
             builder = builder.zones(provider);
@@ -425,9 +534,32 @@ impl ServedFake {
         lock(&self.state).calls.clone()
     }
 
-    /// Forgets the calls received so far.
+    /// Forgets the calls received so far (including the Ensure and Update records).
     pub fn clear_calls(&self) {
-        lock(&self.state).calls.clear();
+        let mut state = lock(&self.state);
+        state.calls.clear();
+        state.ensure_calls.clear();
+        state.update_calls.clear();
+    }
+
+    /// The LoadBalancer calls (`create`, `update`, `delete`, `get`) received so far, in order.
+    pub fn lb_calls(&self) -> Vec<FakeCall> {
+        lock(&self.state)
+            .calls
+            .iter()
+            .filter(|c| [call::CREATE, call::UPDATE, call::DELETE, call::GET].contains(&c.method))
+            .cloned()
+            .collect()
+    }
+
+    /// EnsureLoadBalancer calls so far.
+    pub fn ensure_calls(&self) -> Vec<FakeLbCall> {
+        lock(&self.state).ensure_calls.clone()
+    }
+
+    /// UpdateLoadBalancer calls so far.
+    pub fn update_calls(&self) -> Vec<FakeLbCall> {
+        lock(&self.state).update_calls.clone()
     }
 
     /// Stops serving and waits (at most a few seconds) for the shim to finish.
@@ -473,6 +605,17 @@ impl FakeProvider {
         subject: &str,
         answer: impl FnOnce(&FakeCloud) -> T,
     ) -> T {
+        self.answer_mut(method, subject, |state| answer(state))
+            .await
+    }
+
+    /// [`answer`](Self::answer) for calls that change the state.
+    async fn answer_mut<T>(
+        &self,
+        method: &'static str,
+        subject: &str,
+        answer: impl FnOnce(&mut FakeCloud) -> T,
+    ) -> T {
         let delay = {
             let mut state = lock(&self.state);
             state.calls.push(FakeCall {
@@ -491,9 +634,15 @@ impl FakeProvider {
         if !delay.is_zero() {
             tokio::time::sleep(delay).await;
         }
+        let gate = lock(&self.state).gates.get(subject).cloned();
+        if let Some(gate) = gate
+            && let Ok(permit) = gate.acquire().await
+        {
+            permit.forget();
+        }
         let mut state = lock(&self.state);
         state.in_flight -= 1;
-        answer(&state)
+        answer(&mut state)
     }
 }
 
@@ -670,6 +819,138 @@ impl Zones for FakeProvider {
             &node_name,
             FakeCloud::zone_result,
         )
+        .await
+    }
+}
+
+impl FakeCloud {
+    fn lb_error(&self, specific: &Option<CpiError>) -> Result<(), CpiError> {
+        match specific.as_ref().or(self.err.as_ref()) {
+            Some(err) => Err(err.clone()),
+            None => Ok(()),
+        }
+    }
+
+    fn lb_call(service: &pb::Service, nodes: &[pb::Node]) -> FakeLbCall {
+        FakeLbCall {
+            service: service_key(service),
+            uid: service
+                .metadata
+                .as_ref()
+                .map(|m| m.uid.clone())
+                .unwrap_or_default(),
+            hosts: nodes.iter().map(|n| node_name(n).to_string()).collect(),
+            provider_ids: nodes
+                .iter()
+                .map(|n| n.provider_id.clone().unwrap_or_default())
+                .collect(),
+        }
+    }
+}
+
+#[tonic::async_trait]
+impl LoadBalancer for FakeProvider {
+    async fn get_load_balancer(
+        &self,
+        _cluster_name: String,
+        service: pb::Service,
+    ) -> Result<pb::GetLoadBalancerResponse, CpiError> {
+        self.answer(call::GET, &service_key(&service), |s| {
+            s.lb_error(&s.get_err)?;
+            let name = default_load_balancer_name(&service);
+            let status = s.balancers.get(&name).map(|_| pb::LoadBalancerStatus {
+                ingress: vec![pb::LoadBalancerIngress {
+                    ip: s.external_ip.clone(),
+                    ip_mode: s.balancer_ip_mode.clone(),
+                    ..Default::default()
+                }],
+            });
+            Ok(pb::GetLoadBalancerResponse {
+                exists: s.exists,
+                status: if s.exists { status } else { None },
+                ownership: None,
+            })
+        })
+        .await
+    }
+
+    async fn get_load_balancer_name(
+        &self,
+        _cluster_name: String,
+        service: pb::Service,
+    ) -> Result<pb::GetLoadBalancerNameResponse, CpiError> {
+        self.answer(call::GET_NAME, &service_key(&service), |_| {
+            Ok(pb::GetLoadBalancerNameResponse {
+                name: default_load_balancer_name(&service),
+            })
+        })
+        .await
+    }
+
+    async fn ensure_load_balancer(
+        &self,
+        _cluster_name: String,
+        service: pb::Service,
+        nodes: Vec<pb::Node>,
+        _allow_replacement: bool,
+    ) -> Result<pb::EnsureLoadBalancerResponse, CpiError> {
+        self.answer_mut(call::CREATE, &service_key(&service), |s| {
+            let record = FakeCloud::lb_call(&service, &nodes);
+            s.ensure_calls.push(record.clone());
+            s.lb_error(&s.ensure_err)?;
+            let name = default_load_balancer_name(&service);
+            s.balancers.insert(
+                name.clone(),
+                FakeBalancer {
+                    name,
+                    region: s.zone.region.clone(),
+                    load_balancer_ip: service.load_balancer_ip.clone(),
+                    ports: service.ports.clone(),
+                    hosts: record.hosts,
+                },
+            );
+            Ok(pb::EnsureLoadBalancerResponse {
+                status: Some(pb::LoadBalancerStatus {
+                    ingress: vec![pb::LoadBalancerIngress {
+                        ip: s.external_ip.clone(),
+                        ip_mode: s.balancer_ip_mode.clone(),
+                        ..Default::default()
+                    }],
+                }),
+                ownership: None,
+            })
+        })
+        .await
+    }
+
+    async fn update_load_balancer(
+        &self,
+        _cluster_name: String,
+        service: pb::Service,
+        nodes: Vec<pb::Node>,
+    ) -> Result<pb::UpdateLoadBalancerResponse, CpiError> {
+        self.answer_mut(call::UPDATE, &service_key(&service), |s| {
+            let record = FakeCloud::lb_call(&service, &nodes);
+            s.update_calls.push(record.clone());
+            s.lb_error(&s.update_err)?;
+            if let Some(balancer) = s.balancers.get_mut(&default_load_balancer_name(&service)) {
+                balancer.hosts = record.hosts;
+            }
+            Ok(pb::UpdateLoadBalancerResponse {})
+        })
+        .await
+    }
+
+    async fn ensure_load_balancer_deleted(
+        &self,
+        _cluster_name: String,
+        service: pb::Service,
+    ) -> Result<pb::EnsureLoadBalancerDeletedResponse, CpiError> {
+        self.answer_mut(call::DELETE, &service_key(&service), |s| {
+            s.lb_error(&s.delete_err)?;
+            s.balancers.remove(&default_load_balancer_name(&service));
+            Ok(pb::EnsureLoadBalancerDeletedResponse {})
+        })
         .await
     }
 }

@@ -63,7 +63,11 @@ async fn capabilities_follow_the_toggles() {
     assert_eq!(i.provider_id_prefixes, vec!["fake://".to_string()]);
     assert_eq!(
         i.capabilities,
-        vec![Capability::Instances as i32, Capability::Zones as i32]
+        vec![
+            Capability::Instances as i32,
+            Capability::Zones as i32,
+            Capability::LoadBalancer as i32
+        ]
     );
 
     let v2 = FakeCloud {
@@ -71,6 +75,7 @@ async fn capabilities_follow_the_toggles() {
         provider_id_prefixes: vec!["aws://".into(), "fake://".into()],
         instances_v2_enabled: true,
         zones_disabled: true,
+        load_balancers_disabled: true,
         ..FakeCloud::default()
     }
     .serve()
@@ -347,4 +352,176 @@ async fn dropping_the_fake_stops_serving() {
     assert!(path.exists());
     drop(fake);
     assert!(!path.exists(), "the socket directory is removed on drop");
+}
+
+fn lb_fence() -> pb::Fence {
+    pb::Fence {
+        lease: "kube-system/cloud-controller-manager".into(),
+        holder_identity: "test".into(),
+        lease_transitions: 1,
+        lease_uid: "uid".into(),
+    }
+}
+
+fn lb_service(name: &str, uid: &str) -> pb::Service {
+    pb::Service {
+        metadata: Some(pb::ObjectMeta {
+            name: name.into(),
+            namespace: "default".into(),
+            uid: uid.into(),
+            ..Default::default()
+        }),
+        r#type: "LoadBalancer".into(),
+        ports: vec![pb::ServicePort {
+            name: String::new(),
+            protocol: "TCP".into(),
+            port: 80,
+            target_port_number: None,
+            target_port_name: None,
+            node_port: Some(30080),
+            app_protocol: None,
+        }],
+        ..Default::default()
+    }
+}
+
+#[tokio::test]
+async fn load_balancer_calls_follow_upstream_fake() {
+    let fake = FakeCloud {
+        external_ip: "203.0.113.10".into(),
+        balancer_ip_mode: Some("Proxy".into()),
+        zone: FakeZone {
+            failure_domain: String::new(),
+            region: "us-central".into(),
+        },
+        ..FakeCloud::default()
+    }
+    .serve()
+    .await
+    .unwrap();
+    let mut lb = pb::load_balancer_client::LoadBalancerClient::new(channel(&fake));
+    let svc = lb_service("s", "1234-5678-9abc-def0-1234-5678-9abc-def0-extra");
+    let name = lb
+        .get_load_balancer_name(pb::LoadBalancerRequest {
+            cluster_name: "c".into(),
+            service: Some(svc.clone()),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .name;
+    assert_eq!(name, "a123456789abcdef0123456789abcdef");
+    let ensured = lb
+        .ensure_load_balancer(pb::EnsureLoadBalancerRequest {
+            cluster_name: "c".into(),
+            service: Some(svc.clone()),
+            nodes: vec![node("n1", Some("fake://n1")), node("n2", None)],
+            fence: Some(lb_fence()),
+            allow_replacement: false,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let ingress = &ensured.status.unwrap().ingress[0];
+    assert_eq!(ingress.ip, "203.0.113.10");
+    assert_eq!(ingress.ip_mode.as_deref(), Some("Proxy"));
+    let balancer = fake.state().balancers.get(&name).cloned().unwrap();
+    assert_eq!(balancer.region, "us-central");
+    assert_eq!(balancer.hosts, ["n1", "n2"]);
+    assert_eq!(balancer.ports[0].port, 80);
+    let calls = fake.ensure_calls();
+    assert_eq!(calls[0].service, "default/s");
+    assert_eq!(calls[0].provider_ids, ["fake://n1", ""]);
+
+    lb.update_load_balancer(pb::UpdateLoadBalancerRequest {
+        cluster_name: "c".into(),
+        service: Some(svc.clone()),
+        nodes: vec![node("n3", None)],
+        fence: Some(lb_fence()),
+    })
+    .await
+    .unwrap();
+    assert_eq!(fake.update_calls()[0].hosts, ["n3"]);
+    assert_eq!(fake.state().balancers[&name].hosts, ["n3"]);
+
+    // Exists follows the script, as upstream's `Exists`.
+    let got = lb
+        .get_load_balancer(pb::LoadBalancerRequest {
+            cluster_name: "c".into(),
+            service: Some(svc.clone()),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(!got.exists);
+
+    // Scripted errors: RETRY_AFTER keeps its delay, IMPLEMENTED_ELSEWHERE its class; `err` is
+    // the fallback of every LB call.
+    fake.update(|f| {
+        f.ensure_err = Some(CpiError::RetryAfter {
+            message: "LB create in progress".into(),
+            delay: Duration::from_secs(42),
+        });
+        f.update_err = Some(CpiError::ImplementedElsewhere("elsewhere".into()));
+        f.err = Some(CpiError::Cloud("boom".into()));
+    });
+    let status = lb
+        .ensure_load_balancer(pb::EnsureLoadBalancerRequest {
+            cluster_name: "c".into(),
+            service: Some(svc.clone()),
+            nodes: vec![],
+            fence: Some(lb_fence()),
+            allow_replacement: false,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(
+        CpiError::from_status(&status).retry_after(),
+        Some(Duration::from_secs(42))
+    );
+    let status = lb
+        .update_load_balancer(pb::UpdateLoadBalancerRequest {
+            cluster_name: "c".into(),
+            service: Some(svc.clone()),
+            nodes: vec![],
+            fence: Some(lb_fence()),
+        })
+        .await
+        .unwrap_err();
+    assert!(matches!(
+        CpiError::from_status(&status),
+        CpiError::ImplementedElsewhere(_)
+    ));
+    let status = lb
+        .ensure_load_balancer_deleted(pb::EnsureLoadBalancerDeletedRequest {
+            cluster_name: "c".into(),
+            service: Some(svc.clone()),
+            fence: Some(lb_fence()),
+        })
+        .await
+        .unwrap_err();
+    assert!(matches!(CpiError::from_status(&status), CpiError::Cloud(_)));
+    fake.update(|f| f.err = None);
+    lb.ensure_load_balancer_deleted(pb::EnsureLoadBalancerDeletedRequest {
+        cluster_name: "c".into(),
+        service: Some(svc),
+        fence: Some(lb_fence()),
+    })
+    .await
+    .unwrap();
+    assert!(fake.state().balancers.is_empty());
+    let methods: Vec<&str> = fake.lb_calls().iter().map(|c| c.method).collect();
+    assert_eq!(
+        methods,
+        [
+            call::CREATE,
+            call::UPDATE,
+            call::GET,
+            call::CREATE,
+            call::UPDATE,
+            call::DELETE,
+            call::DELETE
+        ]
+    );
+    assert!(fake.lb_calls().iter().all(|c| c.subject == "default/s"));
 }

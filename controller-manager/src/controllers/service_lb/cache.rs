@@ -1,0 +1,232 @@
+//! The controller's own state: the Services it has processed (upstream `serviceCache`), the
+//! backend set each load balancer was last given (upstream `lastSyncedNodes`), and the current
+//! backend set, built once per change of the nodes and shared by every service.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+
+use cpi_proto::v1;
+use kube::{Resource, ResourceExt};
+
+use super::decide::{Host, stable_node};
+use crate::k8s::{CachedNode, CachedService};
+
+/// One backend set: the nodes passing the stable predicates, sorted by name, with their CPI
+/// views. Shared (`Arc`) by every service synced while the nodes did not change.
+#[derive(Debug, Default)]
+pub struct Backends {
+    /// `(name, providerID)` per node: what `nodesSufficientlyEqual` compares.
+    pub hosts: Box<[Host]>,
+    /// `resourceVersion` per node: whether the views are still current.
+    versions: Box<[Box<str>]>,
+    /// The CPI views handed to Ensure and Update.
+    pub nodes: Box<[v1::Node]>,
+}
+
+impl Backends {
+    /// Number of nodes.
+    pub fn len(&self) -> usize {
+        self.hosts.len()
+    }
+
+    /// Whether the set is empty.
+    pub fn is_empty(&self) -> bool {
+        self.hosts.is_empty()
+    }
+
+    fn matches(&self, nodes: &[&CachedNode]) -> bool {
+        self.hosts.len() == nodes.len()
+            && self.hosts.iter().zip(&*self.versions).zip(nodes).all(
+                |(((name, _), version), node)| {
+                    **name == *node.name_any()
+                        && **version == *node.resource_version().unwrap_or_default()
+                },
+            )
+    }
+}
+
+/// The current backend set, rebuilt only when a node passing the predicates changed.
+#[derive(Default)]
+pub struct BackendCache {
+    latest: Mutex<Arc<Backends>>,
+}
+
+impl BackendCache {
+    /// The backend set of `nodes` (all cached nodes), reusing the last one when no node in it
+    /// changed; `view` converts the nodes that pass the predicates.
+    pub fn current(
+        &self,
+        nodes: &[Arc<CachedNode>],
+        view: impl FnOnce(&[&CachedNode]) -> Vec<v1::Node>,
+    ) -> Arc<Backends> {
+        let mut stable: Vec<&CachedNode> = nodes
+            .iter()
+            .map(AsRef::as_ref)
+            .filter(|n| stable_node(n))
+            .collect();
+        stable.sort_unstable_by(|a, b| a.meta().name.cmp(&b.meta().name));
+        let latest = self.latest();
+        if latest.matches(&stable) {
+            return latest;
+        }
+        let built = Arc::new(Backends {
+            hosts: stable
+                .iter()
+                .map(|n| (Box::from(n.name_any()), n.provider_id().map(Box::from)))
+                .collect(),
+            versions: stable
+                .iter()
+                .map(|n| Box::from(n.resource_version().unwrap_or_default()))
+                .collect(),
+            nodes: view(&stable).into_boxed_slice(),
+        });
+        *self.latest.lock().unwrap_or_else(PoisonError::into_inner) = built.clone();
+        built
+    }
+
+    fn latest(&self) -> Arc<Backends> {
+        self.latest
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+}
+
+#[derive(Default)]
+struct Entries {
+    services: HashMap<String, Arc<CachedService>>,
+    last_synced: HashMap<String, Arc<Backends>>,
+}
+
+/// The Services the controller has processed, by `namespace/name`, and the backend set each
+/// load balancer was last given.
+#[derive(Default)]
+pub struct ServiceCache {
+    entries: Mutex<Entries>,
+}
+
+impl ServiceCache {
+    fn entries(&self) -> MutexGuard<'_, Entries> {
+        // Each operation is one map update: a poisoned lock still guards consistent maps.
+        self.entries.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// The cached Service of `key`.
+    pub fn get(&self, key: &str) -> Option<Arc<CachedService>> {
+        self.entries().services.get(key).cloned()
+    }
+
+    /// Caches `svc` under `key`.
+    pub fn set(&self, key: &str, svc: Arc<CachedService>) {
+        self.entries().services.insert(key.to_string(), svc);
+    }
+
+    /// Forgets `key` and its last backend set.
+    pub fn delete(&self, key: &str) {
+        let mut entries = self.entries();
+        entries.services.remove(key);
+        entries.last_synced.remove(key);
+    }
+
+    /// The cached keys.
+    pub fn keys(&self) -> Vec<String> {
+        self.entries().services.keys().cloned().collect()
+    }
+
+    /// Every cached Service.
+    pub fn all_services(&self) -> Vec<Arc<CachedService>> {
+        self.entries().services.values().cloned().collect()
+    }
+
+    /// Number of cached Services.
+    pub fn len(&self) -> usize {
+        self.entries().services.len()
+    }
+
+    /// Whether nothing is cached.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The backend set `key`'s load balancer was last given.
+    pub fn last_synced(&self, key: &str) -> Option<Arc<Backends>> {
+        self.entries().last_synced.get(key).cloned()
+    }
+
+    /// Records the backend set `key`'s load balancer is being given, returning the previous.
+    pub fn store_last_synced(&self, key: &str, backends: Arc<Backends>) -> Option<Arc<Backends>> {
+        self.entries().last_synced.insert(key.to_string(), backends)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used, non_snake_case)]
+    use super::*;
+    use k8s_openapi::api::core::v1::{Node, NodeSpec, Service};
+
+    fn service(name: &str) -> Arc<CachedService> {
+        let mut svc = Service::default();
+        svc.metadata.name = Some(name.into());
+        svc.metadata.namespace = Some("default".into());
+        Arc::new(svc.into())
+    }
+
+    // Upstream TestServiceCache, in sequence on one cache.
+    #[test]
+    fn service_cache__add_del_set_get_list_keys_get_by_keys_all_services() {
+        let cache = ServiceCache::default();
+        // "Add"
+        cache.set("default/a", service("a"));
+        assert_eq!(cache.len(), 1);
+        // "Del"
+        cache.delete("default/a");
+        assert_eq!(cache.len(), 0);
+        // "Set and Get"
+        cache.set("default/b", service("b"));
+        assert!(cache.get("default/b").is_some());
+        // "ListKeys"
+        cache.set("default/c", service("c"));
+        let mut keys = cache.keys();
+        keys.sort();
+        assert_eq!(keys, ["default/b", "default/c"]);
+        // "GetbyKeys"
+        assert_eq!(cache.get("default/c").unwrap().key(), "default/c");
+        // "allServices"
+        assert_eq!(cache.all_services().len(), 2);
+    }
+
+    fn node(name: &str, version: &str, provider_id: &str) -> Arc<CachedNode> {
+        let mut n = Node::default();
+        n.metadata.name = Some(name.into());
+        n.metadata.resource_version = Some(version.into());
+        n.spec = Some(NodeSpec {
+            provider_id: Some(provider_id.into()),
+            ..NodeSpec::default()
+        });
+        Arc::new(n.into())
+    }
+
+    #[test]
+    fn backends_are_reused_until_a_stable_node_changes() {
+        let cache = BackendCache::default();
+        let mut built = 0;
+        let mut view = |nodes: &[&CachedNode]| {
+            built += 1;
+            vec![v1::Node::default(); nodes.len()]
+        };
+        let nodes = vec![node("b", "1", "fake://b"), node("a", "1", "fake://a")];
+        let first = cache.current(&nodes, &mut view);
+        assert_eq!(
+            first.hosts.iter().map(|h| &*h.0).collect::<Vec<_>>(),
+            ["a", "b"]
+        );
+        let again = cache.current(&nodes, &mut view);
+        assert!(Arc::ptr_eq(&first, &again));
+        let changed = vec![node("b", "2", "fake://b"), node("a", "1", "fake://a")];
+        let third = cache.current(&changed, &mut view);
+        assert!(!Arc::ptr_eq(&first, &third));
+        assert_eq!(first.hosts, third.hosts);
+        assert_eq!(built, 2);
+    }
+}
