@@ -6,13 +6,17 @@
 //! from it or `terminated` is authoritatively gone. Because of that, an edit that empties the
 //! inventory or removes more than `--inventory-max-drop-percent` of its machines at once is
 //! refused like a broken one (see [`shrink`]). State the shim must not forget across
-//! restarts (today the fence high-water marks) lives in `<--state-dir>/state.redb`.
+//! restarts (the fence high-water marks, load-balancer addresses) lives in
+//! `<--state-dir>/state.redb`.
 //!
-//! Served: Provider, InstancesV2, Instances and Zones. Provider IDs are `local://<instanceID>`;
-//! nodes carrying any other provider ID are answered NOT_OWNED by the framework.
+//! Served: Provider, InstancesV2, Instances, Zones and LoadBalancer ([`lb`]: an in-process L4
+//! proxy per Service, addresses from the pools of `--lb-config`). Provider IDs are
+//! `local://<instanceID>`; nodes carrying any other provider ID are answered NOT_OWNED by the
+//! framework.
 
 pub mod instances;
 pub mod inventory;
+pub mod lb;
 pub mod reload;
 pub mod shrink;
 pub mod store;
@@ -27,6 +31,7 @@ use shim_framework::{RunningShim, ServeFlags, ShimError, ShimServer};
 
 pub use instances::{LocalProvider, PROVIDER_NAME};
 pub use inventory::{Inventory, InventoryError, Machine, MachineState};
+pub use lb::{LbError, LbFlags, LocalLoadBalancer};
 pub use reload::InventoryHandle;
 pub use shrink::{Shrink, ShrinkPolicy, ShrinkVerdict};
 pub use store::{Store, StoreError};
@@ -78,6 +83,10 @@ pub struct LocalFlags {
     /// Region answered with --zone; defaults to the inventory's top-level region.
     #[arg(long, requires = "zone")]
     pub region: Option<String>,
+
+    /// Load-balancer flags.
+    #[command(flatten)]
+    pub lb: LbFlags,
 }
 
 impl LocalFlags {
@@ -99,6 +108,9 @@ pub enum LocalShimError {
     /// The state database could not be opened.
     #[error(transparent)]
     Store(#[from] StoreError),
+    /// The load balancer could not start (configuration, stored state).
+    #[error(transparent)]
+    Lb(#[from] LbError),
     /// Serving failed.
     #[error(transparent)]
     Shim(#[from] ShimError),
@@ -108,6 +120,7 @@ pub enum LocalShimError {
 pub struct LocalShim {
     server: ShimServer,
     inventory: InventoryHandle,
+    load_balancer: LocalLoadBalancer,
     reload_interval: Duration,
 }
 
@@ -120,13 +133,18 @@ impl LocalShim {
             failure_domain: Some(zone),
             region: flags.region.clone(),
         });
+        let load_balancer = LocalLoadBalancer::new(store.clone(), &flags.lb)?;
         let provider = LocalProvider::new(inventory.clone(), own_zone);
         let server = ShimServer::builder(instances::description())
             .instances_v2(provider.clone())
             .instances(provider.clone())
             .zones(provider)
+            .load_balancer(load_balancer.clone())
             .fence_store(store)
-            .register_metrics(|registry| inventory.register_metrics(registry))
+            .register_metrics(|registry| {
+                inventory.register_metrics(registry);
+                load_balancer.register_metrics(registry);
+            })
             .build();
         tracing::info!(
             inventory = %flags.inventory.display(),
@@ -137,6 +155,7 @@ impl LocalShim {
         Ok(Self {
             server,
             inventory,
+            load_balancer,
             reload_interval: flags.inventory_reload_interval,
         })
     }
@@ -152,6 +171,8 @@ impl LocalShim {
         serve: &ServeFlags,
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> Result<RunningShim, LocalShimError> {
+        // Stored load balancers listen again before any call can allocate a new address.
+        self.load_balancer.restore().await;
         let running = self.server.start(serve, shutdown).await?;
         // The reloader ends by itself once the served provider (the last handle) is dropped.
         let _reloader = self.inventory.spawn_reloader(self.reload_interval);

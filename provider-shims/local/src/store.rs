@@ -4,7 +4,9 @@
 //!
 //! Tables today: `meta` (schema version) and `fence_marks_v2` (the framework's fence marks, one
 //! row per fenced lease: with `--fence-lease` there is one, and [`MAX_FENCE_MARKS`] bounds the
-//! table whatever happens). Load-balancer addresses and routes will get their own tables.
+//! table whatever happens), `lb_records_v1` (load balancers by cluster/Service UID, JSON) and
+//! `lb_holds_v1` (addresses of deleted Services by cluster/namespace/name, JSON). Routes will
+//! get their own table.
 //!
 //! Schema versions: 1 had `fence_marks` without the lease UID; opening it drops those marks
 //! (they cannot be compared with fences that carry a UID), as a reset would.
@@ -26,6 +28,43 @@ const FENCE_MARKS_V1: TableDefinition<&str, (i64, &str)> = TableDefinition::new(
 /// `lease → (lease_uid, lease_transitions, holder_identity)`.
 const FENCE_MARKS: TableDefinition<&str, (&str, i64, &str)> =
     TableDefinition::new("fence_marks_v2");
+
+/// `cluster/uid → load balancer` (JSON of `lb::LbRecord`).
+const LB_RECORDS: TableDefinition<&str, &[u8]> = TableDefinition::new("lb_records_v1");
+/// `cluster/namespace/name → hold` (JSON of `lb::Hold`).
+const LB_HOLDS: TableDefinition<&str, &[u8]> = TableDefinition::new("lb_holds_v1");
+
+/// The rows of the load-balancer tables, as stored.
+#[derive(Debug, Default)]
+pub struct LbRows {
+    /// `(key, value)` of every load balancer.
+    pub records: Vec<(String, Vec<u8>)>,
+    /// `(key, value)` of every hold.
+    pub holds: Vec<(String, Vec<u8>)>,
+}
+
+/// Changes to the load-balancer tables, written in one transaction.
+#[derive(Debug, Default)]
+pub struct LbWrite {
+    /// Load balancers to insert or replace.
+    pub put_records: Vec<(String, Vec<u8>)>,
+    /// Load balancers to remove.
+    pub delete_records: Vec<String>,
+    /// Holds to insert or replace.
+    pub put_holds: Vec<(String, Vec<u8>)>,
+    /// Holds to remove.
+    pub delete_holds: Vec<String>,
+}
+
+impl LbWrite {
+    /// Whether there is nothing to write.
+    pub fn is_empty(&self) -> bool {
+        self.put_records.is_empty()
+            && self.delete_records.is_empty()
+            && self.put_holds.is_empty()
+            && self.delete_holds.is_empty()
+    }
+}
 
 /// Most rows `fence_marks_v2` holds. The framework only stores its `--fence-lease`, so more
 /// rows only come from changing that flag; a mark for a new lease beyond this many drops the
@@ -182,6 +221,50 @@ impl Store {
                 }
             }
             txn.open_table(FENCE_MARKS).map_err(|e| fail(e.into()))?;
+            txn.open_table(LB_RECORDS).map_err(|e| fail(e.into()))?;
+            txn.open_table(LB_HOLDS).map_err(|e| fail(e.into()))?;
+        }
+        txn.commit().map_err(|e| fail(e.into()))
+    }
+
+    /// Every load-balancer row (start-up).
+    pub fn load_lb_rows(&self) -> Result<LbRows, StoreError> {
+        let fail = self.io_error("reading the load balancers");
+        let txn = self.inner.db.begin_read().map_err(|e| fail(e.into()))?;
+        let mut rows = LbRows::default();
+        for (table, out) in [(LB_RECORDS, &mut rows.records), (LB_HOLDS, &mut rows.holds)] {
+            let table = txn.open_table(table).map_err(|e| fail(e.into()))?;
+            for row in table.iter().map_err(|e| fail(e.into()))? {
+                let (key, value) = row.map_err(|e| fail(e.into()))?;
+                out.push((key.value().to_string(), value.value().to_vec()));
+            }
+        }
+        Ok(rows)
+    }
+
+    /// Applies `write` in one durable transaction.
+    pub fn write_lb(&self, write: &LbWrite) -> Result<(), StoreError> {
+        let fail = self.io_error("writing the load balancers");
+        let txn = self.inner.db.begin_write().map_err(|e| fail(e.into()))?;
+        {
+            let mut records = txn.open_table(LB_RECORDS).map_err(|e| fail(e.into()))?;
+            for key in &write.delete_records {
+                records.remove(key.as_str()).map_err(|e| fail(e.into()))?;
+            }
+            for (key, value) in &write.put_records {
+                records
+                    .insert(key.as_str(), value.as_slice())
+                    .map_err(|e| fail(e.into()))?;
+            }
+            let mut holds = txn.open_table(LB_HOLDS).map_err(|e| fail(e.into()))?;
+            for key in &write.delete_holds {
+                holds.remove(key.as_str()).map_err(|e| fail(e.into()))?;
+            }
+            for (key, value) in &write.put_holds {
+                holds
+                    .insert(key.as_str(), value.as_slice())
+                    .map_err(|e| fail(e.into()))?;
+            }
         }
         txn.commit().map_err(|e| fail(e.into()))
     }
@@ -415,6 +498,33 @@ mod tests {
         // Reopening a current database keeps its marks.
         let store = Store::open(dir.path()).unwrap();
         assert_eq!(store.fence_mark(LEASE).unwrap(), Some(mark("u1", 0, "a")));
+    }
+
+    #[test]
+    fn lb_rows_survive_reopening_and_apply_in_one_write() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let store = Store::open(dir.path()).unwrap();
+            store
+                .write_lb(&LbWrite {
+                    put_records: vec![
+                        ("c/u1".into(), b"a".to_vec()),
+                        ("c/u2".into(), b"b".to_vec()),
+                    ],
+                    put_holds: vec![("c/ns/x".into(), b"h".to_vec())],
+                    ..LbWrite::default()
+                })
+                .unwrap();
+            store
+                .write_lb(&LbWrite {
+                    delete_records: vec!["c/u1".into(), "c/absent".into()],
+                    ..LbWrite::default()
+                })
+                .unwrap();
+        }
+        let rows = Store::open(dir.path()).unwrap().load_lb_rows().unwrap();
+        assert_eq!(rows.records, vec![("c/u2".to_string(), b"b".to_vec())]);
+        assert_eq!(rows.holds, vec![("c/ns/x".to_string(), b"h".to_vec())]);
     }
 
     #[test]

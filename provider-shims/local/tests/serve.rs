@@ -124,11 +124,12 @@ async fn provider_info_describes_the_local_shim() {
             pb::Capability::InstancesV2 as i32,
             pb::Capability::Instances as i32,
             pb::Capability::Zones as i32,
+            pb::Capability::LoadBalancer as i32,
         ]
     );
-    // Not served yet: load balancers and routes answer UNIMPLEMENTED.
-    let status = pb::load_balancer_client::LoadBalancerClient::new(shim.channel())
-        .get_load_balancer(pb::LoadBalancerRequest::default())
+    // Not served yet: routes answer UNIMPLEMENTED.
+    let status = pb::routes_client::RoutesClient::new(shim.channel())
+        .list_routes(pb::ListRoutesRequest::default())
         .await
         .unwrap_err();
     assert_eq!(status.code(), Code::Unimplemented);

@@ -1,0 +1,650 @@
+//! The `LoadBalancer` service of the local shim: decides (pure modules), persists (one redb
+//! transaction per changing call, before anything is reported), then acts (listeners, health
+//! checks).
+
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use cpi_proto::CpiError;
+use cpi_proto::v1::{
+    EnsureLoadBalancerDeletedResponse, EnsureLoadBalancerResponse, GetLoadBalancerNameResponse,
+    GetLoadBalancerResponse, LoadBalancerIngress, LoadBalancerStatus, Node, Ownership, PortStatus,
+    Service, UpdateLoadBalancerResponse,
+};
+use prometheus_client::registry::Registry;
+
+use super::alloc::{AllocError, AllocInput, Decision, Hold, LbRecord, decide, hold_key, lb_key};
+use super::config::{LbConfigError, LbFlags};
+use super::health::{HealthChecks, Target};
+use super::metrics::{LbMetrics, PoolLabel, ReasonLabel};
+use super::pool::Pools;
+use super::proxy::{
+    BackendHealth, BackendRt, Listener, ProxyConfig, Runtime, Snapshot, bind_tcp, bind_udp,
+    listener_name, spawn_tcp, spawn_udp,
+};
+use super::spec::{
+    HealthPolicy, IP_ANNOTATION, POOL_ANNOTATION, Protocol, backends, parse_service,
+};
+use crate::store::{LbWrite, Store, StoreError};
+
+/// `ports[].error` of an SCTP port: the proxy serves TCP and UDP only.
+pub const PORT_ERROR_SCTP: &str = "lb.local-shim/SCTPNotSupported";
+/// `ports[].error` of a port without a node port (nothing to forward to).
+pub const PORT_ERROR_NO_NODE_PORT: &str = "lb.local-shim/NoNodePort";
+/// `ports[].error` of a port whose listener could not bind (the log says why).
+pub const PORT_ERROR_BIND: &str = "lb.local-shim/BindFailed";
+/// `ingress[].ipMode`: traffic goes through this proxy.
+pub const IP_MODE_PROXY: &str = "Proxy";
+
+/// Why the load balancer could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum LbError {
+    /// `--lb-config` is unusable.
+    #[error(transparent)]
+    Config(#[from] LbConfigError),
+    /// The state database failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// A stored row cannot be read; refusing to start rather than hand its address out again.
+    #[error(
+        "state database {table} row {key:?} is unreadable ({error}); refusing to start, as \
+         its address could be handed to another Service"
+    )]
+    Corrupt {
+        /// Table name.
+        table: &'static str,
+        /// Row key.
+        key: String,
+        /// Decoding error.
+        error: String,
+    },
+}
+
+/// A load balancer being served: its listeners and what its ports report.
+struct Live {
+    ip: IpAddr,
+    runtime: Arc<Runtime>,
+    listeners: HashMap<(Protocol, u16), Listener>,
+    ports: Vec<PortStatus>,
+}
+
+#[derive(Default)]
+struct State {
+    records: HashMap<String, LbRecord>,
+    holds: HashMap<String, Hold>,
+    live: HashMap<String, Live>,
+}
+
+struct Manager {
+    store: Store,
+    pools: Pools,
+    hold_for: Duration,
+    kube_proxy_port: u16,
+    proxy: ProxyConfig,
+    health: HealthChecks,
+    metrics: LbMetrics,
+    state: tokio::sync::Mutex<State>,
+}
+
+/// The local shim's load balancers; cheap to clone.
+#[derive(Clone)]
+pub struct LocalLoadBalancer {
+    inner: Arc<Manager>,
+}
+
+fn unix_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// Name of a Service's load balancer: cluster name and Service UID, never namespace/name.
+pub fn load_balancer_name(cluster: &str, uid: &str) -> String {
+    format!("local-lb-{cluster}-{uid}")
+}
+
+fn ownership(cluster: &str, uid: &str) -> Ownership {
+    Ownership {
+        owned: true,
+        cluster_id: Some(cluster.to_string()),
+        object_uid: Some(uid.to_string()),
+    }
+}
+
+fn status_of(live: &Live) -> LoadBalancerStatus {
+    LoadBalancerStatus {
+        ingress: vec![LoadBalancerIngress {
+            ip: live.ip.to_string(),
+            hostname: String::new(),
+            ip_mode: Some(IP_MODE_PROXY.to_string()),
+            ports: live.ports.clone(),
+        }],
+    }
+}
+
+fn decode<T: serde::de::DeserializeOwned>(
+    table: &'static str,
+    key: &str,
+    value: &[u8],
+) -> Result<T, LbError> {
+    serde_json::from_slice(value).map_err(|error| LbError::Corrupt {
+        table,
+        key: key.to_string(),
+        error: error.to_string(),
+    })
+}
+
+fn encode<T: serde::Serialize>(value: &T) -> Result<Vec<u8>, CpiError> {
+    serde_json::to_vec(value).map_err(|e| CpiError::Cloud(format!("encoding a record: {e}")))
+}
+
+fn persist_error(err: StoreError) -> CpiError {
+    CpiError::Cloud(format!("persisting the load balancer: {err}"))
+}
+
+/// The cluster name and Service UID that own a Service's load balancer.
+fn identity(cluster: &str, service: &Service) -> Result<(String, String), CpiError> {
+    let invalid = |field: &str| CpiError::InvalidObject {
+        field: field.to_string(),
+        message: "must not be empty: load balancers are owned by cluster name and Service UID"
+            .into(),
+    };
+    if cluster.is_empty() {
+        return Err(invalid("cluster_name"));
+    }
+    let uid = service
+        .metadata
+        .as_ref()
+        .map(|m| m.uid.clone())
+        .unwrap_or_default();
+    if uid.is_empty() {
+        return Err(invalid("service.metadata.uid"));
+    }
+    Ok((cluster.to_string(), uid))
+}
+
+impl LocalLoadBalancer {
+    /// Reads the pools and every stored load balancer and hold (blocking). Nothing is served
+    /// until [`LocalLoadBalancer::restore`].
+    pub fn new(store: Store, flags: &LbFlags) -> Result<Self, LbError> {
+        let pools = flags.pools()?;
+        let rows = store.load_lb_rows()?;
+        let mut state = State::default();
+        for (key, value) in &rows.records {
+            state
+                .records
+                .insert(key.clone(), decode("lb_records_v1", key, value)?);
+        }
+        for (key, value) in &rows.holds {
+            state
+                .holds
+                .insert(key.clone(), decode("lb_holds_v1", key, value)?);
+        }
+        let metrics = LbMetrics::default();
+        for record in state.records.values() {
+            if pools.pool_of(record.ip).is_none() {
+                tracing::warn!(
+                    service = %record.spec.service_name(),
+                    cluster = %record.spec.cluster,
+                    ip = %record.ip,
+                    pools = %pools.names(),
+                    "allocation is in no configured pool any more; it is kept (pool edits never \
+                     move an address) and not handed out again until the Service is deleted"
+                );
+            }
+        }
+        let mut manager = Manager {
+            store,
+            health: HealthChecks::new(flags.health(), metrics.clone()),
+            hold_for: flags.address_hold,
+            kube_proxy_port: flags.kube_proxy_health_port,
+            proxy: flags.proxy(),
+            pools,
+            metrics,
+            state: tokio::sync::Mutex::new(State::default()),
+        };
+        manager.refresh_metrics(&state);
+        manager.state = tokio::sync::Mutex::new(state);
+        Ok(Self {
+            inner: Arc::new(manager),
+        })
+    }
+
+    /// Serves every stored load balancer again (same addresses, same listeners), before the
+    /// shim takes any call.
+    pub async fn restore(&self) {
+        let m = &self.inner;
+        let mut state = m.state.lock().await;
+        let records: Vec<(String, LbRecord)> = state
+            .records
+            .iter()
+            .map(|(k, r)| (k.clone(), r.clone()))
+            .collect();
+        for (key, record) in &records {
+            let live = m.activate(None, record);
+            state.live.insert(key.clone(), live);
+        }
+        if !records.is_empty() {
+            tracing::info!(
+                load_balancers = records.len(),
+                holds = state.holds.len(),
+                "re-adopted the stored load balancers"
+            );
+        }
+    }
+
+    /// Registers the load-balancer metrics.
+    pub fn register_metrics(&self, registry: &mut Registry) {
+        self.inner.metrics.register(registry);
+    }
+}
+
+impl Manager {
+    /// Health checks and rules of `record`, as a proxy snapshot.
+    fn snapshot(&self, record: &LbRecord) -> Snapshot {
+        let spec = &record.spec;
+        let node_ports: HashMap<(Protocol, u16), u16> = spec
+            .ports
+            .iter()
+            .filter(|p| p.protocol != Protocol::Sctp)
+            .filter_map(|p| p.node_port.map(|np| ((p.protocol, p.port), np)))
+            .collect();
+        let backends = record
+            .backends
+            .iter()
+            .map(|b| BackendRt {
+                ip: b.ip,
+                health: match spec.health {
+                    HealthPolicy::Local { port } => {
+                        BackendHealth::Local(self.health.acquire(b.ip, Target::Healthz(port)))
+                    }
+                    HealthPolicy::Cluster => BackendHealth::Cluster {
+                        kube_proxy: self
+                            .health
+                            .acquire(b.ip, Target::KubeProxy(self.kube_proxy_port)),
+                        node_ports: node_ports
+                            .values()
+                            .map(|np| (*np, self.health.acquire(b.ip, Target::NodePort(*np))))
+                            .collect(),
+                    },
+                },
+            })
+            .collect();
+        Snapshot {
+            source_ranges: spec.source_ranges.clone(),
+            affinity: spec
+                .affinity_timeout
+                .map(|s| Duration::from_secs(u64::from(s))),
+            node_ports,
+            backends,
+        }
+    }
+
+    /// Brings `record`'s listeners to what it says, reusing `live`'s (established connections
+    /// continue) when the address is the same.
+    fn activate(&self, live: Option<Live>, record: &LbRecord) -> Live {
+        let snapshot = self.snapshot(record);
+        let (runtime, mut listeners) = match live {
+            Some(live) if live.ip == record.ip => {
+                live.runtime.replace(snapshot);
+                (live.runtime, live.listeners)
+            }
+            // A moved address (or a first start): the old listeners close with `live`.
+            _ => (
+                Runtime::new(snapshot, self.proxy, self.metrics.clone()),
+                HashMap::new(),
+            ),
+        };
+        listeners.retain(|(protocol, port), _| {
+            record
+                .spec
+                .ports
+                .iter()
+                .any(|p| p.protocol == *protocol && p.port == *port && p.node_port.is_some())
+        });
+        let service = record.spec.service_name();
+        let mut ports = Vec::with_capacity(record.spec.ports.len());
+        for port in &record.spec.ports {
+            let error = match (port.protocol, port.node_port) {
+                (Protocol::Sctp, _) => Some(PORT_ERROR_SCTP),
+                (_, None) => Some(PORT_ERROR_NO_NODE_PORT),
+                (protocol, Some(_)) if listeners.contains_key(&(protocol, port.port)) => None,
+                (protocol, Some(_)) => {
+                    let addr = SocketAddr::new(record.ip, port.port);
+                    let name = listener_name(addr, protocol);
+                    let runtime = Arc::clone(&runtime);
+                    let bound = match protocol {
+                        Protocol::Tcp => {
+                            bind_tcp(addr).map(|l| spawn_tcp(l, runtime, port.port, name.clone()))
+                        }
+                        _ => bind_udp(addr).map(|s| spawn_udp(s, runtime, port.port, name.clone())),
+                    };
+                    match bound {
+                        Ok(listener) => {
+                            tracing::debug!(%service, listener = %name, "listening");
+                            listeners.insert((protocol, port.port), listener);
+                            None
+                        }
+                        Err(error) => {
+                            tracing::warn!(
+                                %service,
+                                listener = %name,
+                                %error,
+                                "cannot listen; the port's status says {PORT_ERROR_BIND}"
+                            );
+                            Some(PORT_ERROR_BIND)
+                        }
+                    }
+                }
+            };
+            ports.push(PortStatus {
+                port: i32::from(port.port),
+                protocol: port.protocol.as_str().to_string(),
+                error: error.map(str::to_string),
+            });
+        }
+        Live {
+            ip: record.ip,
+            runtime,
+            listeners,
+            ports,
+        }
+    }
+
+    /// Pool and load-balancer gauges, recomputed after a change.
+    fn refresh_metrics(&self, state: &State) {
+        let now = unix_ms();
+        let mut used: HashMap<&str, std::collections::HashSet<IpAddr>> = HashMap::new();
+        let mut outside = 0;
+        let held = state
+            .holds
+            .values()
+            .filter(|h| h.expires_unix_ms > now)
+            .map(|h| h.ip);
+        let mut ips: Vec<IpAddr> = state.records.values().map(|r| r.ip).collect();
+        for record in state.records.values() {
+            if self.pools.pool_of(record.ip).is_none() {
+                outside += 1;
+            }
+        }
+        ips.extend(held);
+        for ip in ips {
+            if let Some(pool) = self.pools.pool_of(ip) {
+                used.entry(pool.name.as_str()).or_default().insert(ip);
+            }
+        }
+        for pool in self.pools.iter() {
+            let label = PoolLabel {
+                pool: pool.name.clone(),
+            };
+            let size = i64::try_from(pool.size(None)).unwrap_or(i64::MAX);
+            let in_use = used.get(pool.name.as_str()).map_or(0, |s| s.len() as i64);
+            self.metrics.pool_size.get_or_create(&label).set(size);
+            self.metrics.pool_used.get_or_create(&label).set(in_use);
+            self.metrics
+                .pool_free
+                .get_or_create(&label)
+                .set(size.saturating_sub(in_use));
+        }
+        self.metrics.outside_pools.set(outside);
+        self.metrics.load_balancers.set(state.records.len() as i64);
+    }
+
+    /// The precise error for an allocation failure, counted by reason.
+    fn allocation_error(&self, err: AllocError, service: &Service) -> CpiError {
+        let (reason, cpi) = match &err {
+            AllocError::NotInAnyPool { .. } | AllocError::NotInRequestedPool { .. } => {
+                let field = if service
+                    .load_balancer_ip
+                    .as_deref()
+                    .is_some_and(|v| !v.trim().is_empty())
+                {
+                    "service.spec.loadBalancerIP".to_string()
+                } else {
+                    format!("service.metadata.annotations[{IP_ANNOTATION}]")
+                };
+                (
+                    "not_in_pool",
+                    CpiError::InvalidObject {
+                        field,
+                        message: err.to_string(),
+                    },
+                )
+            }
+            AllocError::UnknownPool { .. } => (
+                "unknown_pool",
+                CpiError::InvalidObject {
+                    field: format!("service.metadata.annotations[{POOL_ANNOTATION}]"),
+                    message: err.to_string(),
+                },
+            ),
+            AllocError::NoPoolForFamily { .. } => {
+                ("no_pool_for_family", CpiError::Cloud(err.to_string()))
+            }
+            AllocError::Exhausted { .. } => ("exhausted", CpiError::Cloud(err.to_string())),
+            AllocError::UsedBy { .. } => ("in_use", CpiError::NotOwned(err.to_string())),
+            AllocError::Held { .. } => ("held", CpiError::NotOwned(err.to_string())),
+            AllocError::PortInUse { .. } => ("port_in_use", CpiError::NotOwned(err.to_string())),
+            AllocError::ReplacementRequired { .. } => (
+                "replacement_required",
+                CpiError::ReplacementRequired(err.to_string()),
+            ),
+        };
+        self.metrics
+            .allocation_failures
+            .get_or_create(&ReasonLabel { reason })
+            .inc();
+        cpi
+    }
+}
+
+#[tonic::async_trait]
+impl shim_framework::LoadBalancer for LocalLoadBalancer {
+    async fn get_load_balancer(
+        &self,
+        cluster_name: String,
+        service: Service,
+    ) -> Result<GetLoadBalancerResponse, CpiError> {
+        let (cluster, uid) = identity(&cluster_name, &service)?;
+        let key = lb_key(&cluster, &uid);
+        let state = self.inner.state.lock().await;
+        // Only a load balancer created for this cluster and this Service UID exists for it.
+        Ok(match state.live.get(&key) {
+            Some(live) => GetLoadBalancerResponse {
+                exists: true,
+                status: Some(status_of(live)),
+                ownership: Some(ownership(&cluster, &uid)),
+            },
+            None => GetLoadBalancerResponse::default(),
+        })
+    }
+
+    async fn get_load_balancer_name(
+        &self,
+        cluster_name: String,
+        service: Service,
+    ) -> Result<GetLoadBalancerNameResponse, CpiError> {
+        let (cluster, uid) = identity(&cluster_name, &service)?;
+        Ok(GetLoadBalancerNameResponse {
+            name: load_balancer_name(&cluster, &uid),
+        })
+    }
+
+    async fn ensure_load_balancer(
+        &self,
+        cluster_name: String,
+        service: Service,
+        nodes: Vec<Node>,
+        allow_replacement: bool,
+    ) -> Result<EnsureLoadBalancerResponse, CpiError> {
+        let m = &self.inner;
+        let spec = parse_service(&cluster_name, &service)?;
+        let backends = backends(&nodes, spec.family);
+        let key = lb_key(&spec.cluster, &spec.uid);
+        let now_ms = unix_ms();
+        let mut state = m.state.lock().await;
+        let current = state.records.get(&key);
+        let decision = {
+            let others: Vec<&LbRecord> = state
+                .records
+                .iter()
+                .filter(|(k, _)| **k != key)
+                .map(|(_, r)| r)
+                .collect();
+            let holds: Vec<&Hold> = state.holds.values().collect();
+            decide(&AllocInput {
+                pools: &m.pools,
+                others: &others,
+                holds: &holds,
+                spec: &spec,
+                current: current.map(|r| r.ip),
+                allow_replacement,
+                now_ms,
+            })
+            .map_err(|err| m.allocation_error(err, &service))?
+        };
+        let (ip, pool) = match decision {
+            Decision::Keep(ip) => (ip, current.and_then(|r| r.pool.clone())),
+            Decision::Assign { ip, pool } => (ip, pool),
+        };
+        let record = LbRecord {
+            spec,
+            ip,
+            pool,
+            backends,
+        };
+        let mut write = LbWrite::default();
+        let own_hold = hold_key(
+            &record.spec.cluster,
+            &record.spec.namespace,
+            &record.spec.name,
+        );
+        for (k, hold) in &state.holds {
+            if *k == own_hold || hold.expires_unix_ms <= now_ms {
+                write.delete_holds.push(k.clone());
+            }
+        }
+        let moved = current.is_some_and(|r| r.ip != ip);
+        let created = current.is_none();
+        if current != Some(&record) {
+            write.put_records.push((key.clone(), encode(&record)?));
+        }
+        // Persisted before anything is served or reported.
+        if !write.is_empty() {
+            m.store.write_lb(&write).map_err(persist_error)?;
+            for k in &write.delete_holds {
+                state.holds.remove(k);
+            }
+            if created || moved {
+                tracing::info!(
+                    service = %record.spec.service_name(),
+                    cluster = %record.spec.cluster,
+                    uid = %record.spec.uid,
+                    %ip,
+                    pool = record.pool.as_deref().unwrap_or("-"),
+                    moved,
+                    "load balancer address allocated"
+                );
+            }
+            state.records.insert(key.clone(), record.clone());
+            m.refresh_metrics(&state);
+        }
+        let live = state.live.remove(&key);
+        let live = m.activate(live, &record);
+        let status = status_of(&live);
+        state.live.insert(key, live);
+        Ok(EnsureLoadBalancerResponse {
+            status: Some(status),
+            ownership: Some(ownership(&record.spec.cluster, &record.spec.uid)),
+        })
+    }
+
+    async fn update_load_balancer(
+        &self,
+        cluster_name: String,
+        service: Service,
+        nodes: Vec<Node>,
+    ) -> Result<UpdateLoadBalancerResponse, CpiError> {
+        let m = &self.inner;
+        let (cluster, uid) = identity(&cluster_name, &service)?;
+        let key = lb_key(&cluster, &uid);
+        let mut state = m.state.lock().await;
+        let Some(current) = state.records.get(&key) else {
+            return Err(CpiError::Cloud(format!(
+                "load balancer {} does not exist; EnsureLoadBalancer creates it",
+                load_balancer_name(&cluster, &uid)
+            )));
+        };
+        let backends = backends(&nodes, current.spec.family);
+        if backends == current.backends {
+            return Ok(UpdateLoadBalancerResponse {});
+        }
+        let record = LbRecord {
+            backends,
+            ..current.clone()
+        };
+        m.store
+            .write_lb(&LbWrite {
+                put_records: vec![(key.clone(), encode(&record)?)],
+                ..LbWrite::default()
+            })
+            .map_err(persist_error)?;
+        state.records.insert(key.clone(), record.clone());
+        let live = state.live.remove(&key);
+        let live = m.activate(live, &record);
+        state.live.insert(key, live);
+        Ok(UpdateLoadBalancerResponse {})
+    }
+
+    async fn ensure_load_balancer_deleted(
+        &self,
+        cluster_name: String,
+        service: Service,
+    ) -> Result<EnsureLoadBalancerDeletedResponse, CpiError> {
+        let m = &self.inner;
+        let (cluster, uid) = identity(&cluster_name, &service)?;
+        let key = lb_key(&cluster, &uid);
+        let mut state = m.state.lock().await;
+        let Some(record) = state.records.get(&key).cloned() else {
+            return Ok(EnsureLoadBalancerDeletedResponse {});
+        };
+        let mut write = LbWrite {
+            delete_records: vec![key.clone()],
+            ..LbWrite::default()
+        };
+        let hold = (!m.hold_for.is_zero()).then(|| Hold {
+            cluster: record.spec.cluster.clone(),
+            namespace: record.spec.namespace.clone(),
+            name: record.spec.name.clone(),
+            uid: record.spec.uid.clone(),
+            ip: record.ip,
+            expires_unix_ms: unix_ms().saturating_add(m.hold_for.as_millis() as u64),
+        });
+        let hold_at = hold_key(
+            &record.spec.cluster,
+            &record.spec.namespace,
+            &record.spec.name,
+        );
+        if let Some(hold) = &hold {
+            write.put_holds.push((hold_at.clone(), encode(hold)?));
+        }
+        m.store.write_lb(&write).map_err(persist_error)?;
+        state.records.remove(&key);
+        // Dropping the listeners closes them and their connections.
+        state.live.remove(&key);
+        if let Some(hold) = hold {
+            state.holds.insert(hold_at, hold);
+        }
+        m.refresh_metrics(&state);
+        tracing::info!(
+            service = %record.spec.service_name(),
+            cluster = %record.spec.cluster,
+            ip = %record.ip,
+            held_for = ?m.hold_for,
+            "load balancer deleted; its address is held for the same namespace/name"
+        );
+        Ok(EnsureLoadBalancerDeletedResponse {})
+    }
+}

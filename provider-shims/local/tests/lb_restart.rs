@@ -1,0 +1,196 @@
+//! Kill-and-restart: the `local-shim` binary is killed (SIGKILL) and started again on the same
+//! state directory; its load balancers come back with identical addresses and listening
+//! listeners before any call, a pool edit moves none of them, and new allocations avoid them.
+#![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
+
+mod lb_support;
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::time::Duration;
+
+use cpi_proto::v1 as pb;
+use cpi_proto::v1::load_balancer_client::LoadBalancerClient;
+use cpi_transport::{ClientEndpoint, ConnectOptions, CpiChannel};
+use lb_support::*;
+use test_support::{Process, free_port, wait_for};
+use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+
+const INVENTORY: &str = include_str!("../examples/inventory.yaml");
+
+fn spawn(dir: &Path, metrics_port: u16, run: u32) -> Process {
+    Process::builder(
+        format!("local-shim-{run}"),
+        env!("CARGO_BIN_EXE_local-shim"),
+        dir.join(format!("shim-{run}.log")),
+    )
+    .args([
+        format!("--unix-socket={}", dir.join("local.sock").display()),
+        format!("--inventory={}", dir.join("inventory.yaml").display()),
+        format!("--state-dir={}", dir.join("state").display()),
+        format!("--lb-config={}", dir.join("lb.yaml").display()),
+        format!("--metrics-bind-address=127.0.0.1:{metrics_port}"),
+        "--lb-health-interval=100ms".into(),
+        "--lb-kube-proxy-health-port=1".into(),
+    ])
+    .envs([("RUST_LOG", "info")])
+    .spawn()
+    .unwrap()
+}
+
+async fn connect(dir: &Path) -> LoadBalancerClient<CpiChannel> {
+    let path = dir.join("local.sock");
+    wait_for(
+        "the shim's socket to answer",
+        Duration::from_secs(30),
+        || {
+            let path = path.clone();
+            async move {
+                let channel = cpi_transport::connect(
+                    ClientEndpoint::Unix { path },
+                    ConnectOptions::default(),
+                )
+                .map_err(|e| e.to_string())?;
+                pb::provider_client::ProviderClient::new(channel.clone())
+                    .get_provider_info(pb::GetProviderInfoRequest {})
+                    .await
+                    .map_err(|e| e.to_string())?;
+                Ok(LoadBalancerClient::new(channel))
+            }
+        },
+    )
+    .await
+    .unwrap()
+}
+
+async fn ensure(
+    lb: &mut LoadBalancerClient<CpiChannel>,
+    svc: &pb::Service,
+    nodes: &[pb::Node],
+) -> String {
+    lb.ensure_load_balancer(pb::EnsureLoadBalancerRequest {
+        cluster_name: CLUSTER.into(),
+        service: Some(svc.clone()),
+        nodes: nodes.to_vec(),
+        fence: fence(),
+        ..Default::default()
+    })
+    .await
+    .unwrap()
+    .into_inner()
+    .status
+    .unwrap()
+    .ingress[0]
+        .ip
+        .clone()
+}
+
+async fn get(lb: &mut LoadBalancerClient<CpiChannel>, svc: &pb::Service) -> Option<String> {
+    let got = lb
+        .get_load_balancer(pb::LoadBalancerRequest {
+            cluster_name: CLUSTER.into(),
+            service: Some(svc.clone()),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    got.exists
+        .then(|| got.status.unwrap().ingress[0].ip.clone())
+}
+
+async fn metrics(port: u16) -> String {
+    let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .unwrap();
+    stream
+        .write_all(b"GET /metrics HTTP/1.0\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let mut body = String::new();
+    stream.read_to_string(&mut body).await.unwrap();
+    body
+}
+
+#[tokio::test]
+async fn kill_and_restart_keeps_addresses_and_listeners() {
+    let dir = tempfile::tempdir().unwrap();
+    let dir = dir.path();
+    std::fs::write(dir.join("inventory.yaml"), INVENTORY).unwrap();
+    std::fs::write(
+        dir.join("lb.yaml"),
+        "pools:\n  - name: default\n    addresses: [127.0.220.0/24]\n",
+    )
+    .unwrap();
+    let nodes = vec![node("n1", "127.120.0.1")];
+    tcp_echo(SocketAddr::new(ip("127.120.0.1"), 30080), "b1").await;
+    let services: Vec<pb::Service> = (0..3)
+        .map(|i| {
+            service(
+                &format!("web-{i}"),
+                &format!("uid-{i}"),
+                &[("TCP", 8080, 30080)],
+            )
+        })
+        .collect();
+
+    let metrics_port = free_port().unwrap();
+    let first = spawn(dir, metrics_port, 1);
+    let mut lb = connect(dir).await;
+    let mut before = Vec::new();
+    for svc in &services {
+        before.push(ensure(&mut lb, svc, &nodes).await);
+    }
+    assert_eq!(before, ["127.0.220.1", "127.0.220.2", "127.0.220.3"]);
+    first.kill();
+    assert!(
+        connect_from(ip("127.0.0.1"), SocketAddr::new(ip(&before[0]), 8080))
+            .await
+            .is_err()
+    );
+
+    // The operator moves the pool while the shim is down: existing addresses must not move.
+    std::fs::write(
+        dir.join("lb.yaml"),
+        "pools:\n  - name: default\n    addresses: [127.0.221.0/24]\n",
+    )
+    .unwrap();
+    let second = spawn(dir, metrics_port, 2);
+    let mut lb = connect(dir).await;
+    // Before any Ensure: the same addresses, and the listeners serve.
+    for (svc, ip_before) in services.iter().zip(&before) {
+        assert_eq!(get(&mut lb, svc).await.as_deref(), Some(ip_before.as_str()));
+        assert_eq!(
+            backend_of(ip("127.0.0.1"), SocketAddr::new(ip(ip_before), 8080))
+                .await
+                .as_deref(),
+            Some("b1"),
+            "listener on {ip_before} after restart"
+        );
+    }
+    let scraped = metrics(metrics_port).await;
+    assert!(
+        scraped.contains("local_shim_lb_allocations_outside_pools 3"),
+        "{scraped}"
+    );
+    assert!(
+        scraped.contains("local_shim_lb_load_balancers 3"),
+        "{scraped}"
+    );
+    assert!(
+        second.logs().contains("in no configured pool any more"),
+        "{}",
+        second.log_tail(20)
+    );
+    // The controller's Ensure calls after the restart keep them; a new Service gets a new one.
+    for (svc, ip_before) in services.iter().zip(&before) {
+        assert_eq!(&ensure(&mut lb, svc, &nodes).await, ip_before);
+    }
+    let new = service("new", "uid-new", &[("TCP", 8080, 30080)]);
+    assert_eq!(ensure(&mut lb, &new, &nodes).await, "127.0.221.1");
+    let scraped = metrics(metrics_port).await;
+    assert!(
+        scraped.contains("local_shim_lb_pool_addresses_used{pool=\"default\"} 1"),
+        "{scraped}"
+    );
+    drop(second);
+}
