@@ -1,6 +1,7 @@
 //! The shim's crash-safe state: one redb database (`state.redb` in `--state-dir`) with typed
-//! tables. Every write is its own durable (fsynced) transaction, so a crash loses nothing that
-//! was acknowledged.
+//! tables. Every write is a durable (fsynced) transaction, committed before the change is
+//! acknowledged, so a crash loses nothing that was; load-balancer changes decided while a
+//! commit runs share the next one ([`Store::write_lb_batch`]).
 //!
 //! Tables today: `meta` (schema version) and `fence_marks_v2` (the framework's fence marks, one
 //! row per fenced lease: with `--fence-lease` there is one, and [`MAX_FENCE_MARKS`] bounds the
@@ -244,26 +245,34 @@ impl Store {
 
     /// Applies `write` in one durable transaction.
     pub fn write_lb(&self, write: &LbWrite) -> Result<(), StoreError> {
+        self.write_lb_batch(std::slice::from_ref(write))
+    }
+
+    /// Applies `writes` in order in one durable transaction (group commit: one fsync for
+    /// every change decided while the previous commit was running).
+    pub fn write_lb_batch(&self, writes: &[LbWrite]) -> Result<(), StoreError> {
         let fail = self.io_error("writing the load balancers");
         let txn = self.inner.db.begin_write().map_err(|e| fail(e.into()))?;
         {
             let mut records = txn.open_table(LB_RECORDS).map_err(|e| fail(e.into()))?;
-            for key in &write.delete_records {
-                records.remove(key.as_str()).map_err(|e| fail(e.into()))?;
-            }
-            for (key, value) in &write.put_records {
-                records
-                    .insert(key.as_str(), value.as_slice())
-                    .map_err(|e| fail(e.into()))?;
-            }
             let mut holds = txn.open_table(LB_HOLDS).map_err(|e| fail(e.into()))?;
-            for key in &write.delete_holds {
-                holds.remove(key.as_str()).map_err(|e| fail(e.into()))?;
-            }
-            for (key, value) in &write.put_holds {
-                holds
-                    .insert(key.as_str(), value.as_slice())
-                    .map_err(|e| fail(e.into()))?;
+            for write in writes {
+                for key in &write.delete_records {
+                    records.remove(key.as_str()).map_err(|e| fail(e.into()))?;
+                }
+                for (key, value) in &write.put_records {
+                    records
+                        .insert(key.as_str(), value.as_slice())
+                        .map_err(|e| fail(e.into()))?;
+                }
+                for key in &write.delete_holds {
+                    holds.remove(key.as_str()).map_err(|e| fail(e.into()))?;
+                }
+                for (key, value) in &write.put_holds {
+                    holds
+                        .insert(key.as_str(), value.as_slice())
+                        .map_err(|e| fail(e.into()))?;
+                }
             }
         }
         txn.commit().map_err(|e| fail(e.into()))
@@ -525,6 +534,32 @@ mod tests {
         let rows = Store::open(dir.path()).unwrap().load_lb_rows().unwrap();
         assert_eq!(rows.records, vec![("c/u2".to_string(), b"b".to_vec())]);
         assert_eq!(rows.holds, vec![("c/ns/x".to_string(), b"h".to_vec())]);
+    }
+
+    #[test]
+    fn a_batch_applies_its_writes_in_order_in_one_transaction() {
+        let dir = tempfile::tempdir().unwrap();
+        let put = |key: &str, value: &[u8]| LbWrite {
+            put_records: vec![(key.into(), value.to_vec())],
+            ..LbWrite::default()
+        };
+        let delete = |key: &str| LbWrite {
+            delete_records: vec![key.into()],
+            ..LbWrite::default()
+        };
+        {
+            let store = Store::open(dir.path()).unwrap();
+            store
+                .write_lb_batch(&[
+                    put("c/gone", b"1"),
+                    put("c/kept", b"1"),
+                    delete("c/gone"),
+                    put("c/kept", b"2"),
+                ])
+                .unwrap();
+        }
+        let rows = Store::open(dir.path()).unwrap().load_lb_rows().unwrap();
+        assert_eq!(rows.records, vec![("c/kept".to_string(), b"2".to_vec())]);
     }
 
     #[test]

@@ -562,3 +562,51 @@ async fn foreign_load_balancers_are_never_touched() {
     assert_ne!(address(&ours), address(&theirs));
     shim.stop().await;
 }
+
+#[tokio::test]
+async fn concurrent_ensures_get_distinct_durable_addresses() {
+    let dir = tempfile::tempdir().unwrap();
+    let nodes = vec![node("n1", "127.110.0.1")];
+    let svc = |i: i32| {
+        service(
+            &format!("c{i}"),
+            &format!("uid-c{i}"),
+            &[("TCP", 8080, 30080)],
+        )
+    };
+    let first: Vec<String> = {
+        let shim = Shim::start(dir.path(), 210, "", &[]).await;
+        // Concurrent changing calls share commits; each still decides seeing the others'
+        // not-yet-durable allocations, so no address is given twice.
+        let answers = futures::future::join_all((0..40).map(|i| {
+            let mut lb = shim.client();
+            let nodes = nodes.clone();
+            async move { ensure(&mut lb, &svc(i), &nodes).await.unwrap() }
+        }))
+        .await;
+        let addresses: Vec<String> = answers.iter().map(address).collect();
+        let distinct: std::collections::HashSet<&String> = addresses.iter().collect();
+        assert_eq!(distinct.len(), addresses.len(), "{addresses:?}");
+        // Concurrent calls for one Service run one after the other and agree.
+        let mut lb = shim.client();
+        let again = futures::future::join_all((0..8).map(|_| {
+            let mut lb = shim.client();
+            let nodes = nodes.clone();
+            async move { address(&ensure(&mut lb, &svc(0), &nodes).await.unwrap()) }
+        }))
+        .await;
+        assert!(again.iter().all(|a| *a == addresses[0]), "{again:?}");
+        delete_in(&mut lb, CLUSTER, &svc(39)).await;
+        shim.stop().await;
+        addresses
+    };
+    // Every answer was durable: a restarted shim has the same addresses.
+    let shim = Shim::start(dir.path(), 210, "", &[]).await;
+    let mut lb = shim.client();
+    for (i, want) in first.iter().enumerate().take(39) {
+        let got = get_in(&mut lb, CLUSTER, &svc(i as i32)).await;
+        assert_eq!(address(&got.status.unwrap()), *want, "c{i}");
+    }
+    assert!(!get_in(&mut lb, CLUSTER, &svc(39)).await.exists);
+    shim.stop().await;
+}

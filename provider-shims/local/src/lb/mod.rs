@@ -9,6 +9,7 @@
 
 mod alloc;
 mod balance;
+mod commit;
 mod config;
 mod health;
 mod metrics;

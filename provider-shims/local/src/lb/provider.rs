@@ -1,11 +1,19 @@
-//! The `LoadBalancer` service of the local shim: decides (pure modules), persists (one redb
-//! transaction per changing call, before anything is reported), then acts (listeners, health
-//! checks).
+//! The `LoadBalancer` service of the local shim: decides (pure modules), persists (before
+//! anything is reported), then acts (listeners, health checks).
+//!
+//! Persisting is a group commit (see `commit`): a changing call decides and applies its change
+//! to the in-memory state under the state lock, queues the write there and releases the lock;
+//! one writer task commits everything queued in one redb transaction and then answers each
+//! call, which only then activates its listeners. Calls for one load balancer run one after
+//! the other (`KeyLocks`), calls for different ones overlap, and the fsync is no longer inside
+//! any lock.
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock, PoisonError, Weak};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use tokio::sync::{Notify, OwnedMutexGuard, oneshot};
 
 use cpi_proto::CpiError;
 use cpi_proto::v1::{
@@ -16,6 +24,7 @@ use cpi_proto::v1::{
 use prometheus_client::registry::Registry;
 
 use super::alloc::{AllocError, AllocInput, Decision, Hold, LbRecord, decide, hold_key, lb_key};
+use super::commit::{CommitError, Queue, settle};
 use super::config::{LbConfigError, LbFlags};
 use super::health::{HealthChecks, Target};
 use super::metrics::{LbMetrics, PoolLabel, ReasonLabel};
@@ -70,11 +79,70 @@ struct Live {
     ports: Vec<PortStatus>,
 }
 
+/// Who waits for a queued write to become durable.
+type Waiter = oneshot::Sender<Result<(), CommitError>>;
+
+/// The load balancers as decided: what is durable plus the writes queued in `pending`, applied
+/// in order. `live` only ever reflects durable records.
 #[derive(Default)]
 struct State {
     records: HashMap<String, LbRecord>,
     holds: HashMap<String, Hold>,
     live: HashMap<String, Live>,
+    /// Writes applied above but not yet committed, in decision order.
+    pending: Queue<Waiter>,
+    /// Why the state could not be reloaded after a failed commit; changes are refused (with a
+    /// retryable error) until a reload succeeds.
+    stale: Option<String>,
+}
+
+/// One async lock per load balancer being changed: a call applies, persists and activates its
+/// decision before the next call for the same load balancer decides, so activations never run
+/// in the wrong order. Entries exist only while someone holds or waits for them.
+#[derive(Default)]
+struct KeyLocks {
+    held: std::sync::Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+}
+
+/// Holds one key of [`KeyLocks`]; dropping it lets the next call for that key go.
+struct KeyGuard<'a> {
+    locks: &'a KeyLocks,
+    key: String,
+    guard: Option<OwnedMutexGuard<()>>,
+}
+
+impl KeyLocks {
+    async fn lock(&self, key: &str) -> KeyGuard<'_> {
+        let lock = {
+            // Only plain map updates happen under this lock; a panic cannot leave it half-done.
+            let mut held = self.held.lock().unwrap_or_else(PoisonError::into_inner);
+            Arc::clone(held.entry(key.to_string()).or_default())
+        };
+        KeyGuard {
+            locks: self,
+            key: key.to_string(),
+            guard: Some(lock.lock_owned().await),
+        }
+    }
+}
+
+impl Drop for KeyGuard<'_> {
+    fn drop(&mut self) {
+        drop(self.guard.take());
+        let mut held = self
+            .locks
+            .held
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        // Clones are only made under this map lock, so a count of 1 (the map's) means nobody
+        // holds or waits for the key.
+        if held
+            .get(&self.key)
+            .is_some_and(|l| Arc::strong_count(l) == 1)
+        {
+            held.remove(&self.key);
+        }
+    }
 }
 
 struct Manager {
@@ -86,6 +154,19 @@ struct Manager {
     health: HealthChecks,
     metrics: LbMetrics,
     state: tokio::sync::Mutex<State>,
+    key_locks: KeyLocks,
+    /// Wakes the writer when a write is queued.
+    wake: Arc<Notify>,
+    /// The writer task, started with the first queued write (inside the runtime).
+    writer: OnceLock<tokio::task::AbortHandle>,
+}
+
+impl Drop for Manager {
+    fn drop(&mut self) {
+        if let Some(writer) = self.writer.get() {
+            writer.abort();
+        }
+    }
 }
 
 /// The local shim's load balancers; cheap to clone.
@@ -140,8 +221,59 @@ fn encode<T: serde::Serialize>(value: &T) -> Result<Vec<u8>, CpiError> {
     serde_json::to_vec(value).map_err(|e| CpiError::Cloud(format!("encoding a record: {e}")))
 }
 
-fn persist_error(err: StoreError) -> CpiError {
-    CpiError::Cloud(format!("persisting the load balancer: {err}"))
+/// Waits until the queued write behind `durable` is committed; every failure is retryable
+/// (`CLOUD_ERROR`), as nothing of the call was kept.
+async fn durable(durable: oneshot::Receiver<Result<(), CommitError>>) -> Result<(), CpiError> {
+    let err = match durable.await {
+        Ok(Ok(())) => return Ok(()),
+        Ok(Err(err)) => err,
+        Err(_) => CommitError::WriterGone,
+    };
+    Err(CpiError::Cloud(err.to_string()))
+}
+
+/// Load balancers and holds by key, as stored.
+type Durable = (HashMap<String, LbRecord>, HashMap<String, Hold>);
+
+/// Decodes the stored rows of the load-balancer tables.
+fn decode_rows(rows: &crate::store::LbRows) -> Result<Durable, LbError> {
+    let mut records = HashMap::with_capacity(rows.records.len());
+    for (key, value) in &rows.records {
+        records.insert(key.clone(), decode("lb_records_v1", key, value)?);
+    }
+    let mut holds = HashMap::with_capacity(rows.holds.len());
+    for (key, value) in &rows.holds {
+        holds.insert(key.clone(), decode("lb_holds_v1", key, value)?);
+    }
+    Ok((records, holds))
+}
+
+/// Queues `write` (under the state lock, so the queue is in decision order) and wakes the
+/// writer, starting it with the first write.
+fn enqueue(
+    this: &Arc<Manager>,
+    state: &mut State,
+    write: LbWrite,
+) -> oneshot::Receiver<Result<(), CommitError>> {
+    let (waiter, durable) = oneshot::channel();
+    state.pending.push(write, waiter);
+    this.writer.get_or_init(|| {
+        tokio::spawn(write_loop(Arc::downgrade(this), Arc::clone(&this.wake))).abort_handle()
+    });
+    this.wake.notify_one();
+    durable
+}
+
+/// The single writer: commits whatever is queued whenever woken, until the load balancers are
+/// dropped.
+async fn write_loop(manager: Weak<Manager>, wake: Arc<Notify>) {
+    loop {
+        wake.notified().await;
+        let Some(manager) = manager.upgrade() else {
+            return;
+        };
+        manager.commit_pending().await;
+    }
 }
 
 /// The cluster name and Service UID that own a Service's load balancer.
@@ -171,17 +303,12 @@ impl LocalLoadBalancer {
     pub fn new(store: Store, flags: &LbFlags) -> Result<Self, LbError> {
         let pools = flags.pools()?;
         let rows = store.load_lb_rows()?;
-        let mut state = State::default();
-        for (key, value) in &rows.records {
-            state
-                .records
-                .insert(key.clone(), decode("lb_records_v1", key, value)?);
-        }
-        for (key, value) in &rows.holds {
-            state
-                .holds
-                .insert(key.clone(), decode("lb_holds_v1", key, value)?);
-        }
+        let (records, holds) = decode_rows(&rows)?;
+        let state = State {
+            records,
+            holds,
+            ..State::default()
+        };
         let metrics = LbMetrics::default();
         for record in state.records.values() {
             if pools.pool_of(record.ip).is_none() {
@@ -204,6 +331,9 @@ impl LocalLoadBalancer {
             pools,
             metrics,
             state: tokio::sync::Mutex::new(State::default()),
+            key_locks: KeyLocks::default(),
+            wake: Arc::new(Notify::new()),
+            writer: OnceLock::new(),
         };
         manager.refresh_metrics(&state);
         manager.state = tokio::sync::Mutex::new(state);
@@ -242,6 +372,101 @@ impl LocalLoadBalancer {
 }
 
 impl Manager {
+    /// Commits everything queued, batch after batch, answering each batch's callers once it is
+    /// durable. A failed commit fails its batch and everything queued behind it (their
+    /// decisions may rest on it) and reloads the state from the database.
+    async fn commit_pending(&self) {
+        loop {
+            let batch = {
+                let mut state = self.state.lock().await;
+                if state.pending.is_empty() {
+                    return;
+                }
+                state.pending.take()
+            };
+            let store = self.store.clone();
+            let writes = batch.writes;
+            // redb commits block (fsync); keep them off the runtime's workers.
+            let outcome =
+                match tokio::task::spawn_blocking(move || store.write_lb_batch(&writes)).await {
+                    Ok(result) => result.map_err(|e| e.to_string()),
+                    Err(join) => Err(format!("the commit task failed: {join}")),
+                };
+            let behind = match &outcome {
+                Ok(()) => Vec::new(),
+                Err(error) => {
+                    let mut state = self.state.lock().await;
+                    let behind = state.pending.take().waiters;
+                    tracing::error!(
+                        %error,
+                        calls = batch.waiters.len() + behind.len(),
+                        "persisting load balancers failed; failing the calls and reloading the \
+                         state from the database"
+                    );
+                    self.reload(&mut state);
+                    behind
+                }
+            };
+            let (answers, _) = settle(batch.waiters, behind, &outcome);
+            for (waiter, answer) in answers {
+                // A caller that went away needs no answer; its write stands or fell with the
+                // batch regardless.
+                let _ = waiter.send(answer);
+            }
+        }
+    }
+
+    /// Replaces the in-memory records and holds with the durable ones (after a failed commit
+    /// dropped the queued writes), and brings the listeners back in line with them.
+    fn reload(&self, state: &mut State) {
+        // A blocking read, but only on this failure path, where callers wait anyway.
+        let loaded = self
+            .store
+            .load_lb_rows()
+            .map_err(LbError::from)
+            .and_then(|rows| decode_rows(&rows));
+        match loaded {
+            Ok((records, holds)) => {
+                state.records = records;
+                state.holds = holds;
+                state.stale = None;
+                // Listeners dropped at decision time (a delete or move that failed) come back;
+                // none can belong to a record that is not durable.
+                state.live.retain(|key, _| state.records.contains_key(key));
+                let records: Vec<(String, LbRecord)> = state
+                    .records
+                    .iter()
+                    .filter(|(k, r)| state.live.get(*k).is_none_or(|l| l.ip != r.ip))
+                    .map(|(k, r)| (k.clone(), r.clone()))
+                    .collect();
+                for (key, record) in records {
+                    let live = self.activate(state.live.remove(&key), &record);
+                    state.live.insert(key, live);
+                }
+                self.refresh_metrics(state);
+            }
+            Err(err) => {
+                tracing::error!(
+                    error = %err,
+                    "cannot reload the load balancers from the state database; refusing \
+                     changes until it can"
+                );
+                state.stale = Some(err.to_string());
+            }
+        }
+    }
+
+    /// Refuses changes while the state is stale, retrying the reload first.
+    fn usable(&self, state: &mut State) -> Result<(), CpiError> {
+        if state.stale.is_some() {
+            self.reload(state);
+        }
+        match &state.stale {
+            Some(why) => Err(CpiError::Cloud(CommitError::Stale(why.clone()).to_string())),
+            None => Ok(()),
+        }
+    }
+
     /// Health checks and rules of `record`, as a proxy snapshot.
     fn snapshot(&self, record: &LbRecord) -> Snapshot {
         let spec = &record.spec;
@@ -483,74 +708,91 @@ impl shim_framework::LoadBalancer for LocalLoadBalancer {
         let spec = parse_service(&cluster_name, &service)?;
         let backends = backends(&nodes, spec.family);
         let key = lb_key(&spec.cluster, &spec.uid);
+        let _serial = m.key_locks.lock(&key).await;
         let now_ms = unix_ms();
-        let mut state = m.state.lock().await;
-        let current = state.records.get(&key);
-        let decision = {
-            let others: Vec<&LbRecord> = state
-                .records
-                .iter()
-                .filter(|(k, _)| **k != key)
-                .map(|(_, r)| r)
-                .collect();
-            let holds: Vec<&Hold> = state.holds.values().collect();
-            decide(&AllocInput {
-                pools: &m.pools,
-                others: &others,
-                holds: &holds,
-                spec: &spec,
-                current: current.map(|r| r.ip),
-                allow_replacement,
-                now_ms,
-            })
-            .map_err(|err| m.allocation_error(err, &service))?
-        };
-        let (ip, pool) = match decision {
-            Decision::Keep(ip) => (ip, current.and_then(|r| r.pool.clone())),
-            Decision::Assign { ip, pool } => (ip, pool),
-        };
-        let record = LbRecord {
-            spec,
-            ip,
-            pool,
-            backends,
-        };
-        let mut write = LbWrite::default();
-        let own_hold = hold_key(
-            &record.spec.cluster,
-            &record.spec.namespace,
-            &record.spec.name,
-        );
-        for (k, hold) in &state.holds {
-            if *k == own_hold || hold.expires_unix_ms <= now_ms {
-                write.delete_holds.push(k.clone());
+        let (record, queued) = {
+            let mut state = m.state.lock().await;
+            m.usable(&mut state)?;
+            let current = state.records.get(&key);
+            let decision = {
+                let others: Vec<&LbRecord> = state
+                    .records
+                    .iter()
+                    .filter(|(k, _)| **k != key)
+                    .map(|(_, r)| r)
+                    .collect();
+                let holds: Vec<&Hold> = state.holds.values().collect();
+                decide(&AllocInput {
+                    pools: &m.pools,
+                    others: &others,
+                    holds: &holds,
+                    spec: &spec,
+                    current: current.map(|r| r.ip),
+                    allow_replacement,
+                    now_ms,
+                })
+                .map_err(|err| m.allocation_error(err, &service))?
+            };
+            let (ip, pool) = match decision {
+                Decision::Keep(ip) => (ip, current.and_then(|r| r.pool.clone())),
+                Decision::Assign { ip, pool } => (ip, pool),
+            };
+            let record = LbRecord {
+                spec,
+                ip,
+                pool,
+                backends,
+            };
+            let mut write = LbWrite::default();
+            let own_hold = hold_key(
+                &record.spec.cluster,
+                &record.spec.namespace,
+                &record.spec.name,
+            );
+            for (k, hold) in &state.holds {
+                if *k == own_hold || hold.expires_unix_ms <= now_ms {
+                    write.delete_holds.push(k.clone());
+                }
             }
-        }
-        let moved = current.is_some_and(|r| r.ip != ip);
-        let created = current.is_none();
-        if current != Some(&record) {
-            write.put_records.push((key.clone(), encode(&record)?));
-        }
+            let moved = current.is_some_and(|r| r.ip != ip);
+            let created = current.is_none();
+            if current != Some(&record) {
+                write.put_records.push((key.clone(), encode(&record)?));
+            }
+            let queued = if write.is_empty() {
+                None
+            } else {
+                // Applied now, so later decisions see it; a failed commit reloads the state.
+                for k in &write.delete_holds {
+                    state.holds.remove(k);
+                }
+                if moved {
+                    // The old address may go to another Service as soon as this is durable;
+                    // its listeners close now rather than race that Service's bind.
+                    state.live.remove(&key);
+                }
+                state.records.insert(key.clone(), record.clone());
+                m.refresh_metrics(&state);
+                Some((enqueue(m, &mut state, write), created, moved))
+            };
+            (record, queued)
+        };
         // Persisted before anything is served or reported.
-        if !write.is_empty() {
-            m.store.write_lb(&write).map_err(persist_error)?;
-            for k in &write.delete_holds {
-                state.holds.remove(k);
-            }
+        if let Some((queued, created, moved)) = queued {
+            durable(queued).await?;
             if created || moved {
                 tracing::info!(
                     service = %record.spec.service_name(),
                     cluster = %record.spec.cluster,
                     uid = %record.spec.uid,
-                    %ip,
+                    ip = %record.ip,
                     pool = record.pool.as_deref().unwrap_or("-"),
                     moved,
                     "load balancer address allocated"
                 );
             }
-            state.records.insert(key.clone(), record.clone());
-            m.refresh_metrics(&state);
         }
+        let mut state = m.state.lock().await;
         let live = state.live.remove(&key);
         let live = m.activate(live, &record);
         let status = status_of(&live);
@@ -570,28 +812,33 @@ impl shim_framework::LoadBalancer for LocalLoadBalancer {
         let m = &self.inner;
         let (cluster, uid) = identity(&cluster_name, &service)?;
         let key = lb_key(&cluster, &uid);
-        let mut state = m.state.lock().await;
-        let Some(current) = state.records.get(&key) else {
-            return Err(CpiError::Cloud(format!(
-                "load balancer {} does not exist; EnsureLoadBalancer creates it",
-                load_balancer_name(&cluster, &uid)
-            )));
-        };
-        let backends = backends(&nodes, current.spec.family);
-        if backends == current.backends {
-            return Ok(UpdateLoadBalancerResponse {});
-        }
-        let record = LbRecord {
-            backends,
-            ..current.clone()
-        };
-        m.store
-            .write_lb(&LbWrite {
+        let _serial = m.key_locks.lock(&key).await;
+        let (record, queued) = {
+            let mut state = m.state.lock().await;
+            m.usable(&mut state)?;
+            let Some(current) = state.records.get(&key) else {
+                return Err(CpiError::Cloud(format!(
+                    "load balancer {} does not exist; EnsureLoadBalancer creates it",
+                    load_balancer_name(&cluster, &uid)
+                )));
+            };
+            let backends = backends(&nodes, current.spec.family);
+            if backends == current.backends {
+                return Ok(UpdateLoadBalancerResponse {});
+            }
+            let record = LbRecord {
+                backends,
+                ..current.clone()
+            };
+            let write = LbWrite {
                 put_records: vec![(key.clone(), encode(&record)?)],
                 ..LbWrite::default()
-            })
-            .map_err(persist_error)?;
-        state.records.insert(key.clone(), record.clone());
+            };
+            state.records.insert(key.clone(), record.clone());
+            (record, enqueue(m, &mut state, write))
+        };
+        durable(queued).await?;
+        let mut state = m.state.lock().await;
         let live = state.live.remove(&key);
         let live = m.activate(live, &record);
         state.live.insert(key, live);
@@ -606,38 +853,45 @@ impl shim_framework::LoadBalancer for LocalLoadBalancer {
         let m = &self.inner;
         let (cluster, uid) = identity(&cluster_name, &service)?;
         let key = lb_key(&cluster, &uid);
-        let mut state = m.state.lock().await;
-        let Some(record) = state.records.get(&key).cloned() else {
-            return Ok(EnsureLoadBalancerDeletedResponse {});
+        let _serial = m.key_locks.lock(&key).await;
+        let (record, queued) = {
+            let mut state = m.state.lock().await;
+            m.usable(&mut state)?;
+            let Some(record) = state.records.get(&key).cloned() else {
+                return Ok(EnsureLoadBalancerDeletedResponse {});
+            };
+            let mut write = LbWrite {
+                delete_records: vec![key.clone()],
+                ..LbWrite::default()
+            };
+            let hold = (!m.hold_for.is_zero()).then(|| Hold {
+                cluster: record.spec.cluster.clone(),
+                namespace: record.spec.namespace.clone(),
+                name: record.spec.name.clone(),
+                uid: record.spec.uid.clone(),
+                ip: record.ip,
+                expires_unix_ms: unix_ms().saturating_add(m.hold_for.as_millis() as u64),
+            });
+            let hold_at = hold_key(
+                &record.spec.cluster,
+                &record.spec.namespace,
+                &record.spec.name,
+            );
+            if let Some(hold) = &hold {
+                write.put_holds.push((hold_at.clone(), encode(hold)?));
+            }
+            state.records.remove(&key);
+            // Dropping the listeners closes them and their connections; now, not after the
+            // commit, as the address may go to another Service as soon as it is durable (a
+            // failed commit brings them back).
+            state.live.remove(&key);
+            if let Some(hold) = hold {
+                state.holds.insert(hold_at, hold);
+            }
+            m.refresh_metrics(&state);
+            (record, enqueue(m, &mut state, write))
         };
-        let mut write = LbWrite {
-            delete_records: vec![key.clone()],
-            ..LbWrite::default()
-        };
-        let hold = (!m.hold_for.is_zero()).then(|| Hold {
-            cluster: record.spec.cluster.clone(),
-            namespace: record.spec.namespace.clone(),
-            name: record.spec.name.clone(),
-            uid: record.spec.uid.clone(),
-            ip: record.ip,
-            expires_unix_ms: unix_ms().saturating_add(m.hold_for.as_millis() as u64),
-        });
-        let hold_at = hold_key(
-            &record.spec.cluster,
-            &record.spec.namespace,
-            &record.spec.name,
-        );
-        if let Some(hold) = &hold {
-            write.put_holds.push((hold_at.clone(), encode(hold)?));
-        }
-        m.store.write_lb(&write).map_err(persist_error)?;
-        state.records.remove(&key);
-        // Dropping the listeners closes them and their connections.
-        state.live.remove(&key);
-        if let Some(hold) = hold {
-            state.holds.insert(hold_at, hold);
-        }
-        m.refresh_metrics(&state);
+        durable(queued).await?;
         tracing::info!(
             service = %record.spec.service_name(),
             cluster = %record.spec.cluster,
