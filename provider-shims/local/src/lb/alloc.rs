@@ -10,6 +10,7 @@
 
 use std::collections::HashSet;
 use std::net::IpAddr;
+use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
@@ -25,8 +26,9 @@ pub struct LbRecord {
     pub ip: IpAddr,
     /// Pool the address came from (`None`: outside every pool, e.g. after a pool edit).
     pub pool: Option<String>,
-    /// Backends as of the last Ensure or Update.
-    pub backends: Vec<Backend>,
+    /// Backends as of the last Ensure or Update; identical lists are one shared allocation
+    /// (see `intern`).
+    pub backends: Arc<[Backend]>,
 }
 
 /// The address of a deleted Service, kept for its namespace/name until `expires_unix_ms`.
@@ -432,7 +434,7 @@ mod tests {
             spec: spec(name),
             ip: ip.parse().unwrap(),
             pool: Some("default".into()),
-            backends: vec![],
+            backends: Arc::from([]),
         }
     }
 

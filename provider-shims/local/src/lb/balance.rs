@@ -81,6 +81,32 @@ impl HealthState {
     }
 }
 
+/// The health of a `Cluster`-policy backend, from its kube-proxy check and its node-port
+/// fallback check (when one is registered).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ClusterHealth {
+    /// Use this verdict.
+    Known(Health),
+    /// kube-proxy refuses connections and no fallback check exists yet for this node port:
+    /// register one (lazily, so nodes whose kube-proxy answers cost one check, not one per
+    /// node port) and treat the backend as not yet probed meanwhile.
+    RegisterFallback,
+}
+
+/// Decides a `Cluster`-policy backend's health: kube-proxy's verdict while its port accepts
+/// connections, else the TCP-connect fallback's on the node port.
+pub fn cluster_health(
+    kube_proxy: Health,
+    kube_proxy_refused: bool,
+    fallback: Option<Health>,
+) -> ClusterHealth {
+    match (kube_proxy_refused, fallback) {
+        (false, _) => ClusterHealth::Known(kube_proxy),
+        (true, Some(fallback)) => ClusterHealth::Known(fallback),
+        (true, None) => ClusterHealth::RegisterFallback,
+    }
+}
+
 /// 64-bit FNV-1a with a final mix: stable across builds and platforms, unlike std's hasher.
 fn stable_hash(parts: &[&[u8]]) -> u64 {
     let mut h: u64 = 0xcbf2_9ce4_8422_2325;
@@ -258,6 +284,48 @@ mod tests {
         let s = HealthState::default().observe(true, slow);
         assert_eq!(s.health, Unknown, "up_after 2 needs two successes");
         assert_eq!(s.observe(true, slow).health, Up);
+    }
+
+    #[test]
+    fn the_node_port_fallback_is_needed_only_while_kube_proxy_refuses() {
+        use Health::*;
+        let cases: &[(&str, Health, bool, Option<Health>, ClusterHealth)] = &[
+            (
+                "kube-proxy answers: its verdict, no fallback",
+                Up,
+                false,
+                None,
+                ClusterHealth::Known(Up),
+            ),
+            (
+                "kube-proxy answers unhealthy: its verdict, a fallback is ignored",
+                Down,
+                false,
+                Some(Up),
+                ClusterHealth::Known(Down),
+            ),
+            (
+                "kube-proxy refuses, no fallback yet: register one",
+                Down,
+                true,
+                None,
+                ClusterHealth::RegisterFallback,
+            ),
+            (
+                "kube-proxy refuses: the fallback's verdict",
+                Down,
+                true,
+                Some(Up),
+                ClusterHealth::Known(Up),
+            ),
+        ];
+        for (name, kube_proxy, refused, fallback, want) in cases {
+            assert_eq!(
+                cluster_health(*kube_proxy, *refused, *fallback),
+                *want,
+                "{name}"
+            );
+        }
     }
 
     fn ip(last: u8) -> IpAddr {

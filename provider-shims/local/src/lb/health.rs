@@ -1,9 +1,12 @@
 //! Active health checks, shared: one task per node address, probing each (node, port) target
-//! once per interval however many load balancers use it, and only while one does.
+//! once per interval however many load balancers use it, and only while one does. A target
+//! registered since the last round is probed at once (only it: a burst of registrations does
+//! not re-probe the others).
 //!
 //! Targets: `/healthz` on a Service's `healthCheckNodePort` (`externalTrafficPolicy: Local`),
-//! kube-proxy's `/healthz` (`Cluster`), and a TCP connect to a node port, probed only while the
-//! node's kube-proxy port refuses connections (the fallback for `Cluster`).
+//! kube-proxy's `/healthz` (`Cluster`: one per node), and a TCP connect to a node port,
+//! registered by the proxy only once the node's kube-proxy port refuses connections and probed
+//! only while it does (the fallback for `Cluster`).
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
@@ -17,6 +20,8 @@ use tokio::sync::Notify;
 use tokio::time::Instant;
 
 use super::balance::{Health, HealthState, Thresholds};
+use prometheus_client::metrics::gauge::Gauge;
+
 use super::metrics::{KindLabel, LbMetrics, TargetLabel};
 
 /// Probe timing and thresholds.
@@ -88,6 +93,10 @@ struct Slot {
     refs: usize,
     cell: Arc<Cell>,
     state: HealthState,
+    /// Probed at least once (a fresh slot is probed before the next full round).
+    probed: bool,
+    /// Its `local_shim_lb_backend_health` series, resolved once.
+    gauge: Gauge,
 }
 
 struct NodeShared {
@@ -174,6 +183,14 @@ impl Drop for Lease {
     }
 }
 
+impl std::fmt::Debug for HealthChecks {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("HealthChecks")
+            .field("config", &self.inner.config)
+            .finish_non_exhaustive()
+    }
+}
+
 impl HealthChecks {
     /// Health checks with these settings, reporting to `metrics`.
     pub fn new(config: HealthConfig, metrics: LbMetrics) -> Self {
@@ -205,15 +222,30 @@ impl HealthChecks {
         });
         let mut targets = entry.shared.targets();
         let fresh = !targets.contains_key(&target);
-        let slot = targets.entry(target).or_insert_with(|| Slot {
-            refs: 0,
-            cell: Arc::new(Cell::default()),
-            state: HealthState::default(),
+        let slot = targets.entry(target).or_insert_with(|| {
+            let label = TargetLabel {
+                node: ip.to_string(),
+                target: target.label(),
+            };
+            let gauge = self
+                .inner
+                .metrics
+                .backend_health
+                .get_or_create(&label)
+                .clone();
+            gauge.set(-1);
+            Slot {
+                refs: 0,
+                cell: Arc::new(Cell::default()),
+                state: HealthState::default(),
+                probed: false,
+                gauge,
+            }
         });
         slot.refs += 1;
         let cell = Arc::clone(&slot.cell);
         drop(targets);
-        if fresh && !matches!(target, Target::NodePort(_)) {
+        if fresh {
             // A new target gets its first verdict now rather than an interval from now.
             entry.shared.wake.notify_one();
         }
@@ -234,11 +266,29 @@ enum Outcome {
     Refused,
 }
 
-/// Probes one node's targets every interval, until aborted.
+/// Probes one node's targets every interval (and targets registered since, at once), until
+/// aborted.
 async fn probe_node(node: Arc<NodeShared>, config: HealthConfig, metrics: LbMetrics) {
+    let mut next_round = Instant::now();
     loop {
-        let targets: Vec<Target> = node.targets().keys().copied().collect();
-        let primary: Vec<Target> = targets
+        let full = Instant::now() >= next_round;
+        if full {
+            next_round = Instant::now() + config.interval;
+        }
+        // Due: everything on a full round, else only what was never probed.
+        let (due, kube_proxy_refused_before): (Vec<Target>, bool) = {
+            let slots = node.targets();
+            let due = slots
+                .iter()
+                .filter(|(_, slot)| full || !slot.probed)
+                .map(|(t, _)| *t)
+                .collect();
+            let refused = slots
+                .iter()
+                .any(|(t, slot)| matches!(t, Target::KubeProxy(_)) && slot.cell.refused());
+            (due, refused)
+        };
+        let primary: Vec<Target> = due
             .iter()
             .copied()
             .filter(|t| !matches!(t, Target::NodePort(_)))
@@ -246,13 +296,18 @@ async fn probe_node(node: Arc<NodeShared>, config: HealthConfig, metrics: LbMetr
         let mut results =
             futures::future::join_all(primary.iter().map(|t| probe(node.ip, *t, config, &metrics)))
                 .await;
-        let kube_proxy_refused = primary
-            .iter()
-            .zip(&results)
-            .any(|(t, r)| matches!(t, Target::KubeProxy(_)) && *r == Outcome::Refused);
+        let probed_kube_proxy = primary.iter().any(|t| matches!(t, Target::KubeProxy(_)));
+        let kube_proxy_refused = if probed_kube_proxy {
+            primary
+                .iter()
+                .zip(&results)
+                .any(|(t, r)| matches!(t, Target::KubeProxy(_)) && *r == Outcome::Refused)
+        } else {
+            kube_proxy_refused_before
+        };
         let mut probed = primary;
         if kube_proxy_refused {
-            let fallback: Vec<Target> = targets
+            let fallback: Vec<Target> = due
                 .iter()
                 .copied()
                 .filter(|t| matches!(t, Target::NodePort(_)))
@@ -274,6 +329,7 @@ async fn probe_node(node: Arc<NodeShared>, config: HealthConfig, metrics: LbMetr
                     continue;
                 };
                 let before = slot.state.health;
+                slot.probed = true;
                 slot.state = slot
                     .state
                     .observe(outcome == Outcome::Ok, config.thresholds);
@@ -282,21 +338,15 @@ async fn probe_node(node: Arc<NodeShared>, config: HealthConfig, metrics: LbMetr
                 if before != slot.state.health {
                     tracing::info!(node = %node.ip, target = %target.label(), health = ?slot.state.health, "backend health changed");
                 }
-                metrics
-                    .backend_health
-                    .get_or_create(&TargetLabel {
-                        node: node.ip.to_string(),
-                        target: target.label(),
-                    })
-                    .set(match slot.state.health {
-                        Health::Up => 1,
-                        Health::Down => 0,
-                        Health::Unknown => -1,
-                    });
+                slot.gauge.set(match slot.state.health {
+                    Health::Up => 1,
+                    Health::Down => 0,
+                    Health::Unknown => -1,
+                });
             }
         }
         tokio::select! {
-            () = tokio::time::sleep(config.interval) => {}
+            () = tokio::time::sleep_until(next_round) => {}
             () = node.wake.notified() => {}
         }
     }

@@ -12,6 +12,7 @@ mod balance;
 mod commit;
 mod config;
 mod health;
+mod intern;
 mod metrics;
 mod pool;
 mod provider;

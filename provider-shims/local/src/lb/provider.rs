@@ -26,15 +26,16 @@ use prometheus_client::registry::Registry;
 use super::alloc::{AllocError, AllocInput, Decision, Hold, LbRecord, decide, hold_key, lb_key};
 use super::commit::{CommitError, Queue, settle};
 use super::config::{LbConfigError, LbFlags};
-use super::health::{HealthChecks, Target};
+use super::health::HealthChecks;
+use super::intern::{Interner, reuse_plan};
 use super::metrics::{LbMetrics, PoolLabel, ReasonLabel};
 use super::pool::Pools;
 use super::proxy::{
-    BackendHealth, BackendRt, Listener, ProxyConfig, Runtime, Snapshot, bind_tcp, bind_udp,
+    BackendRt, Backends, Listener, ProxyConfig, Runtime, Snapshot, bind_tcp, bind_udp,
     listener_name, spawn_tcp, spawn_udp,
 };
 use super::spec::{
-    HealthPolicy, IP_ANNOTATION, POOL_ANNOTATION, Protocol, backends, parse_service,
+    Backend, HealthPolicy, IP_ANNOTATION, POOL_ANNOTATION, Protocol, backends, parse_service,
 };
 use crate::store::{LbWrite, Store, StoreError};
 
@@ -145,8 +146,20 @@ impl Drop for KeyGuard<'_> {
     }
 }
 
+/// Shared backend lists and the health-check sets built for them.
+#[derive(Default)]
+struct Shared {
+    lists: Interner<Backend>,
+    /// By (policy, address of the interned list); an entry is valid while its set lives and
+    /// was built from that very list.
+    sets: HashMap<(HealthPolicy, usize), Weak<Backends>>,
+    /// Size at which dead `sets` entries are pruned next.
+    sets_prune_at: usize,
+}
+
 struct Manager {
     store: Store,
+    shared: std::sync::Mutex<Shared>,
     pools: Pools,
     hold_for: Duration,
     kube_proxy_port: u16,
@@ -303,7 +316,11 @@ impl LocalLoadBalancer {
     pub fn new(store: Store, flags: &LbFlags) -> Result<Self, LbError> {
         let pools = flags.pools()?;
         let rows = store.load_lb_rows()?;
-        let (records, holds) = decode_rows(&rows)?;
+        let (mut records, holds) = decode_rows(&rows)?;
+        let mut shared = Shared::default();
+        for record in records.values_mut() {
+            record.backends = shared.lists.intern(record.backends.to_vec());
+        }
         let state = State {
             records,
             holds,
@@ -324,6 +341,7 @@ impl LocalLoadBalancer {
         }
         let mut manager = Manager {
             store,
+            shared: std::sync::Mutex::new(shared),
             health: HealthChecks::new(flags.health(), metrics.clone()),
             hold_for: flags.address_hold,
             kube_proxy_port: flags.kube_proxy_health_port,
@@ -426,7 +444,10 @@ impl Manager {
             .map_err(LbError::from)
             .and_then(|rows| decode_rows(&rows));
         match loaded {
-            Ok((records, holds)) => {
+            Ok((mut records, holds)) => {
+                for record in records.values_mut() {
+                    record.backends = self.intern(record.backends.to_vec());
+                }
                 state.records = records;
                 state.holds = holds;
                 state.stale = None;
@@ -467,8 +488,64 @@ impl Manager {
         }
     }
 
+    fn shared(&self) -> std::sync::MutexGuard<'_, Shared> {
+        // Only plain map updates happen under this lock; a panic cannot leave it half-done.
+        self.shared.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// The shared copy of `list`.
+    fn intern(&self, list: Vec<Backend>) -> Arc<[Backend]> {
+        self.shared().lists.intern(list)
+    }
+
+    /// The backends of `record` with their health checks: the set already built for the same
+    /// node list and policy, else a new one taking over `previous`'s entries for the nodes it
+    /// keeps (registering checks only for the nodes that changed).
+    fn backend_set(&self, record: &LbRecord, previous: Option<&Arc<Backends>>) -> Arc<Backends> {
+        let policy = record.spec.health;
+        let key = (policy, record.backends.as_ptr() as usize);
+        let mut shared = self.shared();
+        if let Some(set) = shared
+            .sets
+            .get(&key)
+            .and_then(Weak::upgrade)
+            .filter(|set| Arc::ptr_eq(&set.source, &record.backends))
+        {
+            return set;
+        }
+        let old: &[Arc<BackendRt>] = previous
+            .filter(|p| p.policy == policy)
+            .map_or(&[], |p| p.list.as_slice());
+        let old_ips: Vec<IpAddr> = old.iter().map(|b| b.ip).collect();
+        let new_ips: Vec<IpAddr> = record.backends.iter().map(|b| b.ip).collect();
+        let list = reuse_plan(&old_ips, &new_ips)
+            .into_iter()
+            .zip(&new_ips)
+            .map(|(reuse, ip)| match reuse {
+                Some(i) => Arc::clone(&old[i]),
+                None => Arc::new(BackendRt::new(
+                    *ip,
+                    policy,
+                    self.kube_proxy_port,
+                    &self.health,
+                )),
+            })
+            .collect();
+        let set = Arc::new(Backends {
+            source: Arc::clone(&record.backends),
+            policy,
+            list,
+        });
+        if shared.sets.len() >= shared.sets_prune_at {
+            shared.sets.retain(|_, set| set.strong_count() > 0);
+            shared.sets_prune_at = (shared.sets.len() * 2).max(64);
+        }
+        shared.sets.insert(key, Arc::downgrade(&set));
+        set
+    }
+
     /// Health checks and rules of `record`, as a proxy snapshot.
-    fn snapshot(&self, record: &LbRecord) -> Snapshot {
+    fn snapshot(&self, record: &LbRecord, previous: Option<&Arc<Backends>>) -> Snapshot {
         let spec = &record.spec;
         let node_ports: HashMap<(Protocol, u16), u16> = spec
             .ports
@@ -476,41 +553,23 @@ impl Manager {
             .filter(|p| p.protocol != Protocol::Sctp)
             .filter_map(|p| p.node_port.map(|np| ((p.protocol, p.port), np)))
             .collect();
-        let backends = record
-            .backends
-            .iter()
-            .map(|b| BackendRt {
-                ip: b.ip,
-                health: match spec.health {
-                    HealthPolicy::Local { port } => {
-                        BackendHealth::Local(self.health.acquire(b.ip, Target::Healthz(port)))
-                    }
-                    HealthPolicy::Cluster => BackendHealth::Cluster {
-                        kube_proxy: self
-                            .health
-                            .acquire(b.ip, Target::KubeProxy(self.kube_proxy_port)),
-                        node_ports: node_ports
-                            .values()
-                            .map(|np| (*np, self.health.acquire(b.ip, Target::NodePort(*np))))
-                            .collect(),
-                    },
-                },
-            })
-            .collect();
         Snapshot {
             source_ranges: spec.source_ranges.clone(),
             affinity: spec
                 .affinity_timeout
                 .map(|s| Duration::from_secs(u64::from(s))),
             node_ports,
-            backends,
+            backends: self.backend_set(record, previous),
         }
     }
 
     /// Brings `record`'s listeners to what it says, reusing `live`'s (established connections
     /// continue) when the address is the same.
     fn activate(&self, live: Option<Live>, record: &LbRecord) -> Live {
-        let snapshot = self.snapshot(record);
+        let previous = live
+            .as_ref()
+            .map(|l| Arc::clone(&l.runtime.snapshot().backends));
+        let snapshot = self.snapshot(record, previous.as_ref());
         let (runtime, mut listeners) = match live {
             Some(live) if live.ip == record.ip => {
                 live.runtime.replace(snapshot);
@@ -706,7 +765,7 @@ impl shim_framework::LoadBalancer for LocalLoadBalancer {
     ) -> Result<EnsureLoadBalancerResponse, CpiError> {
         let m = &self.inner;
         let spec = parse_service(&cluster_name, &service)?;
-        let backends = backends(&nodes, spec.family);
+        let backends = m.intern(backends(&nodes, spec.family));
         let key = lb_key(&spec.cluster, &spec.uid);
         let _serial = m.key_locks.lock(&key).await;
         let now_ms = unix_ms();
@@ -823,11 +882,11 @@ impl shim_framework::LoadBalancer for LocalLoadBalancer {
                 )));
             };
             let backends = backends(&nodes, current.spec.family);
-            if backends == current.backends {
+            if *backends == *current.backends {
                 return Ok(UpdateLoadBalancerResponse {});
             }
             let record = LbRecord {
-                backends,
+                backends: m.intern(backends),
                 ..current.clone()
             };
             let write = LbWrite {

@@ -12,11 +12,11 @@ use tokio::net::{TcpListener, TcpSocket, TcpStream, UdpSocket};
 use tokio::sync::watch;
 use tokio::time::Instant;
 
-use super::balance::{AffinityTable, Health, Pick, connect_order};
-use super::health::Lease;
+use super::balance::{AffinityTable, ClusterHealth, Health, Pick, cluster_health, connect_order};
+use super::health::{HealthChecks, Lease, Target};
 use super::metrics::{BytesLabel, LbMetrics, ListenerLabel, RejectLabel};
 use super::pool::Cidr;
-use super::spec::{Protocol, source_allowed};
+use super::spec::{Backend, HealthPolicy, Protocol, source_allowed};
 
 /// Proxy timeouts.
 #[derive(Debug, Clone, Copy)]
@@ -32,47 +32,99 @@ pub struct ProxyConfig {
 pub enum BackendHealth {
     /// `externalTrafficPolicy: Local`: the Service's health-check node port.
     Local(Lease),
-    /// `Cluster`: kube-proxy, else (while it refuses) a TCP connect to each node port.
+    /// `Cluster`: kube-proxy, else (while it refuses) a TCP connect to the node port.
     Cluster {
-        /// kube-proxy's health port.
+        /// kube-proxy's health port: one check per node, whatever the number of Services.
         kube_proxy: Lease,
-        /// Fallback per node port.
-        node_ports: HashMap<u16, Lease>,
+        /// Node-port fallback checks, registered on first use while kube-proxy refuses.
+        fallback: Mutex<HashMap<u16, Lease>>,
     },
 }
 
-/// One backend of a snapshot.
+/// One backend (a node address) and its health checks, shared by every load balancer whose
+/// node list includes it.
 #[derive(Debug)]
 pub struct BackendRt {
     /// The node's address.
     pub ip: IpAddr,
     /// Its health checks.
     pub health: BackendHealth,
+    /// Where fallback checks are registered.
+    pub checks: HealthChecks,
 }
 
 impl BackendRt {
+    /// A backend at `ip` checked as `policy` asks (kube-proxy on `kube_proxy_port` for
+    /// `Cluster`).
+    pub fn new(
+        ip: IpAddr,
+        policy: HealthPolicy,
+        kube_proxy_port: u16,
+        checks: &HealthChecks,
+    ) -> Self {
+        let health = match policy {
+            HealthPolicy::Local { port } => {
+                BackendHealth::Local(checks.acquire(ip, Target::Healthz(port)))
+            }
+            HealthPolicy::Cluster => BackendHealth::Cluster {
+                kube_proxy: checks.acquire(ip, Target::KubeProxy(kube_proxy_port)),
+                fallback: Mutex::default(),
+            },
+        };
+        Self {
+            ip,
+            health,
+            checks: checks.clone(),
+        }
+    }
+
     /// The backend's health for traffic to `node_port`.
     fn health(&self, node_port: u16) -> Health {
         match &self.health {
             BackendHealth::Local(lease) => lease.cell().health(),
             BackendHealth::Cluster {
                 kube_proxy,
-                node_ports,
+                fallback,
             } => {
-                if kube_proxy.cell().refused() {
-                    node_ports
-                        .get(&node_port)
-                        .map_or(Health::Unknown, |l| l.cell().health())
-                } else {
-                    kube_proxy.cell().health()
+                let cell = kube_proxy.cell();
+                let refused = cell.refused();
+                // The fallback map is only looked at while kube-proxy refuses.
+                let known = refused
+                    .then(|| leases(fallback).get(&node_port).map(|l| l.cell().health()))
+                    .flatten();
+                match cluster_health(cell.health(), refused, known) {
+                    ClusterHealth::Known(health) => health,
+                    ClusterHealth::RegisterFallback => {
+                        leases(fallback).entry(node_port).or_insert_with(|| {
+                            self.checks.acquire(self.ip, Target::NodePort(node_port))
+                        });
+                        Health::Unknown
+                    }
                 }
             }
         }
     }
 }
 
+fn leases(map: &Mutex<HashMap<u16, Lease>>) -> MutexGuard<'_, HashMap<u16, Lease>> {
+    // Only plain map updates happen under this lock.
+    map.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// The backends of a load balancer with their health checks, built once per distinct
+/// (node list, health policy) and shared by every load balancer that has both.
+#[derive(Debug)]
+pub struct Backends {
+    /// The (interned) node list this was built from.
+    pub source: Arc<[Backend]>,
+    /// The health policy it was built for.
+    pub policy: HealthPolicy,
+    /// One entry per node, in `source` order.
+    pub list: Vec<Arc<BackendRt>>,
+}
+
 /// What a load balancer's listeners serve right now.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Snapshot {
     /// Allowed clients; empty allows all.
     pub source_ranges: Vec<Cidr>,
@@ -81,7 +133,7 @@ pub struct Snapshot {
     /// Node port of each served (protocol, port).
     pub node_ports: HashMap<(Protocol, u16), u16>,
     /// Backends.
-    pub backends: Vec<BackendRt>,
+    pub backends: Arc<Backends>,
 }
 
 /// The shared state of one load balancer's listeners.
@@ -130,6 +182,7 @@ impl Runtime {
     fn order(&self, snap: &Snapshot, client: IpAddr, node_port: u16) -> Vec<IpAddr> {
         let backends: Vec<(IpAddr, Health)> = snap
             .backends
+            .list
             .iter()
             .map(|b| (b.ip, b.health(node_port)))
             .collect();

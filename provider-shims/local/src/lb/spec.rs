@@ -56,7 +56,7 @@ pub struct PortSpec {
 }
 
 /// How backends are health-checked (`externalTrafficPolicy`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub enum HealthPolicy {
     /// `Cluster`: kube-proxy's health port, else a TCP connect to the node port.
     Cluster,
