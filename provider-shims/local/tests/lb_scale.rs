@@ -142,6 +142,7 @@ async fn measure(variant: Nodes) {
     .unwrap();
     let pid = shim.pid();
     let start_cpu = cpu_seconds(pid);
+    let start_rss = rss(pid);
     let mut nodes: Vec<pb::Node> = (1..=NODES)
         .map(|i| node(&format!("n{i}"), &variant.address(i)))
         .collect();
@@ -211,7 +212,7 @@ async fn measure(variant: Nodes) {
     let idle_cpu = cpu_seconds(pid) - cpu2;
     let idle_probes = hits.load(Ordering::Relaxed) - hits0;
     println!(
-        "local-shim [{variant:?}]: start-up CPU {start_cpu:.2} s; \
+        "local-shim [{variant:?}]: start-up CPU {start_cpu:.2} s, RSS {start_rss}; \
          {SERVICES} Ensure x {NODES} nodes ({IN_FLIGHT} in flight): wall {ensure_wall:.2?}, \
          CPU {ensure_cpu:.2} s, RSS {ensure_rss}; \
          {SERVICES} Update (+1 node): wall {update_wall:.2?}, CPU {update_cpu:.2} s; \
