@@ -512,7 +512,10 @@ mod tests {
     async fn fencing_off_accepts_calls_without_a_fence_and_stores_nothing() {
         let store = Arc::new(MemoryFenceStore::default());
         let guard = FenceGuard::new(store.clone());
-        assert!(guard.check(None).await.is_err(), "a fence is required by default");
+        assert!(
+            guard.check(None).await.is_err(),
+            "a fence is required by default"
+        );
         guard.set_lease(NO_FENCE).await;
         guard.check(None).await.unwrap();
         guard.check(Some(&fence(UID, 3, "a"))).await.unwrap();
