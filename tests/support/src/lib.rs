@@ -20,6 +20,7 @@ mod https;
 mod mtls;
 mod node;
 mod process;
+mod service;
 mod temp;
 mod wait;
 
@@ -28,6 +29,7 @@ pub use https::{HttpsError, https_get, tls_connect, tls_connector};
 pub use mtls::ShimMtls;
 pub use node::{initialised, kubelet_registered_node};
 pub use process::{Process, ProcessBuilder, last_lines, process_alive, workspace_binary};
+pub use service::{KUBE_PROXY_HEALTH_PORT, load_balancer_service, serve_http};
 pub use temp::{Location, temp_dir};
 pub use wait::{DEFAULT_INTERVAL, Wait, WaitError, wait_for};
 
