@@ -6,6 +6,7 @@
 //! the CPU time and peak RSS of both processes and the API requests per Node, next to the time
 //! the API server alone needs for the same writes. See `tests/bench/README.md`.
 
+mod lb;
 mod metrics;
 mod nodes;
 mod procfs;
@@ -29,6 +30,54 @@ struct Cli {
 enum Command {
     /// Time the initialisation of N tainted Nodes by the controller-manager and the local shim.
     NodeInit(NodeInitArgs),
+    /// Time LoadBalancer Services served by the service-lb controller and the local shim's load
+    /// balancers, then one Node added.
+    Lb(LbArgs),
+}
+
+/// Flags of `bench lb`.
+#[derive(Debug, Clone, Args)]
+pub struct LbArgs {
+    /// Number of LoadBalancer Services.
+    #[arg(long, default_value_t = 1000)]
+    pub services: usize,
+    /// Number of Nodes (one more is added in the second phase).
+    #[arg(long, default_value_t = 100)]
+    pub nodes: usize,
+    /// `--concurrent-service-syncs` of the controller-manager, and the concurrency of the
+    /// "API server alone" baseline.
+    #[arg(long, default_value_t = 50)]
+    pub workers: u16,
+    /// Flags every run shares.
+    #[command(flatten)]
+    pub run: RunArgs,
+}
+
+/// Flags of every run.
+#[derive(Debug, Clone, Args)]
+pub struct RunArgs {
+    /// `--kube-api-qps` of the controller-manager (upstream's default is 20; the bench raises
+    /// it so that the controller, not the client-side limit, is measured).
+    #[arg(long, default_value_t = 100_000.0)]
+    pub kube_api_qps: f32,
+    /// `--kube-api-burst` of the controller-manager (upstream's default is 30).
+    #[arg(long, default_value_t = 100_000)]
+    pub kube_api_burst: u32,
+    /// Create requests in flight while registering the objects the run starts from.
+    #[arg(long, default_value_t = 64)]
+    pub create_concurrency: usize,
+    /// Seconds to wait for each phase before failing the run.
+    #[arg(long, default_value_t = 120)]
+    pub timeout_secs: u64,
+    /// `RUST_LOG` of the controller-manager and the shim.
+    #[arg(long, default_value = "info")]
+    pub log_level: String,
+    /// Copy the logs of the controller-manager, the shim and kube-apiserver into this directory.
+    #[arg(long)]
+    pub keep_logs: Option<std::path::PathBuf>,
+    /// Print the report as JSON instead of text.
+    #[arg(long)]
+    pub json: bool,
 }
 
 /// Flags of `bench node-init`.
@@ -41,28 +90,9 @@ pub struct NodeInitArgs {
     /// "API server alone" baseline.
     #[arg(long, default_value_t = 50)]
     pub workers: u16,
-    /// `--kube-api-qps` of the controller-manager (upstream's default is 20; the bench raises
-    /// it so that the controller, not the client-side limit, is measured).
-    #[arg(long, default_value_t = 100_000.0)]
-    pub kube_api_qps: f32,
-    /// `--kube-api-burst` of the controller-manager (upstream's default is 30).
-    #[arg(long, default_value_t = 100_000)]
-    pub kube_api_burst: u32,
-    /// Create requests in flight while registering the tainted Nodes.
-    #[arg(long, default_value_t = 64)]
-    pub create_concurrency: usize,
-    /// Seconds to wait for every Node to be initialised before failing the run.
-    #[arg(long, default_value_t = 120)]
-    pub timeout_secs: u64,
-    /// `RUST_LOG` of the controller-manager and the shim.
-    #[arg(long, default_value = "info")]
-    pub log_level: String,
-    /// Copy the logs of the controller-manager, the shim and kube-apiserver into this directory.
-    #[arg(long)]
-    pub keep_logs: Option<std::path::PathBuf>,
-    /// Print the report as JSON instead of text.
-    #[arg(long)]
-    pub json: bool,
+    /// Flags every run shares.
+    #[command(flatten)]
+    pub run: RunArgs,
 }
 
 fn main() -> std::process::ExitCode {
@@ -82,10 +112,19 @@ fn main() -> std::process::ExitCode {
         match cli.command {
             Command::NodeInit(args) => {
                 let report = run::node_init(&args).await?;
-                if args.json {
+                if args.run.json {
                     println!("{}", serde_json::to_string_pretty(&report)?);
                 } else {
                     print!("{}", report.render_text());
+                }
+                anyhow::Ok(())
+            }
+            Command::Lb(args) => {
+                let report = lb::lb(&args).await?;
+                if args.run.json {
+                    println!("{}", serde_json::to_string_pretty(&report)?);
+                } else {
+                    print!("{}", lb::render_text(&report));
                 }
                 anyhow::Ok(())
             }

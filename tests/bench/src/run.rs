@@ -18,15 +18,16 @@ use kube::runtime::watcher;
 use test_control_plane::{ControlPlane, Options};
 use test_support::{Location, Process, Wait, last_lines, temp_dir};
 
-use crate::NodeInitArgs;
 use crate::metrics::{self, Scraper};
 use crate::nodes::{self, Machine, SET_LABEL};
 use crate::procfs;
 use crate::report::{self, NodeInitReport, PhaseCpu};
+use crate::{NodeInitArgs, RunArgs};
 
-const CCM_BINARY: &str = "cloud-controller-manager";
-const SHIM_BINARY: &str = "local-shim";
-const BUILD_HINT: &str = "cargo build --release -p cloud-controller-manager -p local-shim -p bench";
+pub(crate) const CCM_BINARY: &str = "cloud-controller-manager";
+pub(crate) const SHIM_BINARY: &str = "local-shim";
+pub(crate) const BUILD_HINT: &str =
+    "cargo build --release -p cloud-controller-manager -p local-shim -p bench";
 
 /// Runs `bench node-init`.
 pub async fn node_init(args: &NodeInitArgs) -> anyhow::Result<NodeInitReport> {
@@ -69,11 +70,11 @@ pub async fn node_init(args: &NodeInitArgs) -> anyhow::Result<NodeInitReport> {
         .with_context(|| format!("writing {}", inventory.display()))?;
     progress(format_args!(
         "creating {n} tainted nodes ({} in flight)",
-        args.create_concurrency
+        args.run.create_concurrency
     ));
     let before = cp_pids.sample(ticks)?;
     let (_, create_time) =
-        nodes::create_tainted(&client, &machines, "ccm", args.create_concurrency).await?;
+        nodes::create_tainted(&client, &machines, "ccm", args.run.create_concurrency).await?;
     let create_phase = cp_pids.sample(ticks)?.since(&before, create_time);
 
     // 2. Shim, then controller-manager.
@@ -85,7 +86,7 @@ pub async fn node_init(args: &NodeInitArgs) -> anyhow::Result<NodeInitReport> {
             format!("--unix-socket={}", socket.display()),
             "--metrics-bind-address=127.0.0.1:0".into(),
         ])
-        .envs([("RUST_LOG", args.log_level.as_str()), ("NO_COLOR", "1")])
+        .envs([("RUST_LOG", args.run.log_level.as_str()), ("NO_COLOR", "1")])
         .spawn()?;
     wait_for_socket(&socket, &shim).await?;
 
@@ -120,27 +121,26 @@ pub async fn node_init(args: &NodeInitArgs) -> anyhow::Result<NodeInitReport> {
     let shim_startup_cpu = procfs::cpu_seconds(&shim.pid().to_string(), ticks)?;
     let before = cp_pids.sample(ticks)?;
     let t0 = Instant::now();
-    let ccm = Process::for_workspace_binary(CCM_BINARY, "cloud-controller-manager", dir)?
-        .args([
-            format!("--kubeconfig={}", cp.kubeconfig_path().display()),
-            format!("--provider-endpoint=unix://{}", socket.display()),
-            "--cloud-provider=local".into(),
+    let ccm = spawn_ccm(
+        &args.run,
+        &cp,
+        &socket,
+        &ServingFiles {
+            port,
+            cert: &cert_file,
+            key: &key_file,
+        },
+        &[
             "--leader-elect=false".into(),
             "--controllers=cloud-node".into(),
-            format!("--kube-api-qps={}", args.kube_api_qps),
-            format!("--kube-api-burst={}", args.kube_api_burst),
             format!("--concurrent-node-syncs={workers}"),
-            format!("--secure-port={port}"),
-            "--bind-address=127.0.0.1".into(),
-            format!("--tls-cert-file={}", cert_file.display()),
-            format!("--tls-private-key-file={}", key_file.display()),
-        ])
-        .envs([("RUST_LOG", args.log_level.as_str()), ("NO_COLOR", "1")])
-        .spawn()?;
+        ],
+        dir,
+    )?;
     ccm_pid.store(ccm.pid(), Ordering::Relaxed);
 
     // 3. Wait until every Node is initialised.
-    let deadline = t0 + Duration::from_secs(args.timeout_secs);
+    let deadline = t0 + Duration::from_secs(args.run.timeout_secs);
     let watched = loop {
         tokio::select! {
             joined = &mut watch => {
@@ -148,7 +148,7 @@ pub async fn node_init(args: &NodeInitArgs) -> anyhow::Result<NodeInitReport> {
             }
             () = tokio::time::sleep(Duration::from_millis(200)) => {
                 if let Some(status) = ccm.exit_status() {
-                    keep_logs(args, dir, &cp);
+                    keep_logs(args.run.keep_logs.as_deref(), dir, &cp);
                     anyhow::bail!(
                         "the controller-manager exited ({status}) after {:.1} s with {}/{n} nodes initialised; log tail:\n{}",
                         t0.elapsed().as_secs_f64(),
@@ -157,7 +157,7 @@ pub async fn node_init(args: &NodeInitArgs) -> anyhow::Result<NodeInitReport> {
                     );
                 }
                 if let Some(status) = shim.exit_status() {
-                    keep_logs(args, dir, &cp);
+                    keep_logs(args.run.keep_logs.as_deref(), dir, &cp);
                     anyhow::bail!(
                         "the shim exited ({status}); log tail:\n{}",
                         last_lines(&shim.logs(), 40)
@@ -165,10 +165,10 @@ pub async fn node_init(args: &NodeInitArgs) -> anyhow::Result<NodeInitReport> {
                 }
                 if Instant::now() >= deadline {
                     watch.abort();
-                    keep_logs(args, dir, &cp);
+                    keep_logs(args.run.keep_logs.as_deref(), dir, &cp);
                     anyhow::bail!(
                         "timed out after {} s with {}/{n} nodes initialised; controller-manager log tail:\n{}",
-                        args.timeout_secs,
+                        args.run.timeout_secs,
                         initialised.load(Ordering::Relaxed),
                         last_lines(&ccm.logs(), 40)
                     );
@@ -189,15 +189,20 @@ pub async fn node_init(args: &NodeInitArgs) -> anyhow::Result<NodeInitReport> {
     let shim_usage = procfs::usage(&shim.pid().to_string(), ticks)?;
     ccm.terminate(Duration::from_secs(5));
     shim.terminate(Duration::from_secs(5));
-    keep_logs(args, dir, &cp);
+    keep_logs(args.run.keep_logs.as_deref(), dir, &cp);
 
     // 4. The same writes from a lean client, on a fresh set of Nodes.
     let base_machines: Vec<Machine> = (0..n).map(|i| Machine::new("bench-base", i)).collect();
     progress(format_args!(
         "baseline: creating {n} more tainted nodes (not timed)"
     ));
-    let (created, _) =
-        nodes::create_tainted(&client, &base_machines, "baseline", args.create_concurrency).await?;
+    let (created, _) = nodes::create_tainted(
+        &client,
+        &base_machines,
+        "baseline",
+        args.run.create_concurrency,
+    )
+    .await?;
     progress(format_args!(
         "baseline: PUT + PATCH status + POST event per node, {workers} in flight"
     ));
@@ -245,12 +250,52 @@ pub async fn node_init(args: &NodeInitArgs) -> anyhow::Result<NodeInitReport> {
     })
 }
 
-fn progress(message: std::fmt::Arguments<'_>) {
+/// The controller-manager's secure port and its serving certificate.
+pub(crate) struct ServingFiles<'a> {
+    /// `--secure-port`.
+    pub(crate) port: u16,
+    /// `--tls-cert-file`.
+    pub(crate) cert: &'a Path,
+    /// `--tls-private-key-file`.
+    pub(crate) key: &'a Path,
+}
+
+/// Spawns the controller-manager against `cp` and the shim at `socket`, with the run's client
+/// limits and log level, serving metrics on `serving`, then `extra` flags; logs go to `dir`.
+pub(crate) fn spawn_ccm(
+    run: &RunArgs,
+    cp: &ControlPlane,
+    socket: &Path,
+    serving: &ServingFiles<'_>,
+    extra: &[String],
+    dir: &Path,
+) -> anyhow::Result<Process> {
+    let mut args = vec![
+        format!("--kubeconfig={}", cp.kubeconfig_path().display()),
+        format!("--provider-endpoint=unix://{}", socket.display()),
+        "--cloud-provider=local".into(),
+        format!("--kube-api-qps={}", run.kube_api_qps),
+        format!("--kube-api-burst={}", run.kube_api_burst),
+        format!("--secure-port={}", serving.port),
+        "--bind-address=127.0.0.1".into(),
+        format!("--tls-cert-file={}", serving.cert.display()),
+        format!("--tls-private-key-file={}", serving.key.display()),
+    ];
+    args.extend_from_slice(extra);
+    Ok(
+        Process::for_workspace_binary(CCM_BINARY, "cloud-controller-manager", dir)?
+            .args(args)
+            .envs([("RUST_LOG", run.log_level.as_str()), ("NO_COLOR", "1")])
+            .spawn()?,
+    )
+}
+
+pub(crate) fn progress(message: std::fmt::Arguments<'_>) {
     eprintln!("bench: {message}");
 }
 
 /// Checks that the measured binaries exist next to this one; returns the Cargo profile.
-fn check_binaries() -> anyhow::Result<String> {
+pub(crate) fn check_binaries() -> anyhow::Result<String> {
     for name in [CCM_BINARY, SHIM_BINARY] {
         match test_support::workspace_binary(name) {
             Ok(_) => {}
@@ -278,7 +323,7 @@ fn check_binaries() -> anyhow::Result<String> {
 }
 
 /// Waits until the shim accepts connections on its Unix socket.
-async fn wait_for_socket(socket: &Path, shim: &Process) -> anyhow::Result<()> {
+pub(crate) async fn wait_for_socket(socket: &Path, shim: &Process) -> anyhow::Result<()> {
     let listening = Wait::new("the shim to listen", Duration::from_secs(30))
         .every(Duration::from_millis(10))
         .until(|| async {
@@ -377,7 +422,7 @@ async fn watch_until_initialised(
 
 /// Scrapes the controller-manager's metrics until its API request count stops changing (the
 /// last Events are posted after the Nodes are initialised), for at most 5 s.
-async fn settled_metrics(scraper: &Scraper) -> anyhow::Result<Vec<metrics::Sample>> {
+pub(crate) async fn settled_metrics(scraper: &Scraper) -> anyhow::Result<Vec<metrics::Sample>> {
     let deadline = Instant::now() + Duration::from_secs(5);
     let mut last = scraper.samples().await?;
     loop {
@@ -392,20 +437,20 @@ async fn settled_metrics(scraper: &Scraper) -> anyhow::Result<Vec<metrics::Sampl
 }
 
 /// PIDs of kube-apiserver and etcd.
-struct ControlPlanePids {
-    apiserver: String,
-    etcd: String,
+pub(crate) struct ControlPlanePids {
+    pub(crate) apiserver: String,
+    pub(crate) etcd: String,
 }
 
 /// CPU seconds of the control plane and of this process at one moment.
-struct CpuSample {
+pub(crate) struct CpuSample {
     apiserver: f64,
     etcd: f64,
     bench: f64,
 }
 
 impl ControlPlanePids {
-    fn sample(&self, ticks: f64) -> anyhow::Result<CpuSample> {
+    pub(crate) fn sample(&self, ticks: f64) -> anyhow::Result<CpuSample> {
         Ok(CpuSample {
             apiserver: procfs::cpu_seconds(&self.apiserver, ticks)?,
             etcd: procfs::cpu_seconds(&self.etcd, ticks)?,
@@ -415,7 +460,7 @@ impl ControlPlanePids {
 }
 
 impl CpuSample {
-    fn since(&self, before: &CpuSample, wall: Duration) -> PhaseCpu {
+    pub(crate) fn since(&self, before: &CpuSample, wall: Duration) -> PhaseCpu {
         PhaseCpu {
             wall_seconds: wall.as_secs_f64(),
             apiserver_cpu_seconds: round_ms(self.apiserver - before.apiserver),
@@ -432,8 +477,8 @@ fn round_ms(seconds: f64) -> f64 {
 }
 
 /// Copies the process logs and the kube-apiserver log to `--keep-logs`, if given.
-fn keep_logs(args: &NodeInitArgs, dir: &Path, cp: &ControlPlane) {
-    let Some(target) = args.keep_logs.as_ref() else {
+pub(crate) fn keep_logs(keep: Option<&Path>, dir: &Path, cp: &ControlPlane) {
+    let Some(target) = keep else {
         return;
     };
     if let Err(e) = std::fs::create_dir_all(target) {
