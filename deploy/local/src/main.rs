@@ -3,6 +3,8 @@
 //! machine as a Node the way a kubelet with `--cloud-provider=external` does, and shows the
 //! nodes being initialised.
 
+mod demo;
+
 use std::cell::RefCell;
 use std::collections::BTreeSet;
 use std::path::PathBuf;
@@ -17,7 +19,9 @@ use k8s_openapi::api::core::v1::Node;
 use kube::api::{Api, PostParams};
 use local_shim::Inventory;
 use test_control_plane::ControlPlane;
-use test_support::{Process, ShimMtls, Wait, free_port, initialised, kubelet_registered_node};
+use test_support::{
+    Process, ShimMtls, Wait, free_port, initialised, kubelet_registered_node, last_lines,
+};
 
 /// Flags of `local-cluster`.
 #[derive(Parser, Debug)]
@@ -28,9 +32,13 @@ struct Flags {
     /// The local shim's inventory file.
     #[arg(long, default_value = "provider-shims/local/examples/inventory.yaml")]
     inventory: PathBuf,
-    /// Exit once every node is initialised instead of running until Ctrl-C.
+    /// Exit once every node is initialised and the demo load balancer answered, instead of
+    /// running until Ctrl-C.
     #[arg(long)]
     exit_when_initialised: bool,
+    /// Skip the demo LoadBalancer Service.
+    #[arg(long)]
+    no_load_balancer: bool,
     /// How long to wait for initialisation before giving up.
     #[arg(long, default_value = "120")]
     timeout_seconds: u64,
@@ -156,11 +164,31 @@ async fn main() -> Result<()> {
         done.len(),
         started.elapsed()
     );
+    // The stand-ins for kube-proxy live as long as this process.
+    let _backends = if flags.no_load_balancer {
+        Vec::new()
+    } else {
+        let demo = demo::serve(
+            cp.client()?,
+            &inventory,
+            Duration::from_secs(flags.timeout_seconds),
+        )
+        .await;
+        match demo {
+            Ok(demo) => demo,
+            Err(e) => bail!(
+                "{e:#}\nsee the logs in {}\n--- controller-manager ---\n{}\n--- local-shim ---\n{}",
+                dir.display(),
+                last_lines(&ccm.logs(), 30),
+                last_lines(&shim.logs(), 30)
+            ),
+        }
+    };
     if flags.exit_when_initialised {
         return Ok(());
     }
     println!(
-        "\nrunning; look around with:\n  kubectl --kubeconfig {} get nodes -L {LABEL_ZONE},{LABEL_INSTANCE_TYPE} -o wide\nedit {} (e.g. set a machine's state) and watch; Ctrl-C stops everything.",
+        "\nrunning; look around with:\n  kubectl --kubeconfig {} get nodes,services -L {LABEL_ZONE},{LABEL_INSTANCE_TYPE} -o wide\nedit {} (e.g. set a machine's state) and watch; Ctrl-C stops everything.",
         cp.kubeconfig_path().display(),
         inventory_path.display()
     );

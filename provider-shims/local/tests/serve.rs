@@ -155,7 +155,7 @@ async fn instances_v2_answers_from_the_inventory() {
     assert_eq!(meta.instance_type.as_deref(), Some("standard-2"));
     assert_eq!(meta.zone.as_deref(), Some("zone-a"));
     assert_eq!(meta.region.as_deref(), Some("local-1"));
-    assert_eq!(meta.node_addresses[0].address, "10.0.0.10");
+    assert_eq!(meta.node_addresses[0].address, "127.0.10.10");
     assert_eq!(meta.additional_labels["example.com/rack"], "rack-1");
 
     assert_eq!(
