@@ -9,6 +9,9 @@ use std::time::Duration;
 use crate::cloud::{ConnectSettings, EndpointError, EndpointTls, ProviderEndpoint};
 use crate::flags::{FlagError, parse_duration};
 
+/// Upstream's default `--cluster-name`.
+pub const DEFAULT_CLUSTER_NAME: &str = "kubernetes";
+
 /// The generic flags of the `cloud-controller-manager` binary.
 #[derive(Debug, Clone, clap::Args)]
 #[group(id = "generic-options")]
@@ -23,10 +26,11 @@ pub struct GenericOptions {
     /// '-foo' disables foo. Upstream names and aliases are accepted.
     #[arg(long, value_delimiter = ',', default_value = "*")]
     pub controllers: Vec<String>,
-    /// The instance prefix for the cluster, passed to load-balancer and route calls (no
-    /// effect until the service-lb and route controllers exist in this build).
-    #[arg(long, default_value = "kubernetes")]
-    pub cluster_name: String,
+    /// The instance prefix for the cluster, passed to load-balancer and route calls [default:
+    /// kubernetes]. The service-lb controller only starts when it is set explicitly: every
+    /// cluster shares the default, and two clusters' load balancers must never be confused.
+    #[arg(long, value_name = "NAME")]
+    pub cluster_name: Option<String>,
     /// CIDR range(s) for pods in the cluster (comma-separated, at most one per IP family; no
     /// effect until the route and node-ipam controllers exist in this build).
     #[arg(long, default_value = "")]

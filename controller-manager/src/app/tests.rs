@@ -23,7 +23,10 @@ fn parse(args: &[&str]) -> Result<Options, clap::Error> {
 fn default_flags_match_upstream() {
     let o = parse(&[]).unwrap();
     assert_eq!(o.generic.controllers, vec!["*"]);
-    assert_eq!(o.generic.cluster_name, "kubernetes");
+    assert_eq!(
+        o.generic.cluster_name, None,
+        "upstream's kubernetes, applied in app.rs"
+    );
     assert!(o.generic.leader_elect);
     assert_eq!(
         o.generic.leader_elect_lease_duration,
@@ -107,7 +110,7 @@ fn add_flags_parses_every_flag() {
         Duration::from_secs(600)
     );
     assert!(!o.generic.configure_cloud_routes);
-    assert_eq!(o.generic.cluster_name, "c1");
+    assert_eq!(o.generic.cluster_name.as_deref(), Some("c1"));
     assert_eq!(o.generic.cluster_cidr, "10.0.0.0/16");
     assert_eq!(o.generic.kube_api_qps, 50.0);
     assert_eq!(o.generic.kube_api_burst, 100);

@@ -15,6 +15,8 @@ use crate::k8s::{CachedNode, EventBroadcaster, NodeInformer, Recorder};
 pub struct ClusterSettings {
     /// `--cluster-name`: the instance prefix passed to load-balancer and route calls.
     pub name: String,
+    /// Whether `--cluster-name` was given, rather than upstream's default every cluster shares.
+    pub name_given: bool,
     /// `--cluster-cidr`: pod CIDR range(s), at most one per IP family, comma-separated.
     pub cidr: String,
     /// `--allocate-node-cidrs`.

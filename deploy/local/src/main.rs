@@ -85,6 +85,7 @@ async fn main() -> Result<()> {
     ccm_args.extend([
         "--bind-address=127.0.0.1".into(),
         "--cloud-provider=local".into(),
+        "--cluster-name=local-cluster".into(),
     ]);
     let ccm = Process::for_workspace_binary(
         "cloud-controller-manager",

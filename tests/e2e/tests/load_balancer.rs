@@ -245,7 +245,7 @@ async fn lb_spreads_tcp_and_udp_over_healthy_nodes_and_enforces_source_ranges() 
         &cp,
         &socket,
         "ccm",
-        &["--cloud-provider=local".into()],
+        &["--cloud-provider=local".into(), "--cluster-name=e2e".into()],
         &[],
         d,
     );
@@ -377,7 +377,7 @@ async fn lb_address_and_listener_survive_a_shim_restart_and_go_with_the_service(
         &cp,
         &socket,
         "ccm",
-        &["--cloud-provider=local".into()],
+        &["--cloud-provider=local".into(), "--cluster-name=e2e".into()],
         &[],
         d,
     );

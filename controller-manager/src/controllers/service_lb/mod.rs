@@ -36,7 +36,7 @@ use serde_json::Value;
 use tokio::sync::watch;
 use tracing::{Instrument, debug, info, info_span, warn};
 
-use super::{BuildError, Controller, ControllerContext, Names, Stop};
+use super::{BuildError, ClusterSettings, Controller, ControllerContext, Names, Stop};
 use crate::cloud::{Cloud, backend_nodes, load_balancer_status, service_view};
 use crate::flags::{FlagError, parse_duration};
 use crate::k8s::{
@@ -199,11 +199,7 @@ impl Controller for ServiceLbController {
         flags: &Flags,
         registry: &mut Registry,
     ) -> Result<Self, BuildError> {
-        if ctx.cluster.name.is_empty() {
-            return Err(BuildError::Disabled(
-                "--cluster-name is empty; load balancers are named after it".into(),
-            ));
-        }
+        cluster_name_owns_load_balancers(&ctx.cluster)?;
         let informer = ServiceInformer::new(ctx.client.clone());
         let state = ServiceLb::new(
             ctx.client.clone(),
@@ -908,5 +904,52 @@ impl ServiceLb {
     fn event(&self, svc: &CachedService, type_: EventType, reason: &str, message: &str) {
         self.recorder
             .record(&svc.object_ref(&()), type_, reason, message);
+    }
+}
+
+/// Refuses a cluster name that cannot tell this cluster's load balancers from another's: an
+/// empty one, or upstream's default, which every cluster that did not set one shares.
+fn cluster_name_owns_load_balancers(cluster: &ClusterSettings) -> Result<(), BuildError> {
+    if cluster.name.is_empty() {
+        return Err(BuildError::Disabled(
+            "--cluster-name is empty; load balancers are named after it".into(),
+        ));
+    }
+    if !cluster.name_given {
+        return Err(BuildError::Disabled(format!(
+            "--cluster-name is not set: the default {:?} is every cluster's, and load balancers \
+             are owned by cluster name; set a name unique to this cluster",
+            cluster.name
+        )));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod build_tests {
+    use super::*;
+
+    fn settings(name: &str, name_given: bool) -> ClusterSettings {
+        ClusterSettings {
+            name: name.into(),
+            name_given,
+            ..ClusterSettings::default()
+        }
+    }
+
+    #[test]
+    fn the_controller_needs_a_cluster_name_set_explicitly() {
+        assert!(cluster_name_owns_load_balancers(&settings("prod-eu-1", true)).is_ok());
+        assert!(cluster_name_owns_load_balancers(&settings("kubernetes", true)).is_ok());
+        let Err(BuildError::Disabled(why)) =
+            cluster_name_owns_load_balancers(&settings("kubernetes", false))
+        else {
+            panic!("the shared default must not start the controller");
+        };
+        assert!(why.contains("--cluster-name is not set"), "{why}");
+        assert!(matches!(
+            cluster_name_owns_load_balancers(&settings("", true)),
+            Err(BuildError::Disabled(_))
+        ));
     }
 }
