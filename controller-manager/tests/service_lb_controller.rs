@@ -1697,10 +1697,20 @@ async fn recreated_with_new_uid__old_load_balancer_deleted_first() {
 // The controller running: caches, node changes, readiness
 // ------------------------------------------------------------------------------------------------
 
-/// Starts the whole controller (its own Service watch of this namespace) until dropped.
+/// Starts the whole controller (its own Service watch of this namespace, no periodic resync)
+/// until dropped.
 fn run(
     env: &Env,
     nodes_ready: watch::Receiver<bool>,
+) -> (Arc<ServiceLb>, tokio::sync::oneshot::Sender<()>) {
+    run_resyncing(env, nodes_ready, Duration::ZERO)
+}
+
+/// [`run`] with a periodic resync every `resync`.
+fn run_resyncing(
+    env: &Env,
+    nodes_ready: watch::Receiver<bool>,
+    resync: Duration,
 ) -> (Arc<ServiceLb>, tokio::sync::oneshot::Sender<()>) {
     let informer = ServiceInformer::selecting(
         Api::namespaced(env.h.client.clone(), &env.ns),
@@ -1719,7 +1729,10 @@ fn run(
     let stop = Box::pin(async move {
         let _ = stop_rx.await;
     });
-    tokio::spawn(ctrl.clone().run(informer, env.node_changes.clone(), stop));
+    tokio::spawn(
+        ctrl.clone()
+            .run(informer, env.node_changes.clone(), resync, stop),
+    );
     (ctrl, stop_tx)
 }
 
@@ -1976,4 +1989,42 @@ async fn not_ready_taint_does_not_exclude_a_node() {
         .await
         .unwrap();
     assert_eq!(env.h.fake.ensure_calls()[0].hosts.len(), 1);
+}
+
+#[tokio::test]
+async fn running__periodic_resync_recreates_a_load_balancer_deleted_out_of_band() {
+    let env = Env::new(fake()).await;
+    nodes(&env, 1).await;
+    let (_ctrl, _stop) = run_resyncing(&env, env.nodes_ready.clone(), Duration::from_millis(300));
+    env.service_api()
+        .create(&PostParams::default(), &lb("s0"))
+        .await
+        .unwrap();
+    wait_for_ingress(&env, "s0").await;
+    let patches = env.api.status_patches();
+
+    // Someone deletes the load balancer in the cloud console.
+    env.h.fake.update(|f| f.balancers.clear());
+    let fake = &env.h.fake;
+    test_support::wait_for("the resync to recreate the load balancer", WAIT, || {
+        let n = fake.state().balancers.len();
+        async move {
+            if n == 1 {
+                Ok(())
+            } else {
+                Err(format!("{n} balancers"))
+            }
+        }
+    })
+    .await
+    .unwrap();
+    assert!(
+        env.h.fake.ensure_calls().len() >= 2,
+        "the resync ensured the Service again"
+    );
+    assert_eq!(
+        env.api.status_patches(),
+        patches,
+        "an unchanged status is not written again"
+    );
 }

@@ -73,6 +73,11 @@ pub struct Flags {
     /// syncs).
     #[arg(long, default_value = "0s", value_parser = parse_duration, hide = true)]
     pub node_sync_period: Duration,
+    /// How often every Service with a load balancer is ensured again, so that an owned load
+    /// balancer deleted or changed outside Kubernetes is repaired (not upstream, which only
+    /// syncs on changes; 0 disables).
+    #[arg(long, default_value = "10m", value_parser = parse_duration)]
+    pub load_balancer_resync_period: Duration,
 }
 
 /// A failed service sync; the key is retried with backoff (or after the provider's delay).
@@ -170,6 +175,7 @@ pub struct ServiceLbController {
     state: Arc<ServiceLb>,
     informer: ServiceInformer,
     node_changes: watch::Receiver<u64>,
+    resync: Duration,
 }
 
 impl Controller for ServiceLbController {
@@ -216,11 +222,14 @@ impl Controller for ServiceLbController {
             state: Arc::new(state),
             informer,
             node_changes: ctx.nodes.changes(),
+            resync: flags.load_balancer_resync_period,
         })
     }
 
     async fn run(self, stop: Stop) {
-        self.state.run(self.informer, self.node_changes, stop).await;
+        self.state
+            .run(self.informer, self.node_changes, self.resync, stop)
+            .await;
     }
 }
 
@@ -307,11 +316,12 @@ impl ServiceLb {
     }
 
     /// Runs the controller until `stop`: the Service watch, the service workers once both
-    /// caches have synced, and the node worker.
+    /// caches have synced, the node worker, and every `resync` (unless zero) a full pass.
     pub async fn run(
         self: Arc<Self>,
         informer: ServiceInformer,
         node_changes: watch::Receiver<u64>,
+        resync: Duration,
         stop: Stop,
     ) {
         let mut stop = stop;
@@ -347,6 +357,8 @@ impl ServiceLb {
                 self.clone()
                     .node_worker(node_changes, stopped(stop_rx.clone())),
             );
+            let resync_loop = (!resync.is_zero())
+                .then(|| tokio::spawn(self.clone().resync_loop(resync, stopped(stop_rx.clone()))));
             stop.await;
             self.queue.shut_down();
             let _ = stop_tx.send(true);
@@ -359,6 +371,9 @@ impl ServiceLb {
                 tasks.abort_all();
             }
             node_worker.abort();
+            if let Some(resync_loop) = resync_loop {
+                resync_loop.abort();
+            }
         }
         let _ = stop_tx.send(true);
         let _ = watch.await;
@@ -780,6 +795,32 @@ impl ServiceLb {
         }
         *triggers = next;
         changed
+    }
+
+    /// Every `period`, queues every Service that wants a load balancer or needs its cleanup,
+    /// until `stop`: a full sync ensures each one again, which repairs an owned load balancer
+    /// changed or deleted outside Kubernetes (writes to the API happen only if its status
+    /// changed). The queue de-duplicates keys, so a slow pass never piles up.
+    async fn resync_loop(self: Arc<Self>, period: Duration, stop: impl Future<Output = ()>) {
+        let mut ticks = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
+        ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let pass = async {
+            loop {
+                ticks.tick().await;
+                let mut queued = 0usize;
+                for svc in self.services.state() {
+                    if decide::wants_load_balancer(&svc) || decide::needs_cleanup(&svc) {
+                        self.queue.add(svc.key());
+                        queued += 1;
+                    }
+                }
+                debug!(queued, "periodic load-balancer resync");
+            }
+        };
+        tokio::select! {
+            () = pass => {}
+            () = stop => {}
+        }
     }
 
     /// Upstream `syncNodes`: every cached Service whose backend set changed gets one
