@@ -112,7 +112,17 @@ pub async fn run(
         CloudMetrics::register(&mut registry),
     )
     .await?
-    .with_fence(fence_rx);
+    .with_fence(fence_rx)
+    .with_lease(options.leader_elect.then(|| {
+        format!(
+            "{}/{}",
+            options.leader_elect_resource_namespace, options.leader_elect_resource_name
+        )
+    }));
+    if let Some(problem) = cloud.fence_problem() {
+        // Only controllers that change cloud state need the fence; they refuse to start.
+        warn!(%problem, "the provider shim would refuse mutating calls");
+    }
     if !options.cloud_provider.is_empty() && options.cloud_provider != cloud.info().name {
         return Err(AppError::ProviderMismatch {
             flag: options.cloud_provider.clone(),

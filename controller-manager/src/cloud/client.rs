@@ -18,7 +18,7 @@ use tokio::sync::watch;
 use tracing::{info, warn};
 
 use super::endpoint::ProviderEndpoint;
-use super::fence::{Fence, Fenced};
+use super::fence::{Fence, Fenced, fence_mismatch};
 use crate::k8s::CachedNode;
 
 /// Failure to reach or understand the shim at start-up.
@@ -104,6 +104,8 @@ pub struct Cloud {
     channel: CpiChannel,
     metrics: CloudMetrics,
     fence: watch::Receiver<Option<Fence>>,
+    /// The lease this manager's fences name (`None` without leader election).
+    lease: Option<String>,
 }
 
 impl Cloud {
@@ -194,6 +196,7 @@ impl Cloud {
             metrics,
             // Until leader election hands a fence over, mutating calls carry none.
             fence: watch::channel(None).1,
+            lease: None,
         })
     }
 
@@ -202,6 +205,19 @@ impl Cloud {
     pub fn with_fence(mut self, fence: watch::Receiver<Option<Fence>>) -> Self {
         self.fence = fence;
         self
+    }
+
+    /// This handle's fences name `lease` (`"<namespace>/<name>"`), or none are sent (`None`:
+    /// no leader election).
+    pub fn with_lease(mut self, lease: Option<String>) -> Self {
+        self.lease = lease;
+        self
+    }
+
+    /// Why the shim would refuse this manager's mutating calls (its `--fence-lease` does not
+    /// match the lease the fences name, or it requires a fence none is sent with), if it would.
+    pub fn fence_problem(&self) -> Option<String> {
+        fence_mismatch(self.lease.as_deref(), &self.info.fence_lease)
     }
 
     /// The fence of the current leadership term, if any; every mutating call carries it.

@@ -32,3 +32,55 @@ fenced!(
     v1::CreateRouteRequest,
     v1::DeleteRouteRequest,
 );
+
+/// The shim's answer meaning "fencing is off" (its `--fence-lease=none`).
+pub const NO_FENCE: &str = "none";
+
+/// Why the fences this manager sends cannot pass the shim's guard, if they cannot: `ours` is
+/// the lease this manager holds (`None` without leader election), `shims` the lease the shim
+/// fences on (empty from a shim that does not say).
+pub fn fence_mismatch(ours: Option<&str>, shims: &str) -> Option<String> {
+    match ours {
+        _ if shims.is_empty() => None,
+        Some(ours) if shims != ours && shims != NO_FENCE => Some(format!(
+            "the provider shim fences mutating calls on the lease {shims:?} but this manager \
+             holds {ours:?}: every mutating call would be refused; run the shim with \
+             --fence-lease={ours} or set --leader-elect-resource-namespace/-name to match"
+        )),
+        None if shims != NO_FENCE => Some(format!(
+            "--leader-elect=false sends no fence but the provider shim requires one on the lease \
+             {shims:?}: every mutating call would be refused; run the shim with --fence-lease=none"
+        )),
+        _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fences_that_cannot_pass_the_shims_guard_are_named() {
+        let ours = Some("kube-system/cloud-controller-manager");
+        assert_eq!(
+            fence_mismatch(ours, "kube-system/cloud-controller-manager"),
+            None
+        );
+        assert_eq!(
+            fence_mismatch(ours, NO_FENCE),
+            None,
+            "fencing off accepts anything"
+        );
+        assert_eq!(fence_mismatch(ours, ""), None, "an older shim does not say");
+        assert_eq!(fence_mismatch(None, NO_FENCE), None);
+        assert_eq!(fence_mismatch(None, ""), None);
+        let other = fence_mismatch(ours, "infra/ccm").unwrap_or_default();
+        assert!(
+            other.contains("\"infra/ccm\"")
+                && other.contains("--fence-lease=kube-system/cloud-controller-manager"),
+            "{other}"
+        );
+        let unfenced = fence_mismatch(None, "infra/ccm").unwrap_or_default();
+        assert!(unfenced.contains("--fence-lease=none"), "{unfenced}");
+    }
+}

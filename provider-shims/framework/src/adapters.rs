@@ -117,7 +117,9 @@ impl pb::provider_server::Provider for ProviderAdapter {
         _request: Request<pb::GetProviderInfoRequest>,
     ) -> Result<Response<pb::ProviderInfo>, Status> {
         rpc!(self.core, "Provider", "GetProviderInfo", async {
-            Ok(self.core.info.clone())
+            let mut info = self.core.info.clone();
+            info.fence_lease = self.core.fence.lease().await;
+            Ok(info)
         })
     }
 }

@@ -279,6 +279,11 @@ impl FenceGuard {
         }
     }
 
+    /// The lease fenced on (`--fence-lease`), or [`NO_FENCE`].
+    pub(crate) async fn lease(&self) -> String {
+        self.state.lock().await.lease.clone()
+    }
+
     /// Fences on `lease` from now on (the server applies `--fence-lease` when it starts).
     pub(crate) async fn set_lease(&self, lease: &str) {
         let mut state = self.state.lock().await;

@@ -86,6 +86,19 @@ impl Shim {
         }
     }
 
+    /// What the shim's GetProviderInfo answers.
+    async fn info(&self) -> pb::ProviderInfo {
+        let endpoint = ClientEndpoint::Unix {
+            path: self.socket.clone(),
+        };
+        let channel = cpi_transport::connect(endpoint, ConnectOptions::default()).unwrap();
+        pb::provider_client::ProviderClient::new(channel)
+            .get_provider_info(pb::GetProviderInfoRequest {})
+            .await
+            .unwrap()
+            .into_inner()
+    }
+
     fn routes(&self) -> RoutesClient<CpiChannel> {
         let endpoint = ClientEndpoint::Unix {
             path: self.socket.clone(),
@@ -217,4 +230,46 @@ async fn fence_lease_flag_pins_another_lease() {
     let refused = mutate(&mut routes, fence(LEASE, FIRST_UID, 2, "ccm-a")).await;
     let message = invalid_message(refused, "fence.lease");
     assert!(message.contains("infra/my-ccm"), "{message}");
+}
+
+#[tokio::test]
+async fn provider_info_names_the_fenced_lease_so_callers_can_check_theirs() {
+    let default = Shim::start(|_| {}).await;
+    assert_eq!(default.info().await.fence_lease, LEASE);
+    let pinned = Shim::start(|flags| {
+        flags.fence_lease = "infra/my-ccm".parse().unwrap();
+    })
+    .await;
+    assert_eq!(pinned.info().await.fence_lease, "infra/my-ccm");
+    let off = Shim::start(|flags| flags.fence_lease = "none".into()).await;
+    assert_eq!(off.info().await.fence_lease, "none");
+    // Fencing off: a mutating call without a fence goes through.
+    let mut routes = off.routes();
+    let unfenced = routes
+        .create_route(pb::CreateRouteRequest {
+            cluster_name: "c1".into(),
+            name_hint: "n1".into(),
+            route: Some(pb::Route {
+                target_node: "n1".into(),
+                destination_cidr: "10.244.1.0/24".into(),
+                ..Default::default()
+            }),
+            fence: None,
+        })
+        .await;
+    assert!(unfenced.is_ok(), "{unfenced:?}");
+    let mut fenced_routes = default.routes();
+    let refused = fenced_routes
+        .create_route(pb::CreateRouteRequest {
+            cluster_name: "c1".into(),
+            name_hint: "n1".into(),
+            route: Some(pb::Route {
+                target_node: "n1".into(),
+                destination_cidr: "10.244.1.0/24".into(),
+                ..Default::default()
+            }),
+            fence: None,
+        })
+        .await;
+    assert!(refused.is_err(), "a fenced shim requires the fence");
 }

@@ -476,3 +476,52 @@ async fn lb_address_and_listener_survive_a_shim_restart_and_go_with_the_service(
     );
     drop(stand_ins);
 }
+
+#[tokio::test]
+async fn a_shim_fencing_on_another_lease_is_named_at_start_up_and_no_lb_controller_starts() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let (cp, _client) = control_plane().await;
+    let dir = temp_dir("ccm-e2e-lb-", Location::System).unwrap();
+    let d = dir.path();
+    let inventory = write_inventory(d, &inventory("127.0.66")).unwrap();
+    let socket = d.join("shim.sock");
+    let _shim = spawn_shim(
+        d,
+        "local-shim",
+        &inventory,
+        &socket,
+        &["--fence-lease=infra/other".into()],
+    );
+    let ccm = spawn_ccm_unix(
+        &cp,
+        &socket,
+        "ccm",
+        &["--cloud-provider=local".into(), "--cluster-name=e2e".into()],
+        &[],
+        d,
+    );
+    let ccm_ref = &ccm;
+    wait_for("the controller-manager to lead", WAIT, || async move {
+        if ccm_ref.logs().contains("became leader") {
+            Ok(())
+        } else {
+            Err("not leading yet".to_string())
+        }
+    })
+    .await
+    .unwrap();
+    let logs = ccm.logs();
+    assert!(
+        logs.contains("fences mutating calls on the lease \"infra/other\"")
+            && logs.contains("--fence-lease=kube-system/cloud-controller-manager"),
+        "the mismatch is named with the fix:\n{logs}"
+    );
+    assert!(
+        !logs.contains("started controller controller=\"service-lb-controller\""),
+        "the service-lb controller must not start:\n{logs}"
+    );
+    assert!(
+        logs.contains("started controller controller=\"cloud-node-controller\""),
+        "the other controllers run:\n{logs}"
+    );
+}

@@ -206,6 +206,9 @@ impl Controller for ServiceLbController {
         registry: &mut Registry,
     ) -> Result<Self, BuildError> {
         cluster_name_owns_load_balancers(&ctx.cluster)?;
+        if let Some(problem) = ctx.cloud.fence_problem() {
+            return Err(BuildError::Disabled(problem));
+        }
         let informer = ServiceInformer::new(ctx.client.clone());
         let state = ServiceLb::new(
             ctx.client.clone(),
