@@ -116,19 +116,24 @@ fn fence(lease: &str, uid: &str, transitions: i64, holder: &str) -> pb::Fence {
     }
 }
 
+/// A valid CreateRoute request carrying `fence`.
+fn route_request(fence: Option<pb::Fence>) -> pb::CreateRouteRequest {
+    pb::CreateRouteRequest {
+        cluster_name: "c1".into(),
+        name_hint: "n1".into(),
+        route: Some(pb::Route {
+            target_node: "n1".into(),
+            destination_cidr: "10.244.1.0/24".into(),
+            ..Default::default()
+        }),
+        fence,
+    }
+}
+
 /// One mutating call (CreateRoute) carrying `fence`.
 async fn mutate(routes: &mut RoutesClient<CpiChannel>, fence: pb::Fence) -> Result<(), CpiError> {
     routes
-        .create_route(pb::CreateRouteRequest {
-            cluster_name: "c1".into(),
-            name_hint: "n1".into(),
-            route: Some(pb::Route {
-                target_node: "n1".into(),
-                destination_cidr: "10.244.1.0/24".into(),
-                ..Default::default()
-            }),
-            fence: Some(fence),
-        })
+        .create_route(route_request(Some(fence)))
         .await
         .map(|_| ())
         .map_err(|status| CpiError::from_status(&status))
@@ -245,31 +250,9 @@ async fn provider_info_names_the_fenced_lease_so_callers_can_check_theirs() {
     assert_eq!(off.info().await.fence_lease, "none");
     // Fencing off: a mutating call without a fence goes through.
     let mut routes = off.routes();
-    let unfenced = routes
-        .create_route(pb::CreateRouteRequest {
-            cluster_name: "c1".into(),
-            name_hint: "n1".into(),
-            route: Some(pb::Route {
-                target_node: "n1".into(),
-                destination_cidr: "10.244.1.0/24".into(),
-                ..Default::default()
-            }),
-            fence: None,
-        })
-        .await;
+    let unfenced = routes.create_route(route_request(None)).await;
     assert!(unfenced.is_ok(), "{unfenced:?}");
     let mut fenced_routes = default.routes();
-    let refused = fenced_routes
-        .create_route(pb::CreateRouteRequest {
-            cluster_name: "c1".into(),
-            name_hint: "n1".into(),
-            route: Some(pb::Route {
-                target_node: "n1".into(),
-                destination_cidr: "10.244.1.0/24".into(),
-                ..Default::default()
-            }),
-            fence: None,
-        })
-        .await;
+    let refused = fenced_routes.create_route(route_request(None)).await;
     assert!(refused.is_err(), "a fenced shim requires the fence");
 }
