@@ -2028,3 +2028,61 @@ async fn running__periodic_resync_recreates_a_load_balancer_deleted_out_of_band(
         "an unchanged status is not written again"
     );
 }
+
+#[tokio::test]
+async fn running__every_node_excluded_at_once_keeps_the_backends_and_warns() {
+    let env = Env::new(fake()).await;
+    let node_names = nodes(&env, 2).await;
+    let (_ctrl, _stop) = run(&env, env.nodes_ready.clone());
+    env.service_api()
+        .create(&PostParams::default(), &lb("s0"))
+        .await
+        .unwrap();
+    wait_for_ingress(&env, "s0").await;
+
+    // Every node leaves the backend set in one step: no UpdateLoadBalancer draining the LB.
+    for name in &node_names {
+        env.patch_node(
+            name,
+            serde_json::json!({"metadata": {"labels": {EXCLUDE: "true"}}}),
+        )
+        .await;
+    }
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    // The two label patches may reach the node sync one at a time: [node2] is a fine step.
+    let updates = env.update_hosts();
+    assert!(updates.iter().all(|hosts| !hosts.is_empty()), "{updates:?}");
+    let warned = env.events("UnAvailableLoadBalancer").await;
+    assert!(
+        warned.iter().any(|e| e
+            .message
+            .as_deref()
+            .is_some_and(|m| m.contains("rather than losing every one"))),
+        "{warned:?}"
+    );
+    let before = updates.len();
+
+    // One node back: the set shrinks to it (not to empty), in one update.
+    env.patch_node(
+        &node_names[0],
+        serde_json::json!({"metadata": {"labels": {EXCLUDE: "false"}}}),
+    )
+    .await;
+    let fake = &env.h.fake;
+    test_support::wait_for("one update with the node that came back", WAIT, || {
+        let n = fake.update_calls().len();
+        async move {
+            if n > before {
+                Ok(())
+            } else {
+                Err("no update yet".to_string())
+            }
+        }
+    })
+    .await
+    .unwrap();
+    assert_eq!(
+        env.update_hosts().last(),
+        Some(&vec![node_names[0].clone()])
+    );
+}

@@ -314,6 +314,15 @@ pub fn nodes_sufficiently_equal(a: &[Host], b: &[Host]) -> bool {
     a == b
 }
 
+/// Whether a load balancer may be given `current` backends (`current_len` nodes) after last
+/// being given `previous_len` (`None`: never, in this process): never an empty set in place of
+/// a non-empty one. A control-plane disruption or a mass edit that empties the node set must
+/// not drain every load balancer in one step (operators' experience with upstream, which does);
+/// the load balancer keeps its last backends and the Service gets a Warning instead.
+pub fn may_replace_backends(previous_len: Option<usize>, current_len: usize) -> bool {
+    current_len > 0 || previous_len.is_none_or(|previous| previous == 0)
+}
+
 /// Upstream `LoadBalancerStatusEqual`: ingress by ingress, the IP, host name, `ipMode` and
 /// ports (a missing list equals an empty one).
 pub fn load_balancer_status_equal(l: &LoadBalancerStatus, r: &LoadBalancerStatus) -> bool {

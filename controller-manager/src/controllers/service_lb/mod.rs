@@ -680,10 +680,16 @@ impl ServiceLb {
             field: invalid.field,
             message: invalid.message,
         })?;
-        let backends = self
+        let mut backends = self
             .current_backends()
             .ok_or(ServiceSyncError::NodesNotSynced)?;
-        if backends.is_empty() {
+        let previous = self.cache.last_synced(key);
+        if !decide::may_replace_backends(previous.as_ref().map(|p| p.len()), backends.len()) {
+            if let Some(previous) = previous {
+                self.keeping_backends_event(svc, previous.len());
+                backends = previous;
+            }
+        } else if backends.is_empty() {
             self.event(
                 svc,
                 EventType::Warning,
@@ -871,6 +877,12 @@ impl ServiceLb {
             warn!(service = %key, "node cache not synced; retrying the service");
             return true;
         };
+        if let Some(previous) = self.cache.last_synced(&key)
+            && !decide::may_replace_backends(Some(previous.len()), current.len())
+        {
+            self.keeping_backends_event(svc, previous.len());
+            return false;
+        }
         // Stored before the update, even if it fails: a failure is retried by a full sync.
         let previous = self.cache.store_last_synced(&key, current.clone());
         if previous.is_some_and(|p| decide::nodes_sufficiently_equal(&p.hosts, &current.hosts)) {
@@ -884,6 +896,20 @@ impl ServiceLb {
                 true
             }
         }
+    }
+
+    /// The Warning recorded when the node set went empty and the load balancer keeps its
+    /// `kept` backends ([`decide::may_replace_backends`]).
+    fn keeping_backends_event(&self, svc: &CachedService, kept: usize) {
+        self.event(
+            svc,
+            EventType::Warning,
+            "UnAvailableLoadBalancer",
+            &format!(
+                "There are no available nodes for LoadBalancer; it keeps its {kept} backends \
+                 rather than losing every one at once"
+            ),
+        );
     }
 
     /// Upstream `lockedUpdateLoadBalancerHosts`: one UpdateLoadBalancer, counted and timed.

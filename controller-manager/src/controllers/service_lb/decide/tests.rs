@@ -1278,3 +1278,23 @@ fn stores_ip_mode__from_1_30() {
         ("garbage", stores_ip_mode("x", "y"), false),
     ]);
 }
+
+#[test]
+fn backends_never_shrink_to_empty_in_one_step() {
+    check(vec![
+        ("first set, empty", may_replace_backends(None, 0), true),
+        ("first set, some nodes", may_replace_backends(None, 3), true),
+        ("grows", may_replace_backends(Some(2), 3), true),
+        (
+            "shrinks but not to empty",
+            may_replace_backends(Some(3), 1),
+            true,
+        ),
+        ("empty to empty", may_replace_backends(Some(0), 0), true),
+        (
+            "every node gone at once",
+            may_replace_backends(Some(3), 0),
+            false,
+        ),
+    ]);
+}
