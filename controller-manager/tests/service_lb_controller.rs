@@ -2027,6 +2027,16 @@ async fn running__periodic_resync_recreates_a_load_balancer_deleted_out_of_band(
         patches,
         "an unchanged status is not written again"
     );
+    // Resync passes over an unchanged load balancer record no Events.
+    for reason in ["EnsuringLoadBalancer", "EnsuredLoadBalancer"] {
+        let count: i32 = env
+            .events(reason)
+            .await
+            .iter()
+            .map(|e| e.count.unwrap_or(1))
+            .sum();
+        assert_eq!(count, 1, "{reason}");
+    }
 }
 
 #[tokio::test]

@@ -389,6 +389,13 @@ pub fn remove_finalizer_patch(svc: &CachedService) -> Option<Value> {
     Some(json!({ "metadata": metadata }))
 }
 
+/// Whether a sync records the `EnsuredLoadBalancer` Event: always when a change asked for the
+/// sync; on a periodic resync only when the status changed, so a pass over unchanged load
+/// balancers writes no Events (a resync records no `EnsuringLoadBalancer` either).
+pub fn records_ensured_event(resync: bool, status_changed: bool) -> bool {
+    !resync || status_changed
+}
+
 /// The strategic-merge patch of `status.loadBalancer` (upstream `patchStatus`); `None` when
 /// the status is already `new` (no API call). `compare_as_stored` compares against what an
 /// `ipMode`-aware API server would store.

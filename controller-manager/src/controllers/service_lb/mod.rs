@@ -253,6 +253,8 @@ pub struct ServiceLb {
     workers: usize,
     /// The trigger-relevant view of every node at the last node-change check.
     node_triggers: Mutex<std::collections::HashMap<String, NodeTrigger>>,
+    /// Keys queued by the periodic resync and not synced since (their syncs stay quiet).
+    resyncing: Mutex<std::collections::HashSet<String>>,
 }
 
 impl ServiceLb {
@@ -283,6 +285,7 @@ impl ServiceLb {
             ip_mode: AtomicBool::new(false),
             workers: 1,
             node_triggers: Mutex::default(),
+            resyncing: Mutex::default(),
         }
     }
 
@@ -638,12 +641,19 @@ impl ServiceLb {
         svc: &CachedService,
         key: &str,
     ) -> Result<Option<LoadBalancerStatus>, ServiceSyncError> {
-        self.event(
-            svc,
-            EventType::Normal,
-            "EnsuringLoadBalancer",
-            "Ensuring load balancer",
-        );
+        let resync = self
+            .resyncing
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .remove(key);
+        if !resync {
+            self.event(
+                svc,
+                EventType::Normal,
+                "EnsuringLoadBalancer",
+                "Ensuring load balancer",
+            );
+        }
         // Before any cloud write, so a load balancer never exists without it.
         self.add_finalizer(svc)
             .await
@@ -657,16 +667,18 @@ impl ServiceLb {
             Ok(None) => return Err(ServiceSyncError::NilStatus),
             Ok(Some(status)) => status,
         };
-        self.event(
-            svc,
-            EventType::Normal,
-            "EnsuredLoadBalancer",
-            "Ensured load balancer",
-        );
-        Ok(Some(load_balancer_status(
-            &status,
-            self.ip_mode.load(Ordering::Relaxed),
-        )))
+        let ip_mode = self.ip_mode.load(Ordering::Relaxed);
+        let status = load_balancer_status(&status, ip_mode);
+        let changed = decide::status_patch(svc, &status, ip_mode).is_some();
+        if decide::records_ensured_event(resync, changed) {
+            self.event(
+                svc,
+                EventType::Normal,
+                "EnsuredLoadBalancer",
+                "Ensured load balancer",
+            );
+        }
+        Ok(Some(status))
     }
 
     /// Upstream `ensureLoadBalancer`: EnsureLoadBalancer with the stable backend set, recorded
@@ -819,7 +831,12 @@ impl ServiceLb {
                 let mut queued = 0usize;
                 for svc in self.services.state() {
                     if decide::wants_load_balancer(&svc) || decide::needs_cleanup(&svc) {
-                        self.queue.add(svc.key());
+                        let key = svc.key();
+                        self.resyncing
+                            .lock()
+                            .unwrap_or_else(PoisonError::into_inner)
+                            .insert(key.clone());
+                        self.queue.add(key);
                         queued += 1;
                     }
                 }

@@ -1298,3 +1298,25 @@ fn backends_never_shrink_to_empty_in_one_step() {
         ),
     ]);
 }
+
+#[test]
+fn a_resync_of_an_unchanged_load_balancer_records_no_event() {
+    check(vec![
+        (
+            "change-driven, unchanged",
+            records_ensured_event(false, false),
+            true,
+        ),
+        (
+            "change-driven, changed",
+            records_ensured_event(false, true),
+            true,
+        ),
+        (
+            "resync, unchanged",
+            records_ensured_event(true, false),
+            false,
+        ),
+        ("resync, changed", records_ensured_event(true, true), true),
+    ]);
+}
