@@ -395,6 +395,33 @@ impl Env {
         .expect("node cache catches up");
     }
 
+    /// Creates the LoadBalancer Service `name` and waits until the running controller has
+    /// written its ingress.
+    async fn create_lb_and_wait(&self, name: &str) -> Service {
+        self.service_api()
+            .create(&PostParams::default(), &lb(name))
+            .await
+            .unwrap();
+        wait_for_ingress(self, name).await
+    }
+
+    /// Waits until the fake has seen at least `count` UpdateLoadBalancer calls.
+    async fn wait_update_calls(&self, count: usize) {
+        let fake = &self.h.fake;
+        test_support::wait_for(&format!("{count} UpdateLoadBalancer calls"), WAIT, || {
+            let n = fake.update_calls().len();
+            async move {
+                if n >= count {
+                    Ok(())
+                } else {
+                    Err(format!("{n} updates"))
+                }
+            }
+        })
+        .await
+        .unwrap();
+    }
+
     /// Names of the hosts of every UpdateLoadBalancer call so far.
     fn update_hosts(&self) -> Vec<Vec<String>> {
         self.h
@@ -1807,19 +1834,7 @@ async fn running__services_get_ingress_node_add_updates_each_once_ready_flips_up
     // A node is added: each service gets exactly one update with the new set.
     let third = format!("{}-node3", env.label);
     env.create_node(node(&third)).await;
-    let fake = &env.h.fake;
-    test_support::wait_for("one update per service", WAIT, || {
-        let n = fake.update_calls().len();
-        async move {
-            if n >= 3 {
-                Ok(())
-            } else {
-                Err(format!("{n} updates"))
-            }
-        }
-    })
-    .await
-    .unwrap();
+    env.wait_update_calls(3).await;
     tokio::time::sleep(Duration::from_millis(500)).await;
     let mut all = node_names.clone();
     all.push(third);
@@ -1839,11 +1854,7 @@ async fn running__a_burst_of_node_changes_is_one_node_sync() {
     let env = Env::new(fake()).await;
     nodes(&env, 1).await;
     let (ctrl, _stop) = run(&env, env.nodes_ready.clone());
-    env.service_api()
-        .create(&PostParams::default(), &lb("s0"))
-        .await
-        .unwrap();
-    wait_for_ingress(&env, "s0").await;
+    env.create_lb_and_wait("s0").await;
     // Five nodes at once, faster than the batch window.
     let api = env.node_api();
     let creates = (2..=6).map(|i| {
@@ -1892,11 +1903,7 @@ async fn running__deleting_the_service_deletes_the_load_balancer_and_the_finaliz
     .await;
     nodes(&env, 1).await;
     let (_ctrl, _stop) = run(&env, env.nodes_ready.clone());
-    env.service_api()
-        .create(&PostParams::default(), &lb("s0"))
-        .await
-        .unwrap();
-    wait_for_ingress(&env, "s0").await;
+    env.create_lb_and_wait("s0").await;
     env.service_api()
         .delete("s0", &DeleteParams::default())
         .await
@@ -1927,11 +1934,7 @@ async fn running__type_flip_away_and_back_cleans_up_and_recreates() {
     .await;
     nodes(&env, 1).await;
     let (_ctrl, _stop) = run(&env, env.nodes_ready.clone());
-    env.service_api()
-        .create(&PostParams::default(), &lb("s0"))
-        .await
-        .unwrap();
-    wait_for_ingress(&env, "s0").await;
+    env.create_lb_and_wait("s0").await;
     env.service_api()
         .patch(
             "s0",
@@ -1996,11 +1999,7 @@ async fn running__periodic_resync_recreates_a_load_balancer_deleted_out_of_band(
     let env = Env::new(fake()).await;
     nodes(&env, 1).await;
     let (_ctrl, _stop) = run_resyncing(&env, env.nodes_ready.clone(), Duration::from_millis(300));
-    env.service_api()
-        .create(&PostParams::default(), &lb("s0"))
-        .await
-        .unwrap();
-    wait_for_ingress(&env, "s0").await;
+    env.create_lb_and_wait("s0").await;
     let patches = env.api.status_patches();
 
     // Someone deletes the load balancer in the cloud console.
@@ -2044,11 +2043,7 @@ async fn running__every_node_excluded_at_once_keeps_the_backends_and_warns() {
     let env = Env::new(fake()).await;
     let node_names = nodes(&env, 2).await;
     let (_ctrl, _stop) = run(&env, env.nodes_ready.clone());
-    env.service_api()
-        .create(&PostParams::default(), &lb("s0"))
-        .await
-        .unwrap();
-    wait_for_ingress(&env, "s0").await;
+    env.create_lb_and_wait("s0").await;
 
     // Every node leaves the backend set in one step: no UpdateLoadBalancer draining the LB.
     for name in &node_names {
@@ -2078,19 +2073,7 @@ async fn running__every_node_excluded_at_once_keeps_the_backends_and_warns() {
         serde_json::json!({"metadata": {"labels": {EXCLUDE: "false"}}}),
     )
     .await;
-    let fake = &env.h.fake;
-    test_support::wait_for("one update with the node that came back", WAIT, || {
-        let n = fake.update_calls().len();
-        async move {
-            if n > before {
-                Ok(())
-            } else {
-                Err("no update yet".to_string())
-            }
-        }
-    })
-    .await
-    .unwrap();
+    env.wait_update_calls(before + 1).await;
     assert_eq!(
         env.update_hosts().last(),
         Some(&vec![node_names[0].clone()])

@@ -13,7 +13,6 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, Time};
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{Api, Patch, PatchParams, PostParams};
 use kube::{Resource, ResourceExt};
-use test_control_plane::{ControlPlane, Options};
 use test_support::{
     KUBE_PROXY_HEALTH_PORT, Location, Process, last_lines, load_balancer_service, serve_http,
     temp_dir,
@@ -23,10 +22,10 @@ use crate::LbArgs;
 use crate::metrics::{self, Scraper};
 use crate::nodes::SET_LABEL;
 use crate::procfs;
-use crate::report::PhaseCpu;
+use crate::report::{PhaseCpu, write_phases};
 use crate::run::{
-    BUILD_HINT, ControlPlanePids, SHIM_BINARY, ServingFiles, check_binaries, keep_logs, progress,
-    settled_metrics, spawn_ccm, wait_for_socket,
+    BUILD_HINT, SHIM_BINARY, ServingFiles, check_binaries, keep_logs, progress, settled_metrics,
+    spawn_ccm, start_control_plane, wait_for_socket,
 };
 
 /// Target: every Service has an ingress address within this many seconds (or 1.1× the API
@@ -193,21 +192,7 @@ pub async fn lb(args: &LbArgs) -> anyhow::Result<LbReport> {
 
     let work = temp_dir("ccm-bench-lb-", Location::System).context("creating a work directory")?;
     let dir = work.path();
-    progress(format_args!("starting etcd + kube-apiserver"));
-    let cp = ControlPlane::start_with(Options {
-        extra_apiserver_args: vec![
-            "--max-requests-inflight=2000".into(),
-            "--max-mutating-requests-inflight=1000".into(),
-        ],
-        ..Options::default()
-    })
-    .await
-    .context("starting the test control plane")?;
-    let client = cp.client()?;
-    let cp_pids = ControlPlanePids {
-        apiserver: cp.apiserver_pid().to_string(),
-        etcd: cp.etcd_pid().to_string(),
-    };
+    let (cp, client, cp_pids) = start_control_plane().await?;
 
     // 1. Nodes (one more for the second phase), their health responders, the Services.
     let all_nodes: Vec<LbNode> = (0..=n_nodes).map(LbNode::new).collect();
@@ -600,20 +585,14 @@ pub fn render_text(r: &LbReport) -> String {
             );
         }
     }
-    for (label, phase) in [
-        ("CCM run", &r.ccm_phase),
-        ("API server alone", &r.baseline_phase),
-    ] {
-        let _ = writeln!(
-            out,
-            "    {label:<17} {:6.2} s wall: apiserver {:5.2} s + etcd {:5.2} s = {:3.0}% busy; bench {:4.2} s",
-            phase.wall_seconds,
-            phase.apiserver_cpu_seconds,
-            phase.etcd_cpu_seconds,
-            phase.control_plane_share(r.cores) * 100.0,
-            phase.bench_cpu_seconds
-        );
-    }
+    write_phases(
+        &mut out,
+        r.cores,
+        &[
+            ("CCM run", &r.ccm_phase),
+            ("API server alone", &r.baseline_phase),
+        ],
+    );
     out
 }
 

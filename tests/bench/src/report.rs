@@ -108,6 +108,26 @@ pub struct NodeInitReport {
     pub baseline_phase: PhaseCpu,
 }
 
+/// Appends the control plane's CPU per phase (as a share of `cores`) to a text report.
+pub fn write_phases(out: &mut String, cores: usize, phases: &[(&str, &PhaseCpu)]) {
+    // Writing to a String cannot fail.
+    let _ = writeln!(
+        out,
+        "  control plane CPU (kube-apiserver + etcd, share of {cores} cores; bench client):"
+    );
+    for (label, phase) in phases {
+        let _ = writeln!(
+            out,
+            "    {label:<17} {:6.2} s wall: apiserver {:5.2} s + etcd {:5.2} s = {:3.0}% busy; bench {:4.2} s",
+            phase.wall_seconds,
+            phase.apiserver_cpu_seconds,
+            phase.etcd_cpu_seconds,
+            phase.control_plane_share(cores) * 100.0,
+            phase.bench_cpu_seconds
+        );
+    }
+}
+
 fn verdict(ok: bool) -> &'static str {
     if ok { "[ok]" } else { "[MISSED]" }
 }
@@ -229,26 +249,15 @@ impl NodeInitReport {
                 );
             }
         }
-        let _ = writeln!(
-            out,
-            "  control plane CPU (kube-apiserver + etcd, share of {} cores; bench client):",
-            self.cores
+        write_phases(
+            &mut out,
+            self.cores,
+            &[
+                ("create", &self.create_phase),
+                ("CCM run", &self.ccm_phase),
+                ("API server alone", &self.baseline_phase),
+            ],
         );
-        for (label, phase) in [
-            ("create", &self.create_phase),
-            ("CCM run", &self.ccm_phase),
-            ("API server alone", &self.baseline_phase),
-        ] {
-            let _ = writeln!(
-                out,
-                "    {label:<17} {:6.2} s wall: apiserver {:5.2} s + etcd {:5.2} s = {:3.0}% busy; bench {:4.2} s",
-                phase.wall_seconds,
-                phase.apiserver_cpu_seconds,
-                phase.etcd_cpu_seconds,
-                phase.control_plane_share(self.cores) * 100.0,
-                phase.bench_cpu_seconds
-            );
-        }
         out
     }
 }

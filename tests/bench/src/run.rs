@@ -47,21 +47,7 @@ pub async fn node_init(args: &NodeInitArgs) -> anyhow::Result<NodeInitReport> {
     let work = temp_dir("ccm-bench-", Location::System).context("creating a work directory")?;
     let dir = work.path();
 
-    progress(format_args!("starting etcd + kube-apiserver"));
-    let cp = ControlPlane::start_with(Options {
-        extra_apiserver_args: vec![
-            "--max-requests-inflight=2000".into(),
-            "--max-mutating-requests-inflight=1000".into(),
-        ],
-        ..Options::default()
-    })
-    .await
-    .context("starting the test control plane")?;
-    let client = cp.client()?;
-    let cp_pids = ControlPlanePids {
-        apiserver: cp.apiserver_pid().to_string(),
-        etcd: cp.etcd_pid().to_string(),
-    };
+    let (cp, client, cp_pids) = start_control_plane().await?;
 
     // 1. Inventory and tainted Nodes.
     let machines: Vec<Machine> = (0..n).map(|i| Machine::new("bench-node", i)).collect();
@@ -288,6 +274,28 @@ pub(crate) fn spawn_ccm(
             .envs([("RUST_LOG", run.log_level.as_str()), ("NO_COLOR", "1")])
             .spawn()?,
     )
+}
+
+/// Starts etcd and kube-apiserver with room for the bench's bursts of requests; returns them,
+/// an admin client and their PIDs.
+pub(crate) async fn start_control_plane()
+-> anyhow::Result<(ControlPlane, kube::Client, ControlPlanePids)> {
+    progress(format_args!("starting etcd + kube-apiserver"));
+    let cp = ControlPlane::start_with(Options {
+        extra_apiserver_args: vec![
+            "--max-requests-inflight=2000".into(),
+            "--max-mutating-requests-inflight=1000".into(),
+        ],
+        ..Options::default()
+    })
+    .await
+    .context("starting the test control plane")?;
+    let client = cp.client()?;
+    let pids = ControlPlanePids {
+        apiserver: cp.apiserver_pid().to_string(),
+        etcd: cp.etcd_pid().to_string(),
+    };
+    Ok((cp, client, pids))
 }
 
 pub(crate) fn progress(message: std::fmt::Arguments<'_>) {

@@ -241,14 +241,7 @@ async fn lb_spreads_tcp_and_udp_over_healthy_nodes_and_enforces_source_ranges() 
         &socket,
         &shim_lb_args(&config, &[]),
     );
-    let ccm = spawn_ccm_unix(
-        &cp,
-        &socket,
-        "ccm",
-        &["--cloud-provider=local".into(), "--cluster-name=e2e".into()],
-        &[],
-        d,
-    );
+    let ccm = spawn_lb_ccm(&cp, &socket, d);
     initialise_nodes(&client).await;
 
     let services: Api<Service> = Api::namespaced(client.clone(), "default");
@@ -261,7 +254,7 @@ async fn lb_spreads_tcp_and_udp_over_healthy_nodes_and_enforces_source_ranges() 
         .await
         .unwrap();
     let ports = node_ports(&created);
-    let stand_ins: Vec<NodeStandIn> = futures_stand_ins(&ports).await;
+    let stand_ins: Vec<NodeStandIn> = stand_ins(61, &ports).await;
     let ip = wait_address(&services, "web").await;
     assert!(
         ip.to_string().starts_with("127.0.62."),
@@ -341,24 +334,31 @@ async fn spread(
     .await
 }
 
-/// The stand-ins for the three nodes of [`inventory`]`("127.0.61")`.
-async fn futures_stand_ins(ports: &[(u16, String)]) -> Vec<NodeStandIn> {
+/// The stand-ins for the three nodes of [`inventory`]`("127.0.<net>")`, serving `ports`.
+async fn stand_ins(net: u8, ports: &[(u16, String)]) -> Vec<NodeStandIn> {
     let ports: Vec<(u16, &str)> = ports
         .iter()
         .map(|(p, proto)| (*p, proto.as_str()))
         .collect();
     let mut out = Vec::new();
     for i in 1..=3u8 {
-        out.push(
-            stand_in(
-                &format!("lb-node-{i}"),
-                Ipv4Addr::new(127, 0, 61, i),
-                &ports,
-            )
-            .await,
-        );
+        let name = format!("lb-node-{i}");
+        out.push(stand_in(&name, Ipv4Addr::new(127, 0, net, i), &ports).await);
     }
     out
+}
+
+/// The controller-manager as the suites run it against the shim at `socket` (local provider,
+/// cluster `e2e`, leader election on).
+fn spawn_lb_ccm(cp: &ControlPlane, socket: &Path, dir: &Path) -> Process {
+    spawn_ccm_unix(
+        cp,
+        socket,
+        "ccm",
+        &["--cloud-provider=local".into(), "--cluster-name=e2e".into()],
+        &[],
+        dir,
+    )
 }
 
 #[tokio::test]
@@ -373,14 +373,7 @@ async fn lb_address_and_listener_survive_a_shim_restart_and_go_with_the_service(
     // No hold: a deleted Service's address is free for the next one at once.
     let args = shim_lb_args(&config, &["--lb-address-hold=0s"]);
     let shim = spawn_shim(d, "local-shim", &inventory, &socket, &args);
-    let _ccm = spawn_ccm_unix(
-        &cp,
-        &socket,
-        "ccm",
-        &["--cloud-provider=local".into(), "--cluster-name=e2e".into()],
-        &[],
-        d,
-    );
+    let _ccm = spawn_lb_ccm(&cp, &socket, d);
     initialise_nodes(&client).await;
 
     let services: Api<Service> = Api::namespaced(client.clone(), "default");
@@ -402,21 +395,7 @@ async fn lb_address_and_listener_survive_a_shim_restart_and_go_with_the_service(
         .unwrap();
     let second_ip = wait_address(&services, "second").await;
     let ports = node_ports(&created);
-    let mut stand_ins = Vec::new();
-    for i in 1..=3u8 {
-        let ports: Vec<(u16, &str)> = ports
-            .iter()
-            .map(|(p, proto)| (*p, proto.as_str()))
-            .collect();
-        stand_ins.push(
-            stand_in(
-                &format!("lb-node-{i}"),
-                Ipv4Addr::new(127, 0, 64, i),
-                &ports,
-            )
-            .await,
-        );
-    }
+    let stand_ins = stand_ins(64, &ports).await;
     let client_ip = Ipv4Addr::LOCALHOST;
     let second = SocketAddr::new(second_ip, 8080);
     wait_for("the second Service to answer", WAIT, || async {
@@ -492,14 +471,7 @@ async fn a_shim_fencing_on_another_lease_is_named_at_start_up_and_no_lb_controll
         &socket,
         &["--fence-lease=infra/other".into()],
     );
-    let ccm = spawn_ccm_unix(
-        &cp,
-        &socket,
-        "ccm",
-        &["--cloud-provider=local".into(), "--cluster-name=e2e".into()],
-        &[],
-        d,
-    );
+    let ccm = spawn_lb_ccm(&cp, &socket, d);
     let ccm_ref = &ccm;
     wait_for("the controller-manager to lead", WAIT, || async move {
         if ccm_ref.logs().contains("became leader") {

@@ -396,6 +396,20 @@ pub fn records_ensured_event(resync: bool, status_changed: bool) -> bool {
     !resync || status_changed
 }
 
+/// Whether `svc` already has the load-balancer status `new` (`compare_as_stored`: as an
+/// `ipMode`-aware API server would store it).
+pub fn status_unchanged(
+    svc: &CachedService,
+    new: &LoadBalancerStatus,
+    compare_as_stored: bool,
+) -> bool {
+    if compare_as_stored {
+        load_balancer_status_equal(svc.load_balancer(), &as_stored_with_ip_mode(new))
+    } else {
+        load_balancer_status_equal(svc.load_balancer(), new)
+    }
+}
+
 /// The strategic-merge patch of `status.loadBalancer` (upstream `patchStatus`); `None` when
 /// the status is already `new` (no API call). `compare_as_stored` compares against what an
 /// `ipMode`-aware API server would store.
@@ -404,12 +418,7 @@ pub fn status_patch(
     new: &LoadBalancerStatus,
     compare_as_stored: bool,
 ) -> Option<Value> {
-    let unchanged = if compare_as_stored {
-        load_balancer_status_equal(svc.load_balancer(), &as_stored_with_ip_mode(new))
-    } else {
-        load_balancer_status_equal(svc.load_balancer(), new)
-    };
-    if unchanged {
+    if status_unchanged(svc, new, compare_as_stored) {
         return None;
     }
     let ingress = match new.ingress.as_deref() {

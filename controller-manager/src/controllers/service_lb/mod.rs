@@ -669,7 +669,7 @@ impl ServiceLb {
         };
         let ip_mode = self.ip_mode.load(Ordering::Relaxed);
         let status = load_balancer_status(&status, ip_mode);
-        let changed = decide::status_patch(svc, &status, ip_mode).is_some();
+        let changed = !decide::status_unchanged(svc, &status, ip_mode);
         if decide::records_ensured_event(resync, changed) {
             self.event(
                 svc,
@@ -828,19 +828,21 @@ impl ServiceLb {
         let pass = async {
             loop {
                 ticks.tick().await;
-                let mut queued = 0usize;
-                for svc in self.services.state() {
-                    if decide::wants_load_balancer(&svc) || decide::needs_cleanup(&svc) {
-                        let key = svc.key();
-                        self.resyncing
-                            .lock()
-                            .unwrap_or_else(PoisonError::into_inner)
-                            .insert(key.clone());
-                        self.queue.add(key);
-                        queued += 1;
-                    }
+                let keys: Vec<String> = self
+                    .services
+                    .state()
+                    .iter()
+                    .filter(|svc| decide::wants_load_balancer(svc) || decide::needs_cleanup(svc))
+                    .map(|svc| svc.key())
+                    .collect();
+                self.resyncing
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .extend(keys.iter().cloned());
+                debug!(queued = keys.len(), "periodic load-balancer resync");
+                for key in keys {
+                    self.queue.add(key);
                 }
-                debug!(queued, "periodic load-balancer resync");
             }
         };
         tokio::select! {
