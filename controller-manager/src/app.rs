@@ -156,7 +156,7 @@ pub async fn run(
                 .clone()
                 .unwrap_or_else(|| crate::options::DEFAULT_CLUSTER_NAME.to_string()),
             name_given: options.cluster_name.is_some(),
-            cidr: options.cluster_cidr.clone(),
+            cidrs: options.cluster_cidr.clone(),
             allocate_node_cidrs: options.allocate_node_cidrs,
             configure_cloud_routes: options.configure_cloud_routes,
         },

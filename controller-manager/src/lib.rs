@@ -3,11 +3,12 @@
 //! the upstream `k8s.io/cloud-provider` framework.
 //!
 //! Layers, each importing only those below it: `app` (wiring) → `options`, `serve`, `leader`,
-//! `controllers` → `cloud` → `k8s`, `health`. This facade exports what the binary and the
+//! `controllers` → `cloud` → `k8s`, `health`, `cluster_cidrs`. This facade exports what the binary and the
 //! integration tests use.
 
 mod app;
 mod cloud;
+mod cluster_cidrs;
 mod controllers;
 mod flags;
 mod health;
@@ -19,6 +20,7 @@ pub mod serve;
 
 pub use app::{AppError, Options, run};
 pub use cloud::{Cloud, CloudMetrics, ConnectSettings, Fence, ProviderEndpoint};
+pub use cluster_cidrs::{ClusterCidrError, ClusterCidrs};
 pub use controllers::{
     Backends, DeletionPolicy, HostUpdateError, NodeController, NodeLifecycleController, Op,
     Requeue, ServiceLb, ServiceLbMetrics, ServiceSyncError, SyncError, WorkQueue, service_lb_rules,

@@ -7,6 +7,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use crate::cloud::{ConnectSettings, EndpointError, EndpointTls, ProviderEndpoint};
+use crate::cluster_cidrs::{ClusterCidrError, ClusterCidrs};
 use crate::flags::{FlagError, parse_duration};
 
 /// Upstream's default `--cluster-name`.
@@ -31,16 +32,14 @@ pub struct GenericOptions {
     /// cluster shares the default, and two clusters' load balancers must never be confused.
     #[arg(long, value_name = "NAME")]
     pub cluster_name: Option<String>,
-    /// CIDR range(s) for pods in the cluster (comma-separated, at most one per IP family; no
-    /// effect until the route and node-ipam controllers exist in this build).
-    #[arg(long, default_value = "")]
-    pub cluster_cidr: String,
-    /// Whether CIDRs for pods should be allocated and set on the cloud provider (no effect
-    /// until the node-ipam controller exists in this build).
+    /// CIDR range(s) for pods in the cluster (comma-separated, at most one per IP family).
+    #[arg(long, default_value = "", value_parser = parse_cluster_cidrs)]
+    pub cluster_cidr: ClusterCidrs,
+    /// Whether CIDRs for pods should be allocated and set on the cloud provider.
     #[arg(long, default_value_t = false, action = clap::ArgAction::Set)]
     pub allocate_node_cidrs: bool,
-    /// Whether CIDRs allocated by allocate-node-cidrs should be configured on the cloud provider
-    /// (no effect until the route controller exists in this build).
+    /// Whether CIDRs allocated by allocate-node-cidrs should be configured on the cloud
+    /// provider.
     #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
     pub configure_cloud_routes: bool,
     /// Name of the provider; when set it must match the name the shim reports.
@@ -137,6 +136,10 @@ pub enum OptionsError {
 
 fn invalid(flag: &'static str, message: impl Into<String>) -> OptionsError {
     OptionsError::Invalid(FlagError::new(flag, message))
+}
+
+fn parse_cluster_cidrs(value: &str) -> Result<ClusterCidrs, ClusterCidrError> {
+    value.parse()
 }
 
 impl GenericOptions {

@@ -111,7 +111,7 @@ fn add_flags_parses_every_flag() {
     );
     assert!(!o.generic.configure_cloud_routes);
     assert_eq!(o.generic.cluster_name.as_deref(), Some("c1"));
-    assert_eq!(o.generic.cluster_cidr, "10.0.0.0/16");
+    assert_eq!(o.generic.cluster_cidr.to_string(), "10.0.0.0/16");
     assert_eq!(o.generic.kube_api_qps, 50.0);
     assert_eq!(o.generic.kube_api_burst, 100);
     assert_eq!(o.controllers.cloud_node.concurrent_node_syncs, 5);

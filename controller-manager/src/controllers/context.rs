@@ -7,6 +7,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 use kube::runtime::reflector::{ReflectHandle, Store};
 
 use crate::cloud::Cloud;
+use crate::cluster_cidrs::ClusterCidrs;
 use crate::k8s::{CachedNode, EventBroadcaster, NodeInformer, Recorder};
 
 /// Upstream's shared cloud settings (`KubeCloudSharedConfiguration`) that more than one
@@ -17,8 +18,8 @@ pub struct ClusterSettings {
     pub name: String,
     /// Whether `--cluster-name` was given, rather than upstream's default every cluster shares.
     pub name_given: bool,
-    /// `--cluster-cidr`: pod CIDR range(s), at most one per IP family, comma-separated.
-    pub cidr: String,
+    /// `--cluster-cidr`: pod CIDR range(s), at most one per IP family.
+    pub cidrs: ClusterCidrs,
     /// `--allocate-node-cidrs`.
     pub allocate_node_cidrs: bool,
     /// `--configure-cloud-routes`.
