@@ -35,6 +35,14 @@ pub enum Error {
         /// The last lines of its log.
         tail: String,
     },
+    /// A command the harness runs (such as `ip`) failed.
+    #[error("{command} failed: {stderr}")]
+    Command {
+        /// The command line.
+        command: String,
+        /// What it printed on standard error.
+        stderr: String,
+    },
     /// Generating or writing certificates failed.
     #[error("certificates: {0}")]
     Pki(#[from] test_pki::Error),

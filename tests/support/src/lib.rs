@@ -6,6 +6,7 @@
 //!   [`WaitError`] naming what was awaited and the last observation;
 //! * [`https_get`] — one GET to an HTTPS port, verified against a test CA;
 //! * [`temp_dir`] — temp directories, on tmpfs where that matters;
+//! * [`Netns`] — a network namespace for one test, removed afterwards;
 //! * [`workspace_binary`], [`free_port`], [`ShimMtls`], [`kubelet_registered_node`] and
 //!   [`initialised`] — running the `local` shim and the controller-manager against a control
 //!   plane, for the end-to-end suites, `bench` and `local-cluster`.
@@ -18,6 +19,7 @@
 mod error;
 mod https;
 mod mtls;
+mod netns;
 mod node;
 mod process;
 mod service;
@@ -27,6 +29,7 @@ mod wait;
 pub use error::Error;
 pub use https::{HttpsError, https_get, tls_connect, tls_connector};
 pub use mtls::ShimMtls;
+pub use netns::Netns;
 pub use node::{initialised, kubelet_registered_node};
 pub use process::{Process, ProcessBuilder, last_lines, process_alive, workspace_binary};
 pub use service::{KUBE_PROXY_HEALTH_PORT, load_balancer_service, serve_http};
