@@ -6,26 +6,23 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
 use futures::{StreamExt, TryStreamExt};
-use k8s_openapi::api::core::v1::{
-    Event, EventSource, Node, NodeAddress, NodeSpec, NodeStatus, ObjectReference, Service,
-};
+use k8s_openapi::api::core::v1::{Event, EventSource, Node, ObjectReference, Service};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, Time};
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{Api, Patch, PatchParams, PostParams};
 use kube::{Resource, ResourceExt};
 use test_support::{
-    KUBE_PROXY_HEALTH_PORT, Location, Process, last_lines, load_balancer_service, serve_http,
-    temp_dir,
+    KUBE_PROXY_HEALTH_PORT, Location, last_lines, load_balancer_service, serve_http, temp_dir,
 };
 
 use crate::LbArgs;
-use crate::metrics::{self, Scraper};
-use crate::nodes::SET_LABEL;
+use crate::metrics;
+use crate::nodes::{PlainNode, plain_inventory};
 use crate::procfs;
-use crate::report::{PhaseCpu, write_phases};
+use crate::report::{PhaseCpu, Usage, verdict, write_per, write_phases, write_usage};
 use crate::run::{
-    BUILD_HINT, SHIM_BINARY, ServingFiles, check_binaries, keep_logs, progress, settled_metrics,
-    spawn_ccm, start_control_plane, wait_for_socket,
+    Machine, ServingFiles, create_all, exited, keep_logs, progress, settled_metrics, spawn_ccm,
+    spawn_shim, start_control_plane, wait_for_socket,
 };
 
 /// Target: every Service has an ingress address within this many seconds (or 1.1× the API
@@ -88,48 +85,13 @@ pub struct LbReport {
 
 /// One bench Node: loopback InternalIP so the shim's health checks reach the bench's stand-in
 /// for kube-proxy's `/healthz`.
-struct LbNode {
-    name: String,
-    ip: String,
-}
-
-impl LbNode {
-    fn new(index: usize) -> Self {
-        let v = index + 1;
-        Self {
-            name: format!("bench-lb-node-{index}"),
-            ip: format!("127.78.{}.{}", (v >> 8) & 255, v & 255),
-        }
-    }
-
-    /// The Node as the cloud-node controller leaves it: provider ID, InternalIP, no taint.
-    fn initialised(&self) -> Node {
-        Node {
-            metadata: ObjectMeta {
-                name: Some(self.name.clone()),
-                labels: Some(BTreeMap::from([(SET_LABEL.to_string(), "lb".to_string())])),
-                ..ObjectMeta::default()
-            },
-            spec: Some(NodeSpec {
-                provider_id: Some(format!("local://i-{}", self.name)),
-                ..NodeSpec::default()
-            }),
-            status: Some(NodeStatus {
-                addresses: Some(vec![NodeAddress {
-                    type_: "InternalIP".into(),
-                    address: self.ip.clone(),
-                }]),
-                ..NodeStatus::default()
-            }),
-        }
-    }
-
-    fn inventory_entry(&self) -> String {
-        format!(
-            "  - name: {}\n    instanceID: i-{}\n    instanceType: bench.small\n    zone: bench-zone-a\n    addresses:\n      - {{type: InternalIP, address: {}}}\n",
-            self.name, self.name, self.ip
-        )
-    }
+fn lb_node(index: usize) -> PlainNode {
+    let v = index + 1;
+    PlainNode::new(
+        format!("bench-lb-node-{index}"),
+        format!("127.78.{}.{}", (v >> 8) & 255, v & 255),
+        "lb",
+    )
 }
 
 fn service(namespace: &str, index: usize) -> Service {
@@ -138,7 +100,7 @@ fn service(namespace: &str, index: usize) -> Service {
 
 /// Serves `200 ok` on `ip:10256` for every node, as kube-proxy's `/healthz` does.
 async fn start_health_responders(
-    nodes: &[LbNode],
+    nodes: &[PlainNode],
 ) -> anyhow::Result<Vec<tokio::task::JoinHandle<()>>> {
     let mut tasks = Vec::with_capacity(nodes.len());
     for node in nodes {
@@ -152,25 +114,6 @@ async fn start_health_responders(
     Ok(tasks)
 }
 
-async fn create_all<K>(api: &Api<K>, objects: Vec<K>, concurrency: usize) -> anyhow::Result<Vec<K>>
-where
-    K: Resource + Clone + serde::Serialize + serde::de::DeserializeOwned + std::fmt::Debug,
-{
-    futures::stream::iter(objects)
-        .map(|object| {
-            let api = api.clone();
-            async move {
-                let name = object.meta().name.clone().unwrap_or_default();
-                api.create(&PostParams::default(), &object)
-                    .await
-                    .with_context(|| format!("creating {name}"))
-            }
-        })
-        .buffered(concurrency.max(1))
-        .try_collect()
-        .await
-}
-
 /// Runs `bench lb`.
 pub async fn lb(args: &LbArgs) -> anyhow::Result<LbReport> {
     anyhow::ensure!(args.services > 0, "--services must be positive");
@@ -179,14 +122,11 @@ pub async fn lb(args: &LbArgs) -> anyhow::Result<LbReport> {
         "--nodes must be in 1..60000"
     );
     anyhow::ensure!(args.workers > 0, "--workers must be positive");
-    let profile = check_binaries()?;
-    if profile != "release" {
-        eprintln!(
-            "bench: warning: measuring {profile} binaries; targets apply to release builds ({BUILD_HINT})"
-        );
-    }
-    let ticks = procfs::clock_ticks_per_second()?;
-    let cores = std::thread::available_parallelism().map_or(1, usize::from);
+    let Machine {
+        profile,
+        ticks,
+        cores,
+    } = Machine::check()?;
     let (n_services, n_nodes) = (args.services, args.nodes);
     let workers = usize::from(args.workers);
 
@@ -195,7 +135,7 @@ pub async fn lb(args: &LbArgs) -> anyhow::Result<LbReport> {
     let (cp, client, cp_pids) = start_control_plane().await?;
 
     // 1. Nodes (one more for the second phase), their health responders, the Services.
-    let all_nodes: Vec<LbNode> = (0..=n_nodes).map(LbNode::new).collect();
+    let all_nodes: Vec<PlainNode> = (0..=n_nodes).map(lb_node).collect();
     let _health = start_health_responders(&all_nodes).await?;
     let node_api: Api<Node> = Api::all(client.clone());
     progress(format_args!("creating {n_nodes} initialised nodes"));
@@ -203,7 +143,7 @@ pub async fn lb(args: &LbArgs) -> anyhow::Result<LbReport> {
         &node_api,
         all_nodes[..n_nodes]
             .iter()
-            .map(LbNode::initialised)
+            .map(PlainNode::initialised)
             .collect(),
         args.run.create_concurrency,
     )
@@ -218,37 +158,23 @@ pub async fn lb(args: &LbArgs) -> anyhow::Result<LbReport> {
     .await?;
 
     // 2. Shim with a pool big enough for every Service, then the controller-manager.
-    let mut inventory = String::from("region: bench-region\nmachines:\n");
-    for node in &all_nodes {
-        inventory.push_str(&node.inventory_entry());
-    }
     let inventory_path = dir.join("inventory.yaml");
-    std::fs::write(&inventory_path, inventory)
+    std::fs::write(&inventory_path, plain_inventory(&all_nodes))
         .with_context(|| format!("writing {}", inventory_path.display()))?;
     let lb_config_path = dir.join("lb-config.yaml");
     std::fs::write(&lb_config_path, lb_config(POOL_CIDR))
         .with_context(|| format!("writing {}", lb_config_path.display()))?;
     let socket = dir.join("shim.sock");
-    let shim = Process::for_workspace_binary(SHIM_BINARY, "local-shim", dir)?
-        .args([
-            format!("--inventory={}", inventory_path.display()),
-            format!("--lb-config={}", lb_config_path.display()),
-            format!("--state-dir={}", dir.join("shim-state").display()),
-            format!("--unix-socket={}", socket.display()),
-            "--metrics-bind-address=127.0.0.1:0".into(),
-        ])
-        .envs([("RUST_LOG", args.run.log_level.as_str()), ("NO_COLOR", "1")])
-        .spawn()?;
+    let shim = spawn_shim(
+        &args.run,
+        dir,
+        &inventory_path,
+        &socket,
+        &[format!("--lb-config={}", lb_config_path.display())],
+    )?;
     wait_for_socket(&socket, &shim).await?;
 
-    let ca = test_pki::Ca::new("bench-ca")?;
-    let serving = ca.issue(&["127.0.0.1"])?;
-    let cert_file = dir.join("ccm-serving.pem");
-    let key_file = dir.join("ccm-serving-key.pem");
-    test_pki::write_atomic(&cert_file, serving.chain_pem.as_bytes(), false)?;
-    test_pki::write_atomic(&key_file, serving.key_pem.as_bytes(), true)?;
-    let port = test_support::free_port().context("finding a free loopback port")?;
-    let scraper = Scraper::new(ca.cert_der(), port, cp.admin_token()?)?;
+    let (serving, scraper) = ServingFiles::create(dir, &cp)?;
 
     progress(format_args!(
         "starting the controller-manager ({workers} service workers)"
@@ -262,11 +188,7 @@ pub async fn lb(args: &LbArgs) -> anyhow::Result<LbReport> {
         &args.run,
         &cp,
         &socket,
-        &ServingFiles {
-            port,
-            cert: &cert_file,
-            key: &key_file,
-        },
+        &serving,
         &[
             "--cluster-name=bench".into(),
             "--controllers=service-lb-controller".into(),
@@ -282,16 +204,8 @@ pub async fn lb(args: &LbArgs) -> anyhow::Result<LbReport> {
     let mut first_status: Option<Instant> = None;
     let all = loop {
         tokio::time::sleep(Duration::from_millis(100)).await;
-        let failure = if let Some(status) = ccm.exit_status() {
-            Some(format!(
-                "the controller-manager exited ({status}); log tail:\n{}",
-                last_lines(&ccm.logs(), 40)
-            ))
-        } else if let Some(status) = shim.exit_status() {
-            Some(format!(
-                "the shim exited ({status}); log tail:\n{}",
-                last_lines(&shim.logs(), 40)
-            ))
+        let failure = if let Some(why) = exited(&ccm, &shim) {
+            Some(why)
         } else if Instant::now() >= deadline {
             Some(format!(
                 "timed out after {} s with {}/{n_services} services served; controller-manager log tail:\n{}\nshim log tail:\n{}",
@@ -511,8 +425,6 @@ async fn serve_like_the_controller(
 /// Renders the report as text.
 pub fn render_text(r: &LbReport) -> String {
     use std::fmt::Write as _;
-    let verdict = |ok: bool| if ok { "[ok]" } else { "[MISSED]" };
-    let per = |total: f64| total / r.services.max(1) as f64;
     let mut out = String::new();
     let _ = writeln!(
         out,
@@ -533,38 +445,28 @@ pub fn render_text(r: &LbReport) -> String {
         r.baseline_seconds,
         r.all_services_seconds / r.baseline_seconds.max(f64::EPSILON)
     );
-    let cpu = r.ccm_cpu_seconds + r.shim_cpu_seconds;
-    let _ = writeln!(
-        out,
-        "  CPU: controller-manager {:.2} s + shim {:.2} s = {cpu:.2} s   target <= {TARGET_CPU_SECONDS} s   {}",
-        r.ccm_cpu_seconds,
-        r.shim_cpu_seconds,
-        verdict(cpu <= TARGET_CPU_SECONDS)
+    write_usage(
+        &mut out,
+        Usage {
+            ccm_cpu: r.ccm_cpu_seconds,
+            shim_cpu: r.shim_cpu_seconds,
+            cpu_target: TARGET_CPU_SECONDS,
+            ccm_rss: r.ccm_peak_rss_mib,
+            shim_rss: r.shim_peak_rss_mib,
+            rss_target: TARGET_RSS_MIB,
+        },
     );
-    let _ = writeln!(
-        out,
-        "  peak RSS: controller-manager {:.1} MiB (target <= {TARGET_RSS_MIB} MiB) {}, shim {:.1} MiB",
-        r.ccm_peak_rss_mib,
-        verdict(r.ccm_peak_rss_mib <= TARGET_RSS_MIB),
-        r.shim_peak_rss_mib
+    write_per(
+        &mut out,
+        "API requests per service",
+        &r.api_requests_by_method,
+        r.services,
     );
-    let list = |m: &BTreeMap<String, f64>| {
-        m.iter()
-            .map(|(k, v)| format!("{k} {:.2}", per(*v)))
-            .collect::<Vec<_>>()
-            .join(", ")
-    };
-    let _ = writeln!(
-        out,
-        "  API requests per service: {:.2} ({})",
-        per(r.api_requests_by_method.values().sum()),
-        list(&r.api_requests_by_method)
-    );
-    let _ = writeln!(
-        out,
-        "  CPI calls per service: {:.2} ({})",
-        per(r.cpi_calls_by_method.values().sum()),
-        list(&r.cpi_calls_by_method)
+    write_per(
+        &mut out,
+        "CPI calls per service",
+        &r.cpi_calls_by_method,
+        r.services,
     );
     match r.node_added_seconds {
         Some(s) => {

@@ -11,6 +11,7 @@ mod metrics;
 mod nodes;
 mod procfs;
 mod report;
+mod routes;
 mod run;
 
 use clap::{Args, Parser, Subcommand};
@@ -33,6 +34,31 @@ enum Command {
     /// Time LoadBalancer Services served by the service-lb controller and the local shim's load
     /// balancers, then one Node added.
     Lb(LbArgs),
+    /// Time pod CIDRs allocated by the node-ipam controller and routes created by the route
+    /// controller and the `local` shim in a network namespace's routing table.
+    Routes(RoutesArgs),
+}
+
+/// Flags of `bench routes`.
+#[derive(Debug, Clone, Args)]
+pub struct RoutesArgs {
+    /// Number of Nodes.
+    #[arg(long, default_value_t = 2000)]
+    pub nodes: usize,
+    /// Reconcile on Node changes (`--feature-gates=
+    /// CloudControllerManagerWatchBasedRoutesReconciliation=true`) rather than only every
+    /// period (upstream's default).
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    pub watch_based: bool,
+    /// `--route-reconciliation-period` (upstream's default 10s).
+    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+    pub period: std::time::Duration,
+    /// Requests in flight in the "API server alone" baseline.
+    #[arg(long, default_value_t = 50)]
+    pub workers: u16,
+    /// Flags every run shares.
+    #[command(flatten)]
+    pub run: RunArgs,
 }
 
 /// Flags of `bench lb`.
@@ -116,6 +142,15 @@ fn main() -> std::process::ExitCode {
                     println!("{}", serde_json::to_string_pretty(&report)?);
                 } else {
                     print!("{}", report.render_text());
+                }
+                anyhow::Ok(())
+            }
+            Command::Routes(args) => {
+                let report = routes::routes(&args).await?;
+                if args.run.json {
+                    println!("{}", serde_json::to_string_pretty(&report)?);
+                } else {
+                    print!("{}", routes::render_text(&report));
                 }
                 anyhow::Ok(())
             }

@@ -12,7 +12,7 @@ use cloud_controller_manager::well_known::{
 };
 use futures::{StreamExt, TryStreamExt};
 use k8s_openapi::api::core::v1::{
-    Event, EventSource, Node, NodeAddress, NodeSpec, ObjectReference,
+    Event, EventSource, Node, NodeAddress, NodeSpec, NodeStatus, ObjectReference,
 };
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, Time};
@@ -299,4 +299,61 @@ mod tests {
         assert_eq!(labels["topology.kubernetes.io/zone"], m.zone);
         assert_eq!(labels[SET_LABEL], "ccm");
     }
+}
+
+/// A Node as the cloud-node controller leaves it (provider ID, one InternalIP, no taint), and
+/// its inventory machine: the starting point of the runs that measure other controllers.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PlainNode {
+    /// Node name; the instance ID is `i-<name>`.
+    pub name: String,
+    /// InternalIP address.
+    pub ip: String,
+    /// Value of [`SET_LABEL`].
+    set: &'static str,
+}
+
+impl PlainNode {
+    /// The node `name` at `ip`, labelled as belonging to `set`.
+    pub fn new(name: String, ip: String, set: &'static str) -> Self {
+        Self { name, ip, set }
+    }
+
+    /// The Node object, ready to create.
+    pub fn initialised(&self) -> Node {
+        Node {
+            metadata: ObjectMeta {
+                name: Some(self.name.clone()),
+                labels: Some(BTreeMap::from([(
+                    SET_LABEL.to_string(),
+                    self.set.to_string(),
+                )])),
+                ..ObjectMeta::default()
+            },
+            spec: Some(NodeSpec {
+                provider_id: Some(format!("local://i-{}", self.name)),
+                ..NodeSpec::default()
+            }),
+            status: Some(NodeStatus {
+                addresses: Some(vec![NodeAddress {
+                    type_: "InternalIP".into(),
+                    address: self.ip.clone(),
+                }]),
+                ..NodeStatus::default()
+            }),
+        }
+    }
+}
+
+/// The `local` shim inventory of `nodes`.
+pub fn plain_inventory(nodes: &[PlainNode]) -> String {
+    let mut out = format!("region: {REGION}\nmachines:\n");
+    for node in nodes {
+        let _ = write!(
+            out,
+            "  - name: {}\n    instanceID: i-{}\n    instanceType: {}\n    zone: {}\n    addresses:\n      - {{type: InternalIP, address: {}}}\n",
+            node.name, node.name, INSTANCE_TYPES[0], ZONES[0], node.ip
+        );
+    }
+    out
 }

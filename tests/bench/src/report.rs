@@ -128,8 +128,62 @@ pub fn write_phases(out: &mut String, cores: usize, phases: &[(&str, &PhaseCpu)]
     }
 }
 
-fn verdict(ok: bool) -> &'static str {
+/// `[ok]` or `[MISSED]`.
+pub fn verdict(ok: bool) -> &'static str {
     if ok { "[ok]" } else { "[MISSED]" }
+}
+
+/// The processes' usage in a text report.
+#[derive(Debug, Clone, Copy)]
+pub struct Usage {
+    /// Controller-manager CPU seconds.
+    pub ccm_cpu: f64,
+    /// Shim CPU seconds.
+    pub shim_cpu: f64,
+    /// Target for both together.
+    pub cpu_target: f64,
+    /// Controller-manager peak RSS in MiB.
+    pub ccm_rss: f64,
+    /// Shim peak RSS in MiB.
+    pub shim_rss: f64,
+    /// Target for the controller-manager's.
+    pub rss_target: f64,
+}
+
+/// Appends the CPU and peak-RSS lines, with their verdicts, to a text report.
+pub fn write_usage(out: &mut String, u: Usage) {
+    let cpu = u.ccm_cpu + u.shim_cpu;
+    let _ = writeln!(
+        out,
+        "  CPU: controller-manager {:.2} s + shim {:.2} s = {cpu:.2} s   target <= {} s   {}",
+        u.ccm_cpu,
+        u.shim_cpu,
+        u.cpu_target,
+        verdict(cpu <= u.cpu_target)
+    );
+    let _ = writeln!(
+        out,
+        "  peak RSS: controller-manager {:.1} MiB (target <= {} MiB) {}, shim {:.1} MiB",
+        u.ccm_rss,
+        u.rss_target,
+        verdict(u.ccm_rss <= u.rss_target),
+        u.shim_rss
+    );
+}
+
+/// Appends `label`: the total of `by_method` per `unit`, then each method's share.
+pub fn write_per(out: &mut String, label: &str, by_method: &BTreeMap<String, f64>, units: usize) {
+    let per = |total: f64| total / units.max(1) as f64;
+    let list = by_method
+        .iter()
+        .map(|(k, v)| format!("{k} {:.2}", per(*v)))
+        .collect::<Vec<_>>()
+        .join(", ");
+    let _ = writeln!(
+        out,
+        "  {label}: {:.2} ({list})",
+        per(by_method.values().sum())
+    );
 }
 
 fn per_node(total: f64, nodes: usize) -> f64 {

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
 use cloud_controller_manager::well_known::TAINT_UNINITIALIZED;
-use futures::StreamExt;
+use futures::{StreamExt, TryStreamExt};
 use k8s_openapi::api::core::v1::Node;
 use kube::ResourceExt;
 use kube::api::Api;
@@ -19,7 +19,7 @@ use test_control_plane::{ControlPlane, Options};
 use test_support::{Location, Process, Wait, last_lines, temp_dir};
 
 use crate::metrics::{self, Scraper};
-use crate::nodes::{self, Machine, SET_LABEL};
+use crate::nodes::{self, SET_LABEL};
 use crate::procfs;
 use crate::report::{self, NodeInitReport, PhaseCpu};
 use crate::{NodeInitArgs, RunArgs};
@@ -29,18 +29,43 @@ pub(crate) const SHIM_BINARY: &str = "local-shim";
 pub(crate) const BUILD_HINT: &str =
     "cargo build --release -p cloud-controller-manager -p local-shim -p bench";
 
+/// What every run reports about where it ran.
+pub(crate) struct Machine {
+    /// Cargo profile of the measured binaries.
+    pub(crate) profile: String,
+    /// Clock ticks per second (CPU times in `/proc`).
+    pub(crate) ticks: f64,
+    /// CPU cores.
+    pub(crate) cores: usize,
+}
+
+impl Machine {
+    /// Checks the binaries are built (warning when they are not release builds) and reads the
+    /// machine's facts.
+    pub(crate) fn check() -> anyhow::Result<Self> {
+        let profile = check_binaries()?;
+        if profile != "release" {
+            eprintln!(
+                "bench: warning: measuring {profile} binaries; targets apply to release builds ({BUILD_HINT})"
+            );
+        }
+        Ok(Self {
+            profile,
+            ticks: procfs::clock_ticks_per_second()?,
+            cores: std::thread::available_parallelism().map_or(1, usize::from),
+        })
+    }
+}
+
 /// Runs `bench node-init`.
 pub async fn node_init(args: &NodeInitArgs) -> anyhow::Result<NodeInitReport> {
     anyhow::ensure!(args.nodes > 0, "--nodes must be positive");
     anyhow::ensure!(args.workers > 0, "--workers must be positive");
-    let profile = check_binaries()?;
-    if profile != "release" {
-        eprintln!(
-            "bench: warning: measuring {profile} binaries; targets apply to release builds ({BUILD_HINT})"
-        );
-    }
-    let ticks = procfs::clock_ticks_per_second()?;
-    let cores = std::thread::available_parallelism().map_or(1, usize::from);
+    let Machine {
+        profile,
+        ticks,
+        cores,
+    } = Machine::check()?;
     let n = args.nodes;
     let workers = usize::from(args.workers);
 
@@ -50,7 +75,9 @@ pub async fn node_init(args: &NodeInitArgs) -> anyhow::Result<NodeInitReport> {
     let (cp, client, cp_pids) = start_control_plane().await?;
 
     // 1. Inventory and tainted Nodes.
-    let machines: Vec<Machine> = (0..n).map(|i| Machine::new("bench-node", i)).collect();
+    let machines: Vec<nodes::Machine> = (0..n)
+        .map(|i| nodes::Machine::new("bench-node", i))
+        .collect();
     let inventory = dir.join("inventory.yaml");
     std::fs::write(&inventory, nodes::inventory_yaml(&machines))
         .with_context(|| format!("writing {}", inventory.display()))?;
@@ -76,14 +103,7 @@ pub async fn node_init(args: &NodeInitArgs) -> anyhow::Result<NodeInitReport> {
         .spawn()?;
     wait_for_socket(&socket, &shim).await?;
 
-    let ca = test_pki::Ca::new("bench-ca")?;
-    let serving = ca.issue(&["127.0.0.1"])?;
-    let cert_file = dir.join("ccm-serving.pem");
-    let key_file = dir.join("ccm-serving-key.pem");
-    test_pki::write_atomic(&cert_file, serving.chain_pem.as_bytes(), false)?;
-    test_pki::write_atomic(&key_file, serving.key_pem.as_bytes(), true)?;
-    let port = test_support::free_port().context("finding a free loopback port")?;
-    let scraper = Scraper::new(ca.cert_der(), port, cp.admin_token()?)?;
+    let (serving, scraper) = ServingFiles::create(dir, &cp)?;
 
     let initialised = Arc::new(AtomicUsize::new(0));
     let ccm_pid = Arc::new(AtomicU32::new(0));
@@ -111,11 +131,7 @@ pub async fn node_init(args: &NodeInitArgs) -> anyhow::Result<NodeInitReport> {
         &args.run,
         &cp,
         &socket,
-        &ServingFiles {
-            port,
-            cert: &cert_file,
-            key: &key_file,
-        },
+        &serving,
         &[
             "--leader-elect=false".into(),
             "--controllers=cloud-node".into(),
@@ -133,20 +149,12 @@ pub async fn node_init(args: &NodeInitArgs) -> anyhow::Result<NodeInitReport> {
                 break joined.context("the node watch panicked")??;
             }
             () = tokio::time::sleep(Duration::from_millis(200)) => {
-                if let Some(status) = ccm.exit_status() {
+                if let Some(why) = exited(&ccm, &shim) {
                     keep_logs(args.run.keep_logs.as_deref(), dir, &cp);
                     anyhow::bail!(
-                        "the controller-manager exited ({status}) after {:.1} s with {}/{n} nodes initialised; log tail:\n{}",
+                        "after {:.1} s with {}/{n} nodes initialised, {why}",
                         t0.elapsed().as_secs_f64(),
                         initialised.load(Ordering::Relaxed),
-                        last_lines(&ccm.logs(), 40)
-                    );
-                }
-                if let Some(status) = shim.exit_status() {
-                    keep_logs(args.run.keep_logs.as_deref(), dir, &cp);
-                    anyhow::bail!(
-                        "the shim exited ({status}); log tail:\n{}",
-                        last_lines(&shim.logs(), 40)
                     );
                 }
                 if Instant::now() >= deadline {
@@ -178,7 +186,9 @@ pub async fn node_init(args: &NodeInitArgs) -> anyhow::Result<NodeInitReport> {
     keep_logs(args.run.keep_logs.as_deref(), dir, &cp);
 
     // 4. The same writes from a lean client, on a fresh set of Nodes.
-    let base_machines: Vec<Machine> = (0..n).map(|i| Machine::new("bench-base", i)).collect();
+    let base_machines: Vec<nodes::Machine> = (0..n)
+        .map(|i| nodes::Machine::new("bench-base", i))
+        .collect();
     progress(format_args!(
         "baseline: creating {n} more tainted nodes (not timed)"
     ));
@@ -237,13 +247,29 @@ pub async fn node_init(args: &NodeInitArgs) -> anyhow::Result<NodeInitReport> {
 }
 
 /// The controller-manager's secure port and its serving certificate.
-pub(crate) struct ServingFiles<'a> {
+pub(crate) struct ServingFiles {
     /// `--secure-port`.
-    pub(crate) port: u16,
+    port: u16,
     /// `--tls-cert-file`.
-    pub(crate) cert: &'a Path,
+    cert: PathBuf,
     /// `--tls-private-key-file`.
-    pub(crate) key: &'a Path,
+    key: PathBuf,
+}
+
+impl ServingFiles {
+    /// A serving certificate from a fresh CA in `dir` and a free port, and a scraper of the
+    /// metrics the controller-manager will serve there (as `cp`'s admin).
+    pub(crate) fn create(dir: &Path, cp: &ControlPlane) -> anyhow::Result<(Self, Scraper)> {
+        let ca = test_pki::Ca::new("bench-ca")?;
+        let serving = ca.issue(&["127.0.0.1"])?;
+        let cert = dir.join("ccm-serving.pem");
+        let key = dir.join("ccm-serving-key.pem");
+        test_pki::write_atomic(&cert, serving.chain_pem.as_bytes(), false)?;
+        test_pki::write_atomic(&key, serving.key_pem.as_bytes(), true)?;
+        let port = test_support::free_port().context("finding a free loopback port")?;
+        let scraper = Scraper::new(ca.cert_der(), port, cp.admin_token()?)?;
+        Ok((Self { port, cert, key }, scraper))
+    }
 }
 
 /// Spawns the controller-manager against `cp` and the shim at `socket`, with the run's client
@@ -252,7 +278,7 @@ pub(crate) fn spawn_ccm(
     run: &RunArgs,
     cp: &ControlPlane,
     socket: &Path,
-    serving: &ServingFiles<'_>,
+    serving: &ServingFiles,
     extra: &[String],
     dir: &Path,
 ) -> anyhow::Result<Process> {
@@ -274,6 +300,71 @@ pub(crate) fn spawn_ccm(
             .envs([("RUST_LOG", run.log_level.as_str()), ("NO_COLOR", "1")])
             .spawn()?,
     )
+}
+
+/// Spawns the `local` shim serving `inventory` on the Unix socket `socket`, its state in
+/// `dir/shim-state`, then `extra` flags; logs go to `dir`.
+pub(crate) fn spawn_shim(
+    run: &RunArgs,
+    dir: &Path,
+    inventory: &Path,
+    socket: &Path,
+    extra: &[String],
+) -> anyhow::Result<Process> {
+    let mut args = vec![
+        format!("--inventory={}", inventory.display()),
+        format!("--state-dir={}", dir.join("shim-state").display()),
+        format!("--unix-socket={}", socket.display()),
+        "--metrics-bind-address=127.0.0.1:0".into(),
+    ];
+    args.extend_from_slice(extra);
+    Ok(
+        Process::for_workspace_binary(SHIM_BINARY, "local-shim", dir)?
+            .args(args)
+            .envs([("RUST_LOG", run.log_level.as_str()), ("NO_COLOR", "1")])
+            .spawn()?,
+    )
+}
+
+/// Why a run cannot go on, if the controller-manager or the shim has exited (with its log
+/// tail).
+pub(crate) fn exited(ccm: &Process, shim: &Process) -> Option<String> {
+    if let Some(status) = ccm.exit_status() {
+        return Some(format!(
+            "the controller-manager exited ({status}); log tail:\n{}",
+            last_lines(&ccm.logs(), 40)
+        ));
+    }
+    shim.exit_status().map(|status| {
+        format!(
+            "the shim exited ({status}); log tail:\n{}",
+            last_lines(&shim.logs(), 40)
+        )
+    })
+}
+
+/// Creates `objects` with `concurrency` requests in flight; returns them as created.
+pub(crate) async fn create_all<K>(
+    api: &Api<K>,
+    objects: Vec<K>,
+    concurrency: usize,
+) -> anyhow::Result<Vec<K>>
+where
+    K: kube::Resource + Clone + serde::Serialize + serde::de::DeserializeOwned + std::fmt::Debug,
+{
+    futures::stream::iter(objects)
+        .map(|object| {
+            let api = api.clone();
+            async move {
+                let name = object.meta().name.clone().unwrap_or_default();
+                api.create(&kube::api::PostParams::default(), &object)
+                    .await
+                    .with_context(|| format!("creating {name}"))
+            }
+        })
+        .buffered(concurrency.max(1))
+        .try_collect()
+        .await
 }
 
 /// Starts etcd and kube-apiserver with room for the bench's bursts of requests; returns them,
