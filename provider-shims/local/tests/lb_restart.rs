@@ -14,7 +14,6 @@ use cpi_proto::v1::load_balancer_client::LoadBalancerClient;
 use cpi_transport::{ClientEndpoint, ConnectOptions, CpiChannel};
 use lb_support::*;
 use test_support::{Process, free_port, wait_for};
-use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 
 const INVENTORY: &str = include_str!("../examples/inventory.yaml");
 
@@ -98,19 +97,6 @@ async fn get(lb: &mut LoadBalancerClient<CpiChannel>, svc: &pb::Service) -> Opti
         .then(|| got.status.unwrap().ingress[0].ip.clone())
 }
 
-async fn metrics(port: u16) -> String {
-    let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port))
-        .await
-        .unwrap();
-    stream
-        .write_all(b"GET /metrics HTTP/1.0\r\nHost: x\r\n\r\n")
-        .await
-        .unwrap();
-    let mut body = String::new();
-    stream.read_to_string(&mut body).await.unwrap();
-    body
-}
-
 #[tokio::test]
 async fn kill_and_restart_keeps_addresses_and_listeners() {
     let dir = tempfile::tempdir().unwrap();
@@ -167,7 +153,7 @@ async fn kill_and_restart_keeps_addresses_and_listeners() {
             "listener on {ip_before} after restart"
         );
     }
-    let scraped = metrics(metrics_port).await;
+    let scraped = scrape_metrics(metrics_port).await;
     assert!(
         scraped.contains("local_shim_lb_allocations_outside_pools 3"),
         "{scraped}"
@@ -187,7 +173,7 @@ async fn kill_and_restart_keeps_addresses_and_listeners() {
     }
     let new = service("new", "uid-new", &[("TCP", 8080, 30080)]);
     assert_eq!(ensure(&mut lb, &new, &nodes).await, "127.0.221.1");
-    let scraped = metrics(metrics_port).await;
+    let scraped = scrape_metrics(metrics_port).await;
     assert!(
         scraped.contains("local_shim_lb_pool_addresses_used{pool=\"default\"} 1"),
         "{scraped}"

@@ -209,7 +209,7 @@ async fn a_restart_re_adds_a_route_deleted_behind_the_shims_back() {
     assert!(logs.contains("routing table reconciled"), "{logs}");
     let (routes, _) = list_all(&mut shim.client, 0).await;
     assert_eq!(listed(&routes, "10.244.1.0/24").target_node, "n1");
-    let metrics = metrics(shim.metrics_port).await;
+    let metrics = scrape_metrics(shim.metrics_port).await;
     assert!(metrics.contains("local_shim_routes_managed 3"), "{metrics}");
 }
 
@@ -296,18 +296,4 @@ async fn dual_stack_routes_both_families() {
     delete(client, "fd10:1::/64").await.unwrap();
     assert!(netns.routes("-6", "100", "fd10:1::/64").is_empty());
     assert_eq!(netns.routes("-4", "100", "10.244.1.0/24").len(), 1);
-}
-
-async fn metrics(port: u16) -> String {
-    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
-    let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port))
-        .await
-        .unwrap();
-    stream
-        .write_all(b"GET /metrics HTTP/1.0\r\nHost: x\r\n\r\n")
-        .await
-        .unwrap();
-    let mut body = String::new();
-    stream.read_to_string(&mut body).await.unwrap();
-    body
 }

@@ -477,6 +477,13 @@ mod tests {
         }
     }
 
+    /// Records of `(destination, cluster, node, gateway)`.
+    fn records_of(rows: &[(&str, &str, &str, &str)]) -> Records {
+        rows.iter()
+            .map(|(dst, cluster, node, gateway)| (net(dst), owned(cluster, node, gateway)))
+            .collect()
+    }
+
     fn kroute(dst: &str, gateway: Option<&str>, protocol: u8) -> KernelRoute {
         KernelRoute {
             destination: net(dst),
@@ -647,11 +654,12 @@ mod tests {
 
     #[test]
     fn startup_readds_missing_reprograms_changed_and_counts_the_rest() {
-        let mut records = Records::new();
-        records.insert(net("10.244.1.0/24"), owned("c1", "n1", "10.99.0.1"));
-        records.insert(net("10.244.2.0/24"), owned("c1", "n2", "10.99.0.2"));
-        records.insert(net("10.244.3.0/24"), owned("c1", "n3", "10.99.0.3"));
-        records.insert(net("10.244.4.0/24"), owned("c1", "n4", "10.99.0.4"));
+        let records = records_of(&[
+            ("10.244.1.0/24", "c1", "n1", "10.99.0.1"),
+            ("10.244.2.0/24", "c1", "n2", "10.99.0.2"),
+            ("10.244.3.0/24", "c1", "n3", "10.99.0.3"),
+            ("10.244.4.0/24", "c1", "n4", "10.99.0.4"),
+        ]);
         let kernel = [
             kroute("10.244.1.0/24", Some("10.99.0.1"), OURS),
             kroute("10.244.2.0/24", Some("10.99.0.9"), OURS),
@@ -680,10 +688,11 @@ mod tests {
 
     #[test]
     fn view_marks_ownership_per_route() {
-        let mut records = Records::new();
-        records.insert(net("10.244.1.0/24"), owned("c1", "n1", "10.99.0.1"));
-        records.insert(net("10.244.2.0/24"), owned("c1", "n2", "10.99.0.2"));
-        records.insert(net("10.244.3.0/24"), owned("c2", "m3", "10.99.0.3"));
+        let records = records_of(&[
+            ("10.244.1.0/24", "c1", "n1", "10.99.0.1"),
+            ("10.244.2.0/24", "c1", "n2", "10.99.0.2"),
+            ("10.244.3.0/24", "c2", "m3", "10.99.0.3"),
+        ]);
         let kernel = [
             kroute("10.244.3.0/24", Some("10.99.0.3"), OURS),
             kroute("10.244.2.0/24", Some("10.99.0.9"), OURS),

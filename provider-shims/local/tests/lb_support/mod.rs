@@ -168,6 +168,18 @@ pub async fn udp_ask(source: IpAddr, to: SocketAddr, payload: &str) -> Option<St
 }
 
 /// The controller manager's fence, required on mutating calls.
+/// The shim's `/metrics` page (with the HTTP head) from `127.0.0.1:<port>`.
+pub async fn scrape_metrics(port: u16) -> String {
+    let mut stream = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+    stream
+        .write_all(b"GET /metrics HTTP/1.0\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let mut body = String::new();
+    stream.read_to_string(&mut body).await.unwrap();
+    body
+}
+
 pub fn fence() -> Option<pb::Fence> {
     Some(pb::Fence {
         lease: "kube-system/cloud-controller-manager".into(),

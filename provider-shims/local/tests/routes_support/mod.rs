@@ -13,7 +13,10 @@ use cpi_proto::v1::routes_client::RoutesClient;
 use cpi_transport::{ClientEndpoint, ClientTls, ConnectOptions, CpiChannel, TlsFiles};
 use test_support::{Process, ShimMtls, free_port, wait_for};
 
-pub const CLUSTER: &str = "c1";
+#[path = "../lb_support/mod.rs"]
+mod lb_support;
+
+pub use lb_support::{CLUSTER, fence, scrape_metrics};
 const INVENTORY: &str = include_str!("../../examples/inventory.yaml");
 
 /// A network namespace of its own (`lo` and a veth pair, one end holding 10.99.0.1/16 and
@@ -195,15 +198,6 @@ async fn connect(dir: &Path, port: u16, process: &Process) -> RoutesClient<CpiCh
         Ok(client) => client,
         Err(error) => panic!("{error}\nshim log:\n{}", process.log_tail(40)),
     }
-}
-
-pub fn fence() -> Option<pb::Fence> {
-    Some(pb::Fence {
-        lease: "kube-system/cloud-controller-manager".into(),
-        holder_identity: "ccm-test".into(),
-        lease_transitions: 1,
-        lease_uid: "lease-uid".into(),
-    })
 }
 
 /// A route to `node` through its InternalIPs `addresses`.
