@@ -297,3 +297,52 @@ async fn dual_stack_routes_both_families() {
     assert!(netns.routes("-6", "100", "fd10:1::/64").is_empty());
     assert_eq!(netns.routes("-4", "100", "10.244.1.0/24").len(), 1);
 }
+
+#[tokio::test]
+async fn onlink_device_routes_through_a_next_hop_on_no_connected_subnet() {
+    let netns = Netns::new("onlink");
+    let dir = ShimDir::new();
+    // The namespace given as a path this time.
+    let shim_flags = vec![
+        format!("--route-netns=/var/run/netns/{}", netns.name),
+        "--route-table=main".into(),
+        "--route-onlink-device=nodes0".into(),
+    ];
+    let mut shim = dir.start(&shim_flags).await;
+    create(
+        &mut shim.client,
+        route("far", "10.244.1.0/24", &["192.0.2.10"]),
+    )
+    .await
+    .unwrap();
+    let lines = netns.routes("-4", "main", "10.244.1.0/24");
+    assert_eq!(lines.len(), 1, "{lines:?}");
+    assert!(
+        lines[0].contains("via 192.0.2.10 dev nodes0") && lines[0].contains("onlink"),
+        "{lines:?}"
+    );
+}
+
+#[tokio::test]
+async fn an_unrecorded_route_of_ours_is_listed_owned_without_target_and_deletable() {
+    let netns = Netns::new("unrecorded");
+    // As if the database had been lost: a route with the shim's marker and no record.
+    netns.ip(&[
+        "route",
+        "add",
+        "10.244.8.0/24",
+        "via",
+        "10.99.0.88",
+        "proto",
+        "108",
+    ]);
+    let dir = ShimDir::new();
+    let mut shim = dir.start(&route_flags(&netns, "main")).await;
+    let (routes, _) = list_all(&mut shim.client, 0).await;
+    let orphan = listed(&routes, "10.244.8.0/24");
+    assert!(orphan.ownership.clone().unwrap().owned);
+    assert_eq!(orphan.target_node, "");
+    assert_eq!(netns.routes("-4", "main", "10.244.8.0/24").len(), 1);
+    delete(&mut shim.client, "10.244.8.0/24").await.unwrap();
+    assert!(netns.routes("-4", "main", "10.244.8.0/24").is_empty());
+}
