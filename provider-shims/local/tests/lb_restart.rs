@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use cpi_proto::v1 as pb;
 use cpi_proto::v1::load_balancer_client::LoadBalancerClient;
-use cpi_transport::{ClientEndpoint, ConnectOptions, CpiChannel};
+use cpi_transport::{ClientEndpoint, CpiChannel};
 use lb_support::*;
 use test_support::{Process, free_port, wait_for};
 
@@ -45,15 +45,7 @@ async fn connect(dir: &Path) -> LoadBalancerClient<CpiChannel> {
         || {
             let path = path.clone();
             async move {
-                let channel = cpi_transport::connect(
-                    ClientEndpoint::Unix { path },
-                    ConnectOptions::default(),
-                )
-                .map_err(|e| e.to_string())?;
-                pb::provider_client::ProviderClient::new(channel.clone())
-                    .get_provider_info(pb::GetProviderInfoRequest {})
-                    .await
-                    .map_err(|e| e.to_string())?;
+                let channel = answering_channel(ClientEndpoint::Unix { path }).await?;
                 Ok(LoadBalancerClient::new(channel))
             }
         },

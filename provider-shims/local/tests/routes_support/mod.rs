@@ -10,13 +10,13 @@ use std::time::Duration;
 use cpi_proto::CpiError;
 use cpi_proto::v1 as pb;
 use cpi_proto::v1::routes_client::RoutesClient;
-use cpi_transport::{ClientEndpoint, ClientTls, ConnectOptions, CpiChannel, TlsFiles};
+use cpi_transport::{ClientEndpoint, ClientTls, CpiChannel, TlsFiles};
 use test_support::{Process, ShimMtls, free_port, wait_for};
 
 #[path = "../lb_support/mod.rs"]
 mod lb_support;
 
-pub use lb_support::{CLUSTER, fence, scrape_metrics};
+pub use lb_support::{CLUSTER, answering_channel, fence, scrape_metrics};
 const INVENTORY: &str = include_str!("../../examples/inventory.yaml");
 
 /// A network namespace of its own (`lo` and a veth pair, one end holding 10.99.0.1/16 and
@@ -177,18 +177,11 @@ async fn connect(dir: &Path, port: u16, process: &Process) -> RoutesClient<CpiCh
             async move {
                 let tls = ClientTls::new(files, ShimMtls::SHIM_SERVER_NAME.into(), Duration::ZERO)
                     .map_err(|e| e.to_string())?;
-                let channel = cpi_transport::connect(
-                    ClientEndpoint::Tls {
-                        uri: format!("https://127.0.0.1:{port}"),
-                        tls,
-                    },
-                    ConnectOptions::default(),
-                )
-                .map_err(|e| e.to_string())?;
-                pb::provider_client::ProviderClient::new(channel.clone())
-                    .get_provider_info(pb::GetProviderInfoRequest {})
-                    .await
-                    .map_err(|e| e.to_string())?;
+                let channel = answering_channel(ClientEndpoint::Tls {
+                    uri: format!("https://127.0.0.1:{port}"),
+                    tls,
+                })
+                .await?;
                 Ok(RoutesClient::new(channel))
             }
         },
