@@ -9,8 +9,9 @@
 //! restarts (the fence high-water marks, load-balancer addresses) lives in
 //! `<--state-dir>/state.redb`.
 //!
-//! Served: Provider, InstancesV2, Instances, Zones and LoadBalancer ([`lb`]: an in-process L4
-//! proxy per Service, addresses from the pools of `--lb-config`). Provider IDs are
+//! Served: Provider, InstancesV2, Instances, Zones, LoadBalancer ([`lb`]: an in-process L4
+//! proxy per Service, addresses from the pools of `--lb-config`) and Routes ([`routes`]: pod
+//! CIDRs routed through node InternalIPs in a Linux routing table, over netlink). Provider IDs are
 //! `local://<instanceID>`; nodes carrying any other provider ID are answered NOT_OWNED by the
 //! framework.
 
@@ -18,6 +19,7 @@ pub mod instances;
 pub mod inventory;
 pub mod lb;
 pub mod reload;
+pub mod routes;
 pub mod shrink;
 pub mod store;
 
@@ -33,6 +35,7 @@ pub use instances::{LocalProvider, PROVIDER_NAME};
 pub use inventory::{Inventory, InventoryError, Machine, MachineState};
 pub use lb::{LbError, LbFlags, LocalLoadBalancer};
 pub use reload::InventoryHandle;
+pub use routes::{LocalRoutes, RouteError, RouteFlags};
 pub use shrink::{Shrink, ShrinkPolicy, ShrinkVerdict};
 pub use store::{Store, StoreError};
 
@@ -87,6 +90,10 @@ pub struct LocalFlags {
     /// Load-balancer flags.
     #[command(flatten)]
     pub lb: LbFlags,
+
+    /// Route flags.
+    #[command(flatten)]
+    pub routes: RouteFlags,
 }
 
 impl LocalFlags {
@@ -111,6 +118,9 @@ pub enum LocalShimError {
     /// The load balancer could not start (configuration, stored state).
     #[error(transparent)]
     Lb(#[from] LbError),
+    /// The routes could not be loaded or the routing table reached.
+    #[error(transparent)]
+    Routes(#[from] RouteError),
     /// Serving failed.
     #[error(transparent)]
     Shim(#[from] ShimError),
@@ -121,6 +131,7 @@ pub struct LocalShim {
     server: ShimServer,
     inventory: InventoryHandle,
     load_balancer: LocalLoadBalancer,
+    routes: LocalRoutes,
     reload_interval: Duration,
 }
 
@@ -134,16 +145,19 @@ impl LocalShim {
             region: flags.region.clone(),
         });
         let load_balancer = LocalLoadBalancer::new(store.clone(), &flags.lb)?;
+        let routes = LocalRoutes::new(store.clone(), &flags.routes)?;
         let provider = LocalProvider::new(inventory.clone(), own_zone);
         let server = ShimServer::builder(instances::description())
             .instances_v2(provider.clone())
             .instances(provider.clone())
             .zones(provider)
             .load_balancer(load_balancer.clone())
+            .routes(routes.clone())
             .fence_store(store)
             .register_metrics(|registry| {
                 inventory.register_metrics(registry);
                 load_balancer.register_metrics(registry);
+                routes.register_metrics(registry);
             })
             .build();
         tracing::info!(
@@ -156,6 +170,7 @@ impl LocalShim {
             server,
             inventory,
             load_balancer,
+            routes,
             reload_interval: flags.inventory_reload_interval,
         })
     }
@@ -173,6 +188,8 @@ impl LocalShim {
     ) -> Result<RunningShim, LocalShimError> {
         // Stored load balancers listen again before any call can allocate a new address.
         self.load_balancer.restore().await;
+        // The routing table matches the records before any call lists it.
+        self.routes.restore().await?;
         let running = self.server.start(serve, shutdown).await?;
         // The reloader ends by itself once the served provider (the last handle) is dropped.
         let _reloader = self.inventory.spawn_reloader(self.reload_interval);

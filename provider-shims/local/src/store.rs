@@ -6,8 +6,8 @@
 //! Tables today: `meta` (schema version) and `fence_marks_v2` (the framework's fence marks, one
 //! row per fenced lease: with `--fence-lease` there is one, and [`MAX_FENCE_MARKS`] bounds the
 //! table whatever happens), `lb_records_v1` (load balancers by cluster/Service UID, JSON) and
-//! `lb_holds_v1` (addresses of deleted Services by cluster/namespace/name, JSON). Routes will
-//! get their own table.
+//! `lb_holds_v1` (addresses of deleted Services by cluster/namespace/name, JSON) and `routes_v1`
+//! (routes the shim made, by (cluster, destination CIDR), JSON).
 //!
 //! Schema versions: 1 had `fence_marks` without the lease UID; opening it drops those marks
 //! (they cannot be compared with fences that carry a UID), as a reset would.
@@ -34,6 +34,20 @@ const FENCE_MARKS: TableDefinition<&str, (&str, i64, &str)> =
 const LB_RECORDS: TableDefinition<&str, &[u8]> = TableDefinition::new("lb_records_v1");
 /// `cluster/namespace/name → hold` (JSON of `lb::Hold`).
 const LB_HOLDS: TableDefinition<&str, &[u8]> = TableDefinition::new("lb_holds_v1");
+
+/// `(cluster, destination CIDR) → route` (JSON of `routes::RouteRecord`).
+const ROUTES: TableDefinition<(&str, &str), &[u8]> = TableDefinition::new("routes_v1");
+
+/// One row of the route table, as stored.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RouteRow {
+    /// `--cluster-name` of the caller that made the route.
+    pub cluster: String,
+    /// Destination CIDR.
+    pub destination: String,
+    /// The record (JSON).
+    pub value: Vec<u8>,
+}
 
 /// The rows of the load-balancer tables, as stored.
 #[derive(Debug, Default)]
@@ -229,6 +243,52 @@ impl Store {
             txn.open_table(FENCE_MARKS).map_err(|e| fail(e.into()))?;
             txn.open_table(LB_RECORDS).map_err(|e| fail(e.into()))?;
             txn.open_table(LB_HOLDS).map_err(|e| fail(e.into()))?;
+            txn.open_table(ROUTES).map_err(|e| fail(e.into()))?;
+        }
+        txn.commit().map_err(|e| fail(e.into()))
+    }
+
+    /// Every route row (start-up).
+    pub fn load_routes(&self) -> Result<Vec<RouteRow>, StoreError> {
+        let fail = self.io_error("reading the routes");
+        let txn = self.inner.db.begin_read().map_err(|e| fail(e.into()))?;
+        let table = txn.open_table(ROUTES).map_err(|e| fail(e.into()))?;
+        let mut rows = Vec::new();
+        for row in table.iter().map_err(|e| fail(e.into()))? {
+            let (key, value) = row.map_err(|e| fail(e.into()))?;
+            let (cluster, destination) = key.value();
+            rows.push(RouteRow {
+                cluster: cluster.to_string(),
+                destination: destination.to_string(),
+                value: value.value().to_vec(),
+            });
+        }
+        Ok(rows)
+    }
+
+    /// Durably writes one route row (`Some`) or removes it (`None`).
+    pub fn write_route(
+        &self,
+        cluster: &str,
+        destination: &str,
+        value: Option<&[u8]>,
+    ) -> Result<(), StoreError> {
+        let fail = self.io_error("writing a route");
+        let txn = self.inner.db.begin_write().map_err(|e| fail(e.into()))?;
+        {
+            let mut table = txn.open_table(ROUTES).map_err(|e| fail(e.into()))?;
+            match value {
+                Some(value) => {
+                    table
+                        .insert((cluster, destination), value)
+                        .map_err(|e| fail(e.into()))?;
+                }
+                None => {
+                    table
+                        .remove((cluster, destination))
+                        .map_err(|e| fail(e.into()))?;
+                }
+            }
         }
         txn.commit().map_err(|e| fail(e.into()))
     }
@@ -570,6 +630,38 @@ mod tests {
         }
         let rows = Store::open(dir.path()).unwrap().load_lb_rows().unwrap();
         assert_eq!(rows.records, vec![("c/kept".to_string(), b"2".to_vec())]);
+    }
+
+    #[test]
+    fn route_rows_survive_reopening() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let store = Store::open(dir.path()).unwrap();
+            store
+                .write_route("c1", "10.244.1.0/24", Some(b"a"))
+                .unwrap();
+            store
+                .write_route("c1", "10.244.2.0/24", Some(b"b"))
+                .unwrap();
+            store
+                .write_route("c2", "10.244.1.0/24", Some(b"c"))
+                .unwrap();
+            store.write_route("c1", "10.244.2.0/24", None).unwrap();
+            store.write_route("c1", "absent", None).unwrap();
+        }
+        let rows = Store::open(dir.path()).unwrap().load_routes().unwrap();
+        let row = |cluster: &str, destination: &str, value: &[u8]| RouteRow {
+            cluster: cluster.into(),
+            destination: destination.into(),
+            value: value.to_vec(),
+        };
+        assert_eq!(
+            rows,
+            vec![
+                row("c1", "10.244.1.0/24", b"a"),
+                row("c2", "10.244.1.0/24", b"c")
+            ]
+        );
     }
 
     #[test]

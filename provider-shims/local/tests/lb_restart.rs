@@ -11,10 +11,9 @@ use std::time::Duration;
 
 use cpi_proto::v1 as pb;
 use cpi_proto::v1::load_balancer_client::LoadBalancerClient;
-use cpi_transport::{ClientEndpoint, ConnectOptions, CpiChannel};
+use cpi_transport::{ClientEndpoint, CpiChannel};
 use lb_support::*;
 use test_support::{Process, free_port, wait_for};
-use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 
 const INVENTORY: &str = include_str!("../examples/inventory.yaml");
 
@@ -46,15 +45,7 @@ async fn connect(dir: &Path) -> LoadBalancerClient<CpiChannel> {
         || {
             let path = path.clone();
             async move {
-                let channel = cpi_transport::connect(
-                    ClientEndpoint::Unix { path },
-                    ConnectOptions::default(),
-                )
-                .map_err(|e| e.to_string())?;
-                pb::provider_client::ProviderClient::new(channel.clone())
-                    .get_provider_info(pb::GetProviderInfoRequest {})
-                    .await
-                    .map_err(|e| e.to_string())?;
+                let channel = answering_channel(ClientEndpoint::Unix { path }).await?;
                 Ok(LoadBalancerClient::new(channel))
             }
         },
@@ -96,19 +87,6 @@ async fn get(lb: &mut LoadBalancerClient<CpiChannel>, svc: &pb::Service) -> Opti
         .into_inner();
     got.exists
         .then(|| got.status.unwrap().ingress[0].ip.clone())
-}
-
-async fn metrics(port: u16) -> String {
-    let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port))
-        .await
-        .unwrap();
-    stream
-        .write_all(b"GET /metrics HTTP/1.0\r\nHost: x\r\n\r\n")
-        .await
-        .unwrap();
-    let mut body = String::new();
-    stream.read_to_string(&mut body).await.unwrap();
-    body
 }
 
 #[tokio::test]
@@ -167,7 +145,7 @@ async fn kill_and_restart_keeps_addresses_and_listeners() {
             "listener on {ip_before} after restart"
         );
     }
-    let scraped = metrics(metrics_port).await;
+    let scraped = scrape_metrics(metrics_port).await;
     assert!(
         scraped.contains("local_shim_lb_allocations_outside_pools 3"),
         "{scraped}"
@@ -187,7 +165,7 @@ async fn kill_and_restart_keeps_addresses_and_listeners() {
     }
     let new = service("new", "uid-new", &[("TCP", 8080, 30080)]);
     assert_eq!(ensure(&mut lb, &new, &nodes).await, "127.0.221.1");
-    let scraped = metrics(metrics_port).await;
+    let scraped = scrape_metrics(metrics_port).await;
     assert!(
         scraped.contains("local_shim_lb_pool_addresses_used{pool=\"default\"} 1"),
         "{scraped}"

@@ -168,6 +168,32 @@ pub async fn udp_ask(source: IpAddr, to: SocketAddr, payload: &str) -> Option<St
 }
 
 /// The controller manager's fence, required on mutating calls.
+/// A channel to the shim at `endpoint`, once its Provider service answers (for polling while
+/// a shim process starts).
+pub async fn answering_channel(
+    endpoint: cpi_transport::ClientEndpoint,
+) -> Result<cpi_transport::CpiChannel, String> {
+    let channel = cpi_transport::connect(endpoint, cpi_transport::ConnectOptions::default())
+        .map_err(|e| e.to_string())?;
+    pb::provider_client::ProviderClient::new(channel.clone())
+        .get_provider_info(pb::GetProviderInfoRequest {})
+        .await
+        .map_err(|e| e.to_string())?;
+    Ok(channel)
+}
+
+/// The shim's `/metrics` page (with the HTTP head) from `127.0.0.1:<port>`.
+pub async fn scrape_metrics(port: u16) -> String {
+    let mut stream = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+    stream
+        .write_all(b"GET /metrics HTTP/1.0\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let mut body = String::new();
+    stream.read_to_string(&mut body).await.unwrap();
+    body
+}
+
 pub fn fence() -> Option<pb::Fence> {
     Some(pb::Fence {
         lease: "kube-system/cloud-controller-manager".into(),
