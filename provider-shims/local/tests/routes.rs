@@ -11,7 +11,7 @@ use routes_support::*;
 
 #[tokio::test]
 async fn create_is_idempotent_and_a_new_gateway_replaces_the_route_in_the_named_namespace() {
-    let netns = Netns::new("create");
+    let netns = Netns::new();
     let dir = ShimDir::new();
     let mut shim = dir.start(&route_flags(&netns, "4242")).await;
     let client = &mut shim.client;
@@ -57,7 +57,7 @@ async fn create_is_idempotent_and_a_new_gateway_replaces_the_route_in_the_named_
 
 #[tokio::test]
 async fn list_pages_of_two_over_five_routes_see_each_once() {
-    let netns = Netns::new("page");
+    let netns = Netns::new();
     let dir = ShimDir::new();
     let mut shim = dir.start(&route_flags(&netns, "100")).await;
     let client = &mut shim.client;
@@ -101,7 +101,7 @@ async fn list_pages_of_two_over_five_routes_see_each_once() {
 
 #[tokio::test]
 async fn delete_removes_the_route_and_absent_is_success() {
-    let netns = Netns::new("delete");
+    let netns = Netns::new();
     let dir = ShimDir::new();
     let mut shim = dir.start(&route_flags(&netns, "main")).await;
     let client = &mut shim.client;
@@ -119,7 +119,7 @@ async fn delete_removes_the_route_and_absent_is_success() {
 
 #[tokio::test]
 async fn a_foreign_route_is_listed_not_owned_and_never_deleted() {
-    let netns = Netns::new("foreign");
+    let netns = Netns::new();
     netns.ip(&[
         "route",
         "add",
@@ -152,7 +152,7 @@ async fn a_foreign_route_is_listed_not_owned_and_never_deleted() {
 
 #[tokio::test]
 async fn a_restart_re_adds_a_route_deleted_behind_the_shims_back() {
-    let netns = Netns::new("restart");
+    let netns = Netns::new();
     let dir = ShimDir::new();
     let flags = route_flags(&netns, "100");
     let mut shim = dir.start(&flags).await;
@@ -215,7 +215,7 @@ async fn a_restart_re_adds_a_route_deleted_behind_the_shims_back() {
 
 #[tokio::test]
 async fn state_only_mode_touches_no_routing_table() {
-    let netns = Netns::new("stateonly");
+    let netns = Netns::new();
     let dir = ShimDir::new();
     let mut flags = route_flags(&netns, "main");
     flags.push("--routes=state-only".into());
@@ -239,7 +239,7 @@ async fn state_only_mode_touches_no_routing_table() {
 
 #[tokio::test]
 async fn an_unreachable_gateway_is_a_clear_error() {
-    let netns = Netns::new("unreach");
+    let netns = Netns::new();
     let dir = ShimDir::new();
     let mut shim = dir.start(&route_flags(&netns, "main")).await;
     let client = &mut shim.client;
@@ -271,7 +271,7 @@ async fn an_unreachable_gateway_is_a_clear_error() {
 
 #[tokio::test]
 async fn dual_stack_routes_both_families() {
-    let netns = Netns::new("dual");
+    let netns = Netns::new();
     let dir = ShimDir::new();
     let mut shim = dir.start(&route_flags(&netns, "100")).await;
     let client = &mut shim.client;
@@ -300,7 +300,7 @@ async fn dual_stack_routes_both_families() {
 
 #[tokio::test]
 async fn onlink_device_routes_through_a_next_hop_on_no_connected_subnet() {
-    let netns = Netns::new("onlink");
+    let netns = Netns::new();
     let dir = ShimDir::new();
     // The namespace given as a path this time.
     let shim_flags = vec![
@@ -325,7 +325,7 @@ async fn onlink_device_routes_through_a_next_hop_on_no_connected_subnet() {
 
 #[tokio::test]
 async fn an_unrecorded_route_of_ours_is_listed_owned_without_target_and_deletable() {
-    let netns = Netns::new("unrecorded");
+    let netns = Netns::new();
     // As if the database had been lost: a route with the shim's marker and no record.
     netns.ip(&[
         "route",

@@ -3,7 +3,6 @@
 #![allow(dead_code, clippy::unwrap_used, clippy::expect_used, missing_docs)]
 
 use std::path::Path;
-use std::process::Command;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
@@ -19,58 +18,30 @@ mod lb_support;
 pub use lb_support::{CLUSTER, answering_channel, fence, scrape_metrics};
 const INVENTORY: &str = include_str!("../../examples/inventory.yaml");
 
-/// A network namespace of its own (`lo` and a veth pair, one end holding 10.99.0.1/16 and
-/// fd99::1/64, all up, so node addresses 10.99.x.y and fd99::x are next hops), deleted when
-/// dropped. A veth pair rather than a dummy link: it needs no kernel module beyond what
-/// containers have.
+/// A network namespace of its own (test-support's, with `lo` up and a veth link `nodes0`
+/// holding 10.99.0.1/16 and fd99::1/64, so node addresses 10.99.x.y and fd99::x are next hops),
+/// deleted when dropped.
 pub struct Netns {
+    inner: test_support::Netns,
     pub name: String,
 }
 
-fn run_ip(args: &[&str]) -> Result<String, String> {
-    let output = Command::new("ip").args(args).output().map_err(|e| {
-        format!(
-            "running `ip {}`: {e} (the route tests need iproute2's `ip` on PATH)",
-            args.join(" ")
-        )
-    })?;
-    if !output.status.success() {
-        return Err(format!(
-            "`ip {}` failed: {} (the route tests need root or CAP_NET_ADMIN and CAP_SYS_ADMIN)",
-            args.join(" "),
-            String::from_utf8_lossy(&output.stderr).trim()
-        ));
-    }
-    Ok(String::from_utf8_lossy(&output.stdout).into_owned())
-}
-
 impl Netns {
-    pub fn new(tag: &str) -> Self {
-        static NEXT: AtomicU32 = AtomicU32::new(0);
-        let name = format!(
-            "ccmrt-{tag}-{}-{}",
-            std::process::id(),
-            NEXT.fetch_add(1, Ordering::Relaxed)
-        );
-        run_ip(&["netns", "add", &name]).unwrap();
-        // From here on the guard deletes it, whatever fails next.
-        let netns = Self { name };
-        netns.ip(&["link", "set", "lo", "up"]);
-        netns.ip(&[
-            "link", "add", "nodes0", "type", "veth", "peer", "name", "nodes1",
-        ]);
-        netns.ip(&["addr", "add", "10.99.0.1/16", "dev", "nodes0"]);
-        netns.ip(&["addr", "add", "fd99::1/64", "dev", "nodes0", "nodad"]);
-        netns.ip(&["link", "set", "nodes1", "up"]);
-        netns.ip(&["link", "set", "nodes0", "up"]);
-        netns
+    pub fn new() -> Self {
+        let inner = test_support::Netns::create()
+            .expect("the route tests need root (CAP_NET_ADMIN, CAP_SYS_ADMIN) and iproute2's `ip`");
+        inner
+            .add_link("nodes0", &["10.99.0.1/16", "fd99::1/64"])
+            .unwrap();
+        Self {
+            name: inner.name().to_string(),
+            inner,
+        }
     }
 
     /// `ip -n <ns> <args>`, panicking with `ip`'s error.
     pub fn ip(&self, args: &[&str]) -> String {
-        let mut all = vec!["-n", self.name.as_str()];
-        all.extend_from_slice(args);
-        run_ip(&all).unwrap()
+        self.inner.ip(args).unwrap()
     }
 
     /// Lines of `ip -n <ns> <-4|-6> route show table <table>` naming `prefix`.
@@ -80,14 +51,6 @@ impl Netns {
             .filter(|line| line.starts_with(prefix))
             .map(|line| line.trim().to_string())
             .collect()
-    }
-}
-
-impl Drop for Netns {
-    fn drop(&mut self) {
-        if let Err(error) = run_ip(&["netns", "del", &self.name]) {
-            eprintln!("cleaning up: {error}");
-        }
     }
 }
 
