@@ -26,7 +26,7 @@ pub use controllers::{
     Requeue, ServiceLb, ServiceLbMetrics, ServiceSyncError, SyncError, WorkQueue, service_lb_rules,
 };
 pub use controllers::{
-    IpamMetrics, IpamSettings, NodeIpamController, REASON_CIDR_ASSIGNMENT_FAILED,
+    IpamError, IpamMetrics, IpamSettings, NodeIpamController, REASON_CIDR_ASSIGNMENT_FAILED,
     REASON_CIDR_NOT_AVAILABLE, node_ipam_settings,
 };
 pub use health::{Health, Scope, Unhealthy};

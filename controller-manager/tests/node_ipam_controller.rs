@@ -209,11 +209,11 @@ impl Allocator {
         self.watch.abort();
     }
 
-    /// The metrics as scraped.
-    fn scrape(&self) -> String {
+    /// Asserts that a scrape of its metrics has `line`.
+    fn assert_scraped(&self, line: &str) {
         let mut text = String::new();
         prometheus_client::encoding::text::encode(&mut text, &self.registry).unwrap();
-        text
+        assert!(text.contains(line), "{line:?} not in\n{text}");
     }
 }
 
@@ -222,6 +222,16 @@ impl Drop for Allocator {
         self.task.abort();
         self.watch.abort();
     }
+}
+
+/// Waits until all `count` nodes of the run have podCIDRs, checks them with
+/// [`assert_distinct`], then stops `ipam` and deletes the nodes.
+async fn expect_all_distinct(c: &Cluster, ipam: Allocator, count: usize, pools: &[&str]) {
+    let nodes = c.wait_allocated(count).await;
+    assert_eq!(nodes.len(), count);
+    assert_distinct(&nodes, pools);
+    ipam.stop().await;
+    c.cleanup().await;
 }
 
 /// The node's podCIDRs.
@@ -263,18 +273,11 @@ async fn five_hundred_nodes_created_concurrently_get_distinct_cidrs() {
     let pools = [("10.128.0.0/15", 24)];
     let ipam = c.start(&pools, &[]).await;
     c.create_nodes("n", 500).await;
-    let nodes = c.wait_allocated(500).await;
-    assert_eq!(nodes.len(), 500);
-    assert_distinct(&nodes, &["10.128.0.0/15"]);
-    let scrape = ipam.scrape();
-    assert!(
-        scrape.contains(
-            "node_ipam_controller_cidrset_cidrs_allocations_total{clusterCIDR=\"10.128.0.0/15\"} 500"
-        ),
-        "{scrape}"
+    c.wait_allocated(500).await;
+    ipam.assert_scraped(
+        "node_ipam_controller_cidrset_cidrs_allocations_total{clusterCIDR=\"10.128.0.0/15\"} 500",
     );
-    ipam.stop().await;
-    c.cleanup().await;
+    expect_all_distinct(&c, ipam, 500, &["10.128.0.0/15"]).await;
 }
 
 #[tokio::test]
@@ -289,11 +292,7 @@ async fn a_restart_mid_way_hands_out_no_cidr_twice() {
     };
     tokio::join!(creating, partial);
     let second = c.start(&pools, &[]).await;
-    let nodes = c.wait_allocated(200).await;
-    assert_eq!(nodes.len(), 200);
-    assert_distinct(&nodes, &["10.130.0.0/16"]);
-    second.stop().await;
-    c.cleanup().await;
+    expect_all_distinct(&c, second, 200, &["10.130.0.0/16"]).await;
 }
 
 #[tokio::test]
@@ -311,11 +310,7 @@ async fn an_overlapping_successor_hands_out_no_cidr_twice() {
         second
     };
     let ((), second) = tokio::join!(async { drop(creating.await) }, handover);
-    let nodes = c.wait_allocated(200).await;
-    assert_eq!(nodes.len(), 200);
-    assert_distinct(&nodes, &["10.131.0.0/16"]);
-    second.stop().await;
-    c.cleanup().await;
+    expect_all_distinct(&c, second, 200, &["10.131.0.0/16"]).await;
 }
 
 #[tokio::test]
@@ -369,18 +364,11 @@ async fn a_full_range_gives_cidr_not_available() {
         "{event:?}"
     );
     assert!(ipam.metrics.failures(REASON_CIDR_NOT_AVAILABLE) >= 1);
-    let scrape = ipam.scrape();
-    assert!(
-        scrape.contains(
-            "node_ipam_controller_allocation_failures_total{reason=\"CIDRNotAvailable\"}"
-        ),
-        "{scrape}"
+    ipam.assert_scraped(
+        "node_ipam_controller_allocation_failures_total{reason=\"CIDRNotAvailable\"}",
     );
-    assert!(
-        scrape.contains(
-            "node_ipam_controller_cidrset_usage_cidrs{clusterCIDR=\"10.132.0.0/28\"} 1.0"
-        ),
-        "{scrape}"
+    ipam.assert_scraped(
+        "node_ipam_controller_cidrset_usage_cidrs{clusterCIDR=\"10.132.0.0/28\"} 1.0",
     );
     ipam.stop().await;
     c.cleanup().await;

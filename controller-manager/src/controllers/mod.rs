@@ -20,7 +20,7 @@ pub use selection::{ControllerSelection, SelectionError};
 
 pub use node::{NodeController, SyncError};
 pub use node_ipam::{
-    IpamMetrics, IpamSettings, NodeIpamController, REASON_CIDR_ASSIGNMENT_FAILED,
+    IpamError, IpamMetrics, IpamSettings, NodeIpamController, REASON_CIDR_ASSIGNMENT_FAILED,
     REASON_CIDR_NOT_AVAILABLE, settings as node_ipam_settings,
 };
 pub use node_lifecycle::{DeletionPolicy, NodeLifecycleController};

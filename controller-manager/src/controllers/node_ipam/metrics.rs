@@ -59,17 +59,17 @@ impl IpamMetrics {
         let ours = registry.sub_registry_with_prefix("node_ipam_controller");
         ours.register(
             "cidrset_cidrs_allocations",
-            "Counter measuring total number of CIDR allocations",
+            "Node CIDR blocks newly marked used (allocated, or occupied as found on a node or in a service range)",
             metrics.allocations.clone(),
         );
         ours.register(
             "cidrset_cidrs_releases",
-            "Counter measuring total number of CIDR releases",
+            "Node CIDR blocks freed",
             metrics.releases.clone(),
         );
         ours.register(
             "cidrset_usage_cidrs",
-            "Gauge measuring percentage of allocated CIDRs",
+            "Fraction of the cluster CIDR's node blocks in use",
             metrics.usage.clone(),
         );
         ours.register(

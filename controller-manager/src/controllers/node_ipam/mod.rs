@@ -104,7 +104,47 @@ impl Controller for NodeIpamController {
 }
 
 /// A finished patch: the node and how it ended.
-type Finished = (String, Outcome, Result<(), String>);
+type Finished = (String, Outcome, Result<(), IpamError>);
+
+/// Why a node is left without pod CIDRs for now (retried with backoff).
+#[derive(Debug, thiserror::Error)]
+pub enum IpamError {
+    /// A cluster CIDR has no free block.
+    #[error("{source}")]
+    NotAvailable {
+        /// Node name.
+        node: String,
+        /// Which range is full.
+        source: CidrSetError,
+    },
+    /// The patch of the node's podCIDRs failed.
+    #[error("failed to set podCIDRs {cidrs}: {source}")]
+    AssignmentFailed {
+        /// Node name.
+        node: String,
+        /// The CIDRs, comma-separated.
+        cidrs: String,
+        /// API error.
+        source: kube::Error,
+    },
+}
+
+impl IpamError {
+    /// The Event reason of this failure (upstream's node status reasons).
+    pub fn reason(&self) -> &'static str {
+        match self {
+            Self::NotAvailable { .. } => REASON_CIDR_NOT_AVAILABLE,
+            Self::AssignmentFailed { .. } => REASON_CIDR_ASSIGNMENT_FAILED,
+        }
+    }
+
+    /// The node concerned.
+    pub fn node(&self) -> &str {
+        match self {
+            Self::NotAvailable { node, .. } | Self::AssignmentFailed { node, .. } => node,
+        }
+    }
+}
 
 impl NodeIpamController {
     /// An allocator over the node cache `store` (synced once `ready` is true, ticking
@@ -216,23 +256,24 @@ impl NodeIpamController {
     /// Starts one step: a patch on a worker, or the full-range Event.
     fn start(&self, step: Step, workers: &mut JoinSet<Finished>) {
         match step {
-            Step::Full { node, error } => {
-                warn!(%node, %error, "no pod CIDR available for node");
-                self.metrics.count_failure(REASON_CIDR_NOT_AVAILABLE);
-                if let Some(reference) = self.reference(&node) {
-                    self.recorder.record(
-                        &reference,
-                        EventType::Warning,
-                        REASON_CIDR_NOT_AVAILABLE,
-                        &format!("Node {node} status is now: {REASON_CIDR_NOT_AVAILABLE}: {error}"),
-                    );
-                }
-            }
+            Step::Full { node, error } => self.report(&IpamError::NotAvailable {
+                node,
+                source: error,
+            }),
             Step::Patch { node, uid, cidrs } => {
                 debug!(%node, ?cidrs, "assigning pod CIDRs");
                 let client = self.client.clone();
                 workers.spawn(async move {
                     let (outcome, result) = patch_pod_cidrs(&client, &node, &uid, &cidrs).await;
+                    let result = result.map_err(|source| IpamError::AssignmentFailed {
+                        node: node.clone(),
+                        cidrs: cidrs
+                            .iter()
+                            .map(ToString::to_string)
+                            .collect::<Vec<_>>()
+                            .join(","),
+                        source,
+                    });
                     (node, outcome, result)
                 });
             }
@@ -252,21 +293,27 @@ impl NodeIpamController {
         if let Err(err) = &result
             && matches!(outcome, Outcome::NotApplied | Outcome::Unknown)
         {
-            warn!(%node, error = %err, ?outcome, "failed to assign pod CIDRs; retrying with backoff");
-            self.metrics.count_failure(REASON_CIDR_ASSIGNMENT_FAILED);
-            if let Some(reference) = self.reference(&node) {
-                self.recorder.record(
-                    &reference,
-                    EventType::Warning,
-                    REASON_CIDR_ASSIGNMENT_FAILED,
-                    &format!("Node {node} status is now: {REASON_CIDR_ASSIGNMENT_FAILED}: {err}"),
-                );
-            }
+            self.report(err);
         }
         if let Outcome::Taken(theirs) = &outcome {
             info!(%node, ?theirs, "node already had pod CIDRs; respecting them");
         }
         self.ledger.finished(&node, outcome, Instant::now());
+    }
+
+    /// Logs and counts a node left without CIDRs, with a Warning on the node.
+    fn report(&self, err: &IpamError) {
+        let node = err.node();
+        warn!(%node, reason = err.reason(), error = %err, "node left without pod CIDRs; retrying with backoff");
+        self.metrics.count_failure(err.reason());
+        if let Some(reference) = self.reference(node) {
+            self.recorder.record(
+                &reference,
+                EventType::Warning,
+                err.reason(),
+                &format!("Node {node} status is now: {}: {err}", err.reason()),
+            );
+        }
     }
 
     /// The Event reference of a cached node.
@@ -292,7 +339,7 @@ async fn patch_pod_cidrs(
     node: &str,
     uid: &str,
     cidrs: &[IpNet],
-) -> (Outcome, Result<(), String>) {
+) -> (Outcome, Result<(), kube::Error>) {
     let texts: Vec<String> = cidrs.iter().map(ToString::to_string).collect();
     let patch = serde_json::json!({
         "metadata": { "uid": uid },
@@ -311,7 +358,7 @@ async fn patch_pod_cidrs(
         kube::Error::Api(_) => Outcome::NotApplied,
         _ => Outcome::Unknown,
     };
-    (outcome, Err(err.to_string()))
+    (outcome, Err(err))
 }
 
 /// After a refused patch: the podCIDRs the node has, if any.
