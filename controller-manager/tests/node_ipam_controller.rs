@@ -13,9 +13,11 @@ mod support;
 use std::collections::HashSet;
 use std::time::Duration;
 
+use clap::Parser;
 use cloud_controller_manager::events::EventBroadcaster;
 use cloud_controller_manager::{
-    IpamMetrics, IpamSettings, NodeInformer, NodeIpamController, REASON_CIDR_NOT_AVAILABLE,
+    AppError, IpamMetrics, IpamSettings, NodeInformer, NodeIpamController,
+    REASON_CIDR_NOT_AVAILABLE,
 };
 use fake_provider::FakeCloud;
 use futures::StreamExt;
@@ -468,4 +470,40 @@ async fn dual_stack_nodes_get_one_cidr_of_each_family() {
         "a CIDR inside --service-cluster-ip-range was handed out"
     );
     ipam.stop().await;
+}
+
+#[tokio::test]
+async fn allocate_node_cidrs_without_cluster_cidr_fails_the_start_up() {
+    let h = harness(FakeCloud::default()).await;
+    let cp = ControlPlane::shared().await.expect("shared control plane");
+    let options = cloud_controller_manager::Options::try_parse_from([
+        "cloud-controller-manager".to_string(),
+        format!("--kubeconfig={}", cp.kubeconfig_path().display()),
+        format!(
+            "--provider-endpoint=unix://{}",
+            h.fake.socket_path().display()
+        ),
+        "--leader-elect=false".to_string(),
+        "--secure-port=0".to_string(),
+        "--allocate-node-cidrs=true".to_string(),
+        "--controllers=node-ipam-controller".to_string(),
+    ])
+    .expect("flags parse");
+    let result = tokio::time::timeout(
+        Duration::from_secs(60),
+        cloud_controller_manager::run(options, std::future::pending()),
+    )
+    .await
+    .expect("the manager gives up at start-up instead of running");
+    match result {
+        Err(AppError::ControllerFlags { controller, source }) => {
+            assert_eq!(controller, "node-ipam-controller");
+            assert_eq!(source.flag, "--cluster-cidr");
+            assert!(
+                source.message.contains("--allocate-node-cidrs=true"),
+                "{source}"
+            );
+        }
+        other => panic!("expected a start-up error naming --cluster-cidr, got {other:?}"),
+    }
 }
