@@ -16,6 +16,7 @@ use crate::controllers::{
     BuildError, ClusterSettings, ControllerContext, ControllerFlags, ControllerSelection, Names,
     Registered, Runner, SelectionError, SharedNodes, Stop,
 };
+use crate::flags::FlagError;
 use crate::health::{Health, Scope, Unhealthy};
 use crate::k8s::{ClientError, ClientMetrics, EventBroadcaster, NodeInformer};
 use crate::leader::{LeaderElector, LeaseConfig, Lost, SharedStatus};
@@ -78,6 +79,14 @@ pub enum AppError {
     /// The secure port could not be served.
     #[error(transparent)]
     Serve(#[from] serve::ServeError),
+    /// An enabled controller's flags are unusable with the shared settings.
+    #[error("{controller}: {source}")]
+    ControllerFlags {
+        /// The controller's canonical name.
+        controller: &'static str,
+        /// The offending flag and what is wrong.
+        source: FlagError,
+    },
     /// Leadership was lost; upstream exits so the process restarts as a candidate.
     #[error("leaderelection lost: {0}")]
     LeadershipLost(#[from] Lost),
@@ -164,7 +173,7 @@ pub async fn run(
     };
     // Built before leadership, as upstream registers metrics at start-up: a standby serves
     // the same metric names as the leader.
-    let built = build_controllers(&ctx, &selection, flags.registry(), &mut registry);
+    let built = build_controllers(&ctx, &selection, flags.registry(), &mut registry)?;
     let registry = Arc::new(registry);
     if options.secure_port != 0 {
         let serving = serve::tls_acceptor(
@@ -285,13 +294,14 @@ pub struct Built {
 }
 
 /// Builds the registry's controllers that `selection` enables and the provider supports
-/// (upstream `startControllers`' checks), registering their metrics.
+/// (upstream `startControllers`' checks), registering their metrics. An enabled controller
+/// whose flags are unusable fails the start-up, as upstream's init errors are fatal.
 pub fn build_controllers(
     ctx: &ControllerContext,
     selection: &ControllerSelection,
     registry: Vec<Registered>,
     metrics: &mut Registry,
-) -> Vec<Built> {
+) -> Result<Vec<Built>, AppError> {
     let capabilities = ctx.cloud.capabilities();
     let mut built = Vec::new();
     for entry in registry {
@@ -316,12 +326,18 @@ pub fn build_controllers(
                 controller = names.canonical,
                 "controller is not implemented in this build yet; not starting it"
             ),
+            Err(BuildError::Invalid(source)) => {
+                return Err(AppError::ControllerFlags {
+                    controller: names.canonical,
+                    source,
+                });
+            }
             Err(why) => {
                 warn!(controller = names.canonical, reason = %why, "not starting controller")
             }
         }
     }
-    built
+    Ok(built)
 }
 
 /// Running controller tasks and the switches that stop them.

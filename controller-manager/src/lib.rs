@@ -25,6 +25,10 @@ pub use controllers::{
     Backends, DeletionPolicy, HostUpdateError, NodeController, NodeLifecycleController, Op,
     Requeue, ServiceLb, ServiceLbMetrics, ServiceSyncError, SyncError, WorkQueue, service_lb_rules,
 };
+pub use controllers::{
+    IpamError, IpamMetrics, IpamSettings, NodeIpamController, REASON_CIDR_ASSIGNMENT_FAILED,
+    REASON_CIDR_NOT_AVAILABLE, node_ipam_settings,
+};
 pub use health::{Health, Scope, Unhealthy};
 pub use k8s::{
     CachedNode, CachedService, EventType, NodeInformer, Recorder, ServiceChange, ServiceInformer,

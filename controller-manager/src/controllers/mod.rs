@@ -19,6 +19,10 @@ pub use registry::{BuildError, Controller, Names, Registered, Runner, Stop, serv
 pub use selection::{ControllerSelection, SelectionError};
 
 pub use node::{NodeController, SyncError};
+pub use node_ipam::{
+    IpamError, IpamMetrics, IpamSettings, NodeIpamController, REASON_CIDR_ASSIGNMENT_FAILED,
+    REASON_CIDR_NOT_AVAILABLE, settings as node_ipam_settings,
+};
 pub use node_lifecycle::{DeletionPolicy, NodeLifecycleController};
 pub use service_lb::{
     Backends, HostUpdateError, Op, Requeue, ServiceLb, ServiceLbMetrics, ServiceSyncError,

@@ -32,6 +32,10 @@ pub enum BuildError {
     /// The controller's settings do not allow it to run (say which and why).
     #[error("{0}")]
     Disabled(String),
+    /// The controller is enabled but its flags, checked against the shared settings, are
+    /// unusable: the manager refuses to start rather than run without it.
+    #[error(transparent)]
+    Invalid(#[from] FlagError),
 }
 
 /// One controller, as the registry runs it. Built once (metrics registered, caches asked for)

@@ -1,0 +1,474 @@
+//! The range allocator's rules, free of IO: what a node needs ([`decide`]) and the ledger of
+//! which CIDR belongs to whom ([`Ledger`]), which the executor feeds with node snapshots and
+//! patch outcomes and asks for the next patches.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use ipnet::IpNet;
+use kube::ResourceExt;
+use tracing::debug;
+
+use super::cidr_set::{CidrSet, CidrSetError};
+use super::config::IpamSettings;
+use super::metrics::IpamMetrics;
+use crate::k8s::CachedNode;
+
+/// What a node needs from the allocator.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Action {
+    /// Nothing: its podCIDRs are all marked used already (or are not ours to track).
+    None,
+    /// It has no podCIDRs: give it one per cluster CIDR.
+    Allocate,
+    /// It has podCIDRs (set by us earlier or by someone else) not yet marked used: respect
+    /// them and mark them.
+    Occupy(Vec<IpNet>),
+}
+
+/// The node's `spec.podCIDRs` (or the single `spec.podCIDR` of old writers) that parse; an
+/// entry that does not parse is logged and left out.
+pub fn pod_cidrs(node: &CachedNode) -> Vec<IpNet> {
+    let spec = node.spec();
+    let listed = spec.pod_cidrs.as_deref().unwrap_or_default();
+    let single = spec.pod_cidr.as_deref().filter(|c| !c.is_empty());
+    let texts: Vec<&str> = if listed.is_empty() {
+        single.into_iter().collect()
+    } else {
+        listed.iter().map(String::as_str).collect()
+    };
+    texts
+        .into_iter()
+        .filter_map(|text| match text.parse::<IpNet>() {
+            Ok(net) => Some(net.trunc()),
+            Err(_) => {
+                debug!(node = %node.name_any(), cidr = text, "podCIDR does not parse; ignored");
+                None
+            }
+        })
+        .collect()
+}
+
+/// Whether the node has any podCIDR set, parsable or not (the API server refuses to change
+/// one once set, so such a node is never given one).
+fn has_pod_cidrs(node: &CachedNode) -> bool {
+    let spec = node.spec();
+    !spec.pod_cidrs.as_deref().unwrap_or_default().is_empty()
+        || spec.pod_cidr.as_deref().is_some_and(|c| !c.is_empty())
+}
+
+/// What `node` needs, given the sets (upstream `AllocateOrOccupyCIDR`'s first step).
+pub fn decide(node: &CachedNode, sets: &[CidrSet]) -> Action {
+    if !has_pod_cidrs(node) {
+        return Action::Allocate;
+    }
+    let unmarked: Vec<IpNet> = pod_cidrs(node)
+        .into_iter()
+        .filter(|cidr| {
+            sets.iter()
+                .filter(|set| set.same_family(cidr))
+                // Out of range (or of a family we do not allocate): not ours, nothing to mark.
+                .any(|set| set.is_occupied(cidr).is_ok_and(|occupied| !occupied))
+        })
+        .collect();
+    if unmarked.is_empty() {
+        Action::None
+    } else {
+        Action::Occupy(unmarked)
+    }
+}
+
+/// A node's CIDRs as last seen on it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Seen {
+    uid: String,
+    cidrs: Vec<IpNet>,
+}
+
+/// Where one of our allocations is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Stage {
+    /// Its patch is being sent.
+    InFlight,
+    /// Patched; not yet seen on the node.
+    Patched,
+    /// The patch failed without a definite answer (it may have been applied): the CIDRs stay
+    /// reserved for this node and are patched again after the backoff.
+    Held,
+}
+
+/// CIDRs we handed to a node that the cache does not show on it yet.
+#[derive(Debug, Clone)]
+struct Pending {
+    uid: String,
+    cidrs: Vec<IpNet>,
+    stage: Stage,
+}
+
+/// A node's retry delay after a failure.
+#[derive(Debug, Clone, Copy)]
+struct Backoff {
+    failures: u32,
+    not_before: Instant,
+    /// The range was full: retried as soon as anything is freed.
+    full: bool,
+}
+
+/// First retry delay after a failure; doubled per further failure.
+pub const BACKOFF_BASE: Duration = Duration::from_millis(500);
+/// Longest retry delay.
+pub const BACKOFF_MAX: Duration = Duration::from_secs(60);
+
+fn delay(failures: u32) -> Duration {
+    BACKOFF_BASE
+        .saturating_mul(
+            1u32.checked_shl(failures.saturating_sub(1))
+                .unwrap_or(u32::MAX),
+        )
+        .min(BACKOFF_MAX)
+}
+
+/// What the executor must do next for one node.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Step {
+    /// Patch the node (name, UID precondition) with these podCIDRs, in cluster CIDR order.
+    Patch {
+        /// Node name.
+        node: String,
+        /// Node UID.
+        uid: String,
+        /// Its podCIDRs.
+        cidrs: Vec<IpNet>,
+    },
+    /// A cluster CIDR has no free block for the node.
+    Full {
+        /// Node name.
+        node: String,
+        /// Which range is full.
+        error: CidrSetError,
+    },
+}
+
+/// How a patch ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    /// The node has our CIDRs.
+    Patched,
+    /// The API server answered that nothing was written (the node changed identity, the
+    /// request was refused, ...): the CIDRs are freed and the node retried after a backoff.
+    NotApplied,
+    /// No definite answer (timeout, connection lost, server error): the write may have landed,
+    /// so the CIDRs stay reserved for the node and the same patch is retried after a backoff.
+    Unknown,
+    /// The node already had podCIDRs (the API server refuses to change them): these, read
+    /// back, are respected; ours are freed unless they are the same.
+    Taken(Vec<IpNet>),
+    /// The node is gone.
+    Gone,
+}
+
+/// What one look at the nodes changed.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Observed {
+    /// Nodes whose podCIDRs appeared or changed since the previous look, not by us.
+    pub foreign_changes: usize,
+    /// Blocks freed.
+    pub released: usize,
+}
+
+/// Which CIDR belongs to whom: the sets per family plus, per node, what was seen on it and
+/// what we handed out but have not seen yet. One owner (the executor's task) changes it, so
+/// every allocation decision is serialized.
+#[derive(Debug)]
+pub struct Ledger {
+    sets: Vec<CidrSet>,
+    reserved: Vec<IpNet>,
+    seen: HashMap<String, Seen>,
+    pending: HashMap<String, Pending>,
+    backoff: HashMap<String, Backoff>,
+}
+
+impl Ledger {
+    /// The ledger of `settings`, service ranges marked used (upstream `filterOutServiceRange`).
+    pub fn new(settings: &IpamSettings, metrics: &IpamMetrics) -> Result<Self, CidrSetError> {
+        let sets = settings
+            .pools
+            .iter()
+            .map(|(cluster, mask)| CidrSet::new(*cluster, *mask, metrics.set(&cluster.to_string())))
+            .collect::<Result<Vec<_>, _>>()?;
+        let mut ledger = Self {
+            sets,
+            reserved: settings.service_ranges.clone(),
+            seen: HashMap::new(),
+            pending: HashMap::new(),
+            backoff: HashMap::new(),
+        };
+        ledger.mark_reserved();
+        Ok(ledger)
+    }
+
+    /// The CIDR sets.
+    pub fn sets(&self) -> &[CidrSet] {
+        &self.sets
+    }
+
+    /// Takes in the nodes as the cache has them now: frees the CIDRs of nodes that are gone
+    /// (or re-created, or whose CIDRs changed), marks every CIDR seen on a node, and drops the
+    /// pending allocations the nodes now show.
+    pub fn observe(&mut self, nodes: &[Arc<CachedNode>]) -> Observed {
+        let mut observed = Observed::default();
+        let live: HashMap<String, &CachedNode> =
+            nodes.iter().map(|n| (n.name_any(), n.as_ref())).collect();
+        let uid_of = |name: &str| live.get(name).map(|n| n.uid().unwrap_or_default());
+        let before: usize = self.sets.iter().map(CidrSet::allocated).sum();
+        // Gone or changed: free what was seen on them (re-marked below if still on a node).
+        let mut freed = Vec::new();
+        let mut landed = Vec::new();
+        self.seen.retain(|name, seen| {
+            let keep = live.get(name).is_some_and(|n| {
+                n.uid().unwrap_or_default() == seen.uid && pod_cidrs(n) == seen.cidrs
+            });
+            if !keep {
+                freed.extend(seen.cidrs.iter().copied());
+            }
+            keep
+        });
+        self.pending.retain(|name, pending| {
+            let Some(node) = live.get(name) else {
+                freed.extend(pending.cidrs.iter().copied());
+                return false;
+            };
+            if uid_of(name).as_deref() != Some(pending.uid.as_str()) {
+                freed.extend(pending.cidrs.iter().copied());
+                return false;
+            }
+            if has_pod_cidrs(node) {
+                // Ours landed, or someone else's did: either way the node's own are marked
+                // below, and ours are freed if they are not the ones it has.
+                let on_node = pod_cidrs(node);
+                freed.extend(pending.cidrs.iter().filter(|c| !on_node.contains(c)));
+                landed.push(name.clone());
+                return false;
+            }
+            true
+        });
+        for cidr in &freed {
+            self.release(cidr);
+        }
+        for (name, node) in &live {
+            if !has_pod_cidrs(node) {
+                continue;
+            }
+            let cidrs = pod_cidrs(node);
+            if let Action::Occupy(unmarked) = decide(node, &self.sets) {
+                for cidr in &unmarked {
+                    self.occupy(cidr);
+                }
+            }
+            let uid = node.uid().unwrap_or_default();
+            if !self.seen.contains_key(name) {
+                if !landed.contains(name) {
+                    // Not one we were waiting for: another writer's.
+                    observed.foreign_changes += 1;
+                }
+                self.seen.insert(name.clone(), Seen { uid, cidrs });
+                self.backoff.remove(name);
+            }
+        }
+        if !freed.is_empty() {
+            // A freed CIDR may also have been on another node, or in a service range.
+            let still: Vec<IpNet> = self
+                .seen
+                .values()
+                .flat_map(|s| s.cidrs.iter().copied())
+                .chain(self.pending.values().flat_map(|p| p.cidrs.iter().copied()))
+                .collect();
+            for cidr in &still {
+                self.occupy(cidr);
+            }
+            self.mark_reserved();
+        }
+        self.backoff.retain(|name, _| live.contains_key(name));
+        let after: usize = self.sets.iter().map(CidrSet::allocated).sum();
+        observed.released = before.saturating_sub(after);
+        if observed.released > 0 {
+            // Room again: nodes that found a range full are tried now.
+            self.backoff.retain(|_, b| !b.full);
+        }
+        observed
+    }
+
+    /// The patches to send now (at most `limit`), allocating for nodes that need it; nodes in
+    /// backoff, or with a patch under way, wait.
+    pub fn next_steps(
+        &mut self,
+        nodes: &[Arc<CachedNode>],
+        now: Instant,
+        limit: usize,
+    ) -> Vec<Step> {
+        let mut steps = Vec::new();
+        for node in nodes {
+            if steps.len() >= limit {
+                break;
+            }
+            let name = node.name_any();
+            if self.backoff.get(&name).is_some_and(|b| b.not_before > now) {
+                continue;
+            }
+            if decide(node, &self.sets) != Action::Allocate {
+                continue;
+            }
+            let uid = node.uid().unwrap_or_default();
+            match self.pending.get_mut(&name) {
+                Some(pending) if pending.stage == Stage::Held && pending.uid == uid => {
+                    pending.stage = Stage::InFlight;
+                    steps.push(Step::Patch {
+                        node: name,
+                        uid,
+                        cidrs: pending.cidrs.clone(),
+                    });
+                    continue;
+                }
+                Some(_) => continue,
+                None => {}
+            }
+            match self.allocate() {
+                Ok(cidrs) => {
+                    self.pending.insert(
+                        name.clone(),
+                        Pending {
+                            uid: uid.clone(),
+                            cidrs: cidrs.clone(),
+                            stage: Stage::InFlight,
+                        },
+                    );
+                    steps.push(Step::Patch {
+                        node: name,
+                        uid,
+                        cidrs,
+                    });
+                }
+                Err(error) => {
+                    self.fail(&name, now, true);
+                    steps.push(Step::Full { node: name, error });
+                }
+            }
+        }
+        steps
+    }
+
+    /// One block per set; all or nothing.
+    fn allocate(&mut self) -> Result<Vec<IpNet>, CidrSetError> {
+        let mut cidrs = Vec::with_capacity(self.sets.len());
+        for index in 0..self.sets.len() {
+            match self.sets[index].allocate_next() {
+                Ok(cidr) => cidrs.push(cidr),
+                Err(error) => {
+                    for cidr in &cidrs {
+                        self.release(cidr);
+                    }
+                    return Err(error);
+                }
+            }
+        }
+        Ok(cidrs)
+    }
+
+    /// Records how `node`'s patch ended.
+    pub fn finished(&mut self, node: &str, outcome: Outcome, now: Instant) {
+        let Some(pending) = self.pending.get_mut(node) else {
+            return;
+        };
+        match outcome {
+            Outcome::Patched => {
+                pending.stage = Stage::Patched;
+                self.backoff.remove(node);
+            }
+            Outcome::Unknown => {
+                pending.stage = Stage::Held;
+                self.fail(node, now, false);
+            }
+            Outcome::NotApplied | Outcome::Gone => {
+                let ours = self
+                    .pending
+                    .remove(node)
+                    .map(|p| p.cidrs)
+                    .unwrap_or_default();
+                for cidr in &ours {
+                    self.release(cidr);
+                }
+                if outcome == Outcome::NotApplied {
+                    self.fail(node, now, false);
+                }
+            }
+            Outcome::Taken(theirs) => {
+                let Some(pending) = self.pending.remove(node) else {
+                    return;
+                };
+                for cidr in pending.cidrs.iter().filter(|c| !theirs.contains(c)) {
+                    self.release(cidr);
+                }
+                for cidr in &theirs {
+                    self.occupy(cidr);
+                }
+                self.seen.insert(
+                    node.to_string(),
+                    Seen {
+                        uid: pending.uid,
+                        cidrs: theirs,
+                    },
+                );
+            }
+        }
+    }
+
+    /// When the earliest backoff still running at `now` ends (those already over are
+    /// [`next_steps`](Self::next_steps)' business).
+    pub fn next_retry(&self, now: Instant) -> Option<Instant> {
+        self.backoff
+            .values()
+            .map(|b| b.not_before)
+            .filter(|at| *at > now)
+            .min()
+    }
+
+    fn fail(&mut self, node: &str, now: Instant, full: bool) {
+        let backoff = self.backoff.entry(node.to_string()).or_insert(Backoff {
+            failures: 0,
+            not_before: now,
+            full,
+        });
+        backoff.failures = backoff.failures.saturating_add(1);
+        backoff.not_before = now + delay(backoff.failures);
+        backoff.full = full;
+    }
+
+    fn set_of(&mut self, cidr: &IpNet) -> Option<&mut CidrSet> {
+        self.sets.iter_mut().find(|set| set.same_family(cidr))
+    }
+
+    /// Marks `cidr` used; a CIDR outside every cluster CIDR is not ours and is ignored.
+    fn occupy(&mut self, cidr: &IpNet) {
+        if let Some(set) = self.set_of(cidr)
+            && let Err(err) = set.occupy(cidr)
+        {
+            debug!(%cidr, error = %err, "CIDR is not in a cluster CIDR; not tracked");
+        }
+    }
+
+    fn release(&mut self, cidr: &IpNet) {
+        if let Some(set) = self.set_of(cidr) {
+            let _ = set.release(cidr);
+        }
+    }
+
+    fn mark_reserved(&mut self) {
+        for cidr in self.reserved.clone() {
+            self.occupy(&cidr);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;
