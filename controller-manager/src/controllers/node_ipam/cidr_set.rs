@@ -7,9 +7,13 @@ use ipnet::IpNet;
 
 use super::metrics::SetMetrics;
 
-/// The most bits a node mask may be longer than the cluster CIDR's prefix: the bitmap then
-/// holds at most 65536 blocks (8 KiB), as upstream's `clusterSubnetMaxDiff`.
+/// The most bits an IPv6 node mask may be longer than the cluster CIDR's prefix: the bitmap
+/// then holds at most 65536 blocks (8 KiB), as upstream's `clusterSubnetMaxDiff`.
 pub const MAX_MASK_DIFF: u8 = 16;
+
+/// The same limit for IPv4, where upstream has none: 24 bits (a 2 MiB bitmap) admits every
+/// layout in use, such as /25 nodes in a /8, while a /32-per-node /0 would need 512 MiB.
+pub const MAX_MASK_DIFF_IPV4: u8 = 24;
 
 /// Why a CIDR set cannot be made or used.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -22,15 +26,18 @@ pub enum CidrSetError {
         /// The node mask size.
         node_mask: u8,
     },
-    /// The node mask is more than [`MAX_MASK_DIFF`] bits longer than the cluster CIDR's prefix.
+    /// The node mask is more than [`MAX_MASK_DIFF`] ([`MAX_MASK_DIFF_IPV4`] for IPv4) bits longer
+    /// than the cluster CIDR's prefix.
     #[error(
-        "node CIDR mask /{node_mask} is more than {MAX_MASK_DIFF} bits longer than the prefix of the cluster CIDR {cluster} (the node CIDR size is too big)"
+        "node CIDR mask /{node_mask} is more than {limit} bits longer than the prefix of the cluster CIDR {cluster} (the node CIDR size is too big)"
     )]
     MaskTooLong {
         /// The cluster CIDR.
         cluster: IpNet,
         /// The node mask size.
         node_mask: u8,
+        /// The limit for the cluster CIDR's family.
+        limit: u8,
     },
     /// The node mask is longer than the family's address.
     #[error("node CIDR mask /{node_mask} is longer than an address of the cluster CIDR {cluster}")]
@@ -87,8 +94,16 @@ impl CidrSet {
             return Err(CidrSetError::MaskBeyondAddress { cluster, node_mask });
         }
         let diff = node_mask - cluster.prefix_len();
-        if diff > MAX_MASK_DIFF {
-            return Err(CidrSetError::MaskTooLong { cluster, node_mask });
+        let limit = match cluster {
+            IpNet::V4(_) => MAX_MASK_DIFF_IPV4,
+            IpNet::V6(_) => MAX_MASK_DIFF,
+        };
+        if diff > limit {
+            return Err(CidrSetError::MaskTooLong {
+                cluster,
+                node_mask,
+                limit,
+            });
         }
         let max = 1usize << diff;
         metrics.set_usage(0, max);

@@ -312,9 +312,21 @@ mod tests {
                 Err("--node-cidr-mask-size-ipv4"),
             ),
             (
-                "mask more than 16 bits longer",
+                "ipv6 mask more than 16 bits longer",
+                flags(None, None, Some(65)),
+                "fd00::/48",
+                Err("--node-cidr-mask-size-ipv6"),
+            ),
+            (
+                "ipv4 mask 17 bits longer, as upstream allows",
                 flags(None, Some(25), None),
                 "10.0.0.0/8",
+                Ok(vec![25]),
+            ),
+            (
+                "ipv4 mask more than 24 bits longer",
+                flags(None, Some(25), None),
+                "0.0.0.0/0",
                 Err("--node-cidr-mask-size-ipv4"),
             ),
             (
