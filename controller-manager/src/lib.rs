@@ -19,11 +19,15 @@ mod options;
 pub mod serve;
 
 pub use app::{AppError, Options, run};
-pub use cloud::{Cloud, CloudMetrics, ConnectSettings, Fence, ProviderEndpoint};
+pub use cloud::{
+    Cloud, CloudMetrics, ConnectSettings, Fence, ListRoutesError, ProviderEndpoint, RouteList,
+};
 pub use cluster_cidrs::{ClusterCidrError, ClusterCidrs};
 pub use controllers::{
-    Backends, DeletionPolicy, HostUpdateError, NodeController, NodeLifecycleController, Op,
-    Requeue, ServiceLb, ServiceLbMetrics, ServiceSyncError, SyncError, WorkQueue, service_lb_rules,
+    Backends, DeletionPolicy, FeatureGates, HostUpdateError, NodeController,
+    NodeLifecycleController, Op, Requeue, RouteError, RouteMetrics, RouteOutcome, RouteSchedule,
+    RouteSync, ServiceLb, ServiceLbMetrics, ServiceSyncError, SyncError, WorkQueue, route_rules,
+    service_lb_rules,
 };
 pub use health::{Health, Scope, Unhealthy};
 pub use k8s::{

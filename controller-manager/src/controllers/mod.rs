@@ -14,12 +14,16 @@ mod route;
 mod selection;
 mod service_lb;
 
-pub use context::{ClusterSettings, ControllerContext, SharedNodes};
+pub use context::{ClusterSettings, ControllerContext, FeatureGates, SharedNodes};
 pub use registry::{BuildError, Controller, Names, Registered, Runner, Stop, serves_instances};
 pub use selection::{ControllerSelection, SelectionError};
 
 pub use node::{NodeController, SyncError};
 pub use node_lifecycle::{DeletionPolicy, NodeLifecycleController};
+pub use route::{
+    Outcome as RouteOutcome, RouteError, RouteMetrics, RouteSync, Schedule as RouteSchedule,
+    decide as route_rules,
+};
 pub use service_lb::{
     Backends, HostUpdateError, Op, Requeue, ServiceLb, ServiceLbMetrics, ServiceSyncError,
     WorkQueue, decide as service_lb_rules,
