@@ -117,7 +117,14 @@ fn as_final(routes: &[pb::Route]) -> Final {
 }
 
 fn plan_for(nodes: &[CachedNode], routes: &[pb::Route], cidrs: &str) -> Plan {
-    plan_with(nodes, routes, cidrs, None, &Backoff::default(), Instant::now())
+    plan_with(
+        nodes,
+        routes,
+        cidrs,
+        None,
+        &Backoff::default(),
+        Instant::now(),
+    )
 }
 
 fn plan_with(
@@ -223,7 +230,10 @@ fn reconcile__routes_have_no_target_node_addresses_at_the_beginning() {
     let plan = plan_for(&two_dual_nodes(), &routes, DUAL);
     assert_eq!(plan.deletions.len(), 4);
     assert_eq!(plan.creations.len(), 4);
-    assert!(plan.deletions_first, "recreated routes wait for the deletions");
+    assert!(
+        plan.deletions_first,
+        "recreated routes wait for the deletions"
+    );
     expect_final(
         &two_dual_nodes(),
         &routes,
@@ -268,7 +278,10 @@ fn reconcile__multicidr_2_nodes_and_few_wrong_routes() {
     ];
     let plan = plan_for(&two_dual_nodes(), &routes, DUAL);
     assert_eq!(plan.deletions.len(), 2);
-    assert!(plan.deletions_first, "a CIDR changes target: never two routes for it");
+    assert!(
+        plan.deletions_first,
+        "a CIDR changes target: never two routes for it"
+    );
     expect_final(
         &two_dual_nodes(),
         &routes,
@@ -345,7 +358,10 @@ fn reconcile__single_cidr_2_nodes_and_too_many_routes() {
 fn reconcile__single_cidr_2_nodes_and_2_routes_with_1_incorrect() {
     let routes = vec![two_routes()[0].clone(), route("node-3", "10.120.1.0/24")];
     let plan = plan_for(&two_nodes(), &routes, V4);
-    assert!(plan.deletions_first, "10.120.1.0/24 moves from node-3 to node-2");
+    assert!(
+        plan.deletions_first,
+        "10.120.1.0/24 moves from node-3 to node-2"
+    );
     expect_final(&two_nodes(), &routes, V4, &two_routes());
 }
 
@@ -356,7 +372,11 @@ fn reconcile__single_cidr_2_nodes_and_one_node_without_cidr_assigned() {
         node("node-2", &[], &["10.1.1.2"]),
     ];
     let plan = plan_for(&nodes, &[], V4);
-    assert_eq!(plan.routes_created("node-2"), None, "no entry, no condition");
+    assert_eq!(
+        plan.routes_created("node-2"),
+        None,
+        "no entry, no condition"
+    );
     expect_final(&nodes, &[], V4, &[two_routes()[0].clone()]);
 }
 
@@ -411,21 +431,41 @@ fn foreign_route_to_a_node_with_stale_addresses_is_kept_not_duplicated() {
         two_routes()[1].clone(),
     ];
     let plan = plan_for(&two_nodes(), &routes, V4);
-    assert!(plan.deletions.is_empty() && plan.creations.is_empty(), "{plan:?}");
+    assert!(
+        plan.deletions.is_empty() && plan.creations.is_empty(),
+        "{plan:?}"
+    );
 }
 
 #[test]
 fn nodes_outside_the_providers_ownership_get_no_route_and_keep_theirs() {
     let nodes = vec![
-        node_with("node-1", &["10.120.0.0/24"], &["10.1.1.1"], Some("fake://1")),
-        node_with("robot", &["10.120.5.0/24"], &["10.1.1.5"], Some("hrobot://5")),
+        node_with(
+            "node-1",
+            &["10.120.0.0/24"],
+            &["10.1.1.1"],
+            Some("fake://1"),
+        ),
+        node_with(
+            "robot",
+            &["10.120.5.0/24"],
+            &["10.1.1.5"],
+            Some("hrobot://5"),
+        ),
     ];
     let routes = vec![route("robot", "10.120.5.0/24")];
     let plan = plan_for(&nodes, &routes, V4);
     assert!(plan.deletions.is_empty(), "{plan:?}");
     assert_eq!(plan.creations.len(), 1);
-    assert_eq!(plan.creations[0].key, RouteKey::new("node-1", "10.120.0.0/24"));
-    assert_eq!(plan.routes_created("robot"), None, "its condition is not ours");
+    assert_eq!(
+        plan.creations[0].key,
+        RouteKey::new("node-1", "10.120.0.0/24")
+    );
+    assert_eq!(
+        plan.routes_created("robot"),
+        None,
+        "its condition is not ours"
+    );
 }
 
 #[test]
@@ -444,9 +484,19 @@ fn capacity_shortfall_leaves_the_routes_that_do_not_fit() {
         .collect();
     // One stale route is deleted first, which frees its slot.
     let routes = vec![route("gone", "10.120.99.0/24")];
-    let plan = plan_with(&nodes, &routes, V4, Some(3), &Backoff::default(), Instant::now());
+    let plan = plan_with(
+        &nodes,
+        &routes,
+        V4,
+        Some(3),
+        &Backoff::default(),
+        Instant::now(),
+    );
     assert_eq!(plan.deletions.len(), 1);
-    assert!(plan.deletions_first, "freed slots must be free before they are used");
+    assert!(
+        plan.deletions_first,
+        "freed slots must be free before they are used"
+    );
     assert_eq!(plan.creations.len(), 3);
     assert_eq!(
         plan.over_capacity,
@@ -469,7 +519,10 @@ fn capacity_is_counted_against_the_routes_that_stay() {
         Instant::now(),
     );
     assert!(plan.creations.is_empty());
-    assert_eq!(plan.over_capacity, vec![RouteKey::new("node-2", "10.120.1.0/24")]);
+    assert_eq!(
+        plan.over_capacity,
+        vec![RouteKey::new("node-2", "10.120.1.0/24")]
+    );
 }
 
 #[test]
@@ -485,11 +538,25 @@ fn a_failing_route_waits_for_its_backoff_and_others_do_not() {
     let failing = RouteKey::new("node-1", "10.120.0.0/24");
     let mut backoff = Backoff::default();
     assert_eq!(backoff.failed(&failing, t0), Duration::from_secs(5));
-    let plan = plan_with(&two_nodes(), &[], V4, None, &backoff, t0 + Duration::from_secs(4));
+    let plan = plan_with(
+        &two_nodes(),
+        &[],
+        V4,
+        None,
+        &backoff,
+        t0 + Duration::from_secs(4),
+    );
     assert_eq!(plan.backing_off, vec![failing.clone()]);
     assert_eq!(plan.creations.len(), 1, "node-2's route is not held up");
     assert_eq!(plan.creations[0].key.node, "node-2");
-    let plan = plan_with(&two_nodes(), &[], V4, None, &backoff, t0 + Duration::from_secs(5));
+    let plan = plan_with(
+        &two_nodes(),
+        &[],
+        V4,
+        None,
+        &backoff,
+        t0 + Duration::from_secs(5),
+    );
     assert_eq!(plan.creations.len(), 2, "retried once its time has come");
     assert_eq!(backoff.failed(&failing, t0), Duration::from_secs(10));
     assert_eq!(backoff.failures(&failing), 2);
@@ -501,7 +568,13 @@ fn a_failing_route_waits_for_its_backoff_and_others_do_not() {
 fn many_permanently_failing_nodes_do_not_starve_a_new_one() {
     let t0 = Instant::now();
     let mut nodes: Vec<CachedNode> = (0..100)
-        .map(|i| node(&format!("ghost-{i:03}"), &[&format!("10.120.{i}.0/24")], &[]))
+        .map(|i| {
+            node(
+                &format!("ghost-{i:03}"),
+                &[&format!("10.120.{i}.0/24")],
+                &[],
+            )
+        })
         .collect();
     let mut backoff = Backoff::default();
     for n in &nodes {
@@ -589,13 +662,16 @@ fn update_networking_condition__no_existing_condition_routes_not_created_should_
     let (status, reason, message, _) = written(&network_condition(None, false, &now()));
     assert_eq!(
         (status.as_str(), reason.as_str(), message.as_str()),
-        ("True", "NoRouteCreated", "RouteController failed to create a route")
+        (
+            "True",
+            "NoRouteCreated",
+            "RouteController failed to create a route"
+        )
     );
 }
 
 #[test]
-fn update_networking_condition__existing_condition_with_same_status_and_reason_should_not_update()
-{
+fn update_networking_condition__existing_condition_with_same_status_and_reason_should_not_update() {
     let existing = condition("False", "RouteCreated");
     assert_eq!(
         network_condition(Some(&existing), true, &now()),
@@ -608,7 +684,10 @@ fn update_networking_condition__existing_condition_with_same_status_but_differen
  {
     let existing = condition("False", "CalicoIsUp");
     let (status, reason, _, _) = written(&network_condition(Some(&existing), true, &now()));
-    assert_eq!((status.as_str(), reason.as_str()), ("False", "RouteCreated"));
+    assert_eq!(
+        (status.as_str(), reason.as_str()),
+        ("False", "RouteCreated")
+    );
 }
 
 #[test]
@@ -616,7 +695,10 @@ fn update_networking_condition__existing_condition_with_status_false_but_differe
  {
     let existing = condition("False", "ExternalCNI");
     let (status, reason, _, _) = written(&network_condition(Some(&existing), true, &now()));
-    assert_eq!((status.as_str(), reason.as_str()), ("False", "RouteCreated"));
+    assert_eq!(
+        (status.as_str(), reason.as_str()),
+        ("False", "RouteCreated")
+    );
 }
 
 #[test]
@@ -625,8 +707,14 @@ fn update_networking_condition__existing_condition_with_status_true_and_differen
     let existing = condition("True", "SomethingElse");
     let (status, reason, _, transition) =
         written(&network_condition(Some(&existing), false, &now()));
-    assert_eq!((status.as_str(), reason.as_str()), ("True", "NoRouteCreated"));
-    assert_eq!(transition, "2020-01-01T00:00:00Z", "the status did not change");
+    assert_eq!(
+        (status.as_str(), reason.as_str()),
+        ("True", "NoRouteCreated")
+    );
+    assert_eq!(
+        transition, "2020-01-01T00:00:00Z",
+        "the status did not change"
+    );
 }
 
 #[test]
@@ -636,7 +724,10 @@ fn update_networking_condition__existing_condition_with_status_false_transitioni
     let existing = condition("False", "RouteCreated");
     let at = now();
     let (status, reason, _, transition) = written(&network_condition(Some(&existing), false, &at));
-    assert_eq!((status.as_str(), reason.as_str()), ("True", "NoRouteCreated"));
+    assert_eq!(
+        (status.as_str(), reason.as_str()),
+        ("True", "NoRouteCreated")
+    );
     assert_ne!(transition, "2020-01-01T00:00:00Z", "the status changed now");
 }
 
@@ -727,8 +818,11 @@ fn node_cache_changes_that_trigger_a_reconcile() {
     )]
     .into();
     assert!(!nodes_changed(&seen, &heartbeat), "a status heartbeat");
-    let added: HashMap<String, Watched> =
-        [("a".to_string(), one.clone()), ("b".to_string(), one.clone())].into();
+    let added: HashMap<String, Watched> = [
+        ("a".to_string(), one.clone()),
+        ("b".to_string(), one.clone()),
+    ]
+    .into();
     assert!(nodes_changed(&seen, &added), "node added");
     assert!(nodes_changed(&added, &seen), "node deleted");
     let renamed: HashMap<String, Watched> = [("b".to_string(), one)].into();
