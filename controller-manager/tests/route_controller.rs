@@ -154,22 +154,13 @@ impl Env {
     }
 
     async fn wait_version(&self, node: &Node) {
-        let store = self.nodes.clone();
         let (name, version) = (node.name_any(), node.resource_version());
-        test_support::wait_for("the node cache to hold the node", WAIT, || {
-            let fresh = store
+        self.wait_cache("the node cache to hold the node", move |store| {
+            store
                 .get(&ObjectRef::new(&name))
-                .is_some_and(|c| c.resource_version() == version);
-            async move {
-                if fresh {
-                    Ok(())
-                } else {
-                    Err("an older version or none".to_string())
-                }
-            }
+                .is_some_and(|c| c.resource_version() == version)
         })
-        .await
-        .expect("node cache catches up");
+        .await;
     }
 
     async fn delete_node(&self, name: &str) {
@@ -177,14 +168,22 @@ impl Env {
             .delete(name, &DeleteParams::default())
             .await
             .expect("delete node");
-        let store = self.nodes.clone();
-        test_support::wait_for("the node cache to drop the node", WAIT, || {
-            let gone = store.get(&ObjectRef::new(name)).is_none();
+        let name = name.to_string();
+        self.wait_cache("the node cache to drop the node", move |store| {
+            store.get(&ObjectRef::new(&name)).is_none()
+        })
+        .await;
+    }
+
+    /// Waits until `holds` is true of the node cache.
+    async fn wait_cache(&self, what: &str, holds: impl Fn(&Store<CachedNode>) -> bool) {
+        test_support::wait_for(what, WAIT, || {
+            let done = holds(&self.nodes);
             async move {
-                if gone {
+                if done {
                     Ok(())
                 } else {
-                    Err("still cached".to_string())
+                    Err("not yet".to_string())
                 }
             }
         })

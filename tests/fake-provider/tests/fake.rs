@@ -66,7 +66,8 @@ async fn capabilities_follow_the_toggles() {
         vec![
             Capability::Instances as i32,
             Capability::Zones as i32,
-            Capability::LoadBalancer as i32
+            Capability::LoadBalancer as i32,
+            Capability::Routes as i32
         ]
     );
 
@@ -76,6 +77,7 @@ async fn capabilities_follow_the_toggles() {
         instances_v2_enabled: true,
         zones_disabled: true,
         load_balancers_disabled: true,
+        routes_disabled: true,
         ..FakeCloud::default()
     }
     .serve()

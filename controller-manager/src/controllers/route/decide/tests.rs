@@ -203,6 +203,16 @@ fn dual_routes_with_addresses() -> Vec<pb::Route> {
     ]
 }
 
+/// The two dual-stack nodes end with one route per pod CIDR, carrying their addresses.
+fn expect_dual_final(routes: &[pb::Route]) {
+    expect_final(
+        &two_dual_nodes(),
+        routes,
+        DUAL,
+        &dual_routes_with_addresses(),
+    );
+}
+
 fn two_nodes() -> Vec<CachedNode> {
     vec![
         node("node-1", &["10.120.0.0/24"], &["10.1.1.1"]),
@@ -234,12 +244,7 @@ fn reconcile__routes_have_no_target_node_addresses_at_the_beginning() {
         plan.deletions_first,
         "recreated routes wait for the deletions"
     );
-    expect_final(
-        &two_dual_nodes(),
-        &routes,
-        DUAL,
-        &dual_routes_with_addresses(),
-    );
+    expect_dual_final(&routes);
 }
 
 #[test]
@@ -256,7 +261,7 @@ fn reconcile__multicidr_2_nodes_and_no_routes() {
     let plan = plan_for(&two_dual_nodes(), &[], DUAL);
     assert_eq!(plan.creations.len(), 4);
     assert!(plan.deletions.is_empty());
-    expect_final(&two_dual_nodes(), &[], DUAL, &dual_routes_with_addresses());
+    expect_dual_final(&[]);
 }
 
 #[test]
@@ -282,12 +287,7 @@ fn reconcile__multicidr_2_nodes_and_few_wrong_routes() {
         plan.deletions_first,
         "a CIDR changes target: never two routes for it"
     );
-    expect_final(
-        &two_dual_nodes(),
-        &routes,
-        DUAL,
-        &dual_routes_with_addresses(),
-    );
+    expect_dual_final(&routes);
 }
 
 #[test]
@@ -305,12 +305,7 @@ fn reconcile__multicidr_2_nodes_and_too_many_routes() {
     let mut routes = dual_routes_with_addresses();
     routes.push(route_addrs("node-x", "10.120.2.0/24", &["10.1.1.3"]));
     routes.push(route_addrs("node-y", "ace:cab:deca:2::/64", &["ace::3"]));
-    expect_final(
-        &two_dual_nodes(),
-        &routes,
-        DUAL,
-        &dual_routes_with_addresses(),
-    );
+    expect_dual_final(&routes);
 }
 
 #[test]
@@ -648,6 +643,16 @@ fn written(decision: &ConditionDecision) -> (String, String, String, String) {
     )
 }
 
+/// Asserts that the decision for a node with `existing` (status, reason) is a patch writing
+/// `want`; returns the written lastTransitionTime.
+fn assert_writes(existing: Option<(&str, &str)>, created: bool, want: (&str, &str)) -> String {
+    let existing = existing.map(|(status, reason)| condition(status, reason));
+    let (status, reason, _, transition) =
+        written(&network_condition(existing.as_ref(), created, &now()));
+    assert_eq!((status.as_str(), reason.as_str()), want);
+    transition
+}
+
 #[test]
 fn update_networking_condition__no_existing_condition_routes_created_should_update() {
     let (status, reason, message, _) = written(&network_condition(None, true, &now()));
@@ -682,34 +687,30 @@ fn update_networking_condition__existing_condition_with_same_status_and_reason_s
 #[test]
 fn update_networking_condition__existing_condition_with_same_status_but_different_reason_should_update()
  {
-    let existing = condition("False", "CalicoIsUp");
-    let (status, reason, _, _) = written(&network_condition(Some(&existing), true, &now()));
-    assert_eq!(
-        (status.as_str(), reason.as_str()),
-        ("False", "RouteCreated")
+    assert_writes(
+        Some(("False", "CalicoIsUp")),
+        true,
+        ("False", "RouteCreated"),
     );
 }
 
 #[test]
 fn update_networking_condition__existing_condition_with_status_false_but_different_reason_should_update_when_routes_created()
  {
-    let existing = condition("False", "ExternalCNI");
-    let (status, reason, _, _) = written(&network_condition(Some(&existing), true, &now()));
-    assert_eq!(
-        (status.as_str(), reason.as_str()),
-        ("False", "RouteCreated")
+    assert_writes(
+        Some(("False", "ExternalCNI")),
+        true,
+        ("False", "RouteCreated"),
     );
 }
 
 #[test]
 fn update_networking_condition__existing_condition_with_status_true_and_different_reason_should_update_when_routes_not_created()
  {
-    let existing = condition("True", "SomethingElse");
-    let (status, reason, _, transition) =
-        written(&network_condition(Some(&existing), false, &now()));
-    assert_eq!(
-        (status.as_str(), reason.as_str()),
-        ("True", "NoRouteCreated")
+    let transition = assert_writes(
+        Some(("True", "SomethingElse")),
+        false,
+        ("True", "NoRouteCreated"),
     );
     assert_eq!(
         transition, "2020-01-01T00:00:00Z",
@@ -721,12 +722,10 @@ fn update_networking_condition__existing_condition_with_status_true_and_differen
 fn update_networking_condition__existing_condition_with_status_false_transitioning_to_routes_not_created_should_update()
  {
     // Our own False: a route has gone missing since.
-    let existing = condition("False", "RouteCreated");
-    let at = now();
-    let (status, reason, _, transition) = written(&network_condition(Some(&existing), false, &at));
-    assert_eq!(
-        (status.as_str(), reason.as_str()),
-        ("True", "NoRouteCreated")
+    let transition = assert_writes(
+        Some(("False", "RouteCreated")),
+        false,
+        ("True", "NoRouteCreated"),
     );
     assert_ne!(transition, "2020-01-01T00:00:00Z", "the status changed now");
 }
