@@ -24,11 +24,11 @@ pub use cloud::{
 };
 pub use cluster_cidrs::{ClusterCidrError, ClusterCidrs};
 pub use controllers::{
-    Backends, DeletionPolicy, FeatureGates, HostUpdateError, NodeController,
-    NodeLifecycleController, Op, Requeue, RouteError, RouteMetrics, RouteOutcome, RouteSchedule,
-    RouteSync, ServiceLb, ServiceLbMetrics, ServiceSyncError, SyncError, WorkQueue, route_rules,
-    service_lb_rules,
+    Backends, DeletionPolicy, HostUpdateError, NodeController, NodeLifecycleController, Op,
+    Requeue, RouteError, RouteMetrics, RouteOutcome, RouteSchedule, RouteSync, ServiceLb,
+    ServiceLbMetrics, ServiceSyncError, SyncError, WorkQueue, route_rules, service_lb_rules,
 };
+pub use flags::{FeatureGateError, FeatureGates, parse_feature_gates};
 pub use health::{Health, Scope, Unhealthy};
 pub use k8s::{
     CachedNode, CachedService, EventType, NodeInformer, Recorder, ServiceChange, ServiceInformer,

@@ -8,8 +8,7 @@ use std::time::Duration;
 
 use crate::cloud::{ConnectSettings, EndpointError, EndpointTls, ProviderEndpoint};
 use crate::cluster_cidrs::{ClusterCidrError, ClusterCidrs};
-use crate::controllers::FeatureGates;
-use crate::flags::{FlagError, parse_duration};
+use crate::flags::{FeatureGates, FlagError, parse_duration, parse_feature_gates};
 
 /// Upstream's default `--cluster-name`.
 pub const DEFAULT_CLUSTER_NAME: &str = "kubernetes";
@@ -149,61 +148,6 @@ fn parse_cluster_cidrs(value: &str) -> Result<ClusterCidrs, ClusterCidrError> {
     value.parse()
 }
 
-/// A `--feature-gates` entry that cannot be used.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum FeatureGateError {
-    /// An entry is not `Name=value`.
-    #[error("{entry:?} is not Name=true|false")]
-    Malformed {
-        /// The entry as given.
-        entry: String,
-    },
-    /// No gate has this name.
-    #[error("unrecognized feature gate {name:?} (known: {})", FeatureGates::NAMES.join(", "))]
-    Unknown {
-        /// The name given.
-        name: String,
-    },
-    /// The value is not a boolean.
-    #[error("invalid value {value:?} of feature gate {name}: expected true or false")]
-    NotBool {
-        /// The gate.
-        name: String,
-        /// The value given.
-        value: String,
-    },
-}
-
-/// Parses upstream's `mapStringBool` form: `A=true,B=false`; the empty string sets nothing.
-pub fn parse_feature_gates(value: &str) -> Result<FeatureGates, FeatureGateError> {
-    let mut gates = FeatureGates::default();
-    for entry in value.split(',').map(str::trim).filter(|e| !e.is_empty()) {
-        let Some((name, enabled)) = entry.split_once('=') else {
-            return Err(FeatureGateError::Malformed {
-                entry: entry.to_string(),
-            });
-        };
-        let (name, enabled) = (name.trim(), enabled.trim());
-        // Go's strconv.ParseBool, as upstream parses the values.
-        let enabled = match enabled {
-            "1" | "t" | "T" | "true" | "TRUE" | "True" => true,
-            "0" | "f" | "F" | "false" | "FALSE" | "False" => false,
-            _ => {
-                return Err(FeatureGateError::NotBool {
-                    name: name.to_string(),
-                    value: enabled.to_string(),
-                });
-            }
-        };
-        if !gates.set(name, enabled) {
-            return Err(FeatureGateError::Unknown {
-                name: name.to_string(),
-            });
-        }
-    }
-    Ok(gates)
-}
-
 impl GenericOptions {
     /// Checks values clap cannot check on its own (`--controllers` is checked against the
     /// registry by the caller).
@@ -274,49 +218,5 @@ impl GenericOptions {
             reload_interval: self.provider_tls_reload_interval,
             startup_timeout: self.provider_startup_timeout,
         }
-    }
-}
-
-#[cfg(test)]
-mod feature_gate_tests {
-    use super::*;
-
-    #[test]
-    fn feature_gates_parse_known_names_and_go_booleans() {
-        assert_eq!(parse_feature_gates(""), Ok(FeatureGates::default()));
-        let gates = parse_feature_gates(
-            "CloudControllerManagerWatchBasedRoutesReconciliation=true, CloudControllerManagerWebhook=F",
-        )
-        .unwrap();
-        assert!(gates.watch_based_routes_reconciliation);
-        assert!(!gates.webhook);
-        assert!(
-            parse_feature_gates("CloudControllerManagerWebhook=1")
-                .unwrap()
-                .webhook
-        );
-    }
-
-    #[test]
-    fn bad_feature_gates_name_the_entry() {
-        let unknown = parse_feature_gates("NoSuchGate=true").unwrap_err();
-        assert_eq!(
-            unknown,
-            FeatureGateError::Unknown {
-                name: "NoSuchGate".into()
-            }
-        );
-        assert!(unknown.to_string().contains("NoSuchGate"));
-        let not_bool = parse_feature_gates("CloudControllerManagerWebhook=yes").unwrap_err();
-        assert!(
-            not_bool
-                .to_string()
-                .contains("CloudControllerManagerWebhook")
-        );
-        assert!(not_bool.to_string().contains("yes"));
-        assert!(matches!(
-            parse_feature_gates("CloudControllerManagerWebhook"),
-            Err(FeatureGateError::Malformed { .. })
-        ));
     }
 }

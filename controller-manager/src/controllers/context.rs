@@ -8,6 +8,7 @@ use kube::runtime::reflector::{ReflectHandle, Store};
 
 use crate::cloud::Cloud;
 use crate::cluster_cidrs::ClusterCidrs;
+use crate::flags::FeatureGates;
 use crate::k8s::{CachedNode, EventBroadcaster, NodeInformer, Recorder};
 
 /// Upstream's shared cloud settings (`KubeCloudSharedConfiguration`) that more than one
@@ -26,36 +27,6 @@ pub struct ClusterSettings {
     pub configure_cloud_routes: bool,
     /// `--feature-gates`.
     pub feature_gates: FeatureGates,
-}
-
-/// The `--feature-gates` the manager knows (upstream's names), each off unless set.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct FeatureGates {
-    /// `CloudControllerManagerWatchBasedRoutesReconciliation` (KEP-5237): the route
-    /// controller reconciles on node changes, at most once per period, instead of every period.
-    pub watch_based_routes_reconciliation: bool,
-    /// `CloudControllerManagerWebhook`: accepted; the webhook is a separate binary here.
-    pub webhook: bool,
-}
-
-impl FeatureGates {
-    /// Every known gate's name, in `--help` order.
-    pub const NAMES: [&'static str; 2] = [
-        "CloudControllerManagerWatchBasedRoutesReconciliation",
-        "CloudControllerManagerWebhook",
-    ];
-
-    /// Sets gate `name`; `false` when no gate has that name.
-    pub fn set(&mut self, name: &str, enabled: bool) -> bool {
-        match name {
-            "CloudControllerManagerWatchBasedRoutesReconciliation" => {
-                self.watch_based_routes_reconciliation = enabled;
-            }
-            "CloudControllerManagerWebhook" => self.webhook = enabled,
-            _ => return false,
-        }
-        true
-    }
 }
 
 /// The shared Node watch: prepared once, run by the manager only if a controller asked for it
