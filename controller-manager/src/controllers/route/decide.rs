@@ -212,7 +212,10 @@ pub fn reconcile<'a>(
 
     let mut candidates = Vec::new();
     for (name, node) in &managed {
-        for (cidr, action) in &plan.nodes[name] {
+        let Some(actions) = plan.nodes.get(name) else {
+            continue;
+        };
+        for (cidr, action) in actions {
             if *action == Action::Keep {
                 continue;
             }

@@ -37,7 +37,7 @@ use tokio::sync::{Semaphore, watch};
 use tokio::time::{Instant, MissedTickBehavior};
 use tracing::{debug, info, warn};
 
-use super::{BuildError, Controller, ControllerContext, Names, Stop};
+use super::{BuildError, ClusterSettings, Controller, ControllerContext, Names, Stop};
 use crate::cloud::{Cloud, ListRoutesError};
 use crate::cluster_cidrs::ClusterCidrs;
 use crate::flags::{FlagError, parse_duration, positive};
@@ -207,20 +207,7 @@ impl Controller for RouteController {
         flags: &Flags,
         registry: &mut Registry,
     ) -> Result<Self, BuildError> {
-        if !ctx.cluster.configure_cloud_routes {
-            return Err(BuildError::Disabled(
-                "--configure-cloud-routes=false: routes are not managed".into(),
-            ));
-        }
-        if ctx.cluster.cidrs.is_empty() {
-            // Upstream exits fatally here; the other controllers can still run.
-            return Err(BuildError::Disabled(
-                "the provider implements Routes but --cluster-cidr is empty: set --cluster-cidr \
-                 to the pod network's CIDR(s), or --configure-cloud-routes=false to leave routes \
-                 alone"
-                    .into(),
-            ));
-        }
+        routes_configured(&ctx.cluster)?;
         if let Some(problem) = ctx.cloud.fence_problem() {
             return Err(BuildError::Disabled(problem));
         }
@@ -249,6 +236,25 @@ impl Controller for RouteController {
     async fn run(self, stop: Stop) {
         self.state.run(self.schedule, self.node_changes, stop).await;
     }
+}
+
+/// Upstream `startRouteController`'s checks: routes are configured
+/// (`--configure-cloud-routes`) and there are cluster CIDRs to route. Without them the
+/// controller is not started (upstream exits fatally on an empty `--cluster-cidr`).
+fn routes_configured(cluster: &ClusterSettings) -> Result<(), BuildError> {
+    if !cluster.configure_cloud_routes {
+        return Err(BuildError::Disabled(
+            "--configure-cloud-routes=false: routes are not managed".into(),
+        ));
+    }
+    if cluster.cidrs.is_empty() {
+        return Err(BuildError::Disabled(
+            "the provider implements Routes but --cluster-cidr is empty: set --cluster-cidr to \
+             the pod network's CIDR(s), or --configure-cloud-routes=false to leave routes alone"
+                .into(),
+        ));
+    }
+    Ok(())
 }
 
 /// The route controller's state and its reconcile (upstream `RouteController`).
@@ -726,5 +732,60 @@ impl RouteSync {
             .collect()
             .await;
         outcome.conditions_written += written.iter().filter(|ok| **ok).count();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn settings(configure: bool, cidrs: &str) -> ClusterSettings {
+        ClusterSettings {
+            configure_cloud_routes: configure,
+            cidrs: cidrs.parse().unwrap(),
+            ..ClusterSettings::default()
+        }
+    }
+
+    #[test]
+    fn not_started_without_configure_cloud_routes() {
+        let err = routes_configured(&settings(false, "10.244.0.0/16")).unwrap_err();
+        assert!(
+            err.to_string().contains("--configure-cloud-routes=false"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn not_started_without_cluster_cidr_and_says_what_to_set() {
+        let err = routes_configured(&settings(true, "")).unwrap_err();
+        assert!(matches!(err, BuildError::Disabled(_)));
+        let message = err.to_string();
+        assert!(message.contains("set --cluster-cidr"), "{message}");
+        assert!(
+            message.contains("--configure-cloud-routes=false"),
+            "{message}"
+        );
+    }
+
+    #[test]
+    fn started_with_cluster_cidrs() {
+        assert!(routes_configured(&settings(true, "10.244.0.0/16,fd00::/56")).is_ok());
+    }
+
+    #[test]
+    fn errors_have_event_reasons() {
+        let err = RouteError::Create {
+            name_hint: "uid-1".into(),
+            cidr: "10.244.1.0/24".into(),
+            node: "n1".into(),
+            after: Duration::from_millis(5),
+            source: CpiError::Cloud("quota".into()),
+        };
+        assert_eq!(err.reason(), "FailedToCreateRoute");
+        assert_eq!(
+            err.to_string(),
+            "Could not create route uid-1 10.244.1.0/24 for node n1 after 5ms: cloud error: quota"
+        );
     }
 }
