@@ -168,6 +168,7 @@ pub async fn run(
             cidrs: options.cluster_cidr.clone(),
             allocate_node_cidrs: options.allocate_node_cidrs,
             configure_cloud_routes: options.configure_cloud_routes,
+            feature_gates: options.feature_gates,
         },
         events: events.clone(),
     };

@@ -19,16 +19,20 @@ mod options;
 pub mod serve;
 
 pub use app::{AppError, Options, run};
-pub use cloud::{Cloud, CloudMetrics, ConnectSettings, Fence, ProviderEndpoint};
+pub use cloud::{
+    Cloud, CloudMetrics, ConnectSettings, Fence, ListRoutesError, ProviderEndpoint, RouteList,
+};
 pub use cluster_cidrs::{ClusterCidrError, ClusterCidrs};
 pub use controllers::{
     Backends, DeletionPolicy, HostUpdateError, NodeController, NodeLifecycleController, Op,
-    Requeue, ServiceLb, ServiceLbMetrics, ServiceSyncError, SyncError, WorkQueue, service_lb_rules,
+    Requeue, RouteError, RouteMetrics, RouteOutcome, RouteSchedule, RouteSync, ServiceLb,
+    ServiceLbMetrics, ServiceSyncError, SyncError, WorkQueue, route_rules, service_lb_rules,
 };
 pub use controllers::{
     IpamError, IpamMetrics, IpamSettings, NodeIpamController, REASON_CIDR_ASSIGNMENT_FAILED,
     REASON_CIDR_NOT_AVAILABLE, node_ipam_settings,
 };
+pub use flags::{FeatureGateError, FeatureGates, parse_feature_gates};
 pub use health::{Health, Scope, Unhealthy};
 pub use k8s::{
     CachedNode, CachedService, EventType, NodeInformer, Recorder, ServiceChange, ServiceInformer,

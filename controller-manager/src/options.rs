@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use crate::cloud::{ConnectSettings, EndpointError, EndpointTls, ProviderEndpoint};
 use crate::cluster_cidrs::{ClusterCidrError, ClusterCidrs};
-use crate::flags::{FlagError, parse_duration};
+use crate::flags::{FeatureGates, FlagError, parse_duration, parse_feature_gates};
 
 /// Upstream's default `--cluster-name`.
 pub const DEFAULT_CLUSTER_NAME: &str = "kubernetes";
@@ -42,6 +42,12 @@ pub struct GenericOptions {
     /// provider.
     #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
     pub configure_cloud_routes: bool,
+    /// Alpha features to switch on or off, as comma-separated `Name=true|false` pairs. Known
+    /// gates: CloudControllerManagerWatchBasedRoutesReconciliation (default false: the route
+    /// controller reconciles every --route-reconciliation-period; true: on node changes, at
+    /// most once per period), CloudControllerManagerWebhook (default false; no effect here).
+    #[arg(long, default_value = "", value_parser = parse_feature_gates)]
+    pub feature_gates: FeatureGates,
     /// Name of the provider; when set it must match the name the shim reports.
     #[arg(long, default_value = "")]
     pub cloud_provider: String,

@@ -14,11 +14,15 @@ const ALLOWED: &[(&str, &[&str])] = &[
     ("health", &[]),
     ("flags", &[]),
     ("metrics", &[]),
+    ("cluster_cidrs", &[]),
     ("cloud", &["k8s", "health"]),
     ("serve", &["health"]),
     ("leader", &["cloud"]),
-    ("options", &["cloud", "flags"]),
-    ("controllers", &["cloud", "k8s", "health", "flags"]),
+    ("options", &["cloud", "flags", "cluster_cidrs"]),
+    (
+        "controllers",
+        &["cloud", "k8s", "health", "flags", "cluster_cidrs"],
+    ),
 ];
 
 fn sources(dir: &Path, out: &mut Vec<PathBuf>) {

@@ -7,7 +7,7 @@ use cpi_proto::CpiError;
 use cpi_proto::v1::{
     self, Capability, GetProviderInfoRequest, ProviderInfo, instances_client::InstancesClient,
     instances_v2_client::InstancesV2Client, load_balancer_client::LoadBalancerClient,
-    provider_client::ProviderClient, zones_client::ZonesClient,
+    provider_client::ProviderClient, routes_client::RoutesClient, zones_client::ZonesClient,
 };
 use cpi_transport::{ClientEndpoint, ClientTls, ConnectOptions, CpiChannel, TlsFiles};
 use prometheus_client::encoding::EncodeLabelSet;
@@ -286,6 +286,11 @@ impl Cloud {
     /// LoadBalancer client over the shared channel.
     pub fn load_balancers(&self) -> LoadBalancerClient<CpiChannel> {
         LoadBalancerClient::new(self.channel.clone())
+    }
+
+    /// Routes client over the shared channel.
+    pub fn routes(&self) -> RoutesClient<CpiChannel> {
+        RoutesClient::new(self.channel.clone())
     }
 
     /// Whether objects handed to the shim should carry their raw JSON.

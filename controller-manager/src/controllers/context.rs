@@ -8,6 +8,7 @@ use kube::runtime::reflector::{ReflectHandle, Store};
 
 use crate::cloud::Cloud;
 use crate::cluster_cidrs::ClusterCidrs;
+use crate::flags::FeatureGates;
 use crate::k8s::{CachedNode, EventBroadcaster, NodeInformer, Recorder};
 
 /// Upstream's shared cloud settings (`KubeCloudSharedConfiguration`) that more than one
@@ -24,6 +25,8 @@ pub struct ClusterSettings {
     pub allocate_node_cidrs: bool,
     /// `--configure-cloud-routes`.
     pub configure_cloud_routes: bool,
+    /// `--feature-gates`.
+    pub feature_gates: FeatureGates,
 }
 
 /// The shared Node watch: prepared once, run by the manager only if a controller asked for it

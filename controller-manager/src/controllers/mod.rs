@@ -24,6 +24,10 @@ pub use node_ipam::{
     REASON_CIDR_NOT_AVAILABLE, settings as node_ipam_settings,
 };
 pub use node_lifecycle::{DeletionPolicy, NodeLifecycleController};
+pub use route::{
+    Outcome as RouteOutcome, RouteError, RouteMetrics, RouteSync, Schedule as RouteSchedule,
+    decide as route_rules,
+};
 pub use service_lb::{
     Backends, HostUpdateError, Op, Requeue, ServiceLb, ServiceLbMetrics, ServiceSyncError,
     WorkQueue, decide as service_lb_rules,

@@ -35,7 +35,12 @@ pub struct Harness {
 pub async fn harness(fake: FakeCloud) -> Harness {
     let _ = rustls::crypto::ring::default_provider().install_default();
     let cp = ControlPlane::shared().await.expect("shared control plane");
-    let client = cp.client().expect("admin client");
+    harness_on(cp.client().expect("admin client"), fake).await
+}
+
+/// [`harness`] on the control plane `client` talks to (one started with other options).
+pub async fn harness_on(client: kube::Client, fake: FakeCloud) -> Harness {
+    let _ = rustls::crypto::ring::default_provider().install_default();
     let fake = fake.serve().await.expect("serve the fake provider");
     let cloud = Cloud::connect(
         &ProviderEndpoint::Unix(fake.socket_path().to_path_buf()),

@@ -37,11 +37,23 @@
 //!   as upstream's shared `Err`. The subject of LB calls is the Service's `namespace/name`;
 //!   a call whose subject has a gate in `gates` waits for a permit before answering.
 //!
+//! - Routes (served unless `routes_disabled`, upstream `DisableRoutes`): stored in `route_map`
+//!   under `<cluster>-<targetNode>-<destinationCIDR>` (upstream `RouteMap`). `ListRoutes` logs
+//!   `"list-routes"` (subject: the page token), fails with `err` (as upstream) or with
+//!   `list_routes_page_errs[page]`, and answers the cluster's routes in key order, at most
+//!   `route_page_size` per page (0: as many as asked), with `route_capacity`; listed routes
+//!   carry `route_node_addresses` as EnableNodeAddresses. `CreateRoute` logs `"create-route"`
+//!   (subject `node/cidr`); a route of an existing key sets `err` (sticky, as upstream) and
+//!   fails; it fails with `route_create_errs[cidr]` when set, or when the cluster already has
+//!   `route_capacity` routes; else it stores the route named `<cluster>-<nameHint>`, owned by
+//!   the cluster. `DeleteRoute` logs `"delete-route"` and removes the route matching (CIDR,
+//!   target node, cluster), else sets `err` and fails (as upstream).
+//!
 //! Capabilities follow the toggles (`instances_v2_enabled`, `instances_disabled`,
-//! `zones_disabled`) at the time [`FakeCloud::serve`] is called; every other field may be
+//! `zones_disabled`, `load_balancers_disabled`, `routes_disabled`) at the time [`FakeCloud::serve`] is called; every other field may be
 //! changed while serving through [`ServedFake::update`].
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
@@ -53,8 +65,8 @@ pub use cpi_proto::v1 as proto;
 
 use cpi_proto::v1::{self as pb, Consistency, Existence, NodeAddressType, PowerState};
 use shim_framework::{
-    Instances, InstancesV2, LoadBalancer, ProviderDescription, RunningShim, ServeFlags, ShimError,
-    ShimServer, Zones, node_name,
+    Instances, InstancesV2, LoadBalancer, ProviderDescription, Routes, RunningShim, ServeFlags,
+    ShimError, ShimServer, Zones, node_name,
 };
 use tokio::sync::oneshot;
 
@@ -104,6 +116,26 @@ pub mod call {
     pub const GET: &str = "get";
     /// `LoadBalancer.GetLoadBalancerName` (not logged upstream).
     pub const GET_NAME: &str = "get-name";
+    /// `Routes.ListRoutes` (one per page).
+    pub const LIST_ROUTES: &str = "list-routes";
+    /// `Routes.CreateRoute`.
+    pub const CREATE_ROUTE: &str = "create-route";
+    /// `Routes.DeleteRoute`.
+    pub const DELETE_ROUTE: &str = "delete-route";
+}
+
+/// A route as the fake stores it (upstream `fakecloud.Route`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct FakeRoute {
+    /// The cluster it belongs to.
+    pub cluster: String,
+    /// The route.
+    pub route: pb::Route,
+}
+
+/// Upstream's `RouteMap` key of a route.
+pub fn route_key(cluster: &str, route: &pb::Route) -> String {
+    format!("{cluster}-{}-{}", route.target_node, route.destination_cidr)
 }
 
 /// A load balancer as the fake stores it (upstream `fakecloud.Balancer`).
@@ -251,6 +283,22 @@ pub struct FakeCloud {
     pub update_calls: Vec<FakeLbCall>,
     /// Calls about a subject with a gate wait for one permit of it before answering.
     pub gates: HashMap<String, Arc<tokio::sync::Semaphore>>,
+    /// Do not serve Routes (upstream `DisableRoutes`).
+    pub routes_disabled: bool,
+    /// Stored routes by [`route_key`] (upstream `RouteMap`).
+    pub route_map: BTreeMap<String, FakeRoute>,
+    /// The most routes per ListRoutes page; 0 answers as many as asked.
+    pub route_page_size: u32,
+    /// The route table's capacity, reported by ListRoutes and enforced by CreateRoute.
+    pub route_capacity: Option<u32>,
+    /// Listed routes carry EnableNodeAddresses.
+    pub route_node_addresses: bool,
+    /// CreateRoute errors by destination CIDR (one failing route among others).
+    pub route_create_errs: HashMap<String, CpiError>,
+    /// ListRoutes errors by 1-based page number (a listing that fails part-way).
+    pub list_routes_page_errs: HashMap<usize, CpiError>,
+    /// ListRoutes hands out the same next-page token on every page (a broken shim).
+    pub repeat_page_token: bool,
 }
 
 impl Default for FakeCloud {
@@ -293,6 +341,14 @@ impl Default for FakeCloud {
             ensure_calls: Vec::new(),
             update_calls: Vec::new(),
             gates: HashMap::new(),
+            routes_disabled: false,
+            route_map: BTreeMap::new(),
+            route_page_size: 0,
+            route_capacity: None,
+            route_node_addresses: false,
+            route_create_errs: HashMap::new(),
+            list_routes_page_errs: HashMap::new(),
+            repeat_page_token: false,
         }
     }
 }
@@ -346,6 +402,17 @@ impl FakeCloud {
         } else {
             &self.provider
         }
+    }
+
+    /// Stores `route` for `cluster` (a fixture: no call is logged).
+    pub fn add_route(&mut self, cluster: &str, route: pb::Route) {
+        self.route_map.insert(
+            route_key(cluster, &route),
+            FakeRoute {
+                cluster: cluster.to_string(),
+                route,
+            },
+        );
     }
 
     /// The existence answer when no error is scripted.
@@ -452,11 +519,12 @@ impl FakeCloud {
         let description = ProviderDescription::new(self.provider_name(), env!("CARGO_PKG_VERSION"))
             .with_cluster_id(true)
             .with_provider_id_prefixes(self.provider_id_prefixes.clone());
-        let (v2, instances, zones, load_balancers) = (
+        let (v2, instances, zones, load_balancers, routes) = (
             self.instances_v2_enabled,
             !self.instances_disabled,
             !self.zones_disabled,
             !self.load_balancers_disabled,
+            !self.routes_disabled,
         );
         let state = Arc::new(Mutex::new(self));
         let provider = FakeProvider {
@@ -471,6 +539,9 @@ impl FakeCloud {
         }
         if load_balancers {
             builder = builder.load_balancer(provider.clone());
+        }
+        if routes {
+            builder = builder.routes(provider.clone());
         }
         if zones {
             builder = builder.zones(provider);
@@ -550,6 +621,25 @@ impl ServedFake {
             .filter(|c| [call::CREATE, call::UPDATE, call::DELETE, call::GET].contains(&c.method))
             .cloned()
             .collect()
+    }
+
+    /// The routes stored for `cluster`, in key order.
+    pub fn routes(&self, cluster: &str) -> Vec<pb::Route> {
+        lock(&self.state)
+            .route_map
+            .values()
+            .filter(|r| r.cluster == cluster)
+            .map(|r| r.route.clone())
+            .collect()
+    }
+
+    /// How many calls of `method` were received so far.
+    pub fn count(&self, method: &str) -> usize {
+        lock(&self.state)
+            .calls
+            .iter()
+            .filter(|c| c.method == method)
+            .count()
     }
 
     /// EnsureLoadBalancer calls so far.
@@ -950,6 +1040,183 @@ impl LoadBalancer for FakeProvider {
             s.lb_error(&s.delete_err)?;
             s.balancers.remove(&default_load_balancer_name(&service));
             Ok(pb::EnsureLoadBalancerDeletedResponse {})
+        })
+        .await
+    }
+}
+
+fn route_subject(route: &pb::Route) -> String {
+    format!("{}/{}", route.target_node, route.destination_cidr)
+}
+
+impl FakeCloud {
+    fn list_routes_page(
+        &self,
+        cluster: &str,
+        page_size: u32,
+        page_token: &str,
+    ) -> Result<pb::ListRoutesResponse, CpiError> {
+        if let Some(err) = &self.err {
+            return Err(err.clone());
+        }
+        let start: usize = if page_token.is_empty() {
+            0
+        } else {
+            page_token.parse().map_err(|_| CpiError::InvalidObject {
+                field: "page_token".into(),
+                message: format!("{page_token:?} is not a token this shim handed out"),
+            })?
+        };
+        let size = [page_size, self.route_page_size]
+            .into_iter()
+            .filter(|s| *s > 0)
+            .min()
+            .map_or(usize::MAX, |s| s as usize);
+        let page = if size == usize::MAX {
+            1
+        } else {
+            start / size + 1
+        };
+        if let Some(err) = self.list_routes_page_errs.get(&page) {
+            return Err(err.clone());
+        }
+        let all: Vec<&FakeRoute> = self
+            .route_map
+            .values()
+            .filter(|r| r.cluster == cluster)
+            .collect();
+        let end = start.saturating_add(size).min(all.len());
+        let routes = all
+            .get(start..end)
+            .unwrap_or_default()
+            .iter()
+            .map(|r| pb::Route {
+                enable_node_addresses: self.route_node_addresses,
+                ..r.route.clone()
+            })
+            .collect();
+        let next_page_token = if self.repeat_page_token {
+            "1".to_string()
+        } else if end < all.len() {
+            end.to_string()
+        } else {
+            String::new()
+        };
+        Ok(pb::ListRoutesResponse {
+            routes,
+            next_page_token,
+            capacity: self.route_capacity,
+        })
+    }
+
+    fn create_route(
+        &mut self,
+        cluster: &str,
+        name_hint: &str,
+        route: pb::Route,
+    ) -> Result<pb::CreateRouteResponse, CpiError> {
+        let key = route_key(cluster, &route);
+        if self.route_map.contains_key(&key) {
+            // Upstream's fake: the error sticks and every later call that checks it fails.
+            let err = CpiError::Cloud(format!("route {key} already exists"));
+            self.err = Some(err.clone());
+            return Err(err);
+        }
+        if let Some(err) = self.route_create_errs.get(&route.destination_cidr) {
+            return Err(err.clone());
+        }
+        let stored = self
+            .route_map
+            .values()
+            .filter(|r| r.cluster == cluster)
+            .count();
+        if self
+            .route_capacity
+            .is_some_and(|capacity| stored >= capacity as usize)
+        {
+            return Err(CpiError::Cloud(format!(
+                "route table full: {stored} routes"
+            )));
+        }
+        self.route_map.insert(
+            key,
+            FakeRoute {
+                cluster: cluster.to_string(),
+                route: pb::Route {
+                    name: format!("{cluster}-{name_hint}"),
+                    ownership: Some(pb::Ownership {
+                        owned: true,
+                        cluster_id: Some(cluster.to_string()),
+                        object_uid: None,
+                    }),
+                    ..route
+                },
+            },
+        );
+        Ok(pb::CreateRouteResponse {})
+    }
+
+    fn delete_route(
+        &mut self,
+        cluster: &str,
+        route: &pb::Route,
+    ) -> Result<pb::DeleteRouteResponse, CpiError> {
+        let found = self.route_map.iter().find_map(|(key, r)| {
+            (r.cluster == cluster
+                && r.route.destination_cidr == route.destination_cidr
+                && r.route.target_node == route.target_node)
+                .then(|| key.clone())
+        });
+        match found {
+            Some(key) => {
+                self.route_map.remove(&key);
+                Ok(pb::DeleteRouteResponse {})
+            }
+            None => {
+                let err = CpiError::Cloud(format!(
+                    "no such route: {} to {:?}",
+                    route.destination_cidr, route.target_node
+                ));
+                self.err = Some(err.clone());
+                Err(err)
+            }
+        }
+    }
+}
+
+#[tonic::async_trait]
+impl Routes for FakeProvider {
+    async fn list_routes(
+        &self,
+        cluster_name: String,
+        page_size: u32,
+        page_token: String,
+    ) -> Result<pb::ListRoutesResponse, CpiError> {
+        self.answer(call::LIST_ROUTES, &page_token, |s| {
+            s.list_routes_page(&cluster_name, page_size, &page_token)
+        })
+        .await
+    }
+
+    async fn create_route(
+        &self,
+        cluster_name: String,
+        name_hint: String,
+        route: pb::Route,
+    ) -> Result<pb::CreateRouteResponse, CpiError> {
+        self.answer_mut(call::CREATE_ROUTE, &route_subject(&route), |s| {
+            s.create_route(&cluster_name, &name_hint, route)
+        })
+        .await
+    }
+
+    async fn delete_route(
+        &self,
+        cluster_name: String,
+        route: pb::Route,
+    ) -> Result<pb::DeleteRouteResponse, CpiError> {
+        self.answer_mut(call::DELETE_ROUTE, &route_subject(&route), |s| {
+            s.delete_route(&cluster_name, &route)
         })
         .await
     }

@@ -66,7 +66,8 @@ async fn capabilities_follow_the_toggles() {
         vec![
             Capability::Instances as i32,
             Capability::Zones as i32,
-            Capability::LoadBalancer as i32
+            Capability::LoadBalancer as i32,
+            Capability::Routes as i32
         ]
     );
 
@@ -76,6 +77,7 @@ async fn capabilities_follow_the_toggles() {
         instances_v2_enabled: true,
         zones_disabled: true,
         load_balancers_disabled: true,
+        routes_disabled: true,
         ..FakeCloud::default()
     }
     .serve()
@@ -524,4 +526,81 @@ async fn load_balancer_calls_follow_upstream_fake() {
         ]
     );
     assert!(fake.lb_calls().iter().all(|c| c.subject == "default/s"));
+}
+
+fn list(token: &str) -> pb::ListRoutesRequest {
+    pb::ListRoutesRequest {
+        cluster_name: "c1".into(),
+        page_size: 0,
+        page_token: token.into(),
+    }
+}
+
+fn create(node: &str, cidr: &str) -> pb::CreateRouteRequest {
+    pb::CreateRouteRequest {
+        cluster_name: "c1".into(),
+        name_hint: format!("uid-{node}"),
+        route: Some(pb::Route {
+            target_node: node.into(),
+            destination_cidr: cidr.into(),
+            ..Default::default()
+        }),
+        fence: Some(lb_fence()),
+    }
+}
+
+#[tokio::test]
+async fn routes_are_paged_capped_and_a_duplicate_create_sticks_as_upstream() {
+    let mut fake = FakeCloud {
+        route_page_size: 2,
+        route_capacity: Some(4),
+        ..FakeCloud::default()
+    };
+    for i in 0..3 {
+        fake.add_route(
+            "c1",
+            pb::Route {
+                target_node: format!("n{i}"),
+                destination_cidr: format!("10.0.{i}.0/24"),
+                ..Default::default()
+            },
+        );
+    }
+    fake.add_route("other", pb::Route::default());
+    let served = fake.serve().await.unwrap();
+    let mut routes = pb::routes_client::RoutesClient::new(channel(&served));
+
+    let first = routes.list_routes(list("")).await.unwrap().into_inner();
+    assert_eq!(first.routes.len(), 2);
+    assert_eq!(first.capacity, Some(4));
+    let second = routes
+        .list_routes(list(&first.next_page_token))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(second.routes.len(), 1, "only cluster c1's routes");
+    assert!(second.next_page_token.is_empty());
+
+    routes
+        .create_route(create("n3", "10.0.3.0/24"))
+        .await
+        .unwrap();
+    let created = &served.routes("c1")[3];
+    assert_eq!(created.name, "c1-uid-n3");
+    assert!(created.ownership.as_ref().unwrap().owned);
+    // Full: the fifth route does not fit.
+    assert!(
+        routes
+            .create_route(create("n4", "10.0.4.0/24"))
+            .await
+            .is_err()
+    );
+    // A duplicate fails and, as upstream, makes every later call that checks `err` fail.
+    routes
+        .create_route(create("n3", "10.0.3.0/24"))
+        .await
+        .unwrap_err();
+    routes.list_routes(list("")).await.unwrap_err();
+    assert_eq!(served.count(call::CREATE_ROUTE), 3);
+    assert_eq!(served.count(call::LIST_ROUTES), 3);
 }
