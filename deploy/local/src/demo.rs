@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use cpi_proto::v1::NodeAddressType;
-use k8s_openapi::api::core::v1::Service;
+use k8s_openapi::api::core::v1::{Node, Service};
 use kube::api::{Api, PostParams};
 use local_shim::Inventory;
 use test_support::{KUBE_PROXY_HEALTH_PORT, Wait, load_balancer_service, serve_http};
@@ -129,4 +129,53 @@ async fn get(address: &str, port: u16) -> Result<String> {
         bail!("answered {:?}", head.lines().next().unwrap_or_default());
     }
     Ok(body.to_string())
+}
+
+/// Waits until every one of `total` nodes has pod CIDRs (from the node-ipam controller) and
+/// `NetworkUnavailable=False` (its routes exist, in the shim's database for the demo), printing
+/// each node once.
+pub async fn pod_networking(client: kube::Client, total: usize, timeout: Duration) -> Result<()> {
+    let nodes: Api<Node> = Api::all(client);
+    let started = Instant::now();
+    let shown = std::cell::RefCell::new(std::collections::BTreeSet::new());
+    let outcome = Wait::new("every node to have pod CIDRs and routes", timeout)
+        .every(Duration::from_millis(200))
+        .until(|| async {
+            let list = nodes
+                .list(&Default::default())
+                .await
+                .map_err(|e| e.to_string())?;
+            let mut shown = shown.borrow_mut();
+            for node in list.items {
+                let name = node.metadata.name.clone().unwrap_or_default();
+                let cidrs = node
+                    .spec
+                    .as_ref()
+                    .and_then(|s| s.pod_cidrs.clone())
+                    .unwrap_or_default();
+                let routed = node
+                    .status
+                    .as_ref()
+                    .and_then(|s| s.conditions.as_ref())
+                    .is_some_and(|c| {
+                        c.iter()
+                            .any(|c| c.type_ == "NetworkUnavailable" && c.status == "False")
+                    });
+                if cidrs.is_empty() || !routed || !shown.insert(name.clone()) {
+                    continue;
+                }
+                println!(
+                    "  [{:6.2}s] {name:<10} pod CIDRs {}, route created, NetworkUnavailable=False",
+                    started.elapsed().as_secs_f64(),
+                    cidrs.join(",")
+                );
+            }
+            if shown.len() < total {
+                Err(format!("{}/{total} nodes routed", shown.len()))
+            } else {
+                Ok(())
+            }
+        })
+        .await;
+    outcome.map_err(|e| anyhow::anyhow!("{e}"))
 }

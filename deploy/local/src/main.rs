@@ -18,6 +18,9 @@ use cloud_controller_manager::well_known::{
 use k8s_openapi::api::core::v1::Node;
 use kube::api::{Api, PostParams};
 use local_shim::Inventory;
+
+/// Pod CIDRs of the demo cluster: the node-ipam controller gives each machine a /24 of it.
+const DEMO_CLUSTER_CIDR: &str = "10.244.0.0/16";
 use test_control_plane::ControlPlane;
 use test_support::{
     Process, ShimMtls, Wait, free_port, initialised, kubelet_registered_node, last_lines,
@@ -76,6 +79,8 @@ async fn main() -> Result<()> {
     ];
     shim_args.extend(mtls.shim_args(port));
     shim_args.push("--metrics-bind-address=127.0.0.1:0".into());
+    // The demo must not change this machine's routing: routes go to the shim's database only.
+    shim_args.push("--routes=state-only".into());
     let shim = Process::for_workspace_binary("local-shim", "local-shim", &dir)?
         .args(&shim_args)
         .spawn()?;
@@ -86,6 +91,11 @@ async fn main() -> Result<()> {
         "--bind-address=127.0.0.1".into(),
         "--cloud-provider=local".into(),
         "--cluster-name=local-cluster".into(),
+        "--allocate-node-cidrs=true".into(),
+        format!("--cluster-cidr={DEMO_CLUSTER_CIDR}"),
+        // Routes follow node changes, at most once a second, instead of every 10 s.
+        "--feature-gates=CloudControllerManagerWatchBasedRoutesReconciliation=true".into(),
+        "--route-reconciliation-period=1s".into(),
     ]);
     let ccm = Process::for_workspace_binary(
         "cloud-controller-manager",
@@ -165,6 +175,23 @@ async fn main() -> Result<()> {
         done.len(),
         started.elapsed()
     );
+    println!(
+        "pod networking: CIDRs from the node-ipam controller, routes by the route controller ..."
+    );
+    if let Err(e) = demo::pod_networking(
+        cp.client()?,
+        total,
+        Duration::from_secs(flags.timeout_seconds),
+    )
+    .await
+    {
+        bail!(
+            "{e:#}\nsee the logs in {}\n--- controller-manager ---\n{}\n--- local-shim ---\n{}",
+            dir.display(),
+            last_lines(&ccm.logs(), 30),
+            last_lines(&shim.logs(), 30)
+        );
+    }
     // The stand-ins for kube-proxy live as long as this process.
     let _backends = if flags.no_load_balancer {
         Vec::new()
@@ -189,7 +216,8 @@ async fn main() -> Result<()> {
         return Ok(());
     }
     println!(
-        "\nrunning; look around with:\n  kubectl --kubeconfig {} get nodes,services -L {LABEL_ZONE},{LABEL_INSTANCE_TYPE} -o wide\nedit {} (e.g. set a machine's state) and watch; Ctrl-C stops everything.",
+        "\nrunning; look around with:\n  kubectl --kubeconfig {} get nodes,services -L {LABEL_ZONE},{LABEL_INSTANCE_TYPE} -o wide\n  kubectl --kubeconfig {} get nodes -o custom-columns=NAME:.metadata.name,POD-CIDRS:.spec.podCIDRs,NETWORK-UNAVAILABLE:.status.conditions[?(@.type==\"NetworkUnavailable\")].status\nedit {} (e.g. set a machine's state) and watch; Ctrl-C stops everything.",
+        cp.kubeconfig_path().display(),
         cp.kubeconfig_path().display(),
         inventory_path.display()
     );

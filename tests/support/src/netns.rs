@@ -66,11 +66,18 @@ impl Netns {
         Ok(())
     }
 
-    /// The IPv4 and IPv6 routes of routing table `table`, one `ip route` line each.
+    /// The IPv4 and IPv6 routes of routing table `table`, one `ip route` line each (a family
+    /// whose table does not exist yet has none).
     pub fn routes(&self, table: &str) -> Result<Vec<String>, Error> {
         let mut lines = Vec::new();
         for family in ["-4", "-6"] {
-            let out = self.ip(&[family, "route", "show", "table", table])?;
+            let out = match self.ip(&[family, "route", "show", "table", table]) {
+                Ok(out) => out,
+                Err(Error::Command { stderr, .. }) if stderr.contains("table does not exist") => {
+                    continue;
+                }
+                Err(e) => return Err(e),
+            };
             lines.extend(out.lines().map(|l| l.trim().to_string()));
         }
         Ok(lines)
@@ -147,6 +154,7 @@ mod tests {
             routes.iter().any(|r| r.starts_with("fd99::/64 dev ccm0")),
             "{routes:?}"
         );
+        assert!(netns.routes("200").unwrap().is_empty());
         drop(netns);
         let listing = run(&["netns", "list"]).unwrap();
         assert!(!listing.contains(&name), "{name} still listed: {listing}");
