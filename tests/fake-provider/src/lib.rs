@@ -49,8 +49,21 @@
 //!   the cluster. `DeleteRoute` logs `"delete-route"` and removes the route matching (CIDR,
 //!   target node, cluster), else sets `err` and fails (as upstream).
 //!
+//! - VolumeLabels (served when `volume_labels_enabled`, upstream's fake `VolumeLabelMap`):
+//!   `GetLabelsForVolume` logs `"get-labels-for-volume"` (subject: the PV name), fails with
+//!   `volume_labels_err`, else answers `volume_labels[pv name]` (none when missing, as
+//!   upstream's `nil, nil`), and records the volume it was asked about in `volumes_asked`.
+//! - LoadBalancerValidation (served when `lb_validation_enabled`): `ValidateLoadBalancer` logs
+//!   `"validate-load-balancer"` (subject: the Service's `namespace/name`), fails with
+//!   `lb_validation_err`, else answers `lb_validation[namespace/name]` (allowed when missing),
+//!   and records each request in `validations_asked`.
+//!
+//! The fake serves on a Unix socket ([`FakeCloud::serve`]) or on any listener the shim
+//! framework's [`ServeFlags`] describe, e.g. mutual TLS over TCP ([`FakeCloud::serve_with`]).
+//!
 //! Capabilities follow the toggles (`instances_v2_enabled`, `instances_disabled`,
-//! `zones_disabled`, `load_balancers_disabled`, `routes_disabled`) at the time [`FakeCloud::serve`] is called; every other field may be
+//! `zones_disabled`, `load_balancers_disabled`, `routes_disabled`, `volume_labels_enabled`,
+//! `lb_validation_enabled`) at the time [`FakeCloud::serve`] is called; every other field may be
 //! changed while serving through [`ServedFake::update`].
 
 use std::collections::{BTreeMap, HashMap};
@@ -65,10 +78,15 @@ pub use cpi_proto::v1 as proto;
 
 use cpi_proto::v1::{self as pb, Consistency, Existence, NodeAddressType, PowerState};
 use shim_framework::{
-    Instances, InstancesV2, LoadBalancer, ProviderDescription, Routes, RunningShim, ServeFlags,
-    ShimError, ShimServer, Zones, node_name,
+    Instances, InstancesV2, LoadBalancer, LoadBalancerValidation, ProviderDescription, Routes,
+    RunningShim, ShimError, ShimServer, VolumeLabels, Zones, node_name,
 };
 use tokio::sync::oneshot;
+
+/// Where a [`ServedFake`] listens.
+pub use cpi_transport::LocalAddr;
+/// The serving flags of [`FakeCloud::serve_with`].
+pub use shim_framework::ServeFlags;
 
 /// Provider name used when [`FakeCloud::provider`] is empty (upstream `ProviderName()`).
 pub const DEFAULT_PROVIDER: &str = "fake";
@@ -122,6 +140,10 @@ pub mod call {
     pub const CREATE_ROUTE: &str = "create-route";
     /// `Routes.DeleteRoute`.
     pub const DELETE_ROUTE: &str = "delete-route";
+    /// `VolumeLabels.GetLabelsForVolume`.
+    pub const GET_LABELS_FOR_VOLUME: &str = "get-labels-for-volume";
+    /// `LoadBalancerValidation.ValidateLoadBalancer`.
+    pub const VALIDATE_LOAD_BALANCER: &str = "validate-load-balancer";
 }
 
 /// A route as the fake stores it (upstream `fakecloud.Route`).
@@ -299,6 +321,23 @@ pub struct FakeCloud {
     pub list_routes_page_errs: HashMap<usize, CpiError>,
     /// ListRoutes hands out the same next-page token on every page (a broken shim).
     pub repeat_page_token: bool,
+    /// Serve VolumeLabels (off by default: upstream's fake has no PVLabeler switch, but most
+    /// shims do not label volumes).
+    pub volume_labels_enabled: bool,
+    /// GetLabelsForVolume answers by PV name (upstream `VolumeLabelMap`).
+    pub volume_labels: HashMap<String, HashMap<String, String>>,
+    /// GetLabelsForVolume's error.
+    pub volume_labels_err: Option<CpiError>,
+    /// Every volume GetLabelsForVolume was asked about, in order.
+    pub volumes_asked: Vec<pb::PersistentVolume>,
+    /// Serve LoadBalancerValidation (off by default).
+    pub lb_validation_enabled: bool,
+    /// ValidateLoadBalancer verdicts by the Service's `namespace/name`; allowed when missing.
+    pub lb_validation: HashMap<String, pb::ValidateLoadBalancerResponse>,
+    /// ValidateLoadBalancer's error.
+    pub lb_validation_err: Option<CpiError>,
+    /// Every ValidateLoadBalancer request, in order.
+    pub validations_asked: Vec<pb::ValidateLoadBalancerRequest>,
 }
 
 impl Default for FakeCloud {
@@ -349,6 +388,14 @@ impl Default for FakeCloud {
             route_create_errs: HashMap::new(),
             list_routes_page_errs: HashMap::new(),
             repeat_page_token: false,
+            volume_labels_enabled: false,
+            volume_labels: HashMap::new(),
+            volume_labels_err: None,
+            volumes_asked: Vec::new(),
+            lb_validation_enabled: false,
+            lb_validation: HashMap::new(),
+            lb_validation_err: None,
+            validations_asked: Vec::new(),
         }
     }
 }
@@ -515,16 +562,23 @@ impl FakeCloud {
     /// Serves this fake on the Unix socket `socket` (for example the one a stopped fake
     /// served on, to play a restarted shim).
     pub async fn serve_at(self, socket: &Path) -> Result<ServedFake, FakeError> {
-        let socket = socket.to_path_buf();
+        self.serve_with(ServeFlags::unix(socket)).await
+    }
+
+    /// Serves this fake as `flags` say (e.g. mutual TLS on `127.0.0.1:0`, read the port from
+    /// [`ServedFake::address`]); the shutdown grace period is always short.
+    pub async fn serve_with(self, mut flags: ServeFlags) -> Result<ServedFake, FakeError> {
         let description = ProviderDescription::new(self.provider_name(), env!("CARGO_PKG_VERSION"))
             .with_cluster_id(true)
             .with_provider_id_prefixes(self.provider_id_prefixes.clone());
-        let (v2, instances, zones, load_balancers, routes) = (
+        let (v2, instances, zones, load_balancers, routes, volume_labels, lb_validation) = (
             self.instances_v2_enabled,
             !self.instances_disabled,
             !self.zones_disabled,
             !self.load_balancers_disabled,
             !self.routes_disabled,
+            self.volume_labels_enabled,
+            self.lb_validation_enabled,
         );
         let state = Arc::new(Mutex::new(self));
         let provider = FakeProvider {
@@ -543,10 +597,15 @@ impl FakeCloud {
         if routes {
             builder = builder.routes(provider.clone());
         }
+        if volume_labels {
+            builder = builder.volume_labels(provider.clone());
+        }
+        if lb_validation {
+            builder = builder.load_balancer_validation(provider.clone());
+        }
         if zones {
             builder = builder.zones(provider);
         }
-        let mut flags = ServeFlags::unix(&socket);
         flags.shutdown_grace_period = SHUTDOWN_GRACE;
         let (stop, stopped) = oneshot::channel::<()>();
         let shim = builder
@@ -555,8 +614,10 @@ impl FakeCloud {
                 let _ = stopped.await;
             })
             .await?;
+        let address = shim.grpc_addr().clone();
         Ok(ServedFake {
-            socket,
+            socket: flags.unix_socket.clone().unwrap_or_default(),
+            address,
             state,
             shim: Some(shim),
             stop: Some(stop),
@@ -568,6 +629,7 @@ impl FakeCloud {
 /// A [`FakeCloud`] being served; stops serving when dropped.
 pub struct ServedFake {
     socket: PathBuf,
+    address: LocalAddr,
     state: Arc<Mutex<FakeCloud>>,
     shim: Option<RunningShim>,
     stop: Option<oneshot::Sender<()>>,
@@ -576,9 +638,15 @@ pub struct ServedFake {
 }
 
 impl ServedFake {
-    /// Path of the Unix socket the CPI is served on (for `ProviderEndpoint::Unix`).
+    /// Path of the Unix socket the CPI is served on (for `ProviderEndpoint::Unix`); empty
+    /// when it is served over TCP.
     pub fn socket_path(&self) -> &Path {
         &self.socket
+    }
+
+    /// Where the CPI is served (the real port when port 0 was asked for).
+    pub fn address(&self) -> &LocalAddr {
+        &self.address
     }
 
     /// The shared state, locked (never hold it across an `.await`).
@@ -1217,6 +1285,54 @@ impl Routes for FakeProvider {
     ) -> Result<pb::DeleteRouteResponse, CpiError> {
         self.answer_mut(call::DELETE_ROUTE, &route_subject(&route), |s| {
             s.delete_route(&cluster_name, &route)
+        })
+        .await
+    }
+}
+
+#[tonic::async_trait]
+impl VolumeLabels for FakeProvider {
+    async fn get_labels_for_volume(
+        &self,
+        volume: pb::PersistentVolume,
+    ) -> Result<pb::GetLabelsForVolumeResponse, CpiError> {
+        let name = volume
+            .metadata
+            .as_ref()
+            .map(|m| m.name.clone())
+            .unwrap_or_default();
+        self.answer_mut(call::GET_LABELS_FOR_VOLUME, &name, |s| {
+            s.volumes_asked.push(volume);
+            match &s.volume_labels_err {
+                Some(err) => Err(err.clone()),
+                None => Ok(pb::GetLabelsForVolumeResponse {
+                    labels: s.volume_labels.get(&name).cloned().unwrap_or_default(),
+                }),
+            }
+        })
+        .await
+    }
+}
+
+#[tonic::async_trait]
+impl LoadBalancerValidation for FakeProvider {
+    async fn validate_load_balancer(
+        &self,
+        cluster_name: String,
+        service: pb::Service,
+        old_service: Option<pb::Service>,
+    ) -> Result<pb::ValidateLoadBalancerResponse, CpiError> {
+        let key = service_key(&service);
+        self.answer_mut(call::VALIDATE_LOAD_BALANCER, &key, |s| {
+            s.validations_asked.push(pb::ValidateLoadBalancerRequest {
+                cluster_name,
+                service: Some(service),
+                old_service,
+            });
+            match &s.lb_validation_err {
+                Some(err) => Err(err.clone()),
+                None => Ok(s.lb_validation.get(&key).cloned().unwrap_or_default()),
+            }
         })
         .await
     }
