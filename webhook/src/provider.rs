@@ -157,11 +157,26 @@ impl Shim {
     ) -> Result<T, ShimError> {
         match tokio::time::timeout(deadline, call).await {
             Ok(Ok(response)) => Ok(response.into_inner()),
+            // tonic reports its own expiry of the deadline as CANCELLED.
+            Ok(Err(status))
+                if matches!(
+                    status.code(),
+                    tonic::Code::DeadlineExceeded | tonic::Code::Cancelled
+                ) =>
+            {
+                Err(self.timeout(deadline))
+            }
             Ok(Err(status)) => Err(ShimError::Call(CpiError::from_status(&status))),
-            Err(_) => Err(ShimError::Timeout {
-                endpoint: self.endpoint.clone(),
-                deadline,
-            }),
+            Err(_) => Err(self.timeout(deadline)),
+        }
+    }
+}
+
+impl Shim {
+    fn timeout(&self, deadline: Duration) -> ShimError {
+        ShimError::Timeout {
+            endpoint: self.endpoint.clone(),
+            deadline,
         }
     }
 }

@@ -130,9 +130,9 @@ pub enum BadReview {
     /// The review carries no request.
     #[error("AdmissionReview has no request")]
     NoRequest,
-    /// The request has fields of the wrong shape.
+    /// The request is not an object, or has fields of the wrong shape.
     #[error("AdmissionReview request is malformed: {0}")]
-    MalformedRequest(serde_json::Error),
+    MalformedRequest(String),
     /// The request has no uid to answer with.
     #[error("AdmissionReview request has no uid")]
     NoUid,
@@ -200,10 +200,15 @@ pub fn parse(body: &[u8]) -> Result<Review, BadReview> {
         .ok_or(BadReview::NotAReview { api_version, kind })?;
     let request = match value.get_mut("request").map(Value::take) {
         None | Some(Value::Null) => return Err(BadReview::NoRequest),
-        Some(request) => request,
+        Some(request @ Value::Object(_)) => request,
+        Some(other) => {
+            return Err(BadReview::MalformedRequest(format!(
+                "expected an object, got {other}"
+            )));
+        }
     };
-    let request: AdmissionRequest =
-        serde_json::from_value(request).map_err(BadReview::MalformedRequest)?;
+    let request: AdmissionRequest = serde_json::from_value(request)
+        .map_err(|err| BadReview::MalformedRequest(err.to_string()))?;
     if request.uid.is_empty() {
         return Err(BadReview::NoUid);
     }
