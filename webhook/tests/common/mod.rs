@@ -24,6 +24,8 @@ pub struct Harness {
     pub fake: Option<ServedFake>,
     /// The webhook's HTTPS address.
     pub addr: SocketAddr,
+    /// The CA (PEM) of the webhook's serving certificate: a webhook configuration's caBundle.
+    pub ca_pem: String,
     connector: tokio_rustls::TlsConnector,
     stop: Option<oneshot::Sender<()>>,
     _pki: Pki,
@@ -125,6 +127,7 @@ impl Harness {
         Harness {
             fake: Some(fake),
             addr,
+            ca_pem: bundle,
             connector: test_support::tls_connector(ca.cert_der()).unwrap(),
             stop: Some(stop),
             _pki: pki,

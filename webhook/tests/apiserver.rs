@@ -1,0 +1,278 @@
+//! Both webhooks registered with a real kube-apiserver (v1.20, `admissionregistration.k8s.io/v1`)
+//! at `https://127.0.0.1:<port>` with the test CA as caBundle, in front of the fake provider
+//! served with mutual TLS: the API server refuses Services and volumes with the reasons the
+//! webhooks give, and stores the labels and node affinity the pv-labeler's patch adds.
+//!
+//! Needs the control-plane binaries (`bash tests/control-plane/provision.sh`, or
+//! KUBEBUILDER_ASSETS pointing at etcd and kube-apiserver); without them the tests fail saying so.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use common::Harness;
+use fake_provider::{CpiError, FakeCloud, proto as pb};
+use k8s_openapi::ByteString;
+use k8s_openapi::api::admissionregistration::v1::{
+    MutatingWebhookConfiguration, ValidatingWebhookConfiguration,
+};
+use k8s_openapi::api::core::v1::{PersistentVolume, Service};
+use kube::api::{DeleteParams, PostParams};
+use kube::{Api, Client};
+use serde_json::{Value, json};
+use test_control_plane::{ControlPlane, unique_name};
+
+const ZONE: &str = "topology.kubernetes.io/zone";
+const REGION: &str = "topology.kubernetes.io/region";
+/// Objects carrying this label (with the test's own value) are sent to the test's webhooks, so
+/// that other tests sharing the API server never meet them.
+const SELECTOR_LABEL: &str = "webhook-test";
+/// How long the API server may take to start calling a new webhook configuration.
+const REGISTRATION: Duration = Duration::from_secs(30);
+
+fn ebs_pv(name: &str, test: &str, volume_id: &str) -> PersistentVolume {
+    serde_json::from_value(json!({
+        "metadata": {"name": name, "labels": {SELECTOR_LABEL: test}},
+        "spec": {"capacity": {"storage": "1Gi"}, "accessModes": ["ReadWriteOnce"],
+                 "awsElasticBlockStore": {"volumeID": volume_id}}
+    }))
+    .unwrap()
+}
+
+fn lb_service(name: &str, test: &str, pool: &str) -> Service {
+    serde_json::from_value(json!({
+        "metadata": {"name": name, "labels": {SELECTOR_LABEL: test},
+                     "annotations": {"example.com/pool": pool}},
+        "spec": {"type": "LoadBalancer", "ports": [{"port": 80}]}
+    }))
+    .unwrap()
+}
+
+/// Both webhooks of `h` registered for objects labelled with `test`; removed on drop.
+struct Registered {
+    client: Client,
+    test: String,
+}
+
+impl Registered {
+    async fn new(client: Client, h: &Harness) -> Registered {
+        let test = unique_name("wh");
+        let entry = |name: &str, path: &str, rule: Value| {
+            json!({
+                "name": name,
+                "clientConfig": {
+                    "url": format!("https://127.0.0.1:{}{path}", h.addr.port()),
+                    "caBundle": ByteString(h.ca_pem.clone().into_bytes()),
+                },
+                "rules": [rule],
+                "admissionReviewVersions": ["v1", "v1beta1"],
+                "sideEffects": "None",
+                "failurePolicy": "Fail",
+                "timeoutSeconds": 10,
+                "objectSelector": {"matchLabels": {SELECTOR_LABEL: &test}},
+            })
+        };
+        let mutating: MutatingWebhookConfiguration = serde_json::from_value(json!({
+            "metadata": {"name": format!("{test}-pv")},
+            "webhooks": [entry("pv-labeler.test.example.com", "/pv-labeler", json!({
+                "apiGroups": [""], "apiVersions": ["v1"], "operations": ["CREATE"],
+                "resources": ["persistentvolumes"], "scope": "*"
+            }))]
+        }))
+        .unwrap();
+        let validating: ValidatingWebhookConfiguration = serde_json::from_value(json!({
+            "metadata": {"name": format!("{test}-svc")},
+            "webhooks": [entry("service-lb-validator.test.example.com", "/service-lb-validator", json!({
+                "apiGroups": [""], "apiVersions": ["v1"], "operations": ["CREATE", "UPDATE"],
+                "resources": ["services"], "scope": "Namespaced"
+            }))]
+        }))
+        .unwrap();
+        Api::<MutatingWebhookConfiguration>::all(client.clone())
+            .create(&PostParams::default(), &mutating)
+            .await
+            .unwrap();
+        Api::<ValidatingWebhookConfiguration>::all(client.clone())
+            .create(&PostParams::default(), &validating)
+            .await
+            .unwrap();
+        Registered { client, test }
+    }
+
+    /// Deletes both configurations. One left behind by a failed test is harmless: its object
+    /// selector matches no other test's objects.
+    async fn remove(self) {
+        let _ = Api::<MutatingWebhookConfiguration>::all(self.client.clone())
+            .delete(&format!("{}-pv", self.test), &DeleteParams::default())
+            .await;
+        let _ = Api::<ValidatingWebhookConfiguration>::all(self.client)
+            .delete(&format!("{}-svc", self.test), &DeleteParams::default())
+            .await;
+    }
+}
+
+fn control_plane_missing(err: impl std::fmt::Display) -> ! {
+    panic!(
+        "a kube-apiserver is needed: run `bash tests/control-plane/provision.sh` (or set KUBEBUILDER_ASSETS): {err}"
+    )
+}
+
+fn serving_fake() -> FakeCloud {
+    FakeCloud {
+        volume_labels_enabled: true,
+        lb_validation_enabled: true,
+        ..FakeCloud::default()
+    }
+}
+
+#[tokio::test]
+async fn api_server_refuses_with_the_reasons_the_webhooks_give() {
+    let cp = ControlPlane::shared()
+        .await
+        .unwrap_or_else(|e| control_plane_missing(e));
+    let h = Harness::start(serving_fake(), &[]).await;
+    let reg = Registered::new(cp.client().unwrap(), &h).await;
+    let test = reg.test.clone();
+
+    // Services: a bad annotation is refused with the provider's field and reason.
+    let services: Api<Service> = Api::namespaced(reg.client.clone(), "default");
+    h.fake().update(|f| {
+        f.lb_validation_err = None;
+        for n in 0..100 {
+            f.lb_validation.insert(
+                format!("default/{test}-bad-{n}"),
+                pb::ValidateLoadBalancerResponse {
+                    violations: vec![pb::Violation {
+                        field: "metadata.annotations[example.com/pool]".into(),
+                        message: "no pool named \"nope\"".into(),
+                    }],
+                    ..Default::default()
+                },
+            );
+        }
+    });
+    let mut attempt = 0;
+    let err = test_support::wait_for(
+        "the API server to call service-lb-validator",
+        REGISTRATION,
+        || {
+            attempt += 1;
+            let (services, name, test) = (
+                services.clone(),
+                format!("{test}-bad-{attempt}"),
+                test.clone(),
+            );
+            async move {
+                match services
+                    .create(&PostParams::default(), &lb_service(&name, &test, "nope"))
+                    .await
+                {
+                    Ok(_) => Err(format!("{name} was stored")),
+                    Err(err) => Ok(err.to_string()),
+                }
+            }
+        },
+    )
+    .await
+    .unwrap();
+    assert!(
+        err.contains("service-lb-validator.test.example.com")
+            && err.contains("metadata.annotations[example.com/pool]: no pool named"),
+        "{err}"
+    );
+    let good = format!("{test}-good");
+    services
+        .create(&PostParams::default(), &lb_service(&good, &test, "blue"))
+        .await
+        .unwrap();
+    let _ = services.delete(&good, &DeleteParams::default()).await;
+
+    // Volumes: a provider error refuses the volume, naming it and the error (no patch is
+    // applied, so this also works on API servers that cannot apply one; see the next test).
+    h.fake()
+        .update(|f| f.volume_labels_err = Some(CpiError::DiskNotFound("vol-3".into())));
+    let pvs: Api<PersistentVolume> = Api::all(reg.client.clone());
+    let err = pvs
+        .create(
+            &PostParams::default(),
+            &ebs_pv(&format!("{test}-gone"), &test, "vol-3"),
+        )
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("error querying AWS EBS volume vol-3"), "{err}");
+    reg.remove().await;
+}
+
+/// The kube-apiserver `provision.sh` builds (v1.20.2 sources, Debian's Go 1.19) crashes with a
+/// SIGSEGV in `mutating.jsonPatchAnnotationValue` on the first JSON Patch any mutating webhook
+/// returns: its vendored `modern-go/reflect2` v1.0.1 does not work with Go 1.18 or later
+/// (fixed in reflect2 v1.0.2). Run it with a kube-apiserver built otherwise
+/// (`KUBEBUILDER_ASSETS`): `cargo test -p cloud-provider-webhook --test apiserver -- --ignored`.
+#[tokio::test]
+#[ignore = "the provisioned kube-apiserver crashes applying any webhook's JSON Patch (reflect2 v1.0.1 with Go >= 1.18)"]
+async fn api_server_stores_the_labels_and_affinity_of_the_patch() {
+    // A private control plane: should it crash, no other test loses its API server.
+    let cp = ControlPlane::start()
+        .await
+        .unwrap_or_else(|e| control_plane_missing(e));
+    let h = Harness::start(serving_fake(), &[]).await;
+    let reg = Registered::new(cp.client().unwrap(), &h).await;
+    let test = reg.test.clone();
+    let pvs: Api<PersistentVolume> = Api::all(reg.client.clone());
+    let labels = HashMap::from([
+        (ZONE.to_string(), "z-b__z-a".to_string()),
+        (REGION.to_string(), "r-1".to_string()),
+    ]);
+    let mut attempt = 0;
+    let stored = test_support::wait_for("the API server to call pv-labeler", REGISTRATION, || {
+        attempt += 1;
+        let name = format!("{test}-probe-{attempt}");
+        h.fake().update(|f| {
+            f.volume_labels.insert(name.clone(), labels.clone());
+        });
+        let (pvs, test) = (pvs.clone(), test.clone());
+        async move {
+            let created = pvs
+                .create(&PostParams::default(), &ebs_pv(&name, &test, "vol-1"))
+                .await
+                .map_err(|e| e.to_string())?;
+            let got = created.metadata.labels.clone().unwrap_or_default();
+            if got.contains_key(ZONE) {
+                Ok(created)
+            } else {
+                Err(format!("{name} stored without labels: {got:?}"))
+            }
+        }
+    })
+    .await
+    .unwrap_or_else(|err| {
+        let log = std::fs::read_to_string(cp.apiserver_log()).unwrap_or_default();
+        let start = log.find("fatal error").unwrap_or(log.len());
+        let excerpt: String = log[start..].chars().take(2000).collect();
+        panic!("{err}\nkube-apiserver log from its crash, if any:\n{excerpt}")
+    });
+    let stored_labels = stored.metadata.labels.clone().unwrap();
+    assert_eq!(stored_labels[ZONE], "z-b__z-a");
+    assert_eq!(stored_labels[REGION], "r-1");
+    assert_eq!(
+        serde_json::to_value(stored.spec.unwrap().node_affinity).unwrap(),
+        json!({"required": {"nodeSelectorTerms": [{"matchExpressions": [
+            {"key": REGION, "operator": "In", "values": ["r-1"]},
+            {"key": ZONE, "operator": "In", "values": ["z-a", "z-b"]},
+        ]}]}})
+    );
+    // A volume the cloud has no labels for is stored as it was sent.
+    let plain = pvs
+        .create(
+            &PostParams::default(),
+            &ebs_pv(&format!("{test}-plain"), &test, "vol-2"),
+        )
+        .await
+        .unwrap();
+    assert!(plain.spec.unwrap().node_affinity.is_none());
+    reg.remove().await;
+}
