@@ -243,8 +243,8 @@ async fn metrics_text(State(app): State<Arc<App>>) -> Response {
 /// One admission request: parse, admit, answer, count.
 async fn admission(app: Arc<App>, webhook: Webhook, request: Request) -> Response {
     let started = Instant::now();
-    let deadline = started + answer_deadline(app.deadline, request.uri().query());
-    let response = match review_of(&app, webhook, request, deadline).await {
+    let budget = answer_deadline(app.deadline, request.uri().query());
+    let response = match review_of(&app, webhook, request, budget).await {
         Ok((version, uid, verdict)) => {
             app.metrics
                 .decisions
@@ -282,8 +282,9 @@ async fn review_of(
     app: &App,
     webhook: Webhook,
     request: Request,
-    deadline: Instant,
+    budget: Duration,
 ) -> Result<(ReviewVersion, String, Verdict), BadReview> {
+    let deadline = Instant::now() + budget;
     let headers = request.headers();
     review::check_content_type(
         headers
@@ -301,7 +302,7 @@ async fn review_of(
     let body = request.into_body();
     let read = axum::body::to_bytes(body, MAX_BODY_BYTES);
     let body = match tokio::time::timeout_at(deadline, read).await {
-        Err(_) => return Err(BadReview::SlowBody(app.deadline)),
+        Err(_) => return Err(BadReview::SlowBody(budget)),
         Ok(Err(err)) => {
             let err = err.into_inner();
             if err.is::<http_body_util::LengthLimitError>() {
