@@ -424,3 +424,29 @@ async fn metrics_count_requests_and_decisions() {
         );
     }
 }
+
+#[tokio::test]
+async fn rotated_serving_certificate_reaches_new_connections() {
+    let h = Harness::start(labelling_fake(), &["--tls-reload-interval=50ms"]).await;
+    let before = h.served_certificate().await;
+    let leaf = h.ca.issue(&["localhost", "127.0.0.1"]).unwrap();
+    h.serving.rotate(&leaf, &h.ca_pem).unwrap();
+    let served = test_support::wait_for(
+        "the rotated serving certificate",
+        Duration::from_secs(10),
+        || async {
+            let now = h.served_certificate().await;
+            if now == leaf.cert_der {
+                Ok(now)
+            } else {
+                Err(format!("still serving the old one: {}", now == before))
+            }
+        },
+    )
+    .await
+    .unwrap();
+    assert_ne!(served, before);
+    // Reviews keep working on the new certificate.
+    let response = h.pv_response("v1", "u", ebs_pv("pv-1", "vol-1")).await;
+    assert_eq!(response["allowed"], true);
+}

@@ -26,6 +26,10 @@ pub struct Harness {
     pub addr: SocketAddr,
     /// The CA (PEM) of the webhook's serving certificate: a webhook configuration's caBundle.
     pub ca_pem: String,
+    /// The CA every certificate of the test is issued by.
+    pub ca: Ca,
+    /// The webhook's serving certificate files.
+    pub serving: test_pki::TlsFiles,
     connector: tokio_rustls::TlsConnector,
     stop: Option<oneshot::Sender<()>>,
     _pki: Pki,
@@ -124,11 +128,14 @@ impl Harness {
         .unwrap();
         let addr = bound.local_addr();
         tokio::spawn(bound.serve());
+        let connector = test_support::tls_connector(ca.cert_der()).unwrap();
         Harness {
             fake: Some(fake),
             addr,
             ca_pem: bundle,
-            connector: test_support::tls_connector(ca.cert_der()).unwrap(),
+            ca,
+            serving,
+            connector,
             stop: Some(stop),
             _pki: pki,
         }
@@ -157,6 +164,14 @@ impl Harness {
         let mut answer = Vec::new();
         let _ = tokio::time::timeout(Duration::from_secs(20), tls.read_to_end(&mut answer)).await;
         parse_answer(&answer)
+    }
+
+    /// The DER certificate the webhook presents to a new connection.
+    pub async fn served_certificate(&self) -> Vec<u8> {
+        let tls = test_support::tls_connect(&self.connector, self.addr)
+            .await
+            .unwrap();
+        tls.get_ref().1.peer_certificates().unwrap()[0].to_vec()
     }
 
     /// POSTs `body` to `path` with `content_type` (none when `None`).
