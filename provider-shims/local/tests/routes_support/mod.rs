@@ -44,6 +44,29 @@ impl Netns {
         self.inner.ip(args).unwrap()
     }
 
+    /// Adds a route of another protocol (`static`) at `cidr` in the main table.
+    pub fn add_static_route(&self, cidr: &str) {
+        self.ip(&["route", "add", cidr, "via", "10.99.0.77", "proto", "static"]);
+    }
+
+    /// Asserts that the main table still routes `cidr` only as [`Netns::add_static_route`] did.
+    pub fn assert_static_route_intact(&self, cidr: &str) {
+        let lines = self.routes("-4", "main", cidr);
+        assert_eq!(lines.len(), 1, "{lines:?}");
+        assert!(
+            lines[0].contains("via 10.99.0.77") && lines[0].contains("proto static"),
+            "{lines:?}"
+        );
+    }
+
+    /// Re-points the route of ours (protocol 108) at `cidr` in `table` through `via`, as
+    /// someone changing it behind the shim's back.
+    pub fn repoint_route(&self, cidr: &str, table: &str, via: &str) {
+        self.ip(&[
+            "route", "replace", cidr, "via", via, "table", table, "proto", "108",
+        ]);
+    }
+
     /// Lines of `ip -n <ns> <-4|-6> route show table <table>` naming `prefix`.
     pub fn routes(&self, family: &str, table: &str, prefix: &str) -> Vec<String> {
         self.ip(&[family, "route", "show", "table", table])
