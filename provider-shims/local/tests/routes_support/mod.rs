@@ -15,7 +15,9 @@ use test_support::{Process, ShimMtls, free_port, wait_for};
 #[path = "../lb_support/mod.rs"]
 mod lb_support;
 
-pub use lb_support::{CLUSTER, answering_channel, fence, scrape_metrics};
+// Each route test crate uses its own subset.
+#[allow(unused_imports)]
+pub use lb_support::{CLUSTER, answering_channel, cpu_seconds, fence, scrape_metrics};
 const INVENTORY: &str = include_str!("../../examples/inventory.yaml");
 
 /// A network namespace of its own (test-support's, with `lo` up and a veth link `nodes0`
