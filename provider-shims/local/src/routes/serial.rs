@@ -91,7 +91,12 @@ impl RouteCommits {
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .push(write, waiter);
-        let committer = Arc::clone(&self.committer).lock_owned().await;
+        let committer = tokio::select! {
+            biased;
+            // A running committer took this write along: no need to queue for the next turn.
+            answered = &mut answer => return answered.unwrap_or(Err(CommitError::WriterGone)),
+            committer = Arc::clone(&self.committer).lock_owned() => committer,
+        };
         if let Ok(answered) = answer.try_recv() {
             // The previous committer took this write along.
             return answered;
