@@ -234,10 +234,7 @@ impl LocalRoutes {
                 &locked(&self.inner.records),
                 self.inner.protocol,
             )),
-            RouteMode::Kernel => {
-                let dump = self.dump(None).await?;
-                Ok(dump.0)
-            }
+            RouteMode::Kernel => self.dump(None).await.map(|(table, _)| table),
         }
     }
 
