@@ -49,6 +49,17 @@ pub struct RouteRow {
     pub value: Vec<u8>,
 }
 
+/// One change to the route table: the row of `(cluster, destination)` put (`Some`) or removed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RouteWrite {
+    /// `--cluster-name` of the caller.
+    pub cluster: String,
+    /// Destination CIDR.
+    pub destination: String,
+    /// The record (JSON), or `None` to remove the row.
+    pub value: Option<Vec<u8>>,
+}
+
 /// The rows of the load-balancer tables, as stored.
 #[derive(Debug, Default)]
 pub struct LbRows {
@@ -273,20 +284,31 @@ impl Store {
         destination: &str,
         value: Option<&[u8]>,
     ) -> Result<(), StoreError> {
-        let fail = self.io_error("writing a route");
+        self.write_routes(&[RouteWrite {
+            cluster: cluster.to_string(),
+            destination: destination.to_string(),
+            value: value.map(<[u8]>::to_vec),
+        }])
+    }
+
+    /// Applies `writes` in order in one durable transaction (group commit: one fsync for
+    /// every route change queued while the previous commit was running).
+    pub fn write_routes(&self, writes: &[RouteWrite]) -> Result<(), StoreError> {
+        let fail = self.io_error("writing the routes");
         let txn = self.inner.db.begin_write().map_err(|e| fail(e.into()))?;
         {
             let mut table = txn.open_table(ROUTES).map_err(|e| fail(e.into()))?;
-            match value {
-                Some(value) => {
-                    table
-                        .insert((cluster, destination), value)
-                        .map_err(|e| fail(e.into()))?;
-                }
-                None => {
-                    table
-                        .remove((cluster, destination))
-                        .map_err(|e| fail(e.into()))?;
+            for write in writes {
+                let key = (write.cluster.as_str(), write.destination.as_str());
+                match &write.value {
+                    Some(value) => {
+                        table
+                            .insert(key, value.as_slice())
+                            .map_err(|e| fail(e.into()))?;
+                    }
+                    None => {
+                        table.remove(key).map_err(|e| fail(e.into()))?;
+                    }
                 }
             }
         }

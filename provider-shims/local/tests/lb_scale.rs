@@ -31,15 +31,6 @@ const IN_FLIGHT: usize = 50;
 /// One measurement at a time: both variants on 2 cores would measure each other.
 static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
-/// User + system CPU seconds of process `pid` so far (Linux `/proc/<pid>/stat`, 100 ticks/s).
-fn cpu_seconds(pid: u32) -> f64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
-    let after = &stat[stat.rfind(')').unwrap() + 2..];
-    let fields: Vec<&str> = after.split(' ').collect();
-    let ticks: u64 = fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap();
-    ticks as f64 / 100.0
-}
-
 fn rss(pid: u32) -> String {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
         .unwrap()

@@ -120,15 +120,7 @@ async fn delete_removes_the_route_and_absent_is_success() {
 #[tokio::test]
 async fn a_foreign_route_is_listed_not_owned_and_never_deleted() {
     let netns = Netns::new();
-    netns.ip(&[
-        "route",
-        "add",
-        "10.244.7.0/24",
-        "via",
-        "10.99.0.77",
-        "proto",
-        "static",
-    ]);
+    netns.add_static_route("10.244.7.0/24");
     let dir = ShimDir::new();
     let mut shim = dir.start(&route_flags(&netns, "main")).await;
     let client = &mut shim.client;
@@ -145,9 +137,7 @@ async fn a_foreign_route_is_listed_not_owned_and_never_deleted() {
         .await
         .unwrap_err();
     assert!(matches!(err, CpiError::NotOwned(_)), "{err:?}");
-    let lines = netns.routes("-4", "main", "10.244.7.0/24");
-    assert_eq!(lines.len(), 1, "{lines:?}");
-    assert!(lines[0].contains("via 10.99.0.77") && lines[0].contains("proto static"));
+    netns.assert_static_route_intact("10.244.7.0/24");
 }
 
 #[tokio::test]
@@ -178,17 +168,7 @@ async fn a_restart_re_adds_a_route_deleted_behind_the_shims_back() {
     drop(shim);
     netns.ip(&["route", "del", "10.244.1.0/24", "table", "100"]);
     // And one re-pointed behind its back.
-    netns.ip(&[
-        "route",
-        "replace",
-        "10.244.2.0/24",
-        "via",
-        "10.99.0.99",
-        "table",
-        "100",
-        "proto",
-        "108",
-    ]);
+    netns.repoint_route("10.244.2.0/24", "100", "10.99.0.99");
 
     let mut shim = dir.start(&flags).await;
     let lines = netns.routes("-4", "100", "10.244.");

@@ -33,14 +33,15 @@ pub enum CommitError {
     Stale(String),
 }
 
-/// Writes decided but not yet committed, in decision order, each with its waiter.
+/// Writes decided but not yet committed, in decision order, each with its waiter. The write
+/// type is the load balancer's by default; the routes queue their own rows.
 #[derive(Debug)]
-pub struct Queue<W> {
-    writes: Vec<LbWrite>,
+pub struct Queue<W, T = LbWrite> {
+    writes: Vec<T>,
     waiters: Vec<W>,
 }
 
-impl<W> Default for Queue<W> {
+impl<W, T> Default for Queue<W, T> {
     fn default() -> Self {
         Self {
             writes: Vec::new(),
@@ -49,9 +50,9 @@ impl<W> Default for Queue<W> {
     }
 }
 
-impl<W> Queue<W> {
+impl<W, T> Queue<W, T> {
     /// Queues `write`, to be answered through `waiter`.
-    pub fn push(&mut self, write: LbWrite, waiter: W) {
+    pub fn push(&mut self, write: T, waiter: W) {
         self.writes.push(write);
         self.waiters.push(waiter);
     }
@@ -62,7 +63,7 @@ impl<W> Queue<W> {
     }
 
     /// Everything queued, as one batch, leaving the queue empty.
-    pub fn take(&mut self) -> Batch<W> {
+    pub fn take(&mut self) -> Batch<W, T> {
         Batch {
             writes: std::mem::take(&mut self.writes),
             waiters: std::mem::take(&mut self.waiters),
@@ -72,9 +73,9 @@ impl<W> Queue<W> {
 
 /// Writes committed together, in decision order.
 #[derive(Debug)]
-pub struct Batch<W> {
+pub struct Batch<W, T = LbWrite> {
     /// The writes, applied in this order in one transaction.
-    pub writes: Vec<LbWrite>,
+    pub writes: Vec<T>,
     /// Their waiters, in the same order.
     pub waiters: Vec<W>,
 }

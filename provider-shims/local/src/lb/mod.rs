@@ -9,7 +9,7 @@
 
 mod alloc;
 mod balance;
-mod commit;
+pub(crate) mod commit;
 mod config;
 mod health;
 mod intern;

@@ -55,6 +55,8 @@ pub enum KernelError {
 
 /// `ENETUNREACH`: the next hop is on no connected network.
 pub const ENETUNREACH: i32 = 101;
+/// `EEXIST`: an exclusive add found a route at the destination.
+pub const EEXIST: i32 = 17;
 /// `ESRCH`: no such route.
 const ESRCH: i32 = 3;
 
@@ -229,6 +231,18 @@ impl Kernel {
             }
         }
         builder.build()
+    }
+
+    /// Adds the route only if the destination holds none (`NLM_F_EXCL`): a route there, ours
+    /// or not, fails with errno [`EEXIST`] and is left as it is.
+    pub async fn add(&self, destination: &IpNet, gateway: IpAddr) -> Result<(), KernelError> {
+        let message = self.message(destination, Some(gateway));
+        self.handle
+            .route()
+            .add(message)
+            .execute()
+            .await
+            .map_err(|e| self.request_error("adding", destination, e))
     }
 
     /// Adds the route, or atomically replaces ours at the same destination (never two routes

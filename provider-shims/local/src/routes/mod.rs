@@ -6,7 +6,9 @@
 //! `--routes=state-only` keeps the records only.
 //!
 //! Layout: decisions are pure (`plan`: next hop, create/delete/start-up plans, the listing;
-//! `page`: paging); `kernel` is the netlink executor and `provider` ties them to the store.
+//! `page`: paging; `table`: the in-memory view of the kernel table and how to program it);
+//! `kernel` is the netlink executor, `serial` orders changes per destination and shares redb
+//! commits between them, and `provider` ties them to the store.
 
 mod config;
 mod kernel;
@@ -14,6 +16,8 @@ mod metrics;
 mod page;
 mod plan;
 mod provider;
+mod serial;
+mod table;
 
 pub use config::{DEFAULT_ROUTE_PROTOCOL, MAIN_TABLE, RouteFlags, RouteMode, RouteTableId};
 pub use kernel::KernelError;

@@ -439,13 +439,16 @@ pub fn recorded_table(records: &Records, protocol: u8) -> Vec<KernelRoute> {
 
 #[cfg(test)]
 #[allow(clippy::unwrap_used, clippy::expect_used)]
-mod tests {
+pub(super) mod tests {
     use super::*;
 
-    const OURS: u8 = 108;
-    const STATIC: u8 = 4;
+    /// The shim's protocol in the tests.
+    pub(in crate::routes) const OURS: u8 = 108;
+    /// `static`, another protocol.
+    pub(in crate::routes) const STATIC: u8 = 4;
 
-    fn net(s: &str) -> IpNet {
+    /// Parses a CIDR.
+    pub(in crate::routes) fn net(s: &str) -> IpNet {
         s.parse().unwrap()
     }
 
@@ -484,7 +487,8 @@ mod tests {
             .collect()
     }
 
-    fn kroute(dst: &str, gateway: Option<&str>, protocol: u8) -> KernelRoute {
+    /// A kernel route at `dst` through `gateway`.
+    pub(in crate::routes) fn kroute(dst: &str, gateway: Option<&str>, protocol: u8) -> KernelRoute {
         KernelRoute {
             destination: net(dst),
             gateway: gateway.map(ip),

@@ -1,26 +1,32 @@
 //! The `Routes` service: decisions from [`super::plan`], records in the state database,
 //! routes in the kernel through [`Kernel`] (or nowhere else in `state-only` mode).
+//!
+//! A change decides from the records and the in-memory view of the table ([`TableView`]),
+//! not from a dump; changes of one destination run one after the other and changes of
+//! different destinations overlap, sharing redb commits ([`super::serial`]).
 
 use std::net::IpAddr;
 use std::path::PathBuf;
-use std::sync::{Arc, OnceLock};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock, PoisonError};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use cpi_proto::CpiError;
 use cpi_proto::v1::{CreateRouteResponse, DeleteRouteResponse, ListRoutesResponse, Route};
 use ipnet::IpNet;
 use prometheus_client::registry::Registry;
-use tokio::sync::Mutex;
 
 use super::config::{RouteFlags, RouteMode, RouteTableId};
-use super::kernel::{ENETUNREACH, Kernel, KernelError};
+use super::kernel::{EEXIST, ENETUNREACH, Kernel, KernelError};
 use super::metrics::RouteMetrics;
 use super::page::page;
 use super::plan::{
     KernelRoute, Owned, PlanError, Records, RouteRecord, StartupAction, choose_gateway,
     parse_destination, plan_create, plan_delete, plan_startup, recorded_table, view,
 };
-use crate::store::{Store, StoreError};
+use super::serial::{DestinationLocks, RouteCommits};
+use super::table::{ProgramOp, TableView, program_op};
+use crate::lb::commit::CommitError;
+use crate::store::{RouteWrite, Store, StoreError};
 
 /// Why routes could not be restored at start-up.
 #[derive(Debug, thiserror::Error)]
@@ -47,7 +53,7 @@ pub enum RouteError {
 }
 
 struct Inner {
-    store: Store,
+    commits: RouteCommits,
     mode: RouteMode,
     netns: Option<PathBuf>,
     table: RouteTableId,
@@ -56,9 +62,14 @@ struct Inner {
     capacity: Option<u32>,
     /// Set by [`LocalRoutes::restore`] in `kernel` mode.
     kernel: OnceLock<Kernel>,
-    /// The records, mirrored from the database; held across each change so that a route is
-    /// decided, persisted and programmed as one step.
+    /// The records, mirrored from the database once durable; locked only to read or update
+    /// the map, never across IO.
     records: Mutex<Records>,
+    /// The kernel table as last dumped and changed by the shim (`kernel` mode).
+    table_view: Mutex<TableView>,
+    /// Held across each change of a destination, so that a route is decided, persisted and
+    /// programmed as one step.
+    destinations: DestinationLocks,
     metrics: RouteMetrics,
 }
 
@@ -75,8 +86,18 @@ fn now_unix() -> u64 {
         .unwrap_or(0)
 }
 
-fn store_error(error: StoreError) -> CpiError {
-    CpiError::Cloud(format!("route not changed: {error}"))
+fn commit_error(error: CommitError) -> CpiError {
+    let why = match error {
+        CommitError::Failed(why) | CommitError::Behind(why) | CommitError::Stale(why) => why,
+        CommitError::WriterGone => "the state writer stopped".into(),
+    };
+    CpiError::Cloud(format!("route not changed: {why}"))
+}
+
+/// Locks a map that is only read or updated in place under the lock: a panic elsewhere cannot
+/// leave it half-changed, so a poisoned lock is still consistent.
+fn locked<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
 impl LocalRoutes {
@@ -107,7 +128,7 @@ impl LocalRoutes {
         metrics.managed.set(records.len() as i64);
         Ok(Self {
             inner: Arc::new(Inner {
-                store,
+                commits: RouteCommits::new(store),
                 mode: flags.mode,
                 netns: flags.netns_path(),
                 table: flags.route_table,
@@ -116,6 +137,8 @@ impl LocalRoutes {
                 capacity: flags.route_capacity,
                 kernel: OnceLock::new(),
                 records: Mutex::new(records),
+                table_view: Mutex::new(TableView::default()),
+                destinations: DestinationLocks::default(),
                 metrics,
             }),
         })
@@ -133,7 +156,7 @@ impl LocalRoutes {
         let inner = &self.inner;
         if inner.mode == RouteMode::StateOnly {
             tracing::info!(
-                routes = inner.records.lock().await.len(),
+                routes = locked(&inner.records).len(),
                 "routes: state-only mode, no routing table is touched"
             );
             return Ok(());
@@ -146,11 +169,13 @@ impl LocalRoutes {
         )
         .await?;
         let kernel = inner.kernel.get_or_init(|| kernel);
-        let records = inner.records.lock().await;
+        // Nothing is served yet: the records cannot change under the start-up plan.
+        let records = locked(&inner.records).clone();
         let table = kernel.list().await.inspect_err(|_| {
             inner.metrics.netlink_error("list");
         })?;
         let plan = plan_startup(&records, &table, inner.protocol);
+        let mut table_view = TableView::from_dump(table);
         let (mut added, mut reprogrammed, mut failed) = (0, 0, 0);
         for action in &plan.actions {
             let (destination, gateway, counter) = match action {
@@ -165,6 +190,7 @@ impl LocalRoutes {
             };
             match kernel.replace(destination, *gateway).await {
                 Ok(()) => {
+                    table_view.programmed(*destination, *gateway, inner.protocol);
                     *counter += 1;
                     inner.metrics.operation("restore", "success");
                 }
@@ -177,6 +203,7 @@ impl LocalRoutes {
                 }
             }
         }
+        *locked(&inner.table_view) = table_view;
         for destination in &plan.blocked {
             tracing::warn!(
                 %destination,
@@ -199,17 +226,49 @@ impl LocalRoutes {
         Ok(())
     }
 
-    /// The table as the kernel has it, or as recorded in `state-only` mode.
-    async fn table(&self, records: &Records) -> Result<Vec<KernelRoute>, CpiError> {
+    /// The whole table as the kernel has it (refreshing the view), or as recorded in
+    /// `state-only` mode.
+    async fn table(&self) -> Result<Vec<KernelRoute>, CpiError> {
         match self.inner.mode {
-            RouteMode::StateOnly => Ok(recorded_table(records, self.inner.protocol)),
-            RouteMode::Kernel => {
-                let kernel = self.kernel()?;
-                kernel.list().await.map_err(|error| {
-                    self.inner.metrics.netlink_error("list");
-                    CpiError::Cloud(error.to_string())
+            RouteMode::StateOnly => Ok(recorded_table(
+                &locked(&self.inner.records),
+                self.inner.protocol,
+            )),
+            RouteMode::Kernel => self.dump(None).await.map(|(table, _)| table),
+        }
+    }
+
+    /// Dumps the table into the view; also returns what the dump has at `held` (a
+    /// destination the caller has locked).
+    async fn dump(
+        &self,
+        held: Option<&IpNet>,
+    ) -> Result<(Vec<KernelRoute>, Vec<KernelRoute>), CpiError> {
+        let kernel = self.kernel()?;
+        let before = locked(&self.inner.table_view).changes();
+        let table = kernel.list().await.map_err(|error| {
+            self.inner.metrics.netlink_error("list");
+            CpiError::Cloud(error.to_string())
+        })?;
+        let at = locked(&self.inner.table_view).refresh(table.clone(), before, held);
+        Ok((table, at))
+    }
+
+    /// The routes known at `destination`: the view's in `kernel` mode, the record's in
+    /// `state-only` mode.
+    fn table_at(&self, destination: &IpNet) -> Vec<KernelRoute> {
+        match self.inner.mode {
+            RouteMode::StateOnly => locked(&self.inner.records)
+                .get(destination)
+                .map(|owned| KernelRoute {
+                    destination: *destination,
+                    gateway: Some(owned.record.gateway),
+                    protocol: self.inner.protocol,
+                    blackhole: false,
                 })
-            }
+                .into_iter()
+                .collect(),
+            RouteMode::Kernel => locked(&self.inner.table_view).at(destination),
         }
     }
 
@@ -220,58 +279,109 @@ impl LocalRoutes {
             .ok_or_else(|| CpiError::Cloud("routes: the routing table is not connected yet".into()))
     }
 
+    /// Makes the record of `destination` durable (`None`: removes it), then mirrors it.
     async fn write(
         &self,
         cluster: &str,
         destination: &IpNet,
-        record: Option<&RouteRecord>,
+        record: Option<&Owned>,
     ) -> Result<(), CpiError> {
         let value = match record {
-            Some(record) => Some(
-                serde_json::to_vec(record)
+            Some(owned) => Some(
+                serde_json::to_vec(&owned.record)
                     .map_err(|e| CpiError::Cloud(format!("encoding a route record: {e}")))?,
             ),
             None => None,
         };
-        let store = self.inner.store.clone();
-        let (cluster, destination) = (cluster.to_string(), destination.to_string());
-        tokio::task::spawn_blocking(move || {
-            store.write_route(&cluster, &destination, value.as_deref())
-        })
-        .await
-        .map_err(|e| CpiError::Cloud(format!("route not changed: writing task failed: {e}")))?
-        .map_err(store_error)
+        self.inner
+            .commits
+            .write(RouteWrite {
+                cluster: cluster.to_string(),
+                destination: destination.to_string(),
+                value,
+            })
+            .await
+            .map_err(commit_error)?;
+        let mut records = locked(&self.inner.records);
+        match record {
+            Some(owned) => records.insert(*destination, owned.clone()),
+            None => records.remove(destination),
+        };
+        self.inner.metrics.managed.set(records.len() as i64);
+        Ok(())
     }
 
+    fn program_error(&self, error: KernelError, gateway: IpAddr, node: &str) -> CpiError {
+        self.inner.metrics.netlink_error("program");
+        match &error {
+            KernelError::Request {
+                errno: Some(ENETUNREACH),
+                ..
+            } => CpiError::Cloud(format!(
+                "next hop {gateway} of node {node:?} is unreachable from table {} of the \
+                 route namespace ({}): no connected network holds it; put the node network \
+                 on an interface there or set --route-onlink-device ({error})",
+                self.inner.table,
+                self.inner
+                    .netns
+                    .as_deref()
+                    .map_or("the shim's own".into(), |p| p.display().to_string()),
+            )),
+            _ => CpiError::Cloud(error.to_string()),
+        }
+    }
+
+    /// Puts `wanted` (just recorded for `cluster`) into the kernel, given the routes `at` its
+    /// destination as the view knows them. A destination the view shows free is added
+    /// exclusively; if the kernel has a route there after all, the table is dumped and the
+    /// create decided again, so a foreign route is refused (`NOT_OWNED`), never replaced.
     async fn program(
         &self,
+        cluster: &str,
         destination: &IpNet,
-        gateway: IpAddr,
-        node: &str,
+        wanted: &RouteRecord,
+        at: &[KernelRoute],
     ) -> Result<(), CpiError> {
-        let Some(kernel) = self.inner.kernel.get() else {
-            // state-only: the record is the route.
+        if self.inner.mode == RouteMode::StateOnly {
+            // The record is the route.
             return Ok(());
+        }
+        let kernel = self.kernel()?;
+        let (gateway, node, protocol) = (wanted.gateway, &wanted.target_node, self.inner.protocol);
+        let added = match program_op(at, destination, protocol) {
+            ProgramOp::Replace => kernel.replace(destination, gateway).await,
+            ProgramOp::AddExclusive => kernel.add(destination, gateway).await,
         };
-        kernel.replace(destination, gateway).await.map_err(|error| {
-            self.inner.metrics.netlink_error("program");
-            match &error {
-                KernelError::Request {
-                    errno: Some(ENETUNREACH),
-                    ..
-                } => CpiError::Cloud(format!(
-                    "next hop {gateway} of node {node:?} is unreachable from table {} of the \
-                     route namespace ({}): no connected network holds it; put the node network \
-                     on an interface there or set --route-onlink-device ({error})",
-                    self.inner.table,
-                    self.inner
-                        .netns
-                        .as_deref()
-                        .map_or("the shim's own".into(), |p| p.display().to_string()),
-                )),
-                _ => CpiError::Cloud(error.to_string()),
+        match added {
+            Ok(()) => {}
+            Err(KernelError::Request {
+                errno: Some(EEXIST),
+                ..
+            }) => {
+                let (_, fresh) = self.dump(Some(destination)).await?;
+                let recorded = Owned {
+                    cluster: cluster.to_string(),
+                    record: wanted.clone(),
+                };
+                let plan = plan_create(
+                    cluster,
+                    destination,
+                    wanted,
+                    Some(&recorded),
+                    &fresh,
+                    protocol,
+                )?;
+                if plan.program {
+                    kernel
+                        .replace(destination, gateway)
+                        .await
+                        .map_err(|error| self.program_error(error, gateway, node))?;
+                }
             }
-        })
+            Err(error) => return Err(self.program_error(error, gateway, node)),
+        }
+        locked(&self.inner.table_view).programmed(*destination, gateway, protocol);
+        Ok(())
     }
 
     async fn create(
@@ -300,9 +410,9 @@ impl LocalRoutes {
             &destination,
             &route.target_node_addresses,
         )?;
-        let mut records = self.inner.records.lock().await;
-        let table = self.table(&records).await?;
-        let previous = records.get(&destination).cloned();
+        let _destination = self.inner.destinations.lock(destination).await;
+        let previous = locked(&self.inner.records).get(&destination).cloned();
+        let at = self.table_at(&destination);
         let created_unix = previous
             .as_ref()
             .filter(|p| p.cluster == cluster && p.record.target_node == route.target_node)
@@ -323,7 +433,7 @@ impl LocalRoutes {
             &destination,
             &wanted,
             previous.as_ref(),
-            &table,
+            &at,
             self.inner.protocol,
         )?;
         if plan.is_noop() {
@@ -331,66 +441,44 @@ impl LocalRoutes {
         }
         // Intent first: a crash before programming leaves a record that start-up programs.
         if plan.write_record {
-            self.write(&cluster, &destination, Some(&wanted)).await?;
-            records.insert(
-                destination,
-                Owned {
-                    cluster: cluster.clone(),
-                    record: wanted.clone(),
-                },
-            );
-            self.inner.metrics.managed.set(records.len() as i64);
+            let owned = Owned {
+                cluster: cluster.clone(),
+                record: wanted.clone(),
+            };
+            self.write(&cluster, &destination, Some(&owned)).await?;
         }
         if plan.program
-            && let Err(error) = self
-                .program(&destination, gateway, &route.target_node)
-                .await
+            && let Err(error) = self.program(&cluster, &destination, &wanted, &at).await
         {
             if plan.write_record {
-                self.roll_back(&mut records, &cluster, &destination, previous)
-                    .await;
+                self.roll_back(&cluster, &destination, previous).await;
             }
             return Err(error);
         }
-        tracing::info!(%cluster, %destination, node = %route.target_node, %gateway, "route created");
+        // Per call and on the hot path: debug, not info (errors and warnings stay loud).
+        tracing::debug!(%cluster, %destination, node = %route.target_node, %gateway, "route created");
         Ok("success")
     }
 
     /// Puts the record back as it was before a failed create.
-    async fn roll_back(
-        &self,
-        records: &mut Records,
-        cluster: &str,
-        destination: &IpNet,
-        previous: Option<Owned>,
-    ) {
-        let restored = self
-            .write(cluster, destination, previous.as_ref().map(|p| &p.record))
-            .await;
-        match (restored, previous) {
-            (Ok(()), Some(previous)) => {
-                records.insert(*destination, previous);
-            }
-            (Ok(()), None) => {
-                records.remove(destination);
-            }
-            // The new record stays: start-up (or the next create) programs it again.
-            (Err(error), _) => {
-                tracing::warn!(%destination, %error, "routes: could not roll back a route record");
-            }
+    async fn roll_back(&self, cluster: &str, destination: &IpNet, previous: Option<Owned>) {
+        let cluster = previous.as_ref().map_or(cluster, |p| p.cluster.as_str());
+        // The new record stays on failure: start-up (or the next create) programs it again.
+        if let Err(error) = self.write(cluster, destination, previous.as_ref()).await {
+            tracing::warn!(%destination, %error, "routes: could not roll back a route record");
         }
-        self.inner.metrics.managed.set(records.len() as i64);
     }
 
     async fn delete(&self, cluster: String, route: Route) -> Result<&'static str, CpiError> {
         let destination = parse_destination(&route.destination_cidr)?;
-        let mut records = self.inner.records.lock().await;
-        let table = self.table(&records).await?;
+        let _destination = self.inner.destinations.lock(destination).await;
+        let recorded = locked(&self.inner.records).get(&destination).cloned();
+        let at = self.table_at(&destination);
         let plan = plan_delete(
             &cluster,
             &destination,
-            records.get(&destination),
-            &table,
+            recorded.as_ref(),
+            &at,
             self.inner.protocol,
         )?;
         if !plan.forget_record && !plan.unprogram {
@@ -398,18 +486,18 @@ impl LocalRoutes {
         }
         if plan.forget_record {
             self.write(&cluster, &destination, None).await?;
-            records.remove(&destination);
-            self.inner.metrics.managed.set(records.len() as i64);
         }
-        if plan.unprogram
-            && let Some(kernel) = self.inner.kernel.get()
-        {
+        // A recorded route is ours even if the view missed it; the kernel matches the protocol
+        // of a delete, so another's route at the destination is never removed.
+        if self.inner.mode == RouteMode::Kernel {
+            let kernel = self.kernel()?;
             kernel.delete(&destination).await.map_err(|error| {
                 self.inner.metrics.netlink_error("delete");
                 CpiError::Cloud(error.to_string())
             })?;
+            locked(&self.inner.table_view).unprogrammed(&destination, self.inner.protocol);
         }
-        tracing::info!(%cluster, %destination, "route deleted");
+        tracing::debug!(%cluster, %destination, "route deleted");
         Ok("success")
     }
 
@@ -419,11 +507,13 @@ impl LocalRoutes {
         page_size: u32,
         page_token: String,
     ) -> Result<ListRoutesResponse, CpiError> {
-        let listed = {
-            let records = self.inner.records.lock().await;
-            let table = self.table(&records).await?;
-            view(&cluster, &records, &table, self.inner.protocol)
-        };
+        let table = self.table().await?;
+        let listed = view(
+            &cluster,
+            &locked(&self.inner.records),
+            &table,
+            self.inner.protocol,
+        );
         let (routes, next_page_token) = page(listed, page_size, &page_token)?;
         Ok(ListRoutesResponse {
             routes,
@@ -465,7 +555,16 @@ impl shim_framework::Routes for LocalRoutes {
         name_hint: String,
         route: Route,
     ) -> Result<CreateRouteResponse, CpiError> {
-        let result = self.create(cluster_name, name_hint, route).await;
+        // A task of its own: a caller going away must not stop a change between its record
+        // and its route (or its roll-back).
+        let this = self.clone();
+        let result = tokio::spawn(async move { this.create(cluster_name, name_hint, route).await })
+            .await
+            .unwrap_or_else(|join| {
+                Err(CpiError::Cloud(format!(
+                    "creating the route failed: {join}"
+                )))
+            });
         self.count("create", &result, |r| r);
         result.map(|_| CreateRouteResponse {})
     }
@@ -475,7 +574,14 @@ impl shim_framework::Routes for LocalRoutes {
         cluster_name: String,
         route: Route,
     ) -> Result<DeleteRouteResponse, CpiError> {
-        let result = self.delete(cluster_name, route).await;
+        let this = self.clone();
+        let result = tokio::spawn(async move { this.delete(cluster_name, route).await })
+            .await
+            .unwrap_or_else(|join| {
+                Err(CpiError::Cloud(format!(
+                    "deleting the route failed: {join}"
+                )))
+            });
         self.count("delete", &result, |r| r);
         result.map(|_| DeleteRouteResponse {})
     }

@@ -15,7 +15,9 @@ use test_support::{Process, ShimMtls, free_port, wait_for};
 #[path = "../lb_support/mod.rs"]
 mod lb_support;
 
-pub use lb_support::{CLUSTER, answering_channel, fence, scrape_metrics};
+// Each route test crate uses its own subset.
+#[allow(unused_imports)]
+pub use lb_support::{CLUSTER, answering_channel, cpu_seconds, fence, scrape_metrics};
 const INVENTORY: &str = include_str!("../../examples/inventory.yaml");
 
 /// A network namespace of its own (test-support's, with `lo` up and a veth link `nodes0`
@@ -42,6 +44,29 @@ impl Netns {
     /// `ip -n <ns> <args>`, panicking with `ip`'s error.
     pub fn ip(&self, args: &[&str]) -> String {
         self.inner.ip(args).unwrap()
+    }
+
+    /// Adds a route of another protocol (`static`) at `cidr` in the main table.
+    pub fn add_static_route(&self, cidr: &str) {
+        self.ip(&["route", "add", cidr, "via", "10.99.0.77", "proto", "static"]);
+    }
+
+    /// Asserts that the main table still routes `cidr` only as [`Netns::add_static_route`] did.
+    pub fn assert_static_route_intact(&self, cidr: &str) {
+        let lines = self.routes("-4", "main", cidr);
+        assert_eq!(lines.len(), 1, "{lines:?}");
+        assert!(
+            lines[0].contains("via 10.99.0.77") && lines[0].contains("proto static"),
+            "{lines:?}"
+        );
+    }
+
+    /// Re-points the route of ours (protocol 108) at `cidr` in `table` through `via`, as
+    /// someone changing it behind the shim's back.
+    pub fn repoint_route(&self, cidr: &str, table: &str, via: &str) {
+        self.ip(&[
+            "route", "replace", cidr, "via", via, "table", table, "proto", "108",
+        ]);
     }
 
     /// Lines of `ip -n <ns> <-4|-6> route show table <table>` naming `prefix`.
