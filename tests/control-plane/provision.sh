@@ -148,8 +148,9 @@ mkdir -p "$ASSETS"
 ln -sf "$(command -v etcd)" "$ASSETS/etcd"
 
 # Bump when the build changes in a way the cached binary cannot be checked for cheaply
-# (2: the `/version` endpoint reports $K8S_VERSION, not v0.0.0-master).
-BUILD_RECIPE=2
+# (2: the `/version` endpoint reports $K8S_VERSION, not v0.0.0-master; 3: reflect2 1.0.2, see
+# below).
+BUILD_RECIPE=3
 if [[ -x "$ASSETS/kube-apiserver" ]] && "$ASSETS/kube-apiserver" --version 2>/dev/null | grep -q "$K8S_VERSION" \
   && [[ "$(cat "$ASSETS/kube-apiserver.recipe" 2>/dev/null)" == "$BUILD_RECIPE" ]]; then
   log "kube-apiserver $K8S_VERSION cached in $ASSETS"
@@ -159,7 +160,7 @@ fi
 
 # kube-apiserver: no registry ships a binary; Debian's source package carries the whole tree with
 # vendor/, which builds offline with Debian's Go in GOPATH mode.
-apt_install golang-go dpkg-dev ca-certificates
+apt_install golang-go dpkg-dev ca-certificates golang-github-modern-go-reflect2-dev
 src_list=/etc/apt/sources.list.d/ccm-deb-src.sources
 if ! has_deb_src /etc/apt; then
   # Derived from the configured binary sources, not a fixed archive, so a mirror keeps working.
@@ -177,6 +178,17 @@ dscs=("$WORK"/dl/*.dsc)
 dsc=${dscs[0]}
 [[ -f $dsc ]] || { log "apt-get source $DEB_SOURCE downloaded no .dsc into $WORK/dl"; exit 1; }
 dpkg-source --no-check -x "$dsc" "$WORK/gopath/src/k8s.io/kubernetes" >&2
+
+# The vendored reflect2 1.0.1 reads Go runtime internals that changed in Go 1.18: built with a
+# newer Go, kube-apiserver dies (SIGSEGV in the JSON encoding of a mutating webhook's patch
+# annotation). 1.0.2 is the fix, with the same API; Debian packages it.
+reflect2=/usr/share/gocode/src/github.com/modern-go/reflect2
+[[ -f $reflect2/reflect2.go ]] || { log "$reflect2 is missing (golang-github-modern-go-reflect2-dev)"; exit 1; }
+vendored=$WORK/gopath/src/k8s.io/kubernetes/vendor/github.com/modern-go/reflect2
+rm -rf "$vendored"
+mkdir -p "$vendored"
+cp "$reflect2"/*.go "$reflect2"/*.s "$vendored"/
+rm -f "$vendored"/*_test.go
 
 export GOPATH=$WORK/gopath GO111MODULE=off GOFLAGS='' GOCACHE=$CACHE_ROOT/gocache CGO_ENABLED=0
 cd "$GOPATH/src/k8s.io/kubernetes"
