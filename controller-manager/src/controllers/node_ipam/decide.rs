@@ -7,13 +7,14 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use ipnet::IpNet;
-use kube::ResourceExt;
+use kube::{Resource, ResourceExt};
 use tracing::debug;
 
 use super::cidr_set::{CidrSet, CidrSetError};
 use super::config::IpamSettings;
 use super::metrics::IpamMetrics;
 use crate::k8s::CachedNode;
+use crate::leader::Predecessor;
 
 /// What a node needs from the allocator.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -27,19 +28,22 @@ pub enum Action {
     Occupy(Vec<IpNet>),
 }
 
+/// The node's podCIDR texts as written: `spec.podCIDRs`, or the single `spec.podCIDR` of old
+/// writers.
+fn cidr_texts(node: &CachedNode) -> impl Iterator<Item = &str> {
+    let spec = node.spec();
+    let listed = spec.pod_cidrs.as_deref().unwrap_or_default();
+    let single = spec
+        .pod_cidr
+        .as_deref()
+        .filter(|c| !c.is_empty() && listed.is_empty());
+    listed.iter().map(String::as_str).chain(single)
+}
+
 /// The node's `spec.podCIDRs` (or the single `spec.podCIDR` of old writers) that parse; an
 /// entry that does not parse is logged and left out.
 pub fn pod_cidrs(node: &CachedNode) -> Vec<IpNet> {
-    let spec = node.spec();
-    let listed = spec.pod_cidrs.as_deref().unwrap_or_default();
-    let single = spec.pod_cidr.as_deref().filter(|c| !c.is_empty());
-    let texts: Vec<&str> = if listed.is_empty() {
-        single.into_iter().collect()
-    } else {
-        listed.iter().map(String::as_str).collect()
-    };
-    texts
-        .into_iter()
+    cidr_texts(node)
         .filter_map(|text| match text.parse::<IpNet>() {
             Ok(net) => Some(net.trunc()),
             Err(_) => {
@@ -48,6 +52,16 @@ pub fn pod_cidrs(node: &CachedNode) -> Vec<IpNet> {
             }
         })
         .collect()
+}
+
+/// The node's name, borrowed (every pass looks at every node: no copies).
+fn name_of(node: &CachedNode) -> &str {
+    node.meta().name.as_deref().unwrap_or_default()
+}
+
+/// The node's UID, borrowed.
+fn uid_of(node: &CachedNode) -> &str {
+    node.meta().uid.as_deref().unwrap_or_default()
 }
 
 /// Whether the node has any podCIDR set, parsable or not (the API server refuses to change
@@ -79,11 +93,47 @@ pub fn decide(node: &CachedNode, sets: &[CidrSet]) -> Action {
     }
 }
 
+/// Whether a newly started allocator must first let others' podCIDR writes settle: only when
+/// a previous leader may still be writing them, or that is not known.
+pub fn must_settle(predecessor: Option<&Predecessor>) -> bool {
+    !matches!(predecessor, Some(Predecessor::None))
+}
+
 /// A node's CIDRs as last seen on it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 struct Seen {
     uid: String,
     cidrs: Vec<IpNet>,
+    /// The podCIDR texts they were parsed from: an unchanged node is told by comparing these,
+    /// without parsing.
+    texts: Vec<String>,
+}
+
+impl Seen {
+    /// What `node` shows now.
+    fn of(node: &CachedNode) -> Self {
+        Self {
+            uid: uid_of(node).to_string(),
+            cidrs: pod_cidrs(node),
+            texts: cidr_texts(node).map(str::to_string).collect(),
+        }
+    }
+
+    /// Whether `node` still shows these CIDRs (the texts compared first, the CIDRs only when
+    /// they differ, e.g. written another way).
+    fn still_on(&mut self, node: &CachedNode) -> bool {
+        if uid_of(node) != self.uid {
+            return false;
+        }
+        if self.texts.iter().map(String::as_str).eq(cidr_texts(node)) {
+            return true;
+        }
+        if pod_cidrs(node) == self.cidrs {
+            self.texts = cidr_texts(node).map(str::to_string).collect();
+            return true;
+        }
+        false
+    }
 }
 
 /// Where one of our allocations is.
@@ -187,6 +237,9 @@ pub struct Ledger {
     seen: HashMap<String, Seen>,
     pending: HashMap<String, Pending>,
     backoff: HashMap<String, Backoff>,
+    /// Blocks were released outside [`observe`](Self::observe): the next one marks every
+    /// node's CIDRs again, as one may have been on another node too.
+    remark: bool,
 }
 
 impl Ledger {
@@ -203,6 +256,7 @@ impl Ledger {
             seen: HashMap::new(),
             pending: HashMap::new(),
             backoff: HashMap::new(),
+            remark: false,
         };
         ledger.mark_reserved();
         Ok(ledger)
@@ -218,28 +272,27 @@ impl Ledger {
     /// pending allocations the nodes now show.
     pub fn observe(&mut self, nodes: &[Arc<CachedNode>]) -> Observed {
         let mut observed = Observed::default();
-        let live: HashMap<String, &CachedNode> =
-            nodes.iter().map(|n| (n.name_any(), n.as_ref())).collect();
-        let uid_of = |name: &str| live.get(name).map(|n| n.uid().unwrap_or_default());
+        let live: HashMap<&str, &CachedNode> =
+            nodes.iter().map(|n| (name_of(n), n.as_ref())).collect();
         let before: usize = self.sets.iter().map(CidrSet::allocated).sum();
         // Gone or changed: free what was seen on them (re-marked below if still on a node).
         let mut freed = Vec::new();
         let mut landed = Vec::new();
         self.seen.retain(|name, seen| {
-            let keep = live.get(name).is_some_and(|n| {
-                n.uid().unwrap_or_default() == seen.uid && pod_cidrs(n) == seen.cidrs
-            });
+            let keep = live
+                .get(name.as_str())
+                .is_some_and(|node| seen.still_on(node));
             if !keep {
                 freed.extend(seen.cidrs.iter().copied());
             }
             keep
         });
         self.pending.retain(|name, pending| {
-            let Some(node) = live.get(name) else {
+            let Some(node) = live.get(name.as_str()) else {
                 freed.extend(pending.cidrs.iter().copied());
                 return false;
             };
-            if uid_of(name).as_deref() != Some(pending.uid.as_str()) {
+            if uid_of(node) != pending.uid {
                 freed.extend(pending.cidrs.iter().copied());
                 return false;
             }
@@ -257,26 +310,23 @@ impl Ledger {
             self.release(cidr);
         }
         for (name, node) in &live {
-            if !has_pod_cidrs(node) {
+            // A node still seen as before has its CIDRs marked already.
+            if !has_pod_cidrs(node) || self.seen.contains_key(*name) {
                 continue;
             }
-            let cidrs = pod_cidrs(node);
             if let Action::Occupy(unmarked) = decide(node, &self.sets) {
                 for cidr in &unmarked {
                     self.occupy(cidr);
                 }
             }
-            let uid = node.uid().unwrap_or_default();
-            if !self.seen.contains_key(name) {
-                if !landed.contains(name) {
-                    // Not one we were waiting for: another writer's.
-                    observed.foreign_changes += 1;
-                }
-                self.seen.insert(name.clone(), Seen { uid, cidrs });
-                self.backoff.remove(name);
+            if !landed.iter().any(|l| l == name) {
+                // Not one we were waiting for: another writer's.
+                observed.foreign_changes += 1;
             }
+            self.seen.insert((*name).to_string(), Seen::of(node));
+            self.backoff.remove(*name);
         }
-        if !freed.is_empty() {
+        if !freed.is_empty() || std::mem::take(&mut self.remark) {
             // A freed CIDR may also have been on another node, or in a service range.
             let still: Vec<IpNet> = self
                 .seen
@@ -289,7 +339,8 @@ impl Ledger {
             }
             self.mark_reserved();
         }
-        self.backoff.retain(|name, _| live.contains_key(name));
+        self.backoff
+            .retain(|name, _| live.contains_key(name.as_str()));
         let after: usize = self.sets.iter().map(CidrSet::allocated).sum();
         observed.released = before.saturating_sub(after);
         if observed.released > 0 {
@@ -312,20 +363,22 @@ impl Ledger {
             if steps.len() >= limit {
                 break;
             }
-            let name = node.name_any();
-            if self.backoff.get(&name).is_some_and(|b| b.not_before > now) {
+            // Only a node without podCIDRs needs an allocation (what `decide` says, without
+            // parsing any CIDR).
+            if has_pod_cidrs(node) {
                 continue;
             }
-            if decide(node, &self.sets) != Action::Allocate {
+            let name = name_of(node);
+            if self.backoff.get(name).is_some_and(|b| b.not_before > now) {
                 continue;
             }
-            let uid = node.uid().unwrap_or_default();
-            match self.pending.get_mut(&name) {
+            let uid = uid_of(node);
+            match self.pending.get_mut(name) {
                 Some(pending) if pending.stage == Stage::Held && pending.uid == uid => {
                     pending.stage = Stage::InFlight;
                     steps.push(Step::Patch {
-                        node: name,
-                        uid,
+                        node: name.to_string(),
+                        uid: uid.to_string(),
                         cidrs: pending.cidrs.clone(),
                     });
                     continue;
@@ -333,6 +386,7 @@ impl Ledger {
                 Some(_) => continue,
                 None => {}
             }
+            let (name, uid) = (name.to_string(), uid.to_string());
             match self.allocate() {
                 Ok(cidrs) => {
                     self.pending.insert(
@@ -398,6 +452,7 @@ impl Ledger {
                 for cidr in &ours {
                     self.release(cidr);
                 }
+                self.remark |= !ours.is_empty();
                 if outcome == Outcome::NotApplied {
                     self.fail(node, now, false);
                 }
@@ -408,6 +463,7 @@ impl Ledger {
                 };
                 for cidr in pending.cidrs.iter().filter(|c| !theirs.contains(c)) {
                     self.release(cidr);
+                    self.remark = true;
                 }
                 for cidr in &theirs {
                     self.occupy(cidr);
@@ -416,6 +472,7 @@ impl Ledger {
                     node.to_string(),
                     Seen {
                         uid: pending.uid,
+                        texts: theirs.iter().map(ToString::to_string).collect(),
                         cidrs: theirs,
                     },
                 );
