@@ -107,6 +107,8 @@ struct Seen {
     /// The podCIDR texts they were parsed from: an unchanged node is told by comparing these,
     /// without parsing.
     texts: Vec<String>,
+    /// The last [`Ledger::observe`] pass that found the node showing them.
+    pass: u64,
 }
 
 impl Seen {
@@ -116,6 +118,7 @@ impl Seen {
             uid: uid_of(node).to_string(),
             cidrs: pod_cidrs(node),
             texts: cidr_texts(node).map(str::to_string).collect(),
+            pass: 0,
         }
     }
 
@@ -163,6 +166,8 @@ struct Backoff {
     not_before: Instant,
     /// The range was full: retried as soon as anything is freed.
     full: bool,
+    /// The last [`Ledger::observe`] pass that found the node.
+    pass: u64,
 }
 
 /// First retry delay after a failure; doubled per further failure.
@@ -240,6 +245,8 @@ pub struct Ledger {
     /// Blocks were released outside [`observe`](Self::observe): the next one marks every
     /// node's CIDRs again, as one may have been on another node too.
     remark: bool,
+    /// Counts [`observe`](Self::observe) passes; entries not found in a pass are gone.
+    pass: u64,
 }
 
 impl Ledger {
@@ -257,6 +264,7 @@ impl Ledger {
             pending: HashMap::new(),
             backoff: HashMap::new(),
             remark: false,
+            pass: 0,
         };
         ledger.mark_reserved();
         Ok(ledger)
@@ -272,23 +280,52 @@ impl Ledger {
     /// pending allocations the nodes now show.
     pub fn observe(&mut self, nodes: &[Arc<CachedNode>]) -> Observed {
         let mut observed = Observed::default();
-        let live: HashMap<&str, &CachedNode> =
-            nodes.iter().map(|n| (name_of(n), n.as_ref())).collect();
         let before: usize = self.sets.iter().map(CidrSet::allocated).sum();
+        // One look at each node (this runs on every change of any node): which still show
+        // what was seen on them, which show podCIDRs not seen yet, where the pending ones are.
+        self.pass = self.pass.wrapping_add(1);
+        let pass = self.pass;
+        let mut unchanged = 0;
+        let mut fresh: Vec<&CachedNode> = Vec::new();
+        let mut pending_live: HashMap<&str, &CachedNode> = HashMap::new();
+        for node in nodes {
+            let node = node.as_ref();
+            let name = name_of(node);
+            let still = self.seen.get_mut(name).is_some_and(|seen| {
+                let still = seen.still_on(node);
+                if still {
+                    seen.pass = pass;
+                }
+                still
+            });
+            if still {
+                unchanged += 1;
+            } else if has_pod_cidrs(node) {
+                fresh.push(node);
+            }
+            if !self.pending.is_empty() && self.pending.contains_key(name) {
+                pending_live.insert(name, node);
+            }
+            if !self.backoff.is_empty()
+                && let Some(backoff) = self.backoff.get_mut(name)
+            {
+                backoff.pass = pass;
+            }
+        }
         // Gone or changed: free what was seen on them (re-marked below if still on a node).
         let mut freed = Vec::new();
+        if unchanged != self.seen.len() {
+            self.seen.retain(|_, seen| {
+                let keep = seen.pass == pass;
+                if !keep {
+                    freed.extend(seen.cidrs.iter().copied());
+                }
+                keep
+            });
+        }
         let mut landed = Vec::new();
-        self.seen.retain(|name, seen| {
-            let keep = live
-                .get(name.as_str())
-                .is_some_and(|node| seen.still_on(node));
-            if !keep {
-                freed.extend(seen.cidrs.iter().copied());
-            }
-            keep
-        });
         self.pending.retain(|name, pending| {
-            let Some(node) = live.get(name.as_str()) else {
+            let Some(node) = pending_live.get(name.as_str()) else {
                 freed.extend(pending.cidrs.iter().copied());
                 return false;
             };
@@ -309,11 +346,8 @@ impl Ledger {
         for cidr in &freed {
             self.release(cidr);
         }
-        for (name, node) in &live {
-            // A node still seen as before has its CIDRs marked already.
-            if !has_pod_cidrs(node) || self.seen.contains_key(*name) {
-                continue;
-            }
+        for node in fresh {
+            let name = name_of(node);
             if let Action::Occupy(unmarked) = decide(node, &self.sets) {
                 for cidr in &unmarked {
                     self.occupy(cidr);
@@ -323,8 +357,12 @@ impl Ledger {
                 // Not one we were waiting for: another writer's.
                 observed.foreign_changes += 1;
             }
-            self.seen.insert((*name).to_string(), Seen::of(node));
-            self.backoff.remove(*name);
+            let seen = Seen {
+                pass,
+                ..Seen::of(node)
+            };
+            self.seen.insert(name.to_string(), seen);
+            self.backoff.remove(name);
         }
         if !freed.is_empty() || std::mem::take(&mut self.remark) {
             // A freed CIDR may also have been on another node, or in a service range.
@@ -339,8 +377,7 @@ impl Ledger {
             }
             self.mark_reserved();
         }
-        self.backoff
-            .retain(|name, _| live.contains_key(name.as_str()));
+        self.backoff.retain(|_, backoff| backoff.pass == pass);
         let after: usize = self.sets.iter().map(CidrSet::allocated).sum();
         observed.released = before.saturating_sub(after);
         if observed.released > 0 {
@@ -369,7 +406,9 @@ impl Ledger {
                 continue;
             }
             let name = name_of(node);
-            if self.backoff.get(name).is_some_and(|b| b.not_before > now) {
+            if !self.backoff.is_empty()
+                && self.backoff.get(name).is_some_and(|b| b.not_before > now)
+            {
                 continue;
             }
             let uid = uid_of(node);
@@ -474,6 +513,7 @@ impl Ledger {
                         uid: pending.uid,
                         texts: theirs.iter().map(ToString::to_string).collect(),
                         cidrs: theirs,
+                        pass: self.pass,
                     },
                 );
             }
@@ -495,6 +535,7 @@ impl Ledger {
             failures: 0,
             not_before: now,
             full,
+            pass: self.pass,
         });
         backoff.failures = backoff.failures.saturating_add(1);
         backoff.not_before = now + delay(backoff.failures);
