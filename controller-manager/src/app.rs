@@ -11,7 +11,7 @@ use tokio::sync::{oneshot, watch};
 use tokio::task::JoinSet;
 use tracing::{error, info, warn};
 
-use crate::cloud::{Cloud, CloudError, CloudMetrics, EndpointError, Fence};
+use crate::cloud::{Cloud, CloudError, CloudMetrics, EndpointError, Fence, Predecessor};
 use crate::controllers::{
     BuildError, ClusterSettings, ControllerContext, ControllerFlags, ControllerSelection, Names,
     Registered, Runner, SelectionError, SharedNodes, Stop, Succession,
@@ -19,7 +19,7 @@ use crate::controllers::{
 use crate::flags::FlagError;
 use crate::health::{Health, Scope, Unhealthy};
 use crate::k8s::{ClientError, ClientMetrics, EventBroadcaster, NodeInformer};
-use crate::leader::{Acquired, LeaderElector, LeaseConfig, Lost, Predecessor, SharedStatus};
+use crate::leader::{Acquired, LeaderElector, LeaseConfig, Lost, SharedStatus};
 use crate::metrics::ManagerMetrics;
 use crate::options::{GenericOptions, OptionsError};
 use crate::serve::{self, Authorizer};

@@ -17,7 +17,7 @@ use k8s_openapi::jiff::Timestamp;
 use kube::api::{Api, PostParams};
 use tracing::{debug, info, warn};
 
-use crate::cloud::Fence;
+use crate::cloud::{Fence, Predecessor};
 
 /// Lease-lock settings (upstream `--leader-elect-*`).
 #[derive(Debug, Clone)]
@@ -51,26 +51,13 @@ pub enum Lost {
     LeaseDeleted(String),
 }
 
-/// Whether a previous leader may still have writes in flight when this term starts.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Predecessor {
-    /// Nobody can: the Lease was created by us, free, released (no holder) or already ours,
-    /// or leader election is off.
-    None,
-    /// We took the Lease over from this holder after it expired without being released: the
-    /// holder may still be finishing writes it started.
-    Unreleased(String),
-}
-
-impl Predecessor {
-    /// The predecessor when the Lease held `spec` just before we wrote ourselves into it as
-    /// `identity` (a released Lease has no holder; an expired one still names it).
-    pub fn of(spec: &LeaseSpec, identity: &str) -> Self {
-        match spec.holder_identity.as_deref() {
-            None | Some("") => Self::None,
-            Some(holder) if holder == identity => Self::None,
-            Some(holder) => Self::Unreleased(holder.to_string()),
-        }
+/// The predecessor when the Lease held `spec` just before we wrote ourselves into it as
+/// `identity` (a released Lease has no holder; an expired one still names it).
+pub fn predecessor_of(spec: &LeaseSpec, identity: &str) -> Predecessor {
+    match spec.holder_identity.as_deref() {
+        None | Some("") => Predecessor::None,
+        Some(holder) if holder == identity => Predecessor::None,
+        Some(holder) => Predecessor::Unreleased(holder.to_string()),
     }
 }
 
@@ -307,7 +294,7 @@ impl LeaderElector {
                 return Ok(Attempt::HeldByOther(holder));
             }
         }
-        let predecessor = Predecessor::of(&old, &self.config.identity);
+        let predecessor = predecessor_of(&old, &self.config.identity);
         let transitions = old.lease_transitions.unwrap_or(0);
         let transitions = if ours {
             transitions
@@ -411,15 +398,15 @@ mod tests {
 
     #[test]
     fn no_predecessor_when_the_lease_is_free_released_or_ours() {
-        assert_eq!(Predecessor::of(&spec(None), "me"), Predecessor::None);
-        assert_eq!(Predecessor::of(&spec(Some("")), "me"), Predecessor::None);
-        assert_eq!(Predecessor::of(&spec(Some("me")), "me"), Predecessor::None);
+        assert_eq!(predecessor_of(&spec(None), "me"), Predecessor::None);
+        assert_eq!(predecessor_of(&spec(Some("")), "me"), Predecessor::None);
+        assert_eq!(predecessor_of(&spec(Some("me")), "me"), Predecessor::None);
     }
 
     #[test]
     fn an_expired_holder_is_an_unreleased_predecessor() {
         assert_eq!(
-            Predecessor::of(&spec(Some("other")), "me"),
+            predecessor_of(&spec(Some("other")), "me"),
             Predecessor::Unreleased("other".into())
         );
     }

@@ -20,7 +20,8 @@ pub mod serve;
 
 pub use app::{AppError, Options, run};
 pub use cloud::{
-    Cloud, CloudMetrics, ConnectSettings, Fence, ListRoutesError, ProviderEndpoint, RouteList,
+    Cloud, CloudMetrics, ConnectSettings, Fence, ListRoutesError, Predecessor, ProviderEndpoint,
+    RouteList,
 };
 pub use cluster_cidrs::{ClusterCidrError, ClusterCidrs};
 pub use controllers::{
@@ -39,4 +40,4 @@ pub use k8s::{
     CachedNode, CachedService, EventType, NodeInformer, Recorder, ServiceChange, ServiceInformer,
     events, well_known,
 };
-pub use leader::{Acquired, Predecessor};
+pub use leader::Acquired;

@@ -6,11 +6,10 @@ use std::sync::{Arc, Mutex, PoisonError};
 
 use kube::runtime::reflector::{ReflectHandle, Store};
 
-use crate::cloud::Cloud;
+use crate::cloud::{Cloud, Predecessor};
 use crate::cluster_cidrs::ClusterCidrs;
 use crate::flags::FeatureGates;
 use crate::k8s::{CachedNode, EventBroadcaster, NodeInformer, Recorder};
-use crate::leader::Predecessor;
 
 /// Upstream's shared cloud settings (`KubeCloudSharedConfiguration`) that more than one
 /// controller reads.

@@ -13,8 +13,8 @@ use tracing::debug;
 use super::cidr_set::{CidrSet, CidrSetError};
 use super::config::IpamSettings;
 use super::metrics::IpamMetrics;
+use crate::cloud::Predecessor;
 use crate::k8s::CachedNode;
-use crate::leader::Predecessor;
 
 /// What a node needs from the allocator.
 #[derive(Debug, Clone, PartialEq, Eq)]
