@@ -327,3 +327,17 @@ fn a_cidr_freed_by_a_failed_patch_stays_marked_while_another_node_shows_it() {
     assert_eq!(again.len(), 1);
     assert_ne!(again[0].1, cidrs, "b's block handed out again");
 }
+
+#[test]
+fn node_names_hash_apart() {
+    use std::hash::BuildHasher;
+    let hasher = BuildHasherDefault::<NameHasher>::default();
+    let names: Vec<String> = (0..20_000)
+        .map(|i| format!("bench-rt-node-{i}"))
+        .chain((0..=255).map(|i| format!("ip-10-0-{i}-17.ec2.internal")))
+        .collect();
+    let hashes: std::collections::HashSet<u64> =
+        names.iter().map(|name| hasher.hash_one(name)).collect();
+    assert_eq!(hashes.len(), names.len(), "two node names hash alike");
+    assert_ne!(hasher.hash_one("node-a"), hasher.hash_one("node-a\0"));
+}
