@@ -11,15 +11,15 @@ use tokio::sync::{oneshot, watch};
 use tokio::task::JoinSet;
 use tracing::{error, info, warn};
 
-use crate::cloud::{Cloud, CloudError, CloudMetrics, EndpointError, Fence};
+use crate::cloud::{Cloud, CloudError, CloudMetrics, EndpointError, Fence, Predecessor};
 use crate::controllers::{
     BuildError, ClusterSettings, ControllerContext, ControllerFlags, ControllerSelection, Names,
-    Registered, Runner, SelectionError, SharedNodes, Stop,
+    Registered, Runner, SelectionError, SharedNodes, Stop, Succession,
 };
 use crate::flags::FlagError;
 use crate::health::{Health, Scope, Unhealthy};
 use crate::k8s::{ClientError, ClientMetrics, EventBroadcaster, NodeInformer};
-use crate::leader::{LeaderElector, LeaseConfig, Lost, SharedStatus};
+use crate::leader::{Acquired, LeaderElector, LeaseConfig, Lost, SharedStatus};
 use crate::metrics::ManagerMetrics;
 use crate::options::{GenericOptions, OptionsError};
 use crate::serve::{self, Authorizer};
@@ -155,6 +155,7 @@ pub async fn run(
     );
     // Events are written off the reconcile path, by one sink for every controller.
     let events = EventBroadcaster::start(clients.controllers.clone(), &identity);
+    let (succession_tx, succession) = Succession::channel();
     let ctx = ControllerContext {
         client: clients.controllers.clone(),
         nodes: SharedNodes::new(NodeInformer::new(clients.controllers)),
@@ -171,6 +172,7 @@ pub async fn run(
             feature_gates: options.feature_gates,
         },
         events: events.clone(),
+        succession,
     };
     // Built before leadership, as upstream registers metrics at start-up: a standby serves
     // the same metric names as the leader.
@@ -207,6 +209,8 @@ pub async fn run(
             "--leader-elect=false: mutating provider calls carry no fence; run a single \
              controller-manager, and its shim with --fence-lease=none"
         );
+        // A single replica by the operator's word: nobody else's writes can be in flight.
+        succession_tx.send_replace(Some(Predecessor::None));
         let running = start(built, &ctx.nodes, &metrics, start_interval);
         shutdown.await;
         running.stop().await;
@@ -254,8 +258,8 @@ pub async fn run(
         },
         status,
     );
-    let fence = tokio::select! {
-        fence = elector.acquire() => fence,
+    let Acquired { fence, predecessor } = tokio::select! {
+        acquired = elector.acquire() => acquired,
         () = &mut shutdown => return Ok(()),
     };
     metrics.set_leading(&lease_name, true);
@@ -265,6 +269,8 @@ pub async fn run(
     );
     // Every mutating CPI call from now on carries this term's fence.
     fence_tx.send_replace(Some(fence));
+    // Told before any controller starts: node-ipam waits for a predecessor's last writes.
+    succession_tx.send_replace(Some(predecessor));
     let running = start(built, &ctx.nodes, &metrics, start_interval);
     let result = tokio::select! {
         lost = elector.hold() => Err(AppError::LeadershipLost(lost)),

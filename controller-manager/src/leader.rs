@@ -17,7 +17,7 @@ use k8s_openapi::jiff::Timestamp;
 use kube::api::{Api, PostParams};
 use tracing::{debug, info, warn};
 
-use crate::cloud::Fence;
+use crate::cloud::{Fence, Predecessor};
 
 /// Lease-lock settings (upstream `--leader-elect-*`).
 #[derive(Debug, Clone)]
@@ -51,6 +51,25 @@ pub enum Lost {
     LeaseDeleted(String),
 }
 
+/// The predecessor when the Lease held `spec` just before we wrote ourselves into it as
+/// `identity` (a released Lease has no holder; an expired one still names it).
+pub fn predecessor_of(spec: &LeaseSpec, identity: &str) -> Predecessor {
+    match spec.holder_identity.as_deref() {
+        None | Some("") => Predecessor::None,
+        Some(holder) if holder == identity => Predecessor::None,
+        Some(holder) => Predecessor::Unreleased(holder.to_string()),
+    }
+}
+
+/// A term just won: its fence and how the Lease came to us.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Acquired {
+    /// What every mutating CPI call of this term carries.
+    pub fence: Fence,
+    /// Who held the Lease before us, if they may still write.
+    pub predecessor: Predecessor,
+}
+
 /// Live leadership state, read by the health checks and metrics.
 #[derive(Debug, Default)]
 pub struct LeaderStatus {
@@ -77,6 +96,7 @@ pub struct LeaderElector {
 struct Term {
     uid: String,
     transitions: i64,
+    predecessor: Predecessor,
 }
 
 /// Outcome of one acquire-or-renew attempt.
@@ -105,20 +125,23 @@ impl LeaderElector {
         format!("{}/{}", self.config.namespace, self.config.name)
     }
 
-    /// Waits until we hold the lease and returns the fence of this term.
-    pub async fn acquire(&mut self) -> Fence {
+    /// Waits until we hold the lease and returns the fence of this term and its predecessor.
+    pub async fn acquire(&mut self) -> Acquired {
         info!(lease = %self.lease_key(), identity = %self.config.identity, "attempting to acquire leader lease");
         loop {
             match self.try_acquire_or_renew().await {
                 Ok(Attempt::Held(term)) => {
-                    info!(lease = %self.lease_key(), identity = %self.config.identity, lease_uid = %term.uid, "successfully acquired lease");
+                    info!(lease = %self.lease_key(), identity = %self.config.identity, lease_uid = %term.uid, predecessor = ?term.predecessor, "successfully acquired lease");
                     self.set_status(true);
                     self.held_uid = Some(term.uid.clone());
-                    return Fence {
-                        lease: self.lease_key(),
-                        holder_identity: self.config.identity.clone(),
-                        lease_transitions: term.transitions,
-                        lease_uid: term.uid,
+                    return Acquired {
+                        fence: Fence {
+                            lease: self.lease_key(),
+                            holder_identity: self.config.identity.clone(),
+                            lease_transitions: term.transitions,
+                            lease_uid: term.uid,
+                        },
+                        predecessor: term.predecessor,
                     };
                 }
                 Ok(Attempt::HeldByOther(holder)) => {
@@ -244,6 +267,7 @@ impl LeaderElector {
                     Ok(Attempt::Held(Term {
                         uid: created.metadata.uid.unwrap_or_default(),
                         transitions: 0,
+                        predecessor: Predecessor::None,
                     }))
                 }
                 Err(kube::Error::Api(status)) if status.code == 409 => Ok(Attempt::Conflict),
@@ -270,6 +294,7 @@ impl LeaderElector {
                 return Ok(Attempt::HeldByOther(holder));
             }
         }
+        let predecessor = predecessor_of(&old, &self.config.identity);
         let transitions = old.lease_transitions.unwrap_or(0);
         let transitions = if ours {
             transitions
@@ -300,6 +325,7 @@ impl LeaderElector {
                 Ok(Attempt::Held(Term {
                     uid: replaced.metadata.uid.unwrap_or_default(),
                     transitions: i64::from(transitions),
+                    predecessor,
                 }))
             }
             Err(kube::Error::Api(status)) if status.code == 409 => Ok(Attempt::Conflict),
@@ -334,24 +360,55 @@ mod tests {
     const NAME: &str = "cloud-controller-manager";
 
     fn elector(client: &kube::Client, identity: &str) -> LeaderElector {
+        elector_for(client, identity, Duration::from_secs(15))
+    }
+
+    /// An elector whose lease lapses `lease_duration` after its last renewal.
+    fn elector_for(
+        client: &kube::Client,
+        identity: &str,
+        lease_duration: Duration,
+    ) -> LeaderElector {
         LeaderElector::new(
             client.clone(),
             LeaseConfig {
                 namespace: NAMESPACE.into(),
                 name: NAME.into(),
                 identity: identity.into(),
-                lease_duration: Duration::from_secs(15),
-                renew_deadline: Duration::from_secs(10),
+                lease_duration,
+                renew_deadline: Duration::from_secs(10).min(lease_duration),
                 retry_period: Duration::from_millis(200),
             },
             SharedStatus::default(),
         )
     }
 
-    async fn acquire(elector: &mut LeaderElector) -> Fence {
+    async fn acquire(elector: &mut LeaderElector) -> Acquired {
         tokio::time::timeout(Duration::from_secs(30), elector.acquire())
             .await
             .expect("lease acquired")
+    }
+
+    fn spec(holder: Option<&str>) -> LeaseSpec {
+        LeaseSpec {
+            holder_identity: holder.map(str::to_string),
+            ..LeaseSpec::default()
+        }
+    }
+
+    #[test]
+    fn no_predecessor_when_the_lease_is_free_released_or_ours() {
+        assert_eq!(predecessor_of(&spec(None), "me"), Predecessor::None);
+        assert_eq!(predecessor_of(&spec(Some("")), "me"), Predecessor::None);
+        assert_eq!(predecessor_of(&spec(Some("me")), "me"), Predecessor::None);
+    }
+
+    #[test]
+    fn an_expired_holder_is_an_unreleased_predecessor() {
+        assert_eq!(
+            predecessor_of(&spec(Some("other")), "me"),
+            Predecessor::Unreleased("other".into())
+        );
     }
 
     /// One mutating call (AddSSHKeyToAllInstances: the fake provider does not implement it, so
@@ -396,7 +453,11 @@ mod tests {
 
         // A creates the Lease; its fence names the Lease and its UID.
         let mut a = elector(&client, "replica-a");
-        let first = acquire(&mut a).await;
+        let Acquired {
+            fence: first,
+            predecessor,
+        } = acquire(&mut a).await;
+        assert_eq!(predecessor, Predecessor::None, "A created the Lease");
         let uid = lease_uid(&leases).await;
         assert_eq!(first.lease, "kube-system/cloud-controller-manager");
         assert_eq!(
@@ -408,7 +469,11 @@ mod tests {
         // A hands over to B: same generation, one transition later; A is deposed.
         a.release().await;
         let mut b = elector(&client, "replica-b");
-        let second = acquire(&mut b).await;
+        let Acquired {
+            fence: second,
+            predecessor,
+        } = acquire(&mut b).await;
+        assert_eq!(predecessor, Predecessor::None, "A released the Lease");
         assert_eq!(
             (second.lease_uid.as_str(), second.lease_transitions),
             (uid.as_str(), 1)
@@ -445,8 +510,13 @@ mod tests {
         );
 
         // C creates it again: a new UID, transitions back at 0, and the shim accepts it.
-        let mut c = elector(&client, "replica-c");
-        let third = acquire(&mut c).await;
+        // C's lease lapses a second after its last renewal.
+        let mut c = elector_for(&client, "replica-c", Duration::from_secs(1));
+        let Acquired {
+            fence: third,
+            predecessor,
+        } = acquire(&mut c).await;
+        assert_eq!(predecessor, Predecessor::None, "C created the Lease again");
         assert_ne!(third.lease_uid, uid);
         assert_eq!(
             (third.lease_uid.clone(), third.lease_transitions),
@@ -455,6 +525,16 @@ mod tests {
         mutate(&cloud, &third)
             .await
             .expect("the recreated Lease's first leader is accepted");
-        c.release().await;
+
+        // C stops renewing without releasing: D takes the lapsed Lease over and learns that C
+        // may still be writing.
+        let mut d = elector(&client, "replica-d");
+        let fourth = acquire(&mut d).await;
+        assert_eq!(
+            fourth.predecessor,
+            Predecessor::Unreleased("replica-c".into())
+        );
+        assert_eq!(fourth.fence.lease_transitions, 1);
+        d.release().await;
     }
 }

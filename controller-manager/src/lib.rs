@@ -20,13 +20,15 @@ pub mod serve;
 
 pub use app::{AppError, Options, run};
 pub use cloud::{
-    Cloud, CloudMetrics, ConnectSettings, Fence, ListRoutesError, ProviderEndpoint, RouteList,
+    Cloud, CloudMetrics, ConnectSettings, Fence, ListRoutesError, Predecessor, ProviderEndpoint,
+    RouteList,
 };
 pub use cluster_cidrs::{ClusterCidrError, ClusterCidrs};
 pub use controllers::{
     Backends, DeletionPolicy, HostUpdateError, NodeController, NodeLifecycleController, Op,
     Requeue, RouteError, RouteMetrics, RouteOutcome, RouteSchedule, RouteSync, ServiceLb,
-    ServiceLbMetrics, ServiceSyncError, SyncError, WorkQueue, route_rules, service_lb_rules,
+    ServiceLbMetrics, ServiceSyncError, Succession, SyncError, WorkQueue, route_rules,
+    service_lb_rules,
 };
 pub use controllers::{
     IpamError, IpamMetrics, IpamSettings, NodeIpamController, REASON_CIDR_ASSIGNMENT_FAILED,
@@ -38,3 +40,4 @@ pub use k8s::{
     CachedNode, CachedService, EventType, NodeInformer, Recorder, ServiceChange, ServiceInformer,
     events, well_known,
 };
+pub use leader::Acquired;

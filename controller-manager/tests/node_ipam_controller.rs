@@ -1,6 +1,7 @@
 //! The node-ipam controller (range allocator) against a real kube-apiserver: concurrent node
 //! creation, restarts, an overlapping successor (a leader change), a full range, podCIDRs set by
-//! someone else, dual-stack, and reuse of a deleted node's CIDR.
+//! someone else, dual-stack, reuse of a deleted node's CIDR, and the start-up settle taken only
+//! when a predecessor may still be writing.
 //!
 //! Isolation: every test labels its nodes with its own run name and gives the controller a node
 //! cache watching only that label, so tests share the control plane without seeing each other's
@@ -16,8 +17,8 @@ use std::time::Duration;
 use clap::Parser;
 use cloud_controller_manager::events::EventBroadcaster;
 use cloud_controller_manager::{
-    AppError, IpamMetrics, IpamSettings, NodeInformer, NodeIpamController,
-    REASON_CIDR_NOT_AVAILABLE,
+    AppError, IpamMetrics, IpamSettings, NodeInformer, NodeIpamController, Predecessor,
+    REASON_CIDR_NOT_AVAILABLE, Succession,
 };
 use fake_provider::FakeCloud;
 use futures::StreamExt;
@@ -132,8 +133,22 @@ impl Cluster {
         .expect("nodes get podCIDRs")
     }
 
-    /// Starts an allocator over this run's nodes.
+    /// Starts an allocator over this run's nodes that knows nothing of its predecessor (so it
+    /// settles first, as after a leader change).
     async fn start(&self, pools: &[(&str, u8)], service: &[&str]) -> Allocator {
+        self.start_after(pools, service, Succession::unknown(), SETTLE)
+            .await
+    }
+
+    /// Starts an allocator over this run's nodes whose term began as `succession` says, with
+    /// a start-up quiet period of `settle`.
+    async fn start_after(
+        &self,
+        pools: &[(&str, u8)],
+        service: &[&str],
+        succession: Succession,
+        settle: Duration,
+    ) -> Allocator {
         let informer = NodeInformer::selecting(
             self.client.clone(),
             watcher::Config::default().labels(&self.selector()),
@@ -146,7 +161,7 @@ impl Cluster {
                 .map(|(c, m)| (c.parse().unwrap(), *m))
                 .collect(),
             service_ranges: service.iter().map(|c| c.parse().unwrap()).collect(),
-            settle: SETTLE,
+            settle,
         };
         let controller = NodeIpamController::new(
             self.client.clone(),
@@ -157,7 +172,8 @@ impl Cluster {
             &settings,
             metrics.clone(),
         )
-        .expect("controller");
+        .expect("controller")
+        .with_succession(succession);
         let watch = tokio::spawn(informer.run(std::future::pending()));
         let (stop, stopped) = oneshot::channel::<()>();
         let task = tokio::spawn(controller.run_until(async move {
@@ -313,6 +329,72 @@ async fn an_overlapping_successor_hands_out_no_cidr_twice() {
     };
     let ((), second) = tokio::join!(async { drop(creating.await) }, handover);
     expect_all_distinct(&c, second, 200, &["10.131.0.0/16"]).await;
+}
+
+/// A settle longer than any test waits (the allocator caps it at 30 s).
+const ENDLESS_SETTLE: Duration = Duration::from_secs(3600);
+
+/// Well within the capped settle: allocations seen by then did not wait for it.
+const BEFORE_SETTLE_ENDS: Duration = Duration::from_secs(20);
+
+#[tokio::test]
+async fn without_a_predecessor_allocation_starts_without_settling() {
+    // The Lease was free, released, created or ours (or --leader-elect=false): nobody else
+    // can have podCIDR writes in flight, so the quiet period is skipped.
+    let c = Cluster::shared().await;
+    let ipam = c
+        .start_after(
+            &[("10.136.0.0/16", 24)],
+            &[],
+            Succession::known(Predecessor::None),
+            ENDLESS_SETTLE,
+        )
+        .await;
+    c.create_nodes("n", 20).await;
+    let nodes = test_support::wait_for(
+        "20 nodes with podCIDRs before the settle could have ended",
+        BEFORE_SETTLE_ENDS,
+        || async {
+            let nodes = c.list().await;
+            let done = nodes.iter().filter(|n| !cidrs_of(n).is_empty()).count();
+            if done == 20 {
+                Ok(nodes)
+            } else {
+                Err(format!("{done} of {} nodes have podCIDRs", nodes.len()))
+            }
+        },
+    )
+    .await
+    .expect("allocation does not wait for a settle");
+    assert_distinct(&nodes, &["10.136.0.0/16"]);
+    ipam.stop().await;
+    c.cleanup().await;
+}
+
+#[tokio::test]
+async fn after_an_unreleased_predecessor_allocation_waits_for_the_settle() {
+    // The Lease was taken over from a holder that did not release it: its last patches may
+    // still land, so nothing is handed out until others' writes have been quiet long enough.
+    let c = Cluster::shared().await;
+    let ipam = c
+        .start_after(
+            &[("10.137.0.0/16", 24)],
+            &[],
+            Succession::known(Predecessor::Unreleased("replica-a".into())),
+            ENDLESS_SETTLE,
+        )
+        .await;
+    c.create_nodes("n", 5).await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let allocated = c
+        .list()
+        .await
+        .iter()
+        .filter(|n| !cidrs_of(n).is_empty())
+        .count();
+    assert_eq!(allocated, 0, "a CIDR was handed out while settling");
+    ipam.stop().await;
+    c.cleanup().await;
 }
 
 #[tokio::test]

@@ -8,6 +8,18 @@ use cpi_proto::v1;
 /// Proof of leadership sent with every mutating CPI call: the CPI's own message.
 pub type Fence = v1::Fence;
 
+/// Whether a previous leader may still have writes in flight when a leadership term starts
+/// (learnt when the Lease is acquired, told to the controllers).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Predecessor {
+    /// Nobody can: the Lease was created by us, free, released (no holder) or already ours,
+    /// or leader election is off.
+    None,
+    /// We took the Lease over from this holder after it expired without being released: the
+    /// holder may still be finishing writes it started.
+    Unreleased(String),
+}
+
 /// A mutating CPI request: one with a `fence` field.
 pub trait Fenced {
     /// Sets the request's fence.

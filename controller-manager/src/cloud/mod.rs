@@ -14,7 +14,7 @@ mod routes;
 
 pub use client::{Cloud, CloudError, CloudMetrics, ConnectSettings};
 pub use endpoint::{EndpointError, EndpointTls, ProviderEndpoint};
-pub use fence::Fence;
+pub use fence::{Fence, Predecessor};
 pub use instances::{InstanceExistence, LookupError, NodeMetadata};
 pub use load_balancer::{backend_nodes, load_balancer_status, service_view};
 pub use routes::{ListRoutesError, RouteList, route_addresses};

@@ -6,7 +6,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 
 use kube::runtime::reflector::{ReflectHandle, Store};
 
-use crate::cloud::Cloud;
+use crate::cloud::{Cloud, Predecessor};
 use crate::cluster_cidrs::ClusterCidrs;
 use crate::flags::FeatureGates;
 use crate::k8s::{CachedNode, EventBroadcaster, NodeInformer, Recorder};
@@ -92,6 +92,35 @@ impl SharedNodes {
     }
 }
 
+/// How the current leadership term began, told to controllers built before it: whether a
+/// previous leader may still have writes in flight. Until the term is known (and in contexts
+/// that never learn it) a predecessor is assumed.
+#[derive(Debug, Clone)]
+pub struct Succession(tokio::sync::watch::Receiver<Option<Predecessor>>);
+
+impl Succession {
+    /// A succession told later through the returned sender (when leadership is won).
+    pub fn channel() -> (tokio::sync::watch::Sender<Option<Predecessor>>, Self) {
+        let (tx, rx) = tokio::sync::watch::channel(None);
+        (tx, Self(rx))
+    }
+
+    /// A succession known already (tests, `--leader-elect=false`).
+    pub fn known(predecessor: Predecessor) -> Self {
+        Self(tokio::sync::watch::channel(Some(predecessor)).1)
+    }
+
+    /// One nothing is known of: a predecessor is assumed.
+    pub fn unknown() -> Self {
+        Self(tokio::sync::watch::channel(None).1)
+    }
+
+    /// The predecessor of the current term, if known yet.
+    pub fn predecessor(&self) -> Option<Predecessor> {
+        self.0.borrow().clone()
+    }
+}
+
 /// Everything a controller is built from (upstream `ControllerInitContext` plus the clients).
 #[derive(Clone)]
 pub struct ControllerContext {
@@ -105,6 +134,8 @@ pub struct ControllerContext {
     pub cluster: ClusterSettings,
     /// The Event sink shared by every controller (reporting instance: our identity).
     pub events: EventBroadcaster,
+    /// How the leadership term the controllers run in began (known once they start).
+    pub succession: Succession,
 }
 
 impl ControllerContext {

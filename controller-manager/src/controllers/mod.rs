@@ -14,7 +14,7 @@ mod route;
 mod selection;
 mod service_lb;
 
-pub use context::{ClusterSettings, ControllerContext, SharedNodes};
+pub use context::{ClusterSettings, ControllerContext, SharedNodes, Succession};
 pub use registry::{BuildError, Controller, Names, Registered, Runner, Stop, serves_instances};
 pub use selection::{ControllerSelection, SelectionError};
 

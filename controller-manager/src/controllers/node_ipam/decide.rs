@@ -3,16 +3,18 @@
 //! patch outcomes and asks for the next patches.
 
 use std::collections::HashMap;
+use std::hash::{BuildHasherDefault, Hasher};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use ipnet::IpNet;
-use kube::ResourceExt;
+use kube::{Resource, ResourceExt};
 use tracing::debug;
 
 use super::cidr_set::{CidrSet, CidrSetError};
 use super::config::IpamSettings;
 use super::metrics::IpamMetrics;
+use crate::cloud::Predecessor;
 use crate::k8s::CachedNode;
 
 /// What a node needs from the allocator.
@@ -27,19 +29,22 @@ pub enum Action {
     Occupy(Vec<IpNet>),
 }
 
+/// The node's podCIDR texts as written: `spec.podCIDRs`, or the single `spec.podCIDR` of old
+/// writers.
+fn cidr_texts(node: &CachedNode) -> impl Iterator<Item = &str> {
+    let spec = node.spec();
+    let listed = spec.pod_cidrs.as_deref().unwrap_or_default();
+    let single = spec
+        .pod_cidr
+        .as_deref()
+        .filter(|c| !c.is_empty() && listed.is_empty());
+    listed.iter().map(String::as_str).chain(single)
+}
+
 /// The node's `spec.podCIDRs` (or the single `spec.podCIDR` of old writers) that parse; an
 /// entry that does not parse is logged and left out.
 pub fn pod_cidrs(node: &CachedNode) -> Vec<IpNet> {
-    let spec = node.spec();
-    let listed = spec.pod_cidrs.as_deref().unwrap_or_default();
-    let single = spec.pod_cidr.as_deref().filter(|c| !c.is_empty());
-    let texts: Vec<&str> = if listed.is_empty() {
-        single.into_iter().collect()
-    } else {
-        listed.iter().map(String::as_str).collect()
-    };
-    texts
-        .into_iter()
+    cidr_texts(node)
         .filter_map(|text| match text.parse::<IpNet>() {
             Ok(net) => Some(net.trunc()),
             Err(_) => {
@@ -48,6 +53,16 @@ pub fn pod_cidrs(node: &CachedNode) -> Vec<IpNet> {
             }
         })
         .collect()
+}
+
+/// The node's name, borrowed (every pass looks at every node: no copies).
+fn name_of(node: &CachedNode) -> &str {
+    node.meta().name.as_deref().unwrap_or_default()
+}
+
+/// The node's UID, borrowed.
+fn uid_of(node: &CachedNode) -> &str {
+    node.meta().uid.as_deref().unwrap_or_default()
 }
 
 /// Whether the node has any podCIDR set, parsable or not (the API server refuses to change
@@ -79,11 +94,50 @@ pub fn decide(node: &CachedNode, sets: &[CidrSet]) -> Action {
     }
 }
 
+/// Whether a newly started allocator must first let others' podCIDR writes settle: only when
+/// a previous leader may still be writing them, or that is not known.
+pub fn must_settle(predecessor: Option<&Predecessor>) -> bool {
+    !matches!(predecessor, Some(Predecessor::None))
+}
+
 /// A node's CIDRs as last seen on it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 struct Seen {
     uid: String,
     cidrs: Vec<IpNet>,
+    /// The podCIDR texts they were parsed from: an unchanged node is told by comparing these,
+    /// without parsing.
+    texts: Vec<String>,
+    /// The last [`Ledger::observe`] pass that found the node showing them.
+    pass: u64,
+}
+
+impl Seen {
+    /// What `node` shows now.
+    fn of(node: &CachedNode) -> Self {
+        Self {
+            uid: uid_of(node).to_string(),
+            cidrs: pod_cidrs(node),
+            texts: cidr_texts(node).map(str::to_string).collect(),
+            pass: 0,
+        }
+    }
+
+    /// Whether `node` still shows these CIDRs (the texts compared first, the CIDRs only when
+    /// they differ, e.g. written another way).
+    fn still_on(&mut self, node: &CachedNode) -> bool {
+        if uid_of(node) != self.uid {
+            return false;
+        }
+        if self.texts.iter().map(String::as_str).eq(cidr_texts(node)) {
+            return true;
+        }
+        if pod_cidrs(node) == self.cidrs {
+            self.texts = cidr_texts(node).map(str::to_string).collect();
+            return true;
+        }
+        false
+    }
 }
 
 /// Where one of our allocations is.
@@ -113,6 +167,8 @@ struct Backoff {
     not_before: Instant,
     /// The range was full: retried as soon as anything is freed.
     full: bool,
+    /// The last [`Ledger::observe`] pass that found the node.
+    pass: u64,
 }
 
 /// First retry delay after a failure; doubled per further failure.
@@ -177,6 +233,58 @@ pub struct Observed {
     pub released: usize,
 }
 
+/// The ledger's maps keyed by node name. Every pass looks up every node's name, so they hash
+/// with [`NameHasher`] rather than SipHash: the names are those the API server accepted for
+/// Nodes, which only kubelets and administrators create.
+type ByNode<K, V> = HashMap<K, V, BuildHasherDefault<NameHasher>>;
+
+/// A folded-multiply hash (as in wyhash and foldhash), eight bytes at a time: a few
+/// instructions per name. (FxHash's plain multiply is cheaper but makes names that differ in
+/// two words collide.)
+#[derive(Debug, Default, Clone, Copy)]
+struct NameHasher(u64);
+
+impl NameHasher {
+    /// An odd constant with well-spread bits (rustc's Fx constant).
+    const SEED: u64 = 0x517c_c1b7_2722_0a95;
+
+    fn add(&mut self, word: u64) {
+        let product = u128::from(self.0 ^ word) * u128::from(Self::SEED);
+        let [low, high] = [product, product >> 64].map(|half| {
+            // Keeps the low 64 bits of each half.
+            u64::try_from(half & u128::from(u64::MAX)).unwrap_or_default()
+        });
+        self.0 = low ^ high;
+    }
+}
+
+impl Hasher for NameHasher {
+    fn write(&mut self, bytes: &[u8]) {
+        // The length first: the last word is padded with zeros.
+        self.add(u64::try_from(bytes.len()).unwrap_or(u64::MAX));
+        let mut words = bytes.chunks_exact(8);
+        for word in &mut words {
+            let mut buf = [0u8; 8];
+            buf.copy_from_slice(word);
+            self.add(u64::from_le_bytes(buf));
+        }
+        let rest = words.remainder();
+        if !rest.is_empty() {
+            let mut buf = [0u8; 8];
+            buf[..rest.len()].copy_from_slice(rest);
+            self.add(u64::from_le_bytes(buf));
+        }
+    }
+
+    fn write_u8(&mut self, byte: u8) {
+        self.add(u64::from(byte));
+    }
+
+    fn finish(&self) -> u64 {
+        self.0
+    }
+}
+
 /// Which CIDR belongs to whom: the sets per family plus, per node, what was seen on it and
 /// what we handed out but have not seen yet. One owner (the executor's task) changes it, so
 /// every allocation decision is serialized.
@@ -184,9 +292,14 @@ pub struct Observed {
 pub struct Ledger {
     sets: Vec<CidrSet>,
     reserved: Vec<IpNet>,
-    seen: HashMap<String, Seen>,
-    pending: HashMap<String, Pending>,
-    backoff: HashMap<String, Backoff>,
+    seen: ByNode<String, Seen>,
+    pending: ByNode<String, Pending>,
+    backoff: ByNode<String, Backoff>,
+    /// Blocks were released outside [`observe`](Self::observe): the next one marks every
+    /// node's CIDRs again, as one may have been on another node too.
+    remark: bool,
+    /// Counts [`observe`](Self::observe) passes; entries not found in a pass are gone.
+    pass: u64,
 }
 
 impl Ledger {
@@ -200,9 +313,11 @@ impl Ledger {
         let mut ledger = Self {
             sets,
             reserved: settings.service_ranges.clone(),
-            seen: HashMap::new(),
-            pending: HashMap::new(),
-            backoff: HashMap::new(),
+            seen: ByNode::default(),
+            pending: ByNode::default(),
+            backoff: ByNode::default(),
+            remark: false,
+            pass: 0,
         };
         ledger.mark_reserved();
         Ok(ledger)
@@ -218,28 +333,56 @@ impl Ledger {
     /// pending allocations the nodes now show.
     pub fn observe(&mut self, nodes: &[Arc<CachedNode>]) -> Observed {
         let mut observed = Observed::default();
-        let live: HashMap<String, &CachedNode> =
-            nodes.iter().map(|n| (n.name_any(), n.as_ref())).collect();
-        let uid_of = |name: &str| live.get(name).map(|n| n.uid().unwrap_or_default());
         let before: usize = self.sets.iter().map(CidrSet::allocated).sum();
+        // One look at each node (this runs on every change of any node): which still show
+        // what was seen on them, which show podCIDRs not seen yet, where the pending ones are.
+        self.pass = self.pass.wrapping_add(1);
+        let pass = self.pass;
+        let mut unchanged = 0;
+        let mut fresh: Vec<&CachedNode> = Vec::new();
+        let mut pending_live: ByNode<&str, &CachedNode> = ByNode::default();
+        for node in nodes {
+            let node = node.as_ref();
+            let name = name_of(node);
+            let still = self.seen.get_mut(name).is_some_and(|seen| {
+                let still = seen.still_on(node);
+                if still {
+                    seen.pass = pass;
+                }
+                still
+            });
+            if still {
+                unchanged += 1;
+            } else if has_pod_cidrs(node) {
+                fresh.push(node);
+            }
+            if !self.pending.is_empty() && self.pending.contains_key(name) {
+                pending_live.insert(name, node);
+            }
+            if !self.backoff.is_empty()
+                && let Some(backoff) = self.backoff.get_mut(name)
+            {
+                backoff.pass = pass;
+            }
+        }
         // Gone or changed: free what was seen on them (re-marked below if still on a node).
         let mut freed = Vec::new();
-        let mut landed = Vec::new();
-        self.seen.retain(|name, seen| {
-            let keep = live.get(name).is_some_and(|n| {
-                n.uid().unwrap_or_default() == seen.uid && pod_cidrs(n) == seen.cidrs
+        if unchanged != self.seen.len() {
+            self.seen.retain(|_, seen| {
+                let keep = seen.pass == pass;
+                if !keep {
+                    freed.extend(seen.cidrs.iter().copied());
+                }
+                keep
             });
-            if !keep {
-                freed.extend(seen.cidrs.iter().copied());
-            }
-            keep
-        });
+        }
+        let mut landed = Vec::new();
         self.pending.retain(|name, pending| {
-            let Some(node) = live.get(name) else {
+            let Some(node) = pending_live.get(name.as_str()) else {
                 freed.extend(pending.cidrs.iter().copied());
                 return false;
             };
-            if uid_of(name).as_deref() != Some(pending.uid.as_str()) {
+            if uid_of(node) != pending.uid {
                 freed.extend(pending.cidrs.iter().copied());
                 return false;
             }
@@ -256,27 +399,25 @@ impl Ledger {
         for cidr in &freed {
             self.release(cidr);
         }
-        for (name, node) in &live {
-            if !has_pod_cidrs(node) {
-                continue;
-            }
-            let cidrs = pod_cidrs(node);
+        for node in fresh {
+            let name = name_of(node);
             if let Action::Occupy(unmarked) = decide(node, &self.sets) {
                 for cidr in &unmarked {
                     self.occupy(cidr);
                 }
             }
-            let uid = node.uid().unwrap_or_default();
-            if !self.seen.contains_key(name) {
-                if !landed.contains(name) {
-                    // Not one we were waiting for: another writer's.
-                    observed.foreign_changes += 1;
-                }
-                self.seen.insert(name.clone(), Seen { uid, cidrs });
-                self.backoff.remove(name);
+            if !landed.iter().any(|l| l == name) {
+                // Not one we were waiting for: another writer's.
+                observed.foreign_changes += 1;
             }
+            let seen = Seen {
+                pass,
+                ..Seen::of(node)
+            };
+            self.seen.insert(name.to_string(), seen);
+            self.backoff.remove(name);
         }
-        if !freed.is_empty() {
+        if !freed.is_empty() || std::mem::take(&mut self.remark) {
             // A freed CIDR may also have been on another node, or in a service range.
             let still: Vec<IpNet> = self
                 .seen
@@ -289,7 +430,7 @@ impl Ledger {
             }
             self.mark_reserved();
         }
-        self.backoff.retain(|name, _| live.contains_key(name));
+        self.backoff.retain(|_, backoff| backoff.pass == pass);
         let after: usize = self.sets.iter().map(CidrSet::allocated).sum();
         observed.released = before.saturating_sub(after);
         if observed.released > 0 {
@@ -312,20 +453,24 @@ impl Ledger {
             if steps.len() >= limit {
                 break;
             }
-            let name = node.name_any();
-            if self.backoff.get(&name).is_some_and(|b| b.not_before > now) {
+            // Only a node without podCIDRs needs an allocation (what `decide` says, without
+            // parsing any CIDR).
+            if has_pod_cidrs(node) {
                 continue;
             }
-            if decide(node, &self.sets) != Action::Allocate {
+            let name = name_of(node);
+            if !self.backoff.is_empty()
+                && self.backoff.get(name).is_some_and(|b| b.not_before > now)
+            {
                 continue;
             }
-            let uid = node.uid().unwrap_or_default();
-            match self.pending.get_mut(&name) {
+            let uid = uid_of(node);
+            match self.pending.get_mut(name) {
                 Some(pending) if pending.stage == Stage::Held && pending.uid == uid => {
                     pending.stage = Stage::InFlight;
                     steps.push(Step::Patch {
-                        node: name,
-                        uid,
+                        node: name.to_string(),
+                        uid: uid.to_string(),
                         cidrs: pending.cidrs.clone(),
                     });
                     continue;
@@ -333,6 +478,7 @@ impl Ledger {
                 Some(_) => continue,
                 None => {}
             }
+            let (name, uid) = (name.to_string(), uid.to_string());
             match self.allocate() {
                 Ok(cidrs) => {
                     self.pending.insert(
@@ -398,6 +544,7 @@ impl Ledger {
                 for cidr in &ours {
                     self.release(cidr);
                 }
+                self.remark |= !ours.is_empty();
                 if outcome == Outcome::NotApplied {
                     self.fail(node, now, false);
                 }
@@ -408,6 +555,7 @@ impl Ledger {
                 };
                 for cidr in pending.cidrs.iter().filter(|c| !theirs.contains(c)) {
                     self.release(cidr);
+                    self.remark = true;
                 }
                 for cidr in &theirs {
                     self.occupy(cidr);
@@ -416,7 +564,9 @@ impl Ledger {
                     node.to_string(),
                     Seen {
                         uid: pending.uid,
+                        texts: theirs.iter().map(ToString::to_string).collect(),
                         cidrs: theirs,
+                        pass: self.pass,
                     },
                 );
             }
@@ -438,6 +588,7 @@ impl Ledger {
             failures: 0,
             not_before: now,
             full,
+            pass: self.pass,
         });
         backoff.failures = backoff.failures.saturating_add(1);
         backoff.not_before = now + delay(backoff.failures);

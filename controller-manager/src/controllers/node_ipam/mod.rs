@@ -21,7 +21,7 @@ use tokio::sync::watch;
 use tokio::task::JoinSet;
 use tracing::{debug, info, warn};
 
-use super::{BuildError, Controller, ControllerContext, Names, Stop};
+use super::{BuildError, Controller, ControllerContext, Names, Stop, Succession};
 use crate::flags::FlagError;
 use crate::k8s::{self, CachedNode, EventType, Recorder};
 
@@ -33,11 +33,14 @@ mod metrics;
 use cidr_set::CidrSetError;
 use config::MAX_SETTLE;
 pub use config::{Flags, IpamSettings, settings};
-use decide::{Ledger, Outcome, Step, pod_cidrs};
+use decide::{Ledger, Outcome, Step, must_settle, pod_cidrs};
 pub use metrics::IpamMetrics;
 
 /// Patches sent at once (upstream `cidrUpdateWorkers`).
 pub const WORKERS: usize = 30;
+
+/// Shortest time between two passes over the nodes (each looks at all of them).
+const PASS_INTERVAL: Duration = Duration::from_millis(10);
 
 /// Event reason when a cluster CIDR has no free block for a node (upstream).
 pub const REASON_CIDR_NOT_AVAILABLE: &str = "CIDRNotAvailable";
@@ -54,6 +57,7 @@ pub struct NodeIpamController {
     metrics: IpamMetrics,
     ledger: Ledger,
     settle: Duration,
+    succession: Succession,
 }
 
 impl Controller for NodeIpamController {
@@ -94,6 +98,7 @@ impl Controller for NodeIpamController {
             &settings,
             metrics,
         )
+        .map(|controller| controller.with_succession(ctx.succession.clone()))
         // `settings` checked every set already.
         .map_err(|err| BuildError::Invalid(FlagError::new("--cluster-cidr", err.to_string())))
     }
@@ -167,7 +172,15 @@ impl NodeIpamController {
             recorder,
             metrics,
             settle: settings.settle,
+            succession: Succession::unknown(),
         })
+    }
+
+    /// Learns from `succession` (read when the controller starts) whether a predecessor may
+    /// still be writing podCIDRs; without it one is assumed and the start settles.
+    pub fn with_succession(mut self, succession: Succession) -> Self {
+        self.succession = succession;
+        self
     }
 
     /// Runs until `stop` resolves; patches under way then finish (a successor must see them).
@@ -182,8 +195,13 @@ impl NodeIpamController {
             }
             () = &mut stop => return,
         }
-        if !self.settle(&mut stop).await {
-            return;
+        let predecessor = self.succession.predecessor();
+        if must_settle(predecessor.as_ref()) {
+            if !self.settle(&mut stop).await {
+                return;
+            }
+        } else {
+            debug!("no predecessor can still be writing podCIDRs; allocating without settling");
         }
         info!(
             pools = ?self.ledger.sets().iter().map(|s| (s.cluster().to_string(), s.node_mask())).collect::<Vec<_>>(),
@@ -191,12 +209,17 @@ impl NodeIpamController {
         );
         let mut workers: JoinSet<Finished> = JoinSet::new();
         loop {
+            while let Some(joined) = workers.try_join_next() {
+                self.finish(joined);
+            }
+            let passed = tokio::time::Instant::now();
             let nodes = self.store.state();
             self.ledger.observe(&nodes);
             let free = WORKERS.saturating_sub(workers.len());
             for step in self.ledger.next_steps(&nodes, Instant::now(), free) {
                 self.start(step, &mut workers);
             }
+            drop(nodes);
             let retry = self.ledger.next_retry(Instant::now());
             tokio::select! {
                 () = &mut stop => break,
@@ -205,13 +228,14 @@ impl NodeIpamController {
                         break;
                     }
                 }
-                Some(joined) = workers.join_next() => {
-                    self.finish(joined);
-                    while let Some(joined) = workers.try_join_next() {
-                        self.finish(joined);
-                    }
-                }
+                Some(joined) = workers.join_next() => self.finish(joined),
                 () = sleep_until(retry) => {}
+            }
+            // A pass looks at every node: a burst of changes and finished patches is taken in
+            // by one pass rather than one each.
+            tokio::select! {
+                () = &mut stop => break,
+                () = tokio::time::sleep_until(passed + PASS_INTERVAL) => {}
             }
         }
         // Let patches already sent land and be accounted for.

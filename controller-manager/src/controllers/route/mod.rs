@@ -484,23 +484,43 @@ impl RouteSync {
 
         let deletions = std::mem::take(&mut plan.deletions);
         let creations = std::mem::take(&mut plan.creations);
-        let created = if plan.deletions_first {
-            self.delete_all(deletions, &mut outcome).await;
-            self.create_all(creations, &nodes, &mut outcome).await
-        } else {
-            let mut deleted = Outcome::default();
-            let ((), created) = tokio::join!(
-                self.delete_all(deletions, &mut deleted),
-                self.create_all(creations, &nodes, &mut outcome)
-            );
-            outcome.deleted = deleted.deleted;
-            outcome.failed_deletions = deleted.failed_deletions;
-            created
-        };
-        for key in &created {
-            plan.created(key);
+        let deletions_first = plan.deletions_first;
+        // A node's condition is written as soon as its last creation has ended, while the
+        // other nodes' routes are still being created (not after all of them).
+        let (conditions, queued) = futures::channel::mpsc::unbounded();
+        let mut outstanding: HashMap<&str, usize> = HashMap::new();
+        for creation in &creations {
+            if let Some((name, _)) = nodes.get_key_value(&creation.key.node) {
+                *outstanding.entry(name.as_str()).or_default() += 1;
+            }
         }
-        self.write_conditions(&plan, &nodes, &mut outcome).await;
+        for (name, node) in &nodes {
+            if !outstanding.contains_key(name.as_str()) {
+                self.queue_condition(&plan, name, node, &conditions, &mut outcome);
+            }
+        }
+        let mut deleted = Outcome::default();
+        let changes = async {
+            let deleting = self.delete_all(deletions, &mut deleted);
+            let creating = self.create_all(
+                creations,
+                &nodes,
+                &mut plan,
+                &mut outstanding,
+                conditions,
+                &mut outcome,
+            );
+            if deletions_first {
+                deleting.await;
+                creating.await;
+            } else {
+                tokio::join!(deleting, creating);
+            }
+        };
+        let ((), written) = tokio::join!(changes, self.write_conditions(queued));
+        outcome.deleted = deleted.deleted;
+        outcome.failed_deletions = deleted.failed_deletions;
+        outcome.conditions_written = written;
         Ok(outcome)
     }
 
@@ -611,28 +631,37 @@ impl RouteSync {
     }
 
     /// Creates `creations`, at most [`MAX_CONCURRENT_ROUTE_OPERATIONS`] calls in flight in
-    /// all; returns the keys created.
+    /// all, marking each created route in `plan`; once the last of a node's creations (counted
+    /// in `outstanding`) has ended, queues the node's condition on `conditions`.
     async fn create_all(
         &self,
         creations: Vec<Creation>,
         nodes: &BTreeMap<String, Arc<CachedNode>>,
+        plan: &mut Plan,
+        outstanding: &mut HashMap<&str, usize>,
+        conditions: Conditions,
         outcome: &mut Outcome,
-    ) -> Vec<RouteKey> {
-        let results: Vec<(RouteKey, bool)> = futures::stream::iter(creations)
+    ) {
+        let mut results = futures::stream::iter(creations)
             .map(|creation| self.create(creation, nodes))
-            .buffer_unordered(MAX_CONCURRENT_ROUTE_OPERATIONS)
-            .collect()
-            .await;
-        let mut created = Vec::new();
-        for (key, ok) in results {
+            .buffer_unordered(MAX_CONCURRENT_ROUTE_OPERATIONS);
+        while let Some((key, ok)) = results.next().await {
             if ok {
                 outcome.created += 1;
-                created.push(key);
+                plan.created(&key);
             } else {
                 outcome.failed_creations += 1;
             }
+            let Some((name, node)) = nodes.get_key_value(&key.node) else {
+                continue;
+            };
+            if let Some(left) = outstanding.get_mut(name.as_str()) {
+                *left = left.saturating_sub(1);
+                if *left == 0 {
+                    self.queue_condition(plan, name, node, &conditions, outcome);
+                }
+            }
         }
-        created
     }
 
     async fn create(
@@ -684,34 +713,44 @@ impl RouteSync {
         }
     }
 
-    /// Upstream's condition pass: `NetworkUnavailable` of every node with an entry in the
-    /// plan, patched only when it changes, a bounded number at once.
-    async fn write_conditions(
+    /// Upstream's condition rule for one node with an entry in the plan: queues the
+    /// `NetworkUnavailable` patch when the value changes.
+    fn queue_condition(
         &self,
         plan: &Plan,
-        nodes: &BTreeMap<String, Arc<CachedNode>>,
+        name: &str,
+        node: &CachedNode,
+        conditions: &Conditions,
         outcome: &mut Outcome,
     ) {
+        let Some(created) = plan.routes_created(name) else {
+            return;
+        };
         let now = Time(Timestamp::now());
-        let mut patches = Vec::new();
-        for (name, node) in nodes {
-            let Some(created) = plan.routes_created(name) else {
-                continue;
-            };
-            match decide::network_condition(decide::current_condition(node), created, &now) {
-                ConditionDecision::Unchanged => {}
-                ConditionDecision::LeftToOtherWriter { reason } => {
-                    debug!(
-                        node = %name,
-                        %reason,
-                        "a route is missing, but another writer set NetworkUnavailable=False; leaving it"
-                    );
-                    outcome.conditions_left.push(name.clone());
-                }
-                ConditionDecision::Patch(patch) => patches.push((name.clone(), patch)),
+        match decide::network_condition(decide::current_condition(node), created, &now) {
+            ConditionDecision::Unchanged => {}
+            ConditionDecision::LeftToOtherWriter { reason } => {
+                debug!(
+                    node = %name,
+                    %reason,
+                    "a route is missing, but another writer set NetworkUnavailable=False; leaving it"
+                );
+                outcome.conditions_left.push(name.to_string());
+            }
+            // The writer only ends with the reconcile, after the last send.
+            ConditionDecision::Patch(patch) => {
+                drop(conditions.unbounded_send((name.to_string(), patch)))
             }
         }
-        let written: Vec<bool> = futures::stream::iter(patches)
+    }
+
+    /// Sends the queued `NetworkUnavailable` patches, a bounded number at once, until the
+    /// queue closes; returns how many were written.
+    async fn write_conditions(
+        &self,
+        queued: futures::channel::mpsc::UnboundedReceiver<(String, serde_json::Value)>,
+    ) -> usize {
+        queued
             .map(|(name, patch)| async move {
                 let request = k8s::nodes().patch_subresource(
                     "status",
@@ -729,11 +768,14 @@ impl RouteSync {
                 }
             })
             .buffer_unordered(CONDITION_WRITERS)
-            .collect()
-            .await;
-        outcome.conditions_written += written.iter().filter(|ok| **ok).count();
+            .filter(|ok| std::future::ready(*ok))
+            .count()
+            .await
     }
 }
+
+/// Where a reconcile queues the condition patches to send: (node, patch).
+type Conditions = futures::channel::mpsc::UnboundedSender<(String, serde_json::Value)>;
 
 #[cfg(test)]
 mod tests {

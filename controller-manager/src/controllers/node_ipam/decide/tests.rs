@@ -298,3 +298,46 @@ fn the_step_limit_is_honoured() {
     assert_eq!(l.next_steps(&nodes, Instant::now(), 2).len(), 2);
     assert_eq!(l.next_steps(&nodes, Instant::now(), 10).len(), 3);
 }
+
+#[test]
+fn a_new_allocator_settles_only_after_an_unreleased_or_unknown_predecessor() {
+    assert!(!must_settle(Some(&Predecessor::None)));
+    assert!(must_settle(Some(&Predecessor::Unreleased(
+        "replica-a".into()
+    ))));
+    assert!(must_settle(None), "unknown: a predecessor is assumed");
+}
+
+#[test]
+fn a_cidr_freed_by_a_failed_patch_stays_marked_while_another_node_shows_it() {
+    // Another writer put the block we were patching onto a second node; our patch is then
+    // refused. Freeing ours must not free the second node's.
+    let mut ledger = ledger(&[("10.0.0.0/24", 26)], &[]);
+    let a = node("a", &[]);
+    let now = Instant::now();
+    let steps = round(&mut ledger, std::slice::from_ref(&a), now);
+    let [(_, cidrs)] = patched(&steps).try_into().expect("one patch");
+    let cidr = cidrs[0].to_string();
+    let b = node("b", &[&cidr]);
+    round(&mut ledger, &[a.clone(), b.clone()], now);
+    ledger.finished("a", Outcome::NotApplied, now);
+    let later = now + BACKOFF_MAX;
+    let steps = round(&mut ledger, &[a, b], later);
+    let again = patched(&steps);
+    assert_eq!(again.len(), 1);
+    assert_ne!(again[0].1, cidrs, "b's block handed out again");
+}
+
+#[test]
+fn node_names_hash_apart() {
+    use std::hash::BuildHasher;
+    let hasher = BuildHasherDefault::<NameHasher>::default();
+    let names: Vec<String> = (0..20_000)
+        .map(|i| format!("bench-rt-node-{i}"))
+        .chain((0..=255).map(|i| format!("ip-10-0-{i}-17.ec2.internal")))
+        .collect();
+    let hashes: std::collections::HashSet<u64> =
+        names.iter().map(|name| hasher.hash_one(name)).collect();
+    assert_eq!(hashes.len(), names.len(), "two node names hash alike");
+    assert_ne!(hasher.hash_one("node-a"), hasher.hash_one("node-a\0"));
+}
