@@ -10,8 +10,10 @@
 //! `<--state-dir>/state.redb`.
 //!
 //! Served: Provider, InstancesV2, Instances, Zones, LoadBalancer ([`lb`]: an in-process L4
-//! proxy per Service, addresses from the pools of `--lb-config`) and Routes ([`routes`]: pod
-//! CIDRs routed through node InternalIPs in a Linux routing table, over netlink). Provider IDs are
+//! proxy per Service, addresses from the pools of `--lb-config`), LoadBalancerValidation (the
+//! same rules, for the admission webhook), Routes ([`routes`]: pod CIDRs routed through node
+//! InternalIPs in a Linux routing table, over netlink) and, with `--csi-driver-name`,
+//! VolumeLabels ([`volumes`]: that driver's volumes get their machine's zone and region). Provider IDs are
 //! `local://<instanceID>`; nodes carrying any other provider ID are answered NOT_OWNED by the
 //! framework.
 
@@ -22,6 +24,7 @@ pub mod reload;
 pub mod routes;
 pub mod shrink;
 pub mod store;
+pub mod volumes;
 
 use std::future::Future;
 use std::path::PathBuf;
@@ -38,6 +41,7 @@ pub use reload::InventoryHandle;
 pub use routes::{LocalRoutes, RouteError, RouteFlags};
 pub use shrink::{Shrink, ShrinkPolicy, ShrinkVerdict};
 pub use store::{Store, StoreError};
+pub use volumes::{LocalVolumes, MACHINE_ATTRIBUTE, VolumeFlags};
 
 /// Command line of the `local-shim` binary.
 #[derive(Debug, Clone, Parser)]
@@ -94,6 +98,10 @@ pub struct LocalFlags {
     /// Route flags.
     #[command(flatten)]
     pub routes: RouteFlags,
+
+    /// Volume-label flags.
+    #[command(flatten)]
+    pub volumes: VolumeFlags,
 }
 
 impl LocalFlags {
@@ -147,12 +155,19 @@ impl LocalShim {
         let load_balancer = LocalLoadBalancer::new(store.clone(), &flags.lb)?;
         let routes = LocalRoutes::new(store.clone(), &flags.routes)?;
         let provider = LocalProvider::new(inventory.clone(), own_zone);
-        let server = ShimServer::builder(instances::description())
+        let mut builder = ShimServer::builder(instances::description())
             .instances_v2(provider.clone())
             .instances(provider.clone())
             .zones(provider)
             .load_balancer(load_balancer.clone())
-            .routes(routes.clone())
+            .load_balancer_validation(load_balancer.clone())
+            .routes(routes.clone());
+        // Only a shim owning a CSI driver has volumes to label; without one the capability is
+        // not advertised and the webhook asks nothing.
+        if let Some(driver) = &flags.volumes.csi_driver_name {
+            builder = builder.volume_labels(LocalVolumes::new(inventory.clone(), driver.clone()));
+        }
+        let server = builder
             .fence_store(store)
             .register_metrics(|registry| {
                 inventory.register_metrics(registry);

@@ -14,8 +14,10 @@ use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
-use super::pool::{Family, Pools};
-use super::spec::{Backend, LbSpec, PortSpec, Protocol};
+use cpi_proto::v1::Service;
+
+use super::pool::{Family, Pool, Pools};
+use super::spec::{Backend, IP_ANNOTATION, LbSpec, POOL_ANNOTATION, PortSpec, Protocol};
 
 /// A load balancer as persisted: its spec, address and backends.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -179,6 +181,42 @@ pub enum AllocError {
     },
 }
 
+impl AllocError {
+    /// The field of `service` (rooted at the request's `service`) a configuration-only refusal
+    /// is about; `None` for refusals caused by other load balancers, holds or capacity.
+    pub fn field(&self, service: &Service) -> Option<String> {
+        let annotated = |key: &str| {
+            service
+                .metadata
+                .as_ref()
+                .and_then(|m| m.annotations.get(key))
+                .is_some_and(|v| !v.trim().is_empty())
+        };
+        let pool_field = || format!("service.metadata.annotations[{POOL_ANNOTATION}]");
+        match self {
+            Self::NotInAnyPool { .. } | Self::NotInRequestedPool { .. } => Some(
+                if service
+                    .load_balancer_ip
+                    .as_deref()
+                    .is_some_and(|v| !v.trim().is_empty())
+                {
+                    "service.spec.loadBalancerIP".to_string()
+                } else {
+                    format!("service.metadata.annotations[{IP_ANNOTATION}]")
+                },
+            ),
+            Self::UnknownPool { .. } => Some(pool_field()),
+            Self::NoPoolForFamily { .. } if annotated(POOL_ANNOTATION) => Some(pool_field()),
+            Self::NoPoolForFamily { .. } => Some("service.spec.ipFamilies".to_string()),
+            Self::UsedBy { .. }
+            | Self::Held { .. }
+            | Self::PortInUse { .. }
+            | Self::Exhausted { .. }
+            | Self::ReplacementRequired { .. } => None,
+        }
+    }
+}
+
 /// Everything the allocator looks at.
 #[derive(Debug)]
 pub struct AllocInput<'a> {
@@ -198,21 +236,97 @@ pub struct AllocInput<'a> {
     pub now_ms: u64,
 }
 
+/// What the Service asks for that its current address `current` does not satisfy (the
+/// requested address, the named pool, the family), if anything: moving there replaces the load
+/// balancer.
+pub fn replacement_wanted(pools: &Pools, spec: &LbSpec, current: IpAddr) -> Option<String> {
+    match (spec.requested_ip, spec.pool.as_deref()) {
+        (Some(ip), _) if ip != current => Some(ip.to_string()),
+        (None, Some(name)) => pools
+            .get(name)
+            .filter(|p| !p.contains(current))
+            .map(|p| format!("pool {}", p.name)),
+        _ if Family::of(current) != spec.family => Some(format!("an {} address", spec.family)),
+        _ => None,
+    }
+}
+
+/// The pool a requested address comes from: the pool holding it, which must be the named pool
+/// when the Service names one.
+fn requested_pool<'a>(pools: &'a Pools, spec: &LbSpec, ip: IpAddr) -> Result<&'a Pool, AllocError> {
+    let pool = pools.pool_of(ip).ok_or_else(|| AllocError::NotInAnyPool {
+        ip,
+        pools: pools.names(),
+    })?;
+    if let Some(requested) = spec.pool.as_deref()
+        && requested != pool.name
+    {
+        if pools.get(requested).is_none() {
+            return Err(unknown_pool(pools, requested));
+        }
+        return Err(AllocError::NotInRequestedPool {
+            ip,
+            actual: pool.name.clone(),
+            requested: requested.to_string(),
+        });
+    }
+    Ok(pool)
+}
+
+/// The pools an address may be picked from when none is requested: the named pool, else every
+/// auto-assign pool; only those with addresses of the Service's family.
+fn candidate_pools<'a>(pools: &'a Pools, spec: &LbSpec) -> Result<Vec<&'a Pool>, AllocError> {
+    let candidates: Vec<_> = match spec.pool.as_deref() {
+        Some(name) => vec![pools.get(name).ok_or_else(|| unknown_pool(pools, name))?],
+        None => pools.iter().filter(|p| p.auto_assign).collect(),
+    };
+    let candidates: Vec<_> = candidates
+        .into_iter()
+        .filter(|p| p.size(Some(spec.family)) > 0)
+        .collect();
+    if candidates.is_empty() {
+        return Err(AllocError::NoPoolForFamily {
+            which: spec
+                .pool
+                .as_ref()
+                .map_or_else(|| "auto-assign pool".to_string(), |n| format!("pool {n}")),
+            family: spec.family,
+        });
+    }
+    Ok(candidates)
+}
+
+/// The allocation rules that depend on the configuration alone, never on other load balancers:
+/// the named pool exists, a requested address lies in a pool (the named one, if any), and a
+/// candidate pool has addresses of the Service's family. Every broken rule, each once, as
+/// [`decide`] would report it. `address_read: false` (the address or family was unreadable)
+/// checks the pool name only.
+pub fn check_pools(pools: &Pools, spec: &LbSpec, address_read: bool) -> Vec<AllocError> {
+    let mut broken = Vec::new();
+    if let Some(name) = spec.pool.as_deref()
+        && pools.get(name).is_none()
+    {
+        broken.push(unknown_pool(pools, name));
+    }
+    if address_read {
+        let rule = match spec.requested_ip {
+            Some(ip) => requested_pool(pools, spec, ip).map(|_| ()),
+            None => candidate_pools(pools, spec).map(|_| ()),
+        };
+        if let Err(err) = rule
+            && !broken.contains(&err)
+        {
+            broken.push(err);
+        }
+    }
+    broken
+}
+
 /// Decides the Service's address.
 pub fn decide(input: &AllocInput<'_>) -> Result<Decision, AllocError> {
     let spec = input.spec;
     if let Some(current) = input.current {
-        let wanted = match (spec.requested_ip, spec.pool.as_deref()) {
-            (Some(ip), _) if ip != current => Some(ip.to_string()),
-            (None, Some(name)) => input
-                .pools
-                .get(name)
-                .filter(|p| !p.contains(current))
-                .map(|p| format!("pool {}", p.name)),
-            _ if Family::of(current) != spec.family => Some(format!("an {} address", spec.family)),
-            _ => None,
-        };
-        match wanted {
+        match replacement_wanted(input.pools, spec, current) {
             None => {
                 check_sharing(current, input)?;
                 return Ok(Decision::Keep(current));
@@ -225,25 +339,7 @@ pub fn decide(input: &AllocInput<'_>) -> Result<Decision, AllocError> {
     }
 
     if let Some(ip) = spec.requested_ip {
-        let pool = input
-            .pools
-            .pool_of(ip)
-            .ok_or_else(|| AllocError::NotInAnyPool {
-                ip,
-                pools: input.pools.names(),
-            })?;
-        if let Some(requested) = spec.pool.as_deref()
-            && requested != pool.name
-        {
-            if input.pools.get(requested).is_none() {
-                return Err(unknown_pool(input, requested));
-            }
-            return Err(AllocError::NotInRequestedPool {
-                ip,
-                actual: pool.name.clone(),
-                requested: requested.to_string(),
-            });
-        }
+        let pool = requested_pool(input.pools, spec, ip)?;
         check_held(ip, input)?;
         check_sharing(ip, input)?;
         return Ok(Decision::Assign {
@@ -271,28 +367,7 @@ pub fn decide(input: &AllocInput<'_>) -> Result<Decision, AllocError> {
         }
     }
 
-    let candidates: Vec<_> = match spec.pool.as_deref() {
-        Some(name) => vec![
-            input
-                .pools
-                .get(name)
-                .ok_or_else(|| unknown_pool(input, name))?,
-        ],
-        None => input.pools.iter().filter(|p| p.auto_assign).collect(),
-    };
-    let candidates: Vec<_> = candidates
-        .into_iter()
-        .filter(|p| p.size(Some(spec.family)) > 0)
-        .collect();
-    if candidates.is_empty() {
-        return Err(AllocError::NoPoolForFamily {
-            which: spec
-                .pool
-                .as_ref()
-                .map_or_else(|| "auto-assign pool".to_string(), |n| format!("pool {n}")),
-            family: spec.family,
-        });
-    }
+    let candidates = candidate_pools(input.pools, spec)?;
     let taken: HashSet<IpAddr> = input
         .others
         .iter()
@@ -322,10 +397,10 @@ pub fn decide(input: &AllocInput<'_>) -> Result<Decision, AllocError> {
     })
 }
 
-fn unknown_pool(input: &AllocInput<'_>, name: &str) -> AllocError {
+fn unknown_pool(pools: &Pools, name: &str) -> AllocError {
     AllocError::UnknownPool {
         name: name.to_string(),
-        pools: input.pools.names(),
+        pools: pools.names(),
     }
 }
 

@@ -4,8 +4,9 @@
 //! port; shared active health checks; source ranges and `ClientIP` affinity.
 //!
 //! Layout: decisions are pure (`pool` validation, `alloc` address choice, `balance` backend
-//! order and health transitions, `spec` request validation and source-range checks); `health`,
-//! `proxy` and `provider` do the IO.
+//! order and health transitions, `spec` request validation and source-range checks, `validate`
+//! the admission verdict built from `spec` and `alloc`); `health`, `proxy` and `provider` do
+//! the IO.
 
 mod alloc;
 mod balance;
@@ -18,6 +19,7 @@ mod pool;
 mod provider;
 mod proxy;
 mod spec;
+mod validate;
 
 pub use config::{DEFAULT_POOL_CIDR, LbConfigError, LbFlags, load_pools, parse_pools};
 pub use pool::{Cidr, Family, Pool, PoolError, Pools};
@@ -29,3 +31,4 @@ pub use spec::{
     DEFAULT_AFFINITY_TIMEOUT_SECONDS, IP_ANNOTATION, POOL_ANNOTATION, SHARING_ANNOTATION,
     SOURCE_RANGES_ANNOTATION,
 };
+pub use validate::validate_service;

@@ -69,9 +69,10 @@ impl Cidr {
             .parse()
             .map_err(|_| format!("{text:?} is not a CIDR ({addr:?} is not an IP address)"))?;
         let max = Self::bits(Family::of(addr));
-        let prefix: u8 = prefix
-            .parse()
-            .ok()
+        // Decimal digits only, as Go's `ParseCIDR` (Rust would also take a sign: `/+8`).
+        let prefix: u8 = Some(prefix)
+            .filter(|p| !p.is_empty() && p.len() <= 3 && p.bytes().all(|b| b.is_ascii_digit()))
+            .and_then(|p| p.parse().ok())
             .filter(|p| *p <= max)
             .ok_or_else(|| format!("{text:?} is not a CIDR (prefix must be 0..={max})"))?;
         let family = Family::of(addr);

@@ -34,9 +34,7 @@ use super::proxy::{
     BackendRt, Backends, Listener, ProxyConfig, Runtime, Snapshot, bind_tcp, bind_udp,
     listener_name, spawn_tcp, spawn_udp,
 };
-use super::spec::{
-    Backend, HealthPolicy, IP_ANNOTATION, POOL_ANNOTATION, Protocol, backends, parse_service,
-};
+use super::spec::{Backend, HealthPolicy, Protocol, backends, parse_service};
 use crate::store::{LbWrite, Store, StoreError};
 
 /// `ports[].error` of an SCTP port: the proxy serves TCP and UDP only.
@@ -192,6 +190,13 @@ fn unix_ms() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as u64)
+}
+
+impl LocalLoadBalancer {
+    /// The configured pools (validation checks Services against the ones allocation uses).
+    pub(crate) fn pools(&self) -> &Pools {
+        &self.inner.pools
+    }
 }
 
 /// Name of a Service's load balancer: cluster name and Service UID, never namespace/name.
@@ -678,32 +683,15 @@ impl Manager {
 
     /// The precise error for an allocation failure, counted by reason.
     fn allocation_error(&self, err: AllocError, service: &Service) -> CpiError {
+        let invalid = |err: &AllocError| CpiError::InvalidObject {
+            field: err.field(service).unwrap_or_default(),
+            message: err.to_string(),
+        };
         let (reason, cpi) = match &err {
             AllocError::NotInAnyPool { .. } | AllocError::NotInRequestedPool { .. } => {
-                let field = if service
-                    .load_balancer_ip
-                    .as_deref()
-                    .is_some_and(|v| !v.trim().is_empty())
-                {
-                    "service.spec.loadBalancerIP".to_string()
-                } else {
-                    format!("service.metadata.annotations[{IP_ANNOTATION}]")
-                };
-                (
-                    "not_in_pool",
-                    CpiError::InvalidObject {
-                        field,
-                        message: err.to_string(),
-                    },
-                )
+                ("not_in_pool", invalid(&err))
             }
-            AllocError::UnknownPool { .. } => (
-                "unknown_pool",
-                CpiError::InvalidObject {
-                    field: format!("service.metadata.annotations[{POOL_ANNOTATION}]"),
-                    message: err.to_string(),
-                },
-            ),
+            AllocError::UnknownPool { .. } => ("unknown_pool", invalid(&err)),
             AllocError::NoPoolForFamily { .. } => {
                 ("no_pool_for_family", CpiError::Cloud(err.to_string()))
             }

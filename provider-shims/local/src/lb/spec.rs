@@ -112,135 +112,232 @@ pub struct Backend {
     pub ip: IpAddr,
 }
 
-fn invalid(field: impl Into<String>, message: impl Into<String>) -> CpiError {
-    CpiError::InvalidObject {
+/// One refused field of a Service: its path in the request (`service.spec...`) and why.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FieldViolation {
+    /// Field path, rooted at the request's `service`.
+    pub field: String,
+    /// Why it is refused.
+    pub message: String,
+}
+
+impl From<FieldViolation> for CpiError {
+    fn from(v: FieldViolation) -> Self {
+        CpiError::InvalidObject {
+            field: v.field,
+            message: v.message,
+        }
+    }
+}
+
+fn invalid(field: impl Into<String>, message: impl Into<String>) -> FieldViolation {
+    FieldViolation {
         field: field.into(),
         message: message.into(),
     }
 }
 
-/// Reads the load-balancer settings of `service` for `cluster`.
+/// A Service read as far as it could be: every violation, and a spec whose unreadable parts
+/// hold defaults (so validation can go on checking what was readable).
+#[derive(Debug)]
+pub(crate) struct Reading {
+    /// The settings; only trustworthy where no violation names the field.
+    pub spec: LbSpec,
+    /// Whether the requested address and the family were read (pool checks need them).
+    pub address_read: bool,
+    /// Every refused field, in field order.
+    pub violations: Vec<FieldViolation>,
+}
+
+/// Reads the load-balancer settings of `service` for `cluster`; the first refused field is the
+/// error (validation reports all of them, see [`read_service`]).
 pub fn parse_service(cluster: &str, service: &Service) -> Result<LbSpec, CpiError> {
     if cluster.is_empty() {
         return Err(invalid(
             "cluster_name",
             "must not be empty: load balancers are owned by cluster name and Service UID",
-        ));
+        )
+        .into());
     }
-    let meta = service.metadata.clone().unwrap_or_default();
-    if meta.uid.is_empty() {
+    if service.metadata.as_ref().is_none_or(|m| m.uid.is_empty()) {
         return Err(invalid(
             "service.metadata.uid",
             "must not be empty: load balancers are owned by cluster name and Service UID",
-        ));
+        )
+        .into());
     }
+    let reading = read_service(cluster, service);
+    match reading.violations.into_iter().next() {
+        Some(first) => Err(first.into()),
+        None => Ok(reading.spec),
+    }
+}
+
+/// Reads every load-balancer setting of `service`, collecting each refused field instead of
+/// stopping at the first. Ownership (cluster name, UID) is not checked: a Service being admitted
+/// may not have its UID yet.
+pub(crate) fn read_service(cluster: &str, service: &Service) -> Reading {
+    let mut violations = Vec::new();
+    let meta = service.metadata.clone().unwrap_or_default();
     let annotation = |key: &str| {
         meta.annotations
             .get(key)
             .map(|v| v.trim())
             .filter(|v| !v.is_empty())
     };
+    let address = requested_ip(service, annotation(IP_ANNOTATION)).and_then(|requested| {
+        let ip = requested.as_ref().map(|(ip, _)| *ip);
+        Ok((ip, family_of(service, requested)?))
+    });
+    let (requested_ip, family, address_read) = match address {
+        Ok((ip, family)) => (ip, family, true),
+        Err(v) => {
+            violations.push(v);
+            (None, Family::V4, false)
+        }
+    };
+    let ports = ports(service, &mut violations);
+    let source_ranges = source_ranges(service, &meta.annotations, &mut violations);
+    let affinity_timeout = affinity_timeout(service).unwrap_or_else(|v| {
+        violations.push(v);
+        None
+    });
+    let health = health(service).unwrap_or_else(|v| {
+        violations.push(v);
+        HealthPolicy::Cluster
+    });
+    Reading {
+        spec: LbSpec {
+            cluster: cluster.to_string(),
+            uid: meta.uid.clone(),
+            namespace: meta.namespace.clone(),
+            name: meta.name.clone(),
+            family,
+            requested_ip,
+            pool: annotation(POOL_ANNOTATION).map(str::to_string),
+            sharing_key: annotation(SHARING_ANNOTATION).map(str::to_string),
+            ports,
+            source_ranges,
+            affinity_timeout,
+            health,
+        },
+        address_read,
+        violations,
+    }
+}
+
+/// The address asked for (`spec.loadBalancerIP`, else the annotation) with the field it came
+/// from; both set to different values is refused.
+fn requested_ip(
+    service: &Service,
+    ip_annotation: Option<&str>,
+) -> Result<Option<(IpAddr, String)>, FieldViolation> {
     let ip_field = service
         .load_balancer_ip
         .as_deref()
         .map(str::trim)
         .filter(|v| !v.is_empty());
-    let ip_annotation = annotation(IP_ANNOTATION);
-    let parse_ip = |field: String, text: &str| -> Result<IpAddr, CpiError> {
+    let parse = |field: String, text: &str| {
         text.parse()
+            .map(|ip| Some((ip, field.clone())))
             .map_err(|_| invalid(field, format!("{text:?} is not an IP address")))
     };
-    let requested_ip = match (ip_field, ip_annotation) {
-        (Some(f), Some(a)) if f != a => {
-            return Err(invalid(
-                "service.spec.loadBalancerIP",
-                format!("{f} differs from annotation {IP_ANNOTATION}={a}; set only one"),
-            ));
-        }
-        (Some(f), _) => Some(parse_ip("service.spec.loadBalancerIP".into(), f)?),
-        (None, Some(a)) => Some(parse_ip(
-            format!("service.metadata.annotations[{IP_ANNOTATION}]"),
-            a,
-        )?),
-        (None, None) => None,
-    };
-    let family = family_of(service, requested_ip)?;
+    match (ip_field, ip_annotation) {
+        (Some(f), Some(a)) if f != a => Err(invalid(
+            "service.spec.loadBalancerIP",
+            format!("{f} differs from annotation {IP_ANNOTATION}={a}; set only one"),
+        )),
+        (Some(f), _) => parse("service.spec.loadBalancerIP".into(), f),
+        (None, Some(a)) => parse(format!("service.metadata.annotations[{IP_ANNOTATION}]"), a),
+        (None, None) => Ok(None),
+    }
+}
 
-    let mut ports = Vec::with_capacity(service.ports.len());
+/// The ports in Service order; a refused port is reported and left out.
+fn ports(service: &Service, violations: &mut Vec<FieldViolation>) -> Vec<PortSpec> {
+    let mut ports: Vec<PortSpec> = Vec::with_capacity(service.ports.len());
     for (i, port) in service.ports.iter().enumerate() {
-        let protocol = match port.protocol.as_str() {
-            "" | "TCP" => Protocol::Tcp,
-            "UDP" => Protocol::Udp,
-            "SCTP" => Protocol::Sctp,
-            other => {
-                return Err(invalid(
-                    format!("service.spec.ports[{i}].protocol"),
-                    format!("{other:?} is not one of TCP, UDP, SCTP"),
+        let read = || -> Result<PortSpec, FieldViolation> {
+            let protocol = match port.protocol.as_str() {
+                "" | "TCP" => Protocol::Tcp,
+                "UDP" => Protocol::Udp,
+                "SCTP" => Protocol::Sctp,
+                other => {
+                    return Err(invalid(
+                        format!("service.spec.ports[{i}].protocol"),
+                        format!("{other:?} is not one of TCP, UDP, SCTP"),
+                    ));
+                }
+            };
+            let number = |value: i32, field: &str| -> Result<u16, FieldViolation> {
+                u16::try_from(value)
+                    .ok()
+                    .filter(|p| *p != 0)
+                    .ok_or_else(|| {
+                        invalid(
+                            format!("service.spec.ports[{i}].{field}"),
+                            format!("{value} is not a port number (1-65535)"),
+                        )
+                    })
+            };
+            Ok(PortSpec {
+                protocol,
+                port: number(port.port, "port")?,
+                node_port: port
+                    .node_port
+                    .filter(|p| *p != 0)
+                    .map(|p| number(p, "nodePort"))
+                    .transpose()?,
+            })
+        };
+        match read() {
+            Ok(spec)
+                if ports
+                    .iter()
+                    .any(|p| p.protocol == spec.protocol && p.port == spec.port) =>
+            {
+                violations.push(invalid(
+                    format!("service.spec.ports[{i}]"),
+                    format!("{}/{} is listed twice", spec.port, spec.protocol.as_str()),
                 ));
             }
-        };
-        let number = |value: i32, field: &str| -> Result<u16, CpiError> {
-            u16::try_from(value)
-                .ok()
-                .filter(|p| *p != 0)
-                .ok_or_else(|| {
-                    invalid(
-                        format!("service.spec.ports[{i}].{field}"),
-                        format!("{value} is not a port number (1-65535)"),
-                    )
-                })
-        };
-        let spec = PortSpec {
-            protocol,
-            port: number(port.port, "port")?,
-            node_port: port
-                .node_port
-                .filter(|p| *p != 0)
-                .map(|p| number(p, "nodePort"))
-                .transpose()?,
-        };
-        if ports
-            .iter()
-            .any(|p: &PortSpec| p.protocol == spec.protocol && p.port == spec.port)
-        {
-            return Err(invalid(
-                format!("service.spec.ports[{i}]"),
-                format!("{}/{} is listed twice", spec.port, protocol.as_str()),
-            ));
+            Ok(spec) => ports.push(spec),
+            Err(v) => violations.push(v),
         }
-        ports.push(spec);
     }
+    ports
+}
 
-    let source_ranges = source_ranges(service, &meta.annotations)?;
-
-    let affinity_timeout = match service.session_affinity.as_str() {
-        "" | "None" => None,
+/// `ClientIP` affinity's timeout (upstream's default and bound); `None` without affinity.
+fn affinity_timeout(service: &Service) -> Result<Option<u32>, FieldViolation> {
+    match service.session_affinity.as_str() {
+        "" | "None" => Ok(None),
         "ClientIP" => {
             let raw = service
                 .session_affinity_timeout_seconds
                 .unwrap_or(DEFAULT_AFFINITY_TIMEOUT_SECONDS as i32);
-            Some(
-                u32::try_from(raw)
-                    .ok()
-                    .filter(|t| (1..=MAX_AFFINITY_TIMEOUT_SECONDS).contains(t))
-                    .ok_or_else(|| {
-                        invalid(
-                            "service.spec.sessionAffinityConfig.clientIP.timeoutSeconds",
-                            format!("{raw} is not in 1..={MAX_AFFINITY_TIMEOUT_SECONDS}"),
-                        )
-                    })?,
-            )
+            u32::try_from(raw)
+                .ok()
+                .filter(|t| (1..=MAX_AFFINITY_TIMEOUT_SECONDS).contains(t))
+                .map(Some)
+                .ok_or_else(|| {
+                    invalid(
+                        "service.spec.sessionAffinityConfig.clientIP.timeoutSeconds",
+                        format!("{raw} is not in 1..={MAX_AFFINITY_TIMEOUT_SECONDS}"),
+                    )
+                })
         }
-        other => {
-            return Err(invalid(
-                "service.spec.sessionAffinity",
-                format!("{other:?} is not one of None, ClientIP"),
-            ));
-        }
-    };
+        other => Err(invalid(
+            "service.spec.sessionAffinity",
+            format!("{other:?} is not one of None, ClientIP"),
+        )),
+    }
+}
 
-    let health = match service.external_traffic_policy.as_deref() {
-        None | Some("") | Some("Cluster") => HealthPolicy::Cluster,
+/// How backends are checked, from `externalTrafficPolicy`.
+fn health(service: &Service) -> Result<HealthPolicy, FieldViolation> {
+    match service.external_traffic_policy.as_deref() {
+        None | Some("") | Some("Cluster") => Ok(HealthPolicy::Cluster),
         Some("Local") => {
             let raw = service.health_check_node_port.unwrap_or(0);
             let port = u16::try_from(raw).ok().filter(|p| *p != 0).ok_or_else(|| {
@@ -252,35 +349,22 @@ pub fn parse_service(cluster: &str, service: &Service) -> Result<LbSpec, CpiErro
                     ),
                 )
             })?;
-            HealthPolicy::Local { port }
+            Ok(HealthPolicy::Local { port })
         }
-        Some(other) => {
-            return Err(invalid(
-                "service.spec.externalTrafficPolicy",
-                format!("{other:?} is not one of Cluster, Local"),
-            ));
-        }
-    };
-
-    Ok(LbSpec {
-        cluster: cluster.to_string(),
-        uid: meta.uid.clone(),
-        namespace: meta.namespace.clone(),
-        name: meta.name.clone(),
-        family,
-        requested_ip,
-        pool: annotation(POOL_ANNOTATION).map(str::to_string),
-        sharing_key: annotation(SHARING_ANNOTATION).map(str::to_string),
-        ports,
-        source_ranges,
-        affinity_timeout,
-        health,
-    })
+        Some(other) => Err(invalid(
+            "service.spec.externalTrafficPolicy",
+            format!("{other:?} is not one of Cluster, Local"),
+        )),
+    }
 }
 
-/// The family of the requested address, else of the first `spec.ipFamilies` entry (IPv4 when
-/// the caller sent none).
-fn family_of(service: &Service, requested: Option<IpAddr>) -> Result<Family, CpiError> {
+/// The family of the requested address (refused when the Service's `ipFamilies` do not allow
+/// it, naming the field the address came from), else of the first `spec.ipFamilies` entry
+/// (IPv4 when the caller sent none).
+fn family_of(
+    service: &Service,
+    requested: Option<(IpAddr, String)>,
+) -> Result<Family, FieldViolation> {
     let primary = match service.ip_families.first().map(String::as_str) {
         None | Some("") | Some("IPv4") => Family::V4,
         Some("IPv6") => Family::V6,
@@ -292,13 +376,13 @@ fn family_of(service: &Service, requested: Option<IpAddr>) -> Result<Family, Cpi
         }
     };
     match requested {
-        Some(ip) => {
+        Some((ip, field)) => {
             let family = Family::of(ip);
             if !service.ip_families.is_empty()
                 && !service.ip_families.iter().any(|f| f == &family.to_string())
             {
                 return Err(invalid(
-                    "service.spec.loadBalancerIP",
+                    field,
                     format!("{ip} is {family}, not one of the Service's ipFamilies"),
                 ));
             }
@@ -309,25 +393,29 @@ fn family_of(service: &Service, requested: Option<IpAddr>) -> Result<Family, Cpi
 }
 
 /// Upstream's `GetLoadBalancerSourceRanges`: the field when it is set, else the annotation
-/// (comma-separated); entries are trimmed; nothing at all allows every client.
+/// (comma-separated); entries are trimmed; nothing at all allows every client. Every entry that
+/// is no CIDR is reported; the others are kept.
 fn source_ranges(
     service: &Service,
     annotations: &std::collections::HashMap<String, String>,
-) -> Result<Vec<Cidr>, CpiError> {
-    let parse = |field: String, text: &str| {
-        Cidr::parse(text.trim()).map_err(|message| {
-            invalid(
+    violations: &mut Vec<FieldViolation>,
+) -> Vec<Cidr> {
+    let mut parse = |field: String, text: &str| match Cidr::parse(text.trim()) {
+        Ok(cidr) => Some(cidr),
+        Err(message) => {
+            violations.push(invalid(
                 field,
                 format!("{message}; expecting IP ranges such as 10.0.0.0/24"),
-            )
-        })
+            ));
+            None
+        }
     };
     if !service.load_balancer_source_ranges.is_empty() {
         return service
             .load_balancer_source_ranges
             .iter()
             .enumerate()
-            .map(|(i, s)| parse(format!("service.spec.loadBalancerSourceRanges[{i}]"), s))
+            .filter_map(|(i, s)| parse(format!("service.spec.loadBalancerSourceRanges[{i}]"), s))
             .collect();
     }
     let Some(value) = annotations
@@ -335,12 +423,12 @@ fn source_ranges(
         .map(|v| v.trim())
         .filter(|v| !v.is_empty())
     else {
-        return Ok(Vec::new());
+        return Vec::new();
     };
     value
         .split(',')
         .enumerate()
-        .map(|(i, s)| {
+        .filter_map(|(i, s)| {
             parse(
                 format!("service.metadata.annotations[{SOURCE_RANGES_ANNOTATION}][{i}]"),
                 s,
@@ -384,7 +472,7 @@ pub fn backends(nodes: &[Node], family: Family) -> Vec<Backend> {
 
 #[cfg(test)]
 #[allow(clippy::unwrap_used, clippy::expect_used)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use cpi_proto::v1::{NodeAddress, ObjectMeta, ServicePort};
 
@@ -413,7 +501,8 @@ mod tests {
         s
     }
 
-    fn annotate(s: &mut Service, k: &str, v: &str) {
+    /// Sets annotation `k` of `s` (shared with the validation tests).
+    pub(crate) fn annotate(s: &mut Service, k: &str, v: &str) {
         s.metadata
             .as_mut()
             .unwrap()

@@ -1,5 +1,5 @@
 //! Shared pieces of the route tests: a throwaway network namespace driven with `ip`, and the
-//! real `local-shim` binary serving it over mutual TLS.
+//! real `local-shim` binary serving it over mutual TLS (also used by the admission tests).
 #![allow(dead_code, clippy::unwrap_used, clippy::expect_used, missing_docs)]
 
 use std::path::Path;
@@ -17,7 +17,7 @@ mod lb_support;
 
 // Each route test crate uses its own subset.
 #[allow(unused_imports)]
-pub use lb_support::{CLUSTER, answering_channel, cpu_seconds, fence, scrape_metrics};
+pub use lb_support::{CLUSTER, answering_channel, cpi, cpu_seconds, fence, scrape_metrics};
 const INVENTORY: &str = include_str!("../../examples/inventory.yaml");
 
 /// A network namespace of its own (test-support's, with `lo` up and a veth link `nodes0`
@@ -82,6 +82,8 @@ impl Netns {
 /// The real binary over mutual TLS, on a state directory that outlives restarts.
 pub struct Shim {
     pub process: Process,
+    /// The mTLS channel, for clients of other services.
+    pub channel: CpiChannel,
     pub client: RoutesClient<CpiChannel>,
     pub metrics_port: u16,
 }
@@ -129,10 +131,11 @@ impl ShimDir {
         .envs([("RUST_LOG", "info")])
         .spawn()
         .unwrap();
-        let client = connect(dir, port, &process).await;
+        let channel = connect(dir, port, &process).await;
         Shim {
             process,
-            client,
+            client: RoutesClient::new(channel.clone()),
+            channel,
             metrics_port,
         }
     }
@@ -151,7 +154,7 @@ fn shim_tls_args(dir: &Path, port: u16) -> Vec<String> {
     ]
 }
 
-async fn connect(dir: &Path, port: u16, process: &Process) -> RoutesClient<CpiChannel> {
+async fn connect(dir: &Path, port: u16, process: &Process) -> CpiChannel {
     let files = TlsFiles {
         cert: dir.join("ccm.pem"),
         key: dir.join("ccm-key.pem"),
@@ -165,18 +168,17 @@ async fn connect(dir: &Path, port: u16, process: &Process) -> RoutesClient<CpiCh
             async move {
                 let tls = ClientTls::new(files, ShimMtls::SHIM_SERVER_NAME.into(), Duration::ZERO)
                     .map_err(|e| e.to_string())?;
-                let channel = answering_channel(ClientEndpoint::Tls {
+                answering_channel(ClientEndpoint::Tls {
                     uri: format!("https://127.0.0.1:{port}"),
                     tls,
                 })
-                .await?;
-                Ok(RoutesClient::new(channel))
+                .await
             }
         },
     )
     .await;
     match waited {
-        Ok(client) => client,
+        Ok(channel) => channel,
         Err(error) => panic!("{error}\nshim log:\n{}", process.log_tail(40)),
     }
 }
