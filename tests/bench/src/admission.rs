@@ -21,7 +21,7 @@ use test_support::{Location, Process, ShimMtls, Wait, last_lines, temp_dir};
 
 use crate::procfs;
 use crate::report::verdict;
-use crate::run::{Machine, progress};
+use crate::run::{Machine, SHIM_BINARY, progress};
 use crate::{AdmissionArgs, FakeShimArgs};
 
 /// Target: p99 latency at [`TARGET_RATE`], in milliseconds.
@@ -35,6 +35,12 @@ const WEBHOOK_BINARY: &str = "cloud-provider-webhook";
 const WEBHOOK_BUILD_HINT: &str = "cargo build --release -p cloud-provider-webhook -p bench";
 /// The PersistentVolume the reviews create; the fake shim labels it.
 const PV_NAME: &str = "bench-pv";
+/// The Service the probe sends, which the shim must refuse.
+const REFUSED_SERVICE: &str = "bench-refused";
+/// The `local` shim's `--csi-driver-name` in the run.
+const LOCAL_CSI_DRIVER: &str = "bench.csi.local";
+/// The inventory machine the `local` shim's volume lives on.
+const LOCAL_MACHINE: &str = "bench-machine";
 /// Requests sent before the first measured step (connections, the shim channel, caches).
 const WARM_UP_REQUESTS: usize = 200;
 /// The most steps `--find-max` runs.
@@ -46,6 +52,25 @@ const REFINEMENTS: u32 = 3;
 /// A request not answered within this long counts as an error (the API server's default
 /// `timeoutSeconds`).
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The provider shim behind the webhook.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ShimKind {
+    /// The fake provider of `tests/fake-provider`, served by `bench fake-shim`.
+    Fake,
+    /// The `local-shim` binary, with an address pool and a CSI driver of its own.
+    Local,
+}
+
+impl ShimKind {
+    fn describe(self) -> &'static str {
+        match self {
+            Self::Fake => "fake-provider (bench fake-shim process) over mutual TLS on loopback TCP",
+            Self::Local => "local-shim over mutual TLS on loopback TCP",
+        }
+    }
+}
 
 /// Which webhook the reviews go to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
@@ -66,22 +91,35 @@ impl Target {
         }
     }
 
-    /// The `request` of the AdmissionReview (without its uid).
-    fn request(self) -> serde_json::Value {
+    /// The `request` of the AdmissionReview (without its uid): one `shim` admits (labelling
+    /// the volume), or with `refused`, a Service it refuses (an SCTP port).
+    fn request(self, shim: ShimKind, refused: bool) -> serde_json::Value {
+        let (name, protocol) = if refused {
+            (REFUSED_SERVICE, "SCTP")
+        } else {
+            ("bench-lb", "TCP")
+        };
+        let volume_source = match shim {
+            ShimKind::Fake => serde_json::json!({"gcePersistentDisk": {"pdName": "bench-disk"}}),
+            ShimKind::Local => serde_json::json!({"csi": {
+                "driver": LOCAL_CSI_DRIVER,
+                "volumeHandle": "bench-volume",
+                "volumeAttributes": {"local-shim/machine": LOCAL_MACHINE},
+            }}),
+        };
         match self {
             Self::ServiceLbValidator => serde_json::json!({
                 "kind": {"group": "", "version": "v1", "kind": "Service"},
                 "resource": {"group": "", "version": "v1", "resource": "services"},
                 "operation": "CREATE",
-                "name": "bench-lb",
+                "name": name,
                 "namespace": "default",
                 "userInfo": {"username": "bench"},
                 "object": {
                     "apiVersion": "v1", "kind": "Service",
-                    "metadata": {"name": "bench-lb", "namespace": "default",
-                                 "annotations": {"example.com/lb-pool": "bench"}},
+                    "metadata": {"name": name, "namespace": "default"},
                     "spec": {"type": "LoadBalancer", "selector": {"app": "bench"},
-                             "ports": [{"name": "http", "port": 80, "protocol": "TCP",
+                             "ports": [{"name": "http", "port": 80, "protocol": protocol,
                                         "targetPort": 8080}]}
                 },
                 "oldObject": null,
@@ -96,13 +134,24 @@ impl Target {
                 "object": {
                     "apiVersion": "v1", "kind": "PersistentVolume",
                     "metadata": {"name": PV_NAME},
-                    "spec": {"capacity": {"storage": "10Gi"}, "accessModes": ["ReadWriteOnce"],
-                             "gcePersistentDisk": {"pdName": "bench-disk"}}
+                    "spec": volume_spec(volume_source)
                 },
                 "dryRun": false,
             }),
         }
     }
+}
+
+/// A PersistentVolume spec with `source`.
+fn volume_spec(source: serde_json::Value) -> serde_json::Value {
+    let mut spec = serde_json::json!({
+        "capacity": {"storage": "10Gi"},
+        "accessModes": ["ReadWriteOnce"],
+    });
+    if let (Some(spec), serde_json::Value::Object(source)) = (spec.as_object_mut(), source) {
+        spec.extend(source);
+    }
+    spec
 }
 
 /// A v1 AdmissionReview for `target` split around its uid, so each request gets its own uid
@@ -116,8 +165,8 @@ struct ReviewBody {
 impl ReviewBody {
     const UID_MARK: &'static str = "@@uid@@";
 
-    fn new(target: Target) -> anyhow::Result<Self> {
-        let mut request = target.request();
+    fn new(target: Target, shim: ShimKind, refused: bool) -> anyhow::Result<Self> {
+        let mut request = target.request(shim, refused);
         request["uid"] = serde_json::json!(Self::UID_MARK);
         let review = serde_json::json!({
             "apiVersion": "admission.k8s.io/v1",
@@ -304,9 +353,18 @@ type Sender = hyper::client::conn::http1::SendRequest<Full<Bytes>>;
 impl Endpoint {
     /// A new keep-alive HTTP/1.1 connection over TLS.
     async fn connect(&self) -> anyhow::Result<Sender> {
-        let tls = test_support::tls_connect(&self.connector, self.addr)
+        let tcp = tokio::net::TcpStream::connect(self.addr)
             .await
             .with_context(|| format!("connecting to the webhook at {}", self.addr))?;
+        // As Go's net package (the API server's client) does by default.
+        tcp.set_nodelay(true).context("setting TCP_NODELAY")?;
+        let name = rustls::pki_types::ServerName::try_from("localhost")
+            .context("the webhook's certificate name")?;
+        let tls = self
+            .connector
+            .connect(name, tcp)
+            .await
+            .with_context(|| format!("TLS handshake with the webhook at {}", self.addr))?;
         let (sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
             .await
             .context("HTTP/1.1 handshake with the webhook")?;
@@ -320,6 +378,15 @@ impl Endpoint {
 
     /// Sends one review; `Ok` when it was allowed with its uid echoed.
     async fn review(&self, sender: &mut Sender, body: Bytes, uid: &str) -> Result<(), String> {
+        let text = self.answer(sender, body).await?;
+        if !text.contains("\"allowed\":true") || !text.contains(uid) {
+            return Err(format!("not allowed, or uid {uid} not echoed: {text}"));
+        }
+        Ok(())
+    }
+
+    /// Sends one review; the body of its `200` answer.
+    async fn answer(&self, sender: &mut Sender, body: Bytes) -> Result<String, String> {
         sender
             .ready()
             .await
@@ -340,14 +407,11 @@ impl Endpoint {
             .await
             .map_err(|e| format!("reading the answer: {e}"))?
             .to_bytes();
-        let text = String::from_utf8_lossy(&body);
+        let text = String::from_utf8_lossy(&body).into_owned();
         if status != http::StatusCode::OK {
             return Err(format!("status {status}: {}", last_lines(&text, 3)));
         }
-        if !text.contains("\"allowed\":true") || !text.contains(uid) {
-            return Err(format!("not allowed, or uid {uid} not echoed: {text}"));
-        }
-        Ok(())
+        Ok(text)
     }
 }
 
@@ -579,17 +643,42 @@ pub async fn admission(args: &AdmissionArgs) -> anyhow::Result<AdmissionReport> 
     test_pki::write_atomic(&key, serving.key_pem.as_bytes(), true)?;
 
     progress(format_args!(
-        "starting the fake shim (mTLS on 127.0.0.1:{shim_port}) and {WEBHOOK_BINARY}"
+        "starting the {:?} shim (mTLS on 127.0.0.1:{shim_port}) and {WEBHOOK_BINARY}",
+        args.shim
     ));
     let env = [("RUST_LOG", args.log_level.as_str()), ("NO_COLOR", "1")];
-    let bench_exe = std::env::current_exe().context("locating the bench executable")?;
-    let mut shim_args = vec!["fake-shim".to_string()];
-    shim_args.extend(mtls.shim_args(shim_port));
+    let mut shim_args = mtls.shim_args(shim_port);
     shim_args.push("--metrics-bind-address=0".into());
-    let shim = Process::builder("fake-shim", bench_exe, dir.join("fake-shim.log"))
-        .args(shim_args)
-        .envs(env)
-        .spawn()?;
+    let shim = match args.shim {
+        ShimKind::Fake => {
+            let bench_exe = std::env::current_exe().context("locating the bench executable")?;
+            shim_args.insert(0, "fake-shim".into());
+            Process::builder("fake-shim", bench_exe, dir.join("fake-shim.log"))
+        }
+        ShimKind::Local => {
+            let inventory = dir.join("inventory.yaml");
+            std::fs::write(&inventory, local_inventory())
+                .with_context(|| format!("writing {}", inventory.display()))?;
+            let lb_config = dir.join("lb-config.yaml");
+            std::fs::write(
+                &lb_config,
+                "pools:\n  - name: bench\n    addresses: [\"127.77.0.0/16\"]\n",
+            )
+            .with_context(|| format!("writing {}", lb_config.display()))?;
+            shim_args.extend([
+                format!("--inventory={}", inventory.display()),
+                format!("--state-dir={}", dir.join("shim-state").display()),
+                format!("--lb-config={}", lb_config.display()),
+                format!("--csi-driver-name={LOCAL_CSI_DRIVER}"),
+                // ValidateLoadBalancer and GetLabelsForVolume change nothing: no fence.
+                "--fence-lease=none".into(),
+            ]);
+            Process::for_workspace_binary(SHIM_BINARY, "local-shim", dir)?
+        }
+    }
+    .args(shim_args)
+    .envs(env)
+    .spawn()?;
     let mut webhook_args = vec![
         format!("--webhooks={}", args.webhook.name()),
         "--webhook-bind-address=127.0.0.1".into(),
@@ -623,7 +712,11 @@ pub async fn admission(args: &AdmissionArgs) -> anyhow::Result<AdmissionReport> 
     processes.webhook.terminate(Duration::from_secs(5));
     processes.shim.terminate(Duration::from_secs(5));
     if let Some(into) = args.keep_logs.as_deref()
-        && let Err(e) = copy_logs(into, dir, &["webhook.log", "fake-shim.log"])
+        && let Err(e) = copy_logs(
+            into,
+            dir,
+            &["webhook.log", "fake-shim.log", "local-shim.log"],
+        )
     {
         eprintln!("bench: --keep-logs {}: {e}", into.display());
     }
@@ -634,7 +727,7 @@ pub async fn admission(args: &AdmissionArgs) -> anyhow::Result<AdmissionReport> 
         webhook: args.webhook,
         connections: args.connections,
         protocol: "HTTP/1.1 keep-alive over TLS 1.3 (the webhook offers only http/1.1)".into(),
-        shim: "fake-provider (bench fake-shim process) over mutual TLS on loopback TCP".into(),
+        shim: args.shim.describe().into(),
         build_profile: profile,
         cores,
         steps,
@@ -661,7 +754,8 @@ async fn measure(
             Target::PvLabeler => "/pv-labeler",
         },
     };
-    let body = ReviewBody::new(args.webhook)?;
+    probe(&endpoint, args.webhook, args.shim).await?;
+    let body = ReviewBody::new(args.webhook, args.shim, false)?;
     let duration = Duration::from_secs(args.duration_secs);
     let warm_up = Duration::from_secs_f64(WARM_UP_REQUESTS as f64 / args.rate);
     let warm = step(
@@ -730,6 +824,34 @@ async fn measure(
     Ok((steps, search.highest_under()))
 }
 
+/// Checks the shim is on the path: it refuses the refused Service, or labels the volume (a
+/// shim without the capability would let the webhook allow everything without asking).
+async fn probe(endpoint: &Endpoint, target: Target, shim: ShimKind) -> anyhow::Result<()> {
+    let mut sender = endpoint.connect().await?;
+    let (refused, expected, capability) = match target {
+        Target::ServiceLbValidator => (true, "\"allowed\":false", "LoadBalancerValidation"),
+        Target::PvLabeler => (false, "\"patchType\":\"JSONPatch\"", "VolumeLabels"),
+    };
+    let body = ReviewBody::new(target, shim, refused)?.with_uid("probe");
+    let answer = endpoint
+        .answer(&mut sender, body)
+        .await
+        .map_err(|e| anyhow::anyhow!("the probe review failed: {e}"))?;
+    anyhow::ensure!(
+        answer.contains(expected),
+        "the {shim:?} shim is not on the path of /{}: the probe review's answer lacks {expected} (does the shim serve {capability}?): {answer}",
+        target.name()
+    );
+    Ok(())
+}
+
+/// The `local` shim's inventory: the machine the bench's volume lives on.
+fn local_inventory() -> String {
+    format!(
+        "region: bench-region\nmachines:\n  - name: {LOCAL_MACHINE}\n    instanceID: m-bench\n    instanceType: local.small\n    zone: bench-zone\n    addresses:\n      - {{type: InternalIP, address: 127.0.0.1}}\n"
+    )
+}
+
 /// Waits until the webhook answers `/readyz` (which asks the shim) with 200.
 async fn wait_ready(
     connector: &tokio_rustls::TlsConnector,
@@ -778,6 +900,16 @@ pub async fn fake_shim(args: FakeShimArgs) -> anyhow::Result<()> {
         .into_iter()
         .map(|(k, v)| (k.to_string(), v.to_string()))
         .collect(),
+    );
+    fake.lb_validation.insert(
+        format!("default/{REFUSED_SERVICE}"),
+        fake_provider::proto::ValidateLoadBalancerResponse {
+            violations: vec![fake_provider::proto::Violation {
+                field: "service.spec.ports[0].protocol".into(),
+                message: "SCTP is not served".into(),
+            }],
+            ..Default::default()
+        },
     );
     let served = fake.serve_with(args.serve).await?;
     let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
@@ -939,12 +1071,34 @@ mod tests {
     #[test]
     fn review_body_carries_each_uid_in_a_v1_review() {
         for target in [Target::ServiceLbValidator, Target::PvLabeler] {
-            let body = ReviewBody::new(target).unwrap().with_uid("step1-42");
-            let review: serde_json::Value = serde_json::from_slice(&body).unwrap();
-            assert_eq!(review["apiVersion"], "admission.k8s.io/v1");
-            assert_eq!(review["request"]["uid"], "step1-42");
-            assert_eq!(review["request"]["operation"], "CREATE");
+            for shim in [ShimKind::Fake, ShimKind::Local] {
+                let body = ReviewBody::new(target, shim, false)
+                    .unwrap()
+                    .with_uid("step1-42");
+                let review: serde_json::Value = serde_json::from_slice(&body).unwrap();
+                assert_eq!(review["apiVersion"], "admission.k8s.io/v1");
+                assert_eq!(review["request"]["uid"], "step1-42");
+                assert_eq!(review["request"]["operation"], "CREATE");
+            }
         }
+    }
+
+    #[test]
+    fn probe_service_has_an_sctp_port_and_volumes_a_source_per_shim() {
+        let refused = Target::ServiceLbValidator.request(ShimKind::Local, true);
+        assert_eq!(refused["object"]["metadata"]["name"], REFUSED_SERVICE);
+        assert_eq!(refused["object"]["spec"]["ports"][0]["protocol"], "SCTP");
+        let local = Target::PvLabeler.request(ShimKind::Local, false);
+        assert_eq!(
+            local["object"]["spec"]["csi"]["driver"], LOCAL_CSI_DRIVER,
+            "{local}"
+        );
+        assert_eq!(local["object"]["spec"]["capacity"]["storage"], "10Gi");
+        let fake = Target::PvLabeler.request(ShimKind::Fake, false);
+        assert!(
+            fake["object"]["spec"]["gcePersistentDisk"].is_object(),
+            "{fake}"
+        );
     }
 
     #[test]
