@@ -643,8 +643,8 @@ pub async fn admission(args: &AdmissionArgs) -> anyhow::Result<AdmissionReport> 
     test_pki::write_atomic(&key, serving.key_pem.as_bytes(), true)?;
 
     progress(format_args!(
-        "starting the {:?} shim (mTLS on 127.0.0.1:{shim_port}) and {WEBHOOK_BINARY}",
-        args.shim
+        "starting {} (127.0.0.1:{shim_port}) and {WEBHOOK_BINARY}",
+        args.shim.describe()
     ));
     let env = [("RUST_LOG", args.log_level.as_str()), ("NO_COLOR", "1")];
     let mut shim_args = mtls.shim_args(shim_port);
