@@ -4,8 +4,10 @@
 //! `bench node-init --nodes N` starts the control plane, registers N tainted Nodes, runs the
 //! `local` shim and the controller-manager, and reports how long initialising every Node took,
 //! the CPU time and peak RSS of both processes and the API requests per Node, next to the time
-//! the API server alone needs for the same writes. See `tests/bench/README.md`.
+//! the API server alone needs for the same writes. `bench admission` sends AdmissionReviews to
+//! the webhook server at a fixed rate. See `tests/bench/README.md`.
 
+mod admission;
 mod lb;
 mod metrics;
 mod nodes;
@@ -37,6 +39,53 @@ enum Command {
     /// Time pod CIDRs allocated by the node-ipam controller and routes created by the route
     /// controller and the `local` shim in a network namespace's routing table.
     Routes(RoutesArgs),
+    /// Send AdmissionReviews over TLS at a fixed rate to the webhook server, with a provider
+    /// shim behind it; report latency quantiles, CPU and RSS.
+    Admission(AdmissionArgs),
+    /// Serve the fake provider over mutual TLS (the shim of `bench admission`).
+    #[command(hide = true)]
+    FakeShim(FakeShimArgs),
+}
+
+/// Flags of `bench admission`.
+#[derive(Debug, Clone, Args)]
+pub struct AdmissionArgs {
+    /// Requests per second (the first rate with --find-max).
+    #[arg(long, default_value_t = 500.0)]
+    pub rate: f64,
+    /// Seconds each rate is held.
+    #[arg(long, default_value_t = 10)]
+    pub duration_secs: u64,
+    /// Keep-alive HTTP/1.1 connections the requests are spread over.
+    #[arg(long, default_value_t = 16)]
+    pub connections: usize,
+    /// The webhook the reviews go to.
+    #[arg(long, value_enum, default_value = "service-lb-validator")]
+    pub webhook: admission::Target,
+    /// The provider shim behind the webhook: `fake` (the fake provider) or `local` (the
+    /// `local-shim` binary; needs a build whose shim serves LoadBalancerValidation).
+    #[arg(long, value_enum, default_value = "fake")]
+    pub shim: admission::ShimKind,
+    /// Step the rate up until p99 reaches 10 ms; report the highest rate under it.
+    #[arg(long)]
+    pub find_max: bool,
+    /// `RUST_LOG` of the webhook and the shim.
+    #[arg(long, default_value = "info")]
+    pub log_level: String,
+    /// Copy the logs of the webhook and the shim into this directory.
+    #[arg(long)]
+    pub keep_logs: Option<std::path::PathBuf>,
+    /// Print the report as JSON instead of text.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// Flags of `bench fake-shim`: the shim framework's serving flags.
+#[derive(Debug, Clone, Args)]
+pub struct FakeShimArgs {
+    /// Where and how the fake serves.
+    #[command(flatten)]
+    pub serve: fake_provider::ServeFlags,
 }
 
 /// Flags of `bench routes`.
@@ -154,6 +203,16 @@ fn main() -> std::process::ExitCode {
                 }
                 anyhow::Ok(())
             }
+            Command::Admission(args) => {
+                let report = admission::admission(&args).await?;
+                if args.json {
+                    println!("{}", serde_json::to_string_pretty(&report)?);
+                } else {
+                    print!("{}", admission::render_text(&report));
+                }
+                anyhow::Ok(())
+            }
+            Command::FakeShim(args) => admission::fake_shim(args).await,
             Command::Lb(args) => {
                 let report = lb::lb(&args).await?;
                 if args.run.json {
