@@ -62,9 +62,9 @@ pub struct AdmissionArgs {
     /// The webhook the reviews go to.
     #[arg(long, value_enum, default_value = "service-lb-validator")]
     pub webhook: admission::Target,
-    /// The provider shim behind the webhook: `fake` (the fake provider) or `local` (the
-    /// `local-shim` binary; needs a build whose shim serves LoadBalancerValidation).
-    #[arg(long, value_enum, default_value = "fake")]
+    /// The provider shim behind the webhook: `local` (the `local-shim` binary) or `fake` (the
+    /// fake provider, served by this binary).
+    #[arg(long, value_enum, default_value = "local")]
     pub shim: admission::ShimKind,
     /// Step the rate up until p99 reaches 10 ms; report the highest rate under it.
     #[arg(long)]
