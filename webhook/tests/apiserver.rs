@@ -271,5 +271,63 @@ async fn api_server_stores_the_labels_and_affinity_of_the_patch() {
         .await
         .unwrap();
     assert!(plain.spec.unwrap().node_affinity.is_none());
+
+    // Every other source the labeler asks about is stored labelled; sources it does not model
+    // are stored as sent, and the provider is not asked about them.
+    let sources = [
+        (
+            "gce",
+            json!({"gcePersistentDisk": {"pdName": "pd-1"}}),
+            true,
+        ),
+        (
+            "azure",
+            json!({"azureDisk": {"diskName": "d-1", "kind": "Managed",
+                "diskURI": "/subscriptions/s/resourceGroups/rg/providers/Microsoft.Compute/disks/d-1"}}),
+            true,
+        ),
+        ("cinder", json!({"cinder": {"volumeID": "c-1"}}), true),
+        (
+            "hostpath",
+            json!({"hostPath": {"path": "/var/lib/data"}}),
+            false,
+        ),
+        (
+            "nfs",
+            json!({"nfs": {"server": "nfs.example", "path": "/export"}}),
+            false,
+        ),
+    ];
+    for (kind, source, labelled) in sources {
+        let name = format!("{test}-{kind}");
+        h.fake().update(|f| {
+            f.volume_labels.insert(name.clone(), labels.clone());
+        });
+        let mut pv = json!({
+            "metadata": {"name": name, "labels": {SELECTOR_LABEL: test}},
+            "spec": {"capacity": {"storage": "1Gi"}, "accessModes": ["ReadWriteOnce"]}
+        });
+        for (key, value) in source.as_object().unwrap() {
+            pv["spec"][key] = value.clone();
+        }
+        let pv: PersistentVolume = serde_json::from_value(pv).unwrap();
+        let stored = pvs.create(&PostParams::default(), &pv).await.unwrap();
+        let got = stored.metadata.labels.clone().unwrap_or_default();
+        assert_eq!(
+            got.get(ZONE).map(String::as_str),
+            labelled.then_some("z-b__z-a"),
+            "{kind}: stored labels {got:?}"
+        );
+        assert_eq!(
+            stored.spec.unwrap().node_affinity.is_some(),
+            labelled,
+            "{kind}: node affinity"
+        );
+        let asked =
+            h.fake().state().calls.iter().any(|c| {
+                c.method == fake_provider::call::GET_LABELS_FOR_VOLUME && c.subject == name
+            });
+        assert_eq!(asked, labelled, "{kind}: was the provider asked?");
+    }
     reg.remove().await;
 }
