@@ -8,7 +8,7 @@ cd "$(dirname "$0")/.."
 # already holds both binaries.
 KUBEBUILDER_ASSETS=$(bash tests/control-plane/provision.sh | tail -n1)
 export KUBEBUILDER_ASSETS
-# The end-to-end suites spawn these two binaries; build them first (`cargo test` builds only the
+# The end-to-end suites spawn these binaries; build them first (`cargo test` builds only the
 # binaries of the package under test).
-cargo build --locked -p cloud-controller-manager -p local-shim
+cargo build --locked -p cloud-controller-manager -p local-shim -p cloud-provider-webhook
 cargo test --workspace --locked -- --test-threads=2

@@ -12,7 +12,7 @@ use tokio::time::Instant;
 use crate::lb_validator::{LbCheck, lb_check, lb_verdict};
 use crate::options::{FailurePolicy, Webhook};
 use crate::provider::{Shim, has_capability};
-use crate::pv_labeler::{LabelSource, label_patch, label_source, query_error};
+use crate::pv_labeler::{LabelSource, label_patch, label_source, query_error, shim_is_asked};
 use crate::review::{AdmissionRequest, BadReview, Verdict};
 
 /// Everything a review needs besides the request.
@@ -74,6 +74,10 @@ impl Admitter {
             LabelSource::Unlabelled => return Ok(Verdict::allow()),
             LabelSource::Trusted(labels) => labels,
             LabelSource::Provider { .. } if !has_capability(&info, Capability::VolumeLabels) => {
+                return Ok(Verdict::allow());
+            }
+            // A CSI volume of a driver the shim does not declare is not the shim's to label.
+            LabelSource::Provider { volume, .. } if !shim_is_asked(&volume, &info.csi_drivers) => {
                 return Ok(Verdict::allow());
             }
             LabelSource::Provider { volume, subject } => {

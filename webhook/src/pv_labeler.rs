@@ -167,6 +167,18 @@ pub fn label_source(pv: &PersistentVolume, raw_json: Option<Vec<u8>>) -> LabelSo
     }
 }
 
+/// Whether the shim declaring `csi_drivers` (`ProviderInfo.csi_drivers`) is asked about
+/// `volume`: an in-tree cloud disk always (the shim's answer decides, as upstream), a CSI volume
+/// only when its driver is declared. Another driver's volume is not the provider's, so it is
+/// admitted unchanged without a call, and a down shim cannot block it under policy `Fail`.
+pub fn shim_is_asked(volume: &pb::PersistentVolume, csi_drivers: &[String]) -> bool {
+    match &volume.source {
+        Some(pb::persistent_volume::Source::Csi(csi)) => csi_drivers.contains(&csi.driver),
+        Some(_) => true,
+        None => false,
+    }
+}
+
 /// The message of a denial for a provider failure, as upstream words it.
 pub fn query_error(subject: &str, error: &dyn std::fmt::Display) -> String {
     format!("error querying {subject}: {error}")
@@ -626,6 +638,36 @@ mod tests {
             volume.source,
             Some(pb::persistent_volume::Source::Csi(ref c)) if c.driver == "disk.example.com"
         ));
+    }
+
+    fn provider_volume(spec: Value) -> pb::PersistentVolume {
+        let typed: PersistentVolume = serde_json::from_value(pv("v", spec)).unwrap();
+        match label_source(&typed, None) {
+            LabelSource::Provider { volume, .. } => *volume,
+            other => panic!("expected a volume to ask about, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn csi_volume_of_a_declared_driver_is_asked_about() {
+        let volume = provider_volume(json!({"csi": {"driver": "local.csi", "volumeHandle": "v"}}));
+        let declared = ["other.csi".to_string(), "local.csi".to_string()];
+        assert!(shim_is_asked(&volume, &declared));
+    }
+
+    #[test]
+    fn csi_volume_of_another_driver_is_not_asked_about() {
+        let volume = provider_volume(json!({"csi": {"driver": "nfs.csi", "volumeHandle": "v"}}));
+        assert!(!shim_is_asked(&volume, &["local.csi".to_string()]));
+        // No declared driver (or a shim older than the field): no CSI volume is the shim's.
+        assert!(!shim_is_asked(&volume, &[]));
+    }
+
+    #[test]
+    fn in_tree_volume_is_asked_about_whatever_drivers_are_declared() {
+        let volume = provider_volume(json!({"awsElasticBlockStore": {"volumeID": "vol-1"}}));
+        assert!(shim_is_asked(&volume, &[]));
+        assert!(shim_is_asked(&volume, &["local.csi".to_string()]));
     }
 
     #[test]

@@ -154,6 +154,15 @@ pub async fn bind(
     )
     .map_err(WebhookError::ServingTls)?;
     let shim = Shim::new(&options.provider_endpoint()?, options.tls_reload_interval)?;
+    // Read the shim's self-description (its capabilities and CSI drivers) now, so that volumes
+    // of other CSI drivers are admitted even if the shim goes down before the first review;
+    // each readiness probe reads it again. A shim not up yet is not an error here.
+    let first_read = shim.clone();
+    tokio::spawn(async move {
+        if let Err(err) = first_read.refresh_info(READY_TIMEOUT).await {
+            tracing::info!(%err, "provider shim not reachable at start-up; asking again on use");
+        }
+    });
     let mut registry = Registry::default();
     let metrics = Metrics::register(&mut registry);
     let app = Arc::new(App {

@@ -15,27 +15,24 @@ use std::time::Duration;
 
 use common::Harness;
 use fake_provider::{CpiError, FakeCloud, proto as pb};
-use k8s_openapi::ByteString;
 use k8s_openapi::api::admissionregistration::v1::{
     MutatingWebhookConfiguration, ValidatingWebhookConfiguration,
 };
 use k8s_openapi::api::core::v1::{PersistentVolume, Service};
 use kube::api::{DeleteParams, PostParams};
 use kube::{Api, Client};
-use serde_json::{Value, json};
+use serde_json::json;
 use test_control_plane::{ControlPlane, unique_name};
+use test_support::{WEBHOOK_TEST_LABEL, WebhookRegistration, wait_refused};
 
 const ZONE: &str = "topology.kubernetes.io/zone";
 const REGION: &str = "topology.kubernetes.io/region";
-/// Objects carrying this label (with the test's own value) are sent to the test's webhooks, so
-/// that other tests sharing the API server never meet them.
-const SELECTOR_LABEL: &str = "webhook-test";
 /// How long the API server may take to start calling a new webhook configuration.
 const REGISTRATION: Duration = Duration::from_secs(30);
 
 fn ebs_pv(name: &str, test: &str, volume_id: &str) -> PersistentVolume {
     serde_json::from_value(json!({
-        "metadata": {"name": name, "labels": {SELECTOR_LABEL: test}},
+        "metadata": {"name": name, "labels": {WEBHOOK_TEST_LABEL: test}},
         "spec": {"capacity": {"storage": "1Gi"}, "accessModes": ["ReadWriteOnce"],
                  "awsElasticBlockStore": {"volumeID": volume_id}}
     }))
@@ -44,7 +41,7 @@ fn ebs_pv(name: &str, test: &str, volume_id: &str) -> PersistentVolume {
 
 fn lb_service(name: &str, test: &str, pool: &str) -> Service {
     serde_json::from_value(json!({
-        "metadata": {"name": name, "labels": {SELECTOR_LABEL: test},
+        "metadata": {"name": name, "labels": {WEBHOOK_TEST_LABEL: test},
                      "annotations": {"example.com/pool": pool}},
         "spec": {"type": "LoadBalancer", "ports": [{"port": 80}]}
     }))
@@ -60,43 +57,13 @@ struct Registered {
 impl Registered {
     async fn new(client: Client, h: &Harness) -> Registered {
         let test = unique_name("wh");
-        let entry = |name: &str, path: &str, rule: Value| {
-            json!({
-                "name": name,
-                "clientConfig": {
-                    "url": format!("https://127.0.0.1:{}{path}", h.addr.port()),
-                    "caBundle": ByteString(h.ca_pem.clone().into_bytes()),
-                },
-                "rules": [rule],
-                "admissionReviewVersions": ["v1", "v1beta1"],
-                "sideEffects": "None",
-                "failurePolicy": "Fail",
-                "timeoutSeconds": 10,
-                "objectSelector": {"matchLabels": {SELECTOR_LABEL: &test}},
-            })
-        };
-        let mutating: MutatingWebhookConfiguration = serde_json::from_value(json!({
-            "metadata": {"name": format!("{test}-pv")},
-            "webhooks": [entry("pv-labeler.test.example.com", "/pv-labeler", json!({
-                "apiGroups": [""], "apiVersions": ["v1"], "operations": ["CREATE"],
-                "resources": ["persistentvolumes"], "scope": "*"
-            }))]
-        }))
-        .unwrap();
-        let validating: ValidatingWebhookConfiguration = serde_json::from_value(json!({
-            "metadata": {"name": format!("{test}-svc")},
-            "webhooks": [entry("service-lb-validator.test.example.com", "/service-lb-validator", json!({
-                "apiGroups": [""], "apiVersions": ["v1"], "operations": ["CREATE", "UPDATE"],
-                "resources": ["services"], "scope": "Namespaced"
-            }))]
-        }))
-        .unwrap();
+        let registration = WebhookRegistration::new(&test, h.addr.port(), &h.ca_pem);
         Api::<MutatingWebhookConfiguration>::all(client.clone())
-            .create(&PostParams::default(), &mutating)
+            .create(&PostParams::default(), &registration.mutating)
             .await
             .unwrap();
         Api::<ValidatingWebhookConfiguration>::all(client.clone())
-            .create(&PostParams::default(), &validating)
+            .create(&PostParams::default(), &registration.validating)
             .await
             .unwrap();
         Registered { client, test }
@@ -154,25 +121,16 @@ async fn api_server_refuses_with_the_reasons_the_webhooks_give() {
             );
         }
     });
-    let mut attempt = 0;
-    let err = test_support::wait_for(
+    let err = wait_refused(
         "the API server to call service-lb-validator",
         REGISTRATION,
-        || {
-            attempt += 1;
-            let (services, name, test) = (
-                services.clone(),
-                format!("{test}-bad-{attempt}"),
-                test.clone(),
-            );
+        |attempt| {
+            let name = format!("{test}-bad-{attempt}");
+            let svc = lb_service(&name, &test, "nope");
+            let services = services.clone();
             async move {
-                match services
-                    .create(&PostParams::default(), &lb_service(&name, &test, "nope"))
-                    .await
-                {
-                    Ok(_) => Err(format!("{name} was stored")),
-                    Err(err) => Ok(err.to_string()),
-                }
+                services.create(&PostParams::default(), &svc).await?;
+                Ok::<_, kube::Error>(name)
             }
         },
     )

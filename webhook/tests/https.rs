@@ -183,6 +183,68 @@ async fn stopped_shim_answers_by_each_webhooks_policy_and_readyz_fails() {
     );
 }
 
+/// A CSI PersistentVolume of `driver`.
+fn csi_pv(name: &str, driver: &str) -> serde_json::Value {
+    json!({
+        "apiVersion": "v1", "kind": "PersistentVolume",
+        "metadata": {"name": name},
+        "spec": {"capacity": {"storage": "1Gi"}, "accessModes": ["ReadWriteOnce"],
+                 "csi": {"driver": driver, "volumeHandle": "vol-1"}}
+    })
+}
+
+#[tokio::test]
+async fn csi_volumes_are_asked_about_only_for_the_declared_drivers() {
+    let mut fake = labelling_fake();
+    fake.csi_drivers = vec!["local.csi".to_string()];
+    let mut h = Harness::start(fake, &[]).await;
+    // The webhook reads the drivers at start-up; readiness reads them again.
+    assert_eq!(h.get("/readyz").await.status, 200);
+
+    let response = h.pv_response("v1", "u1", csi_pv("pv-1", "local.csi")).await;
+    assert_eq!(response["allowed"], true);
+    assert_eq!(patch_of(&response)[0]["path"], "/metadata/labels");
+    let response = h.pv_response("v1", "u2", csi_pv("pv-1", "nfs.csi")).await;
+    assert_eq!(response["allowed"], true);
+    assert!(response.get("patch").is_none(), "{response}");
+    let asked: Vec<_> = h
+        .fake()
+        .state()
+        .volumes_asked
+        .iter()
+        .map(|v| match &v.source {
+            Some(pb::persistent_volume::Source::Csi(csi)) => csi.driver.clone(),
+            other => panic!("{other:?}"),
+        })
+        .collect();
+    assert_eq!(
+        asked,
+        ["local.csi"],
+        "the other driver's volume was not asked about"
+    );
+
+    // With the shim DOWN and policy Fail, a volume of another driver is still admitted (and
+    // counted as allowed); the declared driver's volume is refused, saying why.
+    h.stop_shim().await;
+    let response = h.pv_response("v1", "u3", csi_pv("pv-2", "nfs.csi")).await;
+    assert_eq!(response["allowed"], true, "{response}");
+    assert!(response.get("warnings").is_none(), "{response}");
+    let response = h.pv_response("v1", "u4", csi_pv("pv-3", "local.csi")).await;
+    assert_eq!(response["allowed"], false);
+    let message = response["status"]["message"].as_str().unwrap();
+    assert!(
+        message.contains("error querying CSI volume local.csi/vol-1"),
+        "{message}"
+    );
+    let metrics = h.get("/metrics").await.body;
+    assert!(
+        metrics.contains(
+            r#"cloud_provider_webhook_decisions_total{webhook="pv-labeler",decision="allowed"} 2"#
+        ),
+        "{metrics}"
+    );
+}
+
 #[tokio::test]
 async fn slow_shim_is_answered_within_the_deadline_by_the_policy() {
     let mut fake = labelling_fake();

@@ -15,6 +15,8 @@ pub struct ProviderDescription {
     pub shim_version: String,
     /// Whether callers should send the raw JSON of every object.
     pub wants_raw_objects: bool,
+    /// CSI drivers whose volumes this shim labels (`ProviderInfo.csi_drivers`).
+    pub csi_drivers: Vec<String>,
 }
 
 impl ProviderDescription {
@@ -26,6 +28,7 @@ impl ProviderDescription {
             provider_id_prefixes: Vec::new(),
             shim_version: shim_version.into(),
             wants_raw_objects: false,
+            csi_drivers: Vec::new(),
         }
     }
 
@@ -44,6 +47,12 @@ impl ProviderDescription {
     /// Sets `wants_raw_objects`.
     pub fn with_raw_objects(mut self, wants_raw_objects: bool) -> Self {
         self.wants_raw_objects = wants_raw_objects;
+        self
+    }
+
+    /// Replaces the CSI drivers whose volumes this shim labels.
+    pub fn with_csi_drivers(mut self, drivers: Vec<String>) -> Self {
+        self.csi_drivers = drivers;
         self
     }
 

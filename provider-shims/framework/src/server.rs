@@ -131,6 +131,7 @@ impl ShimServerBuilder {
             provider_id_prefixes: self.description.owned_prefixes(),
             shim_version: self.description.shim_version.clone(),
             wants_raw_objects: self.description.wants_raw_objects,
+            csi_drivers: self.description.csi_drivers.clone(),
             // Answered from the fence guard: `--fence-lease` is applied when serving starts.
             fence_lease: String::new(),
         };

@@ -155,7 +155,10 @@ impl LocalShim {
         let load_balancer = LocalLoadBalancer::new(store.clone(), &flags.lb)?;
         let routes = LocalRoutes::new(store.clone(), &flags.routes)?;
         let provider = LocalProvider::new(inventory.clone(), own_zone);
-        let mut builder = ShimServer::builder(instances::description())
+        // The declared driver tells the webhook which CSI volumes are this shim's to label.
+        let description = instances::description()
+            .with_csi_drivers(flags.volumes.csi_driver_name.iter().cloned().collect());
+        let mut builder = ShimServer::builder(description)
             .instances_v2(provider.clone())
             .instances(provider.clone())
             .zones(provider)

@@ -196,6 +196,7 @@ async fn validate_load_balancer_over_mtls_survives_a_restart() {
             .contains(&(pb::Capability::VolumeLabels as i32)),
         "no --csi-driver-name: nothing to label"
     );
+    assert!(info.csi_drivers.is_empty(), "{:?}", info.csi_drivers);
     assert_cases(&first.channel, "first run").await;
     first.process.kill();
     drop(first);
@@ -247,6 +248,8 @@ async fn volume_labels_over_mtls_for_the_declared_csi_driver() {
         info.capabilities
             .contains(&(pb::Capability::VolumeLabels as i32))
     );
+    // Declared, so the webhook asks about this driver's volumes only.
+    assert_eq!(info.csi_drivers, vec![DRIVER.to_string()]);
     // The example inventory: node-a is in zone-a of region local-1.
     assert_eq!(
         labels(&shim.channel, csi(DRIVER, "node-a")).await.unwrap(),

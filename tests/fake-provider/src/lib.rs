@@ -63,8 +63,8 @@
 //!
 //! Capabilities follow the toggles (`instances_v2_enabled`, `instances_disabled`,
 //! `zones_disabled`, `load_balancers_disabled`, `routes_disabled`, `volume_labels_enabled`,
-//! `lb_validation_enabled`) at the time [`FakeCloud::serve`] is called; every other field may be
-//! changed while serving through [`ServedFake::update`].
+//! `lb_validation_enabled`, `csi_drivers`) at the time [`FakeCloud::serve`] is called; every
+//! other field may be changed while serving through [`ServedFake::update`].
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
@@ -326,6 +326,8 @@ pub struct FakeCloud {
     pub volume_labels_enabled: bool,
     /// GetLabelsForVolume answers by PV name (upstream `VolumeLabelMap`).
     pub volume_labels: HashMap<String, HashMap<String, String>>,
+    /// CSI drivers declared in `ProviderInfo.csi_drivers` (read when serving starts).
+    pub csi_drivers: Vec<String>,
     /// GetLabelsForVolume's error.
     pub volume_labels_err: Option<CpiError>,
     /// Every volume GetLabelsForVolume was asked about, in order.
@@ -389,6 +391,7 @@ impl Default for FakeCloud {
             list_routes_page_errs: HashMap::new(),
             repeat_page_token: false,
             volume_labels_enabled: false,
+            csi_drivers: Vec::new(),
             volume_labels: HashMap::new(),
             volume_labels_err: None,
             volumes_asked: Vec::new(),
@@ -570,7 +573,8 @@ impl FakeCloud {
     pub async fn serve_with(self, mut flags: ServeFlags) -> Result<ServedFake, FakeError> {
         let description = ProviderDescription::new(self.provider_name(), env!("CARGO_PKG_VERSION"))
             .with_cluster_id(true)
-            .with_provider_id_prefixes(self.provider_id_prefixes.clone());
+            .with_provider_id_prefixes(self.provider_id_prefixes.clone())
+            .with_csi_drivers(self.csi_drivers.clone());
         let (v2, instances, zones, load_balancers, routes, volume_labels, lb_validation) = (
             self.instances_v2_enabled,
             !self.instances_disabled,

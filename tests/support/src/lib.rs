@@ -7,6 +7,7 @@
 //! * [`https_get`] — one GET to an HTTPS port, verified against a test CA;
 //! * [`temp_dir`] — temp directories, on tmpfs where that matters;
 //! * [`Netns`] — a network namespace for one test, removed afterwards;
+//! * [`WebhookRegistration`] — the admission webhooks registered with a test API server;
 //! * [`workspace_binary`], [`free_port`], [`ShimMtls`], [`kubelet_registered_node`] and
 //!   [`initialised`] — running the `local` shim and the controller-manager against a control
 //!   plane, for the end-to-end suites, `bench` and `local-cluster`.
@@ -25,6 +26,7 @@ mod process;
 mod service;
 mod temp;
 mod wait;
+mod webhook;
 
 pub use error::Error;
 pub use https::{HttpsError, https_get, tls_connect, tls_connector};
@@ -35,6 +37,7 @@ pub use process::{Process, ProcessBuilder, last_lines, process_alive, workspace_
 pub use service::{KUBE_PROXY_HEALTH_PORT, load_balancer_service, serve_http};
 pub use temp::{Location, temp_dir};
 pub use wait::{DEFAULT_INTERVAL, Wait, WaitError, wait_for};
+pub use webhook::{WEBHOOK_TEST_LABEL, WebhookRegistration, wait_refused};
 
 /// A free loopback TCP port (it may be taken again before it is used).
 pub fn free_port() -> std::io::Result<u16> {
