@@ -262,7 +262,7 @@ async fn api_server_stores_the_labels_and_affinity_of_the_patch() {
             f.volume_labels.insert(name.clone(), labels.clone());
         });
         let mut pv = json!({
-            "metadata": {"name": name, "labels": {SELECTOR_LABEL: test}},
+            "metadata": {"name": name, "labels": {WEBHOOK_TEST_LABEL: test}},
             "spec": {"capacity": {"storage": "1Gi"}, "accessModes": ["ReadWriteOnce"]}
         });
         for (key, value) in source.as_object().unwrap() {
