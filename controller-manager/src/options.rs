@@ -6,7 +6,9 @@ use std::net::IpAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use crate::cloud::{ConnectSettings, EndpointError, EndpointTls, ProviderEndpoint};
+use cpi_transport::ProviderFlags;
+
+use crate::cloud::{ConnectSettings, EndpointError, ProviderEndpoint};
 use crate::cluster_cidrs::{ClusterCidrError, ClusterCidrs};
 use crate::flags::{FeatureGates, FlagError, parse_duration, parse_feature_gates};
 
@@ -102,22 +104,9 @@ pub struct GenericOptions {
     /// else needs a bearer token allowed by a SubjectAccessReview (as upstream).
     #[arg(long, value_delimiter = ',', default_value = "/healthz,/readyz,/livez")]
     pub authorization_always_allow_paths: Vec<String>,
-    /// Where the provider shim listens: `https://HOST:PORT` (mutual TLS) or `unix:///PATH`
-    /// (plaintext, sidecar deployments only).
-    #[arg(long)]
-    pub provider_endpoint: String,
-    /// Client certificate presented to the shim.
-    #[arg(long)]
-    pub provider_tls_cert_file: Option<PathBuf>,
-    /// Private key of --provider-tls-cert-file.
-    #[arg(long)]
-    pub provider_tls_private_key_file: Option<PathBuf>,
-    /// CA bundle the shim's serving certificate must chain to.
-    #[arg(long)]
-    pub provider_ca_file: Option<PathBuf>,
-    /// Name expected in the shim's certificate; defaults to the endpoint's host.
-    #[arg(long)]
-    pub provider_server_name: Option<String>,
+    /// Where the provider shim listens and its TLS files (shared with the webhook).
+    #[command(flatten)]
+    pub provider: ProviderFlags,
     /// Deadline of every call to the shim.
     #[arg(long, default_value = "30s", value_parser = parse_duration)]
     pub provider_timeout: Duration,
@@ -200,15 +189,7 @@ impl GenericOptions {
 
     /// The shim endpoint, checked: TLS endpoints need all three TLS files.
     pub fn provider_endpoint(&self) -> Result<ProviderEndpoint, EndpointError> {
-        ProviderEndpoint::parse(
-            &self.provider_endpoint,
-            &EndpointTls {
-                cert: self.provider_tls_cert_file.clone(),
-                key: self.provider_tls_private_key_file.clone(),
-                ca: self.provider_ca_file.clone(),
-                server_name: self.provider_server_name.clone(),
-            },
-        )
+        self.provider.endpoint()
     }
 
     /// How the shim is reached.

@@ -93,3 +93,98 @@ pub mod provider_id {
         }
     }
 }
+
+/// CPI views of Kubernetes objects, shared by every caller that builds them (the
+/// controller-manager from its caches, the webhook from objects under admission).
+#[cfg(feature = "k8s")]
+pub mod k8s_view {
+    use k8s_openapi::api::core::v1::{ServicePort, ServiceSpec};
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, Time};
+    use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+
+    use crate::v1;
+
+    /// The CPI view of object metadata.
+    pub fn object_meta(m: &ObjectMeta) -> v1::ObjectMeta {
+        v1::ObjectMeta {
+            name: m.name.clone().unwrap_or_default(),
+            namespace: m.namespace.clone().unwrap_or_default(),
+            uid: m.uid.clone().unwrap_or_default(),
+            resource_version: m.resource_version.clone().unwrap_or_default(),
+            generation: m.generation.unwrap_or_default(),
+            creation_timestamp: m.creation_timestamp.as_ref().map(timestamp),
+            deletion_timestamp: m.deletion_timestamp.as_ref().map(timestamp),
+            labels: m.labels.clone().unwrap_or_default().into_iter().collect(),
+            annotations: m
+                .annotations
+                .clone()
+                .unwrap_or_default()
+                .into_iter()
+                .collect(),
+            finalizers: m.finalizers.clone().unwrap_or_default(),
+        }
+    }
+
+    /// A Kubernetes timestamp as a protobuf one.
+    pub fn timestamp(time: &Time) -> prost_types::Timestamp {
+        let t = time.0;
+        prost_types::Timestamp {
+            seconds: t.as_second(),
+            nanos: t.subsec_nanosecond(),
+        }
+    }
+
+    /// The CPI view of a Service's spec; the caller adds metadata, status and the raw object.
+    pub fn service_spec(spec: &ServiceSpec) -> v1::Service {
+        v1::Service {
+            r#type: spec.type_.clone().unwrap_or_default(),
+            ports: spec
+                .ports
+                .as_deref()
+                .unwrap_or_default()
+                .iter()
+                .map(service_port)
+                .collect(),
+            cluster_ips: spec.cluster_ips.clone().unwrap_or_default(),
+            external_ips: spec.external_ips.clone().unwrap_or_default(),
+            load_balancer_ip: spec.load_balancer_ip.clone(),
+            load_balancer_source_ranges: spec
+                .load_balancer_source_ranges
+                .clone()
+                .unwrap_or_default(),
+            load_balancer_class: spec.load_balancer_class.clone(),
+            external_traffic_policy: spec.external_traffic_policy.clone(),
+            internal_traffic_policy: spec.internal_traffic_policy.clone(),
+            health_check_node_port: spec.health_check_node_port,
+            session_affinity: spec.session_affinity.clone().unwrap_or_default(),
+            session_affinity_timeout_seconds: spec
+                .session_affinity_config
+                .as_ref()
+                .and_then(|c| c.client_ip.as_ref())
+                .and_then(|c| c.timeout_seconds),
+            ip_families: spec.ip_families.clone().unwrap_or_default(),
+            ip_family_policy: spec.ip_family_policy.clone(),
+            allocate_load_balancer_node_ports: spec.allocate_load_balancer_node_ports,
+            ..v1::Service::default()
+        }
+    }
+
+    /// The CPI view of one Service port; a port without a protocol is TCP (the API server's
+    /// default).
+    pub fn service_port(p: &ServicePort) -> v1::ServicePort {
+        let (target_port_number, target_port_name) = match &p.target_port {
+            Some(IntOrString::Int(n)) => (Some(*n), None),
+            Some(IntOrString::String(s)) => (None, Some(s.clone())),
+            None => (None, None),
+        };
+        v1::ServicePort {
+            name: p.name.clone().unwrap_or_default(),
+            protocol: p.protocol.clone().unwrap_or_else(|| "TCP".to_string()),
+            port: p.port,
+            target_port_number,
+            target_port_name,
+            node_port: p.node_port,
+            app_protocol: p.app_protocol.clone(),
+        }
+    }
+}

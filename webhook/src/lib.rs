@@ -20,8 +20,6 @@ pub mod review;
 mod server;
 mod view;
 
-pub use options::{
-    FailurePolicy, Options, OptionsError, ProviderEndpoint, Webhook, enabled_webhooks,
-};
+pub use options::{FailurePolicy, Options, OptionsError, Webhook, enabled_webhooks};
 pub use provider::{ClientError, Shim, ShimError};
 pub use server::{Bound, WebhookError, bind, run};

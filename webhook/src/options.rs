@@ -7,6 +7,8 @@ use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::time::Duration;
 
+use cpi_transport::{EndpointError, ProviderEndpoint, ProviderFlags};
+
 /// The webhooks this server knows, by name.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum Webhook {
@@ -64,7 +66,7 @@ pub enum OptionsError {
     NoWebhook,
     /// `--provider-endpoint` cannot be used.
     #[error("--provider-endpoint: {0}")]
-    Endpoint(String),
+    Endpoint(#[from] EndpointError),
     /// A duration is out of range.
     #[error("{flag}: {message}")]
     Invalid {
@@ -120,22 +122,9 @@ pub struct Options {
     /// Cluster name sent to ValidateLoadBalancer (as the controller-manager's --cluster-name).
     #[arg(long, default_value = "kubernetes")]
     pub cluster_name: String,
-    /// Where the provider shim listens: `https://HOST:PORT` (mutual TLS) or `unix:///PATH`
-    /// (plaintext, sidecar deployments only).
-    #[arg(long)]
-    pub provider_endpoint: String,
-    /// Client certificate presented to the shim.
-    #[arg(long)]
-    pub provider_tls_cert_file: Option<PathBuf>,
-    /// Private key of --provider-tls-cert-file.
-    #[arg(long)]
-    pub provider_tls_private_key_file: Option<PathBuf>,
-    /// CA bundle the shim's serving certificate must chain to.
-    #[arg(long)]
-    pub provider_ca_file: Option<PathBuf>,
-    /// Name expected in the shim's certificate; defaults to the endpoint's host.
-    #[arg(long)]
-    pub provider_server_name: Option<String>,
+    /// Where the provider shim listens and its TLS files (as on the controller-manager).
+    #[command(flatten)]
+    pub provider: ProviderFlags,
     /// How often TLS files (serving and client) are checked for rotation.
     #[arg(long, default_value = "10s", value_parser = parse_duration)]
     pub tls_reload_interval: Duration,
@@ -172,60 +161,8 @@ impl Options {
 
     /// The shim endpoint, checked: `https://` needs all three TLS files.
     pub fn provider_endpoint(&self) -> Result<ProviderEndpoint, OptionsError> {
-        let endpoint = self.provider_endpoint.trim();
-        if let Some(path) = endpoint.strip_prefix("unix://") {
-            if path.is_empty() {
-                return Err(OptionsError::Endpoint("unix:// needs a socket path".into()));
-            }
-            return Ok(ProviderEndpoint::Unix(PathBuf::from(path)));
-        }
-        let Some(rest) = endpoint.strip_prefix("https://") else {
-            return Err(OptionsError::Endpoint(format!(
-                "{endpoint:?} must start with https:// (mutual TLS) or unix:// (plaintext Unix socket)"
-            )));
-        };
-        let authority = rest.split('/').next().unwrap_or_default();
-        let host = match authority.strip_prefix('[') {
-            Some(v6) => v6.split(']').next().unwrap_or_default(),
-            None => authority.rsplit_once(':').map_or(authority, |(h, _)| h),
-        };
-        if host.is_empty() {
-            return Err(OptionsError::Endpoint(format!("{endpoint:?} has no host")));
-        }
-        let (Some(cert), Some(key), Some(ca)) = (
-            self.provider_tls_cert_file.clone(),
-            self.provider_tls_private_key_file.clone(),
-            self.provider_ca_file.clone(),
-        ) else {
-            return Err(OptionsError::Endpoint(
-                "an https:// endpoint needs --provider-tls-cert-file, --provider-tls-private-key-file and --provider-ca-file".into(),
-            ));
-        };
-        Ok(ProviderEndpoint::Tls {
-            uri: endpoint.to_string(),
-            server_name: self
-                .provider_server_name
-                .clone()
-                .unwrap_or_else(|| host.to_string()),
-            files: cpi_transport::TlsFiles { cert, key, ca },
-        })
+        Ok(self.provider.endpoint()?)
     }
-}
-
-/// The resolved shim endpoint.
-#[derive(Debug, Clone)]
-pub enum ProviderEndpoint {
-    /// Mutual TLS over TCP.
-    Tls {
-        /// `https://host:port`.
-        uri: String,
-        /// Name verified in the shim's certificate.
-        server_name: String,
-        /// Client certificate, key and CA bundle.
-        files: cpi_transport::TlsFiles,
-    },
-    /// Plaintext over a Unix socket.
-    Unix(PathBuf),
 }
 
 /// The webhooks `--webhooks` enables (upstream `IsControllerEnabled` with nothing disabled by
@@ -324,7 +261,7 @@ mod tests {
         assert_eq!(o.validate(), Err(OptionsError::NoWebhook));
         let o = parse(&["--provider-endpoint=https://shim:1", "--webhooks=*"]);
         assert!(
-            matches!(o.validate(), Err(OptionsError::Endpoint(m)) if m.contains("--provider-ca-file"))
+            matches!(o.validate(), Err(OptionsError::Endpoint(m)) if m.to_string().contains("--provider-ca-file"))
         );
         let o = parse(&["--provider-endpoint=http://shim:1", "--webhooks=*"]);
         assert!(matches!(o.validate(), Err(OptionsError::Endpoint(_))));

@@ -11,9 +11,7 @@ use cpi_proto::v1::{
     load_balancer_validation_client::LoadBalancerValidationClient, provider_client::ProviderClient,
     volume_labels_client::VolumeLabelsClient,
 };
-use cpi_transport::{ClientEndpoint, ClientTls, ConnectOptions, CpiChannel};
-
-use crate::options::ProviderEndpoint;
+use cpi_transport::{ConnectOptions, CpiChannel, ProviderEndpoint};
 
 /// Why the shim gave no answer.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -56,26 +54,7 @@ impl Shim {
         endpoint: &ProviderEndpoint,
         reload_interval: Duration,
     ) -> Result<Self, ClientError> {
-        let (client_endpoint, shown) = match endpoint {
-            ProviderEndpoint::Unix(path) => (
-                ClientEndpoint::Unix { path: path.clone() },
-                format!("unix://{}", path.display()),
-            ),
-            ProviderEndpoint::Tls {
-                uri,
-                server_name,
-                files,
-            } => {
-                let tls = ClientTls::new(files.clone(), server_name.clone(), reload_interval)?;
-                (
-                    ClientEndpoint::Tls {
-                        uri: uri.clone(),
-                        tls,
-                    },
-                    uri.clone(),
-                )
-            }
-        };
+        let (client_endpoint, shown) = endpoint.client(reload_interval)?;
         let channel = cpi_transport::client::connect(client_endpoint, ConnectOptions::default())?;
         Ok(Self {
             channel,

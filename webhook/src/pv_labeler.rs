@@ -153,7 +153,7 @@ pub fn label_source(pv: &PersistentVolume, raw_json: Option<Vec<u8>>) -> LabelSo
     }
     LabelSource::Provider {
         volume: Box::new(pb::PersistentVolume {
-            metadata: Some(crate::view::meta(&pv.metadata)),
+            metadata: Some(cpi_proto::k8s_view::object_meta(&pv.metadata)),
             capacity: spec
                 .capacity
                 .as_ref()

@@ -9,7 +9,7 @@ use cpi_proto::v1::{
     instances_v2_client::InstancesV2Client, load_balancer_client::LoadBalancerClient,
     provider_client::ProviderClient, routes_client::RoutesClient, zones_client::ZonesClient,
 };
-use cpi_transport::{ClientEndpoint, ClientTls, ConnectOptions, CpiChannel, TlsFiles};
+use cpi_transport::{ConnectOptions, CpiChannel};
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -17,7 +17,7 @@ use prometheus_client::registry::Registry;
 use tokio::sync::watch;
 use tracing::{info, warn};
 
-use super::endpoint::ProviderEndpoint;
+use super::ProviderEndpoint;
 use super::fence::{Fence, Fenced, fence_mismatch};
 use crate::k8s::CachedNode;
 
@@ -121,36 +121,7 @@ impl Cloud {
             reload_interval,
             startup_timeout,
         } = *settings;
-        let (client_endpoint, shown) = match endpoint {
-            ProviderEndpoint::Unix(path) => (
-                ClientEndpoint::Unix { path: path.clone() },
-                format!("unix://{}", path.display()),
-            ),
-            ProviderEndpoint::Tls {
-                uri,
-                server_name,
-                cert,
-                key,
-                ca,
-            } => {
-                let tls = ClientTls::new(
-                    TlsFiles {
-                        cert: cert.clone(),
-                        key: key.clone(),
-                        ca: ca.clone(),
-                    },
-                    server_name.clone(),
-                    reload_interval,
-                )?;
-                (
-                    ClientEndpoint::Tls {
-                        uri: uri.clone(),
-                        tls,
-                    },
-                    uri.clone(),
-                )
-            }
-        };
+        let (client_endpoint, shown) = endpoint.client(reload_interval)?;
         let channel = cpi_transport::client::connect(
             client_endpoint,
             ConnectOptions {

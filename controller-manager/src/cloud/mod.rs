@@ -5,7 +5,6 @@
 
 mod client;
 mod convert;
-mod endpoint;
 mod fence;
 mod instances;
 mod load_balancer;
@@ -13,7 +12,7 @@ mod probe;
 mod routes;
 
 pub use client::{Cloud, CloudError, CloudMetrics, ConnectSettings};
-pub use endpoint::{EndpointError, EndpointTls, ProviderEndpoint};
+pub use cpi_transport::{EndpointError, ProviderEndpoint};
 pub use fence::{Fence, Predecessor};
 pub use instances::{InstanceExistence, LookupError, NodeMetadata};
 pub use load_balancer::{backend_nodes, load_balancer_status, service_view};

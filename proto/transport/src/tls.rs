@@ -43,7 +43,7 @@ use crate::log_limit::{LogLimiter, warn_limited};
 pub(crate) const ALPN_H2: &[u8] = b"h2";
 
 /// Paths of a certificate, its private key and the CA bundle used to verify the peer.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TlsFiles {
     /// PEM certificate chain presented to the peer.
     pub cert: PathBuf,

@@ -1,6 +1,47 @@
-//! Where the shim listens, as given by `--provider-endpoint` and its TLS files.
+//! Where a caller finds its shim: the `--provider-*` flags every CPI client (the
+//! controller-manager, the webhook) takes, and the endpoint they resolve to.
 
 use std::path::PathBuf;
+use std::time::Duration;
+
+use crate::client::ClientEndpoint;
+use crate::tls::{ClientTls, TlsError, TlsFiles};
+
+/// The provider-shim flags shared by every CPI client, flattened into its command line.
+#[derive(Debug, Clone, Default, clap::Args)]
+pub struct ProviderFlags {
+    /// Where the provider shim listens: `https://HOST:PORT` (mutual TLS) or `unix:///PATH`
+    /// (plaintext, sidecar deployments only).
+    #[arg(long)]
+    pub provider_endpoint: String,
+    /// Client certificate presented to the shim.
+    #[arg(long)]
+    pub provider_tls_cert_file: Option<PathBuf>,
+    /// Private key of --provider-tls-cert-file.
+    #[arg(long)]
+    pub provider_tls_private_key_file: Option<PathBuf>,
+    /// CA bundle the shim's serving certificate must chain to.
+    #[arg(long)]
+    pub provider_ca_file: Option<PathBuf>,
+    /// Name expected in the shim's certificate; defaults to the endpoint's host.
+    #[arg(long)]
+    pub provider_server_name: Option<String>,
+}
+
+impl ProviderFlags {
+    /// The endpoint the flags describe, checked.
+    pub fn endpoint(&self) -> Result<ProviderEndpoint, EndpointError> {
+        ProviderEndpoint::parse(
+            &self.provider_endpoint,
+            &EndpointTls {
+                cert: self.provider_tls_cert_file.clone(),
+                key: self.provider_tls_private_key_file.clone(),
+                ca: self.provider_ca_file.clone(),
+                server_name: self.provider_server_name.clone(),
+            },
+        )
+    }
+}
 
 /// The resolved shim endpoint.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -11,12 +52,8 @@ pub enum ProviderEndpoint {
         uri: String,
         /// Name verified in the shim's certificate.
         server_name: String,
-        /// Client certificate.
-        cert: PathBuf,
-        /// Client key.
-        key: PathBuf,
-        /// CA bundle.
-        ca: PathBuf,
+        /// Client certificate, key and CA bundle.
+        files: TlsFiles,
     },
     /// Plaintext over a Unix socket.
     Unix(PathBuf),
@@ -75,9 +112,29 @@ impl ProviderEndpoint {
         Ok(Self::Tls {
             uri: endpoint.to_string(),
             server_name: tls.server_name.clone().unwrap_or_else(|| host.to_string()),
-            cert,
-            key,
-            ca,
+            files: TlsFiles { cert, key, ca },
+        })
+    }
+
+    /// What [`connect`](crate::connect) takes for this endpoint (its TLS files checked for
+    /// rotation every `reload_interval`), and the endpoint as logs show it.
+    pub fn client(&self, reload_interval: Duration) -> Result<(ClientEndpoint, String), TlsError> {
+        Ok(match self {
+            Self::Unix(path) => (
+                ClientEndpoint::Unix { path: path.clone() },
+                format!("unix://{}", path.display()),
+            ),
+            Self::Tls {
+                uri,
+                server_name,
+                files,
+            } => (
+                ClientEndpoint::Tls {
+                    uri: uri.clone(),
+                    tls: ClientTls::new(files.clone(), server_name.clone(), reload_interval)?,
+                },
+                uri.clone(),
+            ),
         })
     }
 }
