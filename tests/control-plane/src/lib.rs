@@ -824,16 +824,22 @@ async fn etcd_health(port: u16) -> std::io::Result<bool> {
         .unwrap_or_else(|_| Err(std::io::Error::other("timed out")))
 }
 
-/// Whether kube-apiserver answers `GET /readyz` (within 5 s); the error says how it failed.
+/// Whether kube-apiserver answers `GET /readyz` and its bootstrap has created the `default`
+/// namespace (each within 5 s): `/readyz` can pass before that namespace exists, and a test
+/// creating objects there would then see a 404 that no real cluster gives. The error says how
+/// it failed.
 async fn apiserver_ready(client: &kube::Client) -> Result<(), String> {
-    let request = http::Request::get("/readyz")
-        .body(Vec::new())
-        .map_err(|e| format!("building the /readyz request: {e}"))?;
-    match tokio::time::timeout(Duration::from_secs(5), client.request_text(request)).await {
-        Ok(Ok(_)) => Ok(()),
-        Ok(Err(e)) => Err(format!("GET /readyz: {e}")),
-        Err(_) => Err("GET /readyz: timed out after 5s".to_owned()),
+    for path in ["/readyz", "/api/v1/namespaces/default"] {
+        let request = http::Request::get(path)
+            .body(Vec::new())
+            .map_err(|e| format!("building the {path} request: {e}"))?;
+        match tokio::time::timeout(Duration::from_secs(5), client.request_text(request)).await {
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => return Err(format!("GET {path}: {e}")),
+            Err(_) => return Err(format!("GET {path}: timed out after 5s")),
+        }
     }
+    Ok(())
 }
 
 /// The time left until `deadline`.
