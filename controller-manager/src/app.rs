@@ -327,6 +327,12 @@ pub fn build_controllers(
             );
             continue;
         }
+        if entry.fenced
+            && let Some(problem) = ctx.cloud.fence_problem()
+        {
+            warn!(controller = names.canonical, reason = %problem, "not starting controller");
+            continue;
+        }
         match (entry.build)(ctx, metrics) {
             Ok(run) => built.push(Built { names, run }),
             Err(BuildError::NotImplemented) => warn!(

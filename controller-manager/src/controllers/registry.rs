@@ -52,6 +52,10 @@ pub trait Controller: Sized + Send + 'static {
     /// Whether a provider with these capabilities supports the controller.
     fn supported_by(capabilities: &[Capability]) -> bool;
 
+    /// Whether it makes fenced (mutating) provider calls: such a controller is not started
+    /// while the shim would refuse its fence (`Cloud::fence_problem`).
+    const FENCED: bool = false;
+
     /// Builds the controller; registers its metrics in `registry`.
     fn build(
         ctx: &ControllerContext,
@@ -82,6 +86,8 @@ pub struct Registered {
     pub names: Names,
     /// Whether a provider with these capabilities supports it.
     pub supported_by: fn(&[Capability]) -> bool,
+    /// Whether it makes fenced provider calls ([`Controller::FENCED`]).
+    pub fenced: bool,
     /// Builds it.
     pub build: Builder,
 }
@@ -92,6 +98,7 @@ impl Registered {
         Self {
             names: C::NAMES,
             supported_by: C::supported_by,
+            fenced: C::FENCED,
             build: Box::new(move |ctx, registry| {
                 let controller = C::build(ctx, &flags, registry)?;
                 Ok(Box::new(move |stop| Box::pin(controller.run(stop))))

@@ -19,7 +19,9 @@ use crate::LbArgs;
 use crate::metrics;
 use crate::nodes::{PlainNode, plain_inventory};
 use crate::procfs;
-use crate::report::{PhaseCpu, Usage, verdict, write_per, write_phases, write_usage};
+use crate::report::{
+    PhaseCpu, Usage, verdict, write_baseline, write_per, write_phases, write_usage,
+};
 use crate::run::{
     Machine, ServingFiles, create_all, exited, keep_logs, progress, settled_metrics, spawn_ccm,
     spawn_shim, start_control_plane, wait_for_socket,
@@ -439,12 +441,7 @@ pub fn render_text(r: &LbReport) -> String {
         verdict(r.all_services_seconds <= time_target),
         r.first_service_seconds
     );
-    let _ = writeln!(
-        out,
-        "  API server alone, same writes             {:6.2} s   ratio {:.2}",
-        r.baseline_seconds,
-        r.all_services_seconds / r.baseline_seconds.max(f64::EPSILON)
-    );
+    write_baseline(&mut out, r.all_services_seconds, r.baseline_seconds);
     write_usage(
         &mut out,
         Usage {

@@ -171,6 +171,16 @@ pub fn write_usage(out: &mut String, u: Usage) {
     );
 }
 
+/// Appends the "API server alone" line: its time for the same writes and the ratio of
+/// `measured` to it.
+pub fn write_baseline(out: &mut String, measured: f64, baseline: f64) {
+    let _ = writeln!(
+        out,
+        "  API server alone, same writes             {baseline:6.2} s   ratio {:.2}",
+        measured / baseline.max(f64::EPSILON)
+    );
+}
+
 /// Appends `label`: the total of `by_method` per `unit`, then each method's share.
 pub fn write_per(out: &mut String, label: &str, by_method: &BTreeMap<String, f64>, units: usize) {
     let per = |total: f64| total / units.max(1) as f64;

@@ -15,7 +15,9 @@ use crate::RoutesArgs;
 use crate::metrics;
 use crate::nodes::{PlainNode, plain_inventory};
 use crate::procfs;
-use crate::report::{PhaseCpu, Usage, verdict, write_per, write_phases, write_usage};
+use crate::report::{
+    PhaseCpu, Usage, verdict, write_baseline, write_per, write_phases, write_usage,
+};
 use crate::run::{
     Machine, ServingFiles, create_all, exited, keep_logs, progress, settled_metrics, spawn_ccm,
     spawn_shim, start_control_plane, wait_for_socket,
@@ -367,12 +369,7 @@ pub fn render_text(r: &RoutesReport) -> String {
         r.all_seconds,
         verdict(r.all_seconds <= TARGET_SECONDS)
     );
-    let _ = writeln!(
-        out,
-        "  API server alone, same writes             {:6.2} s   ratio {:.2}",
-        r.baseline_seconds,
-        r.all_seconds / r.baseline_seconds.max(f64::EPSILON)
-    );
+    write_baseline(&mut out, r.all_seconds, r.baseline_seconds);
     write_usage(
         &mut out,
         Usage {

@@ -202,15 +202,14 @@ impl Controller for RouteController {
         capabilities.contains(&Capability::Routes)
     }
 
+    const FENCED: bool = true;
+
     fn build(
         ctx: &ControllerContext,
         flags: &Flags,
         registry: &mut Registry,
     ) -> Result<Self, BuildError> {
         routes_configured(&ctx.cluster)?;
-        if let Some(problem) = ctx.cloud.fence_problem() {
-            return Err(BuildError::Disabled(problem));
-        }
         let state = RouteSync::new(
             ctx.client.clone(),
             ctx.cloud.clone(),

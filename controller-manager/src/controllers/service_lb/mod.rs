@@ -200,15 +200,14 @@ impl Controller for ServiceLbController {
         capabilities.contains(&Capability::LoadBalancer)
     }
 
+    const FENCED: bool = true;
+
     fn build(
         ctx: &ControllerContext,
         flags: &Flags,
         registry: &mut Registry,
     ) -> Result<Self, BuildError> {
         cluster_name_owns_load_balancers(&ctx.cluster)?;
-        if let Some(problem) = ctx.cloud.fence_problem() {
-            return Err(BuildError::Disabled(problem));
-        }
         let informer = ServiceInformer::new(ctx.client.clone());
         let state = ServiceLb::new(
             ctx.client.clone(),
