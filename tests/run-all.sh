@@ -3,10 +3,10 @@
 # start a real etcd + kube-apiserver and the project's binaries as processes.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-# The control-plane binaries (built once, cached outside the checkout) and kubectl. Always run:
-# it installs kubectl, which the end-to-end suites need, and keeps a KUBEBUILDER_ASSETS that
-# already holds both binaries.
-KUBEBUILDER_ASSETS=$(bash tests/control-plane/provision.sh | tail -n1)
+# The control-plane and node binaries (built once, cached outside the checkout), kubectl, and
+# containerd, runc, the CNI plugins, buildah and the registry for the real-node suites. Always
+# run: it installs what is missing and is quick when everything is cached.
+KUBEBUILDER_ASSETS=$(bash tests/control-plane/provision.sh --node | tail -n1)
 export KUBEBUILDER_ASSETS
 # The end-to-end suites spawn these binaries; build them first (`cargo test` builds only the
 # binaries of the package under test).

@@ -2,7 +2,9 @@
 # Provisions the binaries of the test control plane (etcd + kube-apiserver) on a Debian machine
 # with no internet beyond the package registries, and caches them outside the checkout.
 #
-# Result: a directory in envtest layout (KUBEBUILDER_ASSETS) holding `etcd` and `kube-apiserver`.
+# Result: a directory in envtest layout (KUBEBUILDER_ASSETS) holding `etcd` and `kube-apiserver`
+# (with `--node`, also kubelet, kube-controller-manager, kube-scheduler, kube-proxy, `pause` and
+# the sandbox image `pause.oci.tar`).
 # Its path is printed on the last line of stdout. `kubectl` is installed too when missing.
 #
 # Honoured:
@@ -17,6 +19,8 @@ K8S_VERSION=v1.20.2
 DEB_SOURCE=kubernetes
 CACHE_ROOT=${CCM_TEST_ASSETS_CACHE:-$HOME/.cache/ccm-test-assets}
 ASSETS=$CACHE_ROOT/$K8S_VERSION
+# The name of the sandbox image built from the source tree (tests/real-node uses the same name).
+PAUSE_IMAGE=ccm.local/pause:$K8S_VERSION
 
 log() { echo "provision: $*" >&2; }
 
@@ -136,7 +140,26 @@ apt_install() {
 # kubectl (the deploy-manifest test applies manifests with it): Debian's kubernetes-client.
 command -v kubectl >/dev/null 2>&1 || apt_install kubernetes-client
 
-if [[ -n "${KUBEBUILDER_ASSETS:-}" && -x "$KUBEBUILDER_ASSETS/etcd" && -x "$KUBEBUILDER_ASSETS/kube-apiserver" ]]; then
+# Which binaries to provide: the control plane always; with `--node` also the components of a
+# real node (see tests/real-node/): kubelet, kube-controller-manager, kube-scheduler, kube-proxy
+# and the pause binary, plus containerd, runc, the CNI plugins, the registry and the image tools
+# from Debian.
+WANT_NODE=
+for arg in "$@"; do
+  case $arg in
+    --node) WANT_NODE=1 ;;
+    *) log "unknown argument $arg (known: --node)"; exit 2 ;;
+  esac
+done
+
+if [[ -n $WANT_NODE ]]; then
+  # iptables and conntrack for kube-proxy and the kubelet; busybox-static and apache2-utils
+  # (htpasswd) for the test images and the authenticated registry.
+  apt_install containerd runc containernetworking-plugins buildah skopeo docker-registry \
+    iptables conntrack busybox-static apache2-utils gcc libc6-dev
+fi
+
+if [[ -z $WANT_NODE && -n "${KUBEBUILDER_ASSETS:-}" && -x "$KUBEBUILDER_ASSETS/etcd" && -x "$KUBEBUILDER_ASSETS/kube-apiserver" ]]; then
   log "using KUBEBUILDER_ASSETS=$KUBEBUILDER_ASSETS"
   echo "$KUBEBUILDER_ASSETS"
   exit 0
@@ -149,17 +172,28 @@ ln -sf "$(command -v etcd)" "$ASSETS/etcd"
 
 # Bump when the build changes in a way the cached binary cannot be checked for cheaply
 # (2: the `/version` endpoint reports $K8S_VERSION, not v0.0.0-master; 3: reflect2 1.0.2, see
-# below).
+# below). Each binary records the recipe it was built with in `<name>.recipe`.
 BUILD_RECIPE=3
-if [[ -x "$ASSETS/kube-apiserver" ]] && "$ASSETS/kube-apiserver" --version 2>/dev/null | grep -q "$K8S_VERSION" \
-  && [[ "$(cat "$ASSETS/kube-apiserver.recipe" 2>/dev/null)" == "$BUILD_RECIPE" ]]; then
-  log "kube-apiserver $K8S_VERSION cached in $ASSETS"
+COMPONENTS=(kube-apiserver)
+[[ -n $WANT_NODE ]] && COMPONENTS+=(kubelet kube-controller-manager kube-scheduler kube-proxy)
+cached() {
+  [[ -x "$ASSETS/$1" ]] && "$ASSETS/$1" --version 2>/dev/null | grep -q "$K8S_VERSION" \
+    && [[ "$(cat "$ASSETS/$1.recipe" 2>/dev/null)" == "$BUILD_RECIPE" ]]
+}
+missing=()
+for c in "${COMPONENTS[@]}"; do cached "$c" || missing+=("$c"); done
+need_pause=
+if [[ -n $WANT_NODE ]] && [[ ! -x "$ASSETS/pause" || ! -f "$ASSETS/pause.oci.tar" || "$(cat "$ASSETS/pause.recipe" 2>/dev/null)" != "$BUILD_RECIPE" ]]; then
+  need_pause=1
+fi
+if [[ ${#missing[@]} -eq 0 && -z $need_pause ]]; then
+  log "${COMPONENTS[*]} $K8S_VERSION cached in $ASSETS"
   echo "$ASSETS"
   exit 0
 fi
 
-# kube-apiserver: no registry ships a binary; Debian's source package carries the whole tree with
-# vendor/, which builds offline with Debian's Go in GOPATH mode.
+# No registry ships these binaries; Debian's source package carries the whole tree with vendor/,
+# which builds offline with Debian's Go in GOPATH mode.
 apt_install golang-go dpkg-dev ca-certificates golang-github-modern-go-reflect2-dev
 src_list=/etc/apt/sources.list.d/ccm-deb-src.sources
 if ! has_deb_src /etc/apt; then
@@ -178,44 +212,70 @@ dscs=("$WORK"/dl/*.dsc)
 dsc=${dscs[0]}
 [[ -f $dsc ]] || { log "apt-get source $DEB_SOURCE downloaded no .dsc into $WORK/dl"; exit 1; }
 dpkg-source --no-check -x "$dsc" "$WORK/gopath/src/k8s.io/kubernetes" >&2
+SRC=$WORK/gopath/src/k8s.io/kubernetes
 
-# The vendored reflect2 1.0.1 reads Go runtime internals that changed in Go 1.18: built with a
-# newer Go, kube-apiserver dies (SIGSEGV in the JSON encoding of a mutating webhook's patch
-# annotation). 1.0.2 is the fix, with the same API; Debian packages it.
-reflect2=/usr/share/gocode/src/github.com/modern-go/reflect2
-[[ -f $reflect2/reflect2.go ]] || { log "$reflect2 is missing (golang-github-modern-go-reflect2-dev)"; exit 1; }
-vendored=$WORK/gopath/src/k8s.io/kubernetes/vendor/github.com/modern-go/reflect2
-rm -rf "$vendored"
-mkdir -p "$vendored"
-cp "$reflect2"/*.go "$reflect2"/*.s "$vendored"/
-rm -f "$vendored"/*_test.go
+# The pause binary of the node's sandbox image: a static C program in the same tree.
+if [[ -n $need_pause ]]; then
+  log "building pause"
+  gcc -Os -Wall -Werror -static -DVERSION="$K8S_VERSION-ccm" -o "$ASSETS/pause.tmp" "$SRC/build/pause/linux/pause.c" >&2
+  strip "$ASSETS/pause.tmp"
+  mv "$ASSETS/pause.tmp" "$ASSETS/pause"
+  # The sandbox image: nothing but /pause, from scratch (no registry to pull one from), as an
+  # OCI archive that `ctr images import` loads into the node's containerd.
+  ctr_id=$(buildah from scratch)
+  buildah copy "$ctr_id" "$ASSETS/pause" /pause >/dev/null
+  buildah config --entrypoint '["/pause"]' --user 65535:65535 "$ctr_id"
+  buildah commit -q "$ctr_id" "$PAUSE_IMAGE" >/dev/null
+  buildah rm "$ctr_id" >/dev/null
+  rm -f "$ASSETS/pause.oci.tar"
+  buildah push -q "$PAUSE_IMAGE" "oci-archive:$ASSETS/pause.oci.tar:$PAUSE_IMAGE"
+  buildah rmi "$PAUSE_IMAGE" >/dev/null
+  echo "$BUILD_RECIPE" >"$ASSETS/pause.recipe"
+fi
 
-export GOPATH=$WORK/gopath GO111MODULE=off GOFLAGS='' GOCACHE=$CACHE_ROOT/gocache CGO_ENABLED=0
-cd "$GOPATH/src/k8s.io/kubernetes"
+if [[ ${#missing[@]} -gt 0 ]]; then
+  # The vendored reflect2 1.0.1 reads Go runtime internals that changed in Go 1.18: built with a
+  # newer Go, kube-apiserver dies (SIGSEGV in the JSON encoding of a mutating webhook's patch
+  # annotation). 1.0.2 is the fix, with the same API; Debian packages it.
+  reflect2=/usr/share/gocode/src/github.com/modern-go/reflect2
+  [[ -f $reflect2/reflect2.go ]] || { log "$reflect2 is missing (golang-github-modern-go-reflect2-dev)"; exit 1; }
+  vendored=$SRC/vendor/github.com/modern-go/reflect2
+  rm -rf "$vendored"
+  mkdir -p "$vendored"
+  cp "$reflect2"/*.go "$reflect2"/*.s "$vendored"/
+  rm -f "$vendored"/*_test.go
 
-log "generating pkg/generated/openapi"
-go build -o "$WORK/bin/openapi-gen" ./vendor/k8s.io/kube-openapi/cmd/openapi-gen
-dirs=$(grep -Rl --include='*.go' '^// +k8s:openapi-gen=' pkg vendor 2>/dev/null \
-  | xargs -n1 dirname | sort -u \
-  | grep -v -e '^vendor/k8s.io/code-generator/' -e '^vendor/k8s.io/sample-apiserver/' -e '^pkg/generated' \
-  | sed -e 's#^#k8s.io/kubernetes/#' | paste -sd, -)
-"$WORK/bin/openapi-gen" -i "$dirs" -p k8s.io/kubernetes/pkg/generated/openapi -O zz_generated.openapi \
-  -h vendor/k8s.io/code-generator/hack/boilerplate.go.txt -r "$WORK/openapi-report.txt" >&2
+  export GOPATH=$WORK/gopath GO111MODULE=off GOFLAGS='' GOCACHE=$CACHE_ROOT/gocache CGO_ENABLED=0
+  cd "$SRC"
 
-log "building kube-apiserver $K8S_VERSION (a few minutes)"
-# In GOPATH mode vendored packages' import paths carry the `k8s.io/kubernetes/vendor/` prefix,
-# and `-X` silently ignores a path that matches no package. Like hack/lib/version.sh, stamp both
-# version packages: component-base (`--version`, logs) and client-go (the `/version` endpoint).
-minor=${K8S_VERSION#v1.}; minor=${minor%%.*}
-ldflags=
-for pkg in k8s.io/kubernetes/vendor/k8s.io/component-base/version k8s.io/kubernetes/vendor/k8s.io/client-go/pkg/version; do
-  ldflags+=" -X $pkg.gitVersion=$K8S_VERSION -X $pkg.gitMajor=1 -X $pkg.gitMinor=$minor -X $pkg.gitTreeState=clean"
-done
-go build -ldflags "$ldflags" -o "$ASSETS/kube-apiserver.tmp" ./cmd/kube-apiserver
-"$ASSETS/kube-apiserver.tmp" --version | grep -q "$K8S_VERSION" \
-  || { log "built kube-apiserver does not report $K8S_VERSION"; exit 1; }
-mv "$ASSETS/kube-apiserver.tmp" "$ASSETS/kube-apiserver"
-echo "$BUILD_RECIPE" >"$ASSETS/kube-apiserver.recipe"
+  log "generating pkg/generated/openapi"
+  go build -o "$WORK/bin/openapi-gen" ./vendor/k8s.io/kube-openapi/cmd/openapi-gen
+  dirs=$(grep -Rl --include='*.go' '^// +k8s:openapi-gen=' pkg vendor 2>/dev/null \
+    | xargs -n1 dirname | sort -u \
+    | grep -v -e '^vendor/k8s.io/code-generator/' -e '^vendor/k8s.io/sample-apiserver/' -e '^pkg/generated' \
+    | sed -e 's#^#k8s.io/kubernetes/#' | paste -sd, -)
+  "$WORK/bin/openapi-gen" -i "$dirs" -p k8s.io/kubernetes/pkg/generated/openapi -O zz_generated.openapi \
+    -h vendor/k8s.io/code-generator/hack/boilerplate.go.txt -r "$WORK/openapi-report.txt" >&2
+
+  # In GOPATH mode vendored packages' import paths carry the `k8s.io/kubernetes/vendor/` prefix,
+  # and `-X` silently ignores a path that matches no package. Like hack/lib/version.sh, stamp both
+  # version packages: component-base (`--version`, logs) and client-go (the `/version` endpoint).
+  minor=${K8S_VERSION#v1.}; minor=${minor%%.*}
+  ldflags=
+  for pkg in k8s.io/kubernetes/vendor/k8s.io/component-base/version k8s.io/kubernetes/vendor/k8s.io/client-go/pkg/version; do
+    ldflags+=" -X $pkg.gitVersion=$K8S_VERSION -X $pkg.gitMajor=1 -X $pkg.gitMinor=$minor -X $pkg.gitTreeState=clean"
+  done
+  # One at a time: on two cores a parallel build gains nothing and needs twice the memory
+  # (kubelet alone peaks near 1.7 GB).
+  for c in "${missing[@]}"; do
+    log "building $c $K8S_VERSION (a few minutes each, cold)"
+    go build -ldflags "$ldflags" -o "$ASSETS/$c.tmp" "./cmd/$c"
+    "$ASSETS/$c.tmp" --version | grep -q "$K8S_VERSION" \
+      || { log "built $c does not report $K8S_VERSION"; exit 1; }
+    mv "$ASSETS/$c.tmp" "$ASSETS/$c"
+    echo "$BUILD_RECIPE" >"$ASSETS/$c.recipe"
+  done
+fi
 cd /
 rm -rf "$WORK"
 log "done: $ASSETS"

@@ -56,6 +56,8 @@ pub const ADMIN_USER: &str = "tests:admin";
 pub const UNPRIVILEGED_USER: &str = "tests:unprivileged";
 /// The apiserver's `--service-cluster-ip-range`.
 pub const SERVICE_CLUSTER_IP_RANGE: &str = "10.96.0.0/16";
+/// The cluster IP of the `kubernetes` Service: the first address of [`SERVICE_CLUSTER_IP_RANGE`].
+pub const KUBERNETES_SERVICE_IP: &str = "10.96.0.1";
 /// The apiserver's `--service-account-issuer`.
 pub const SERVICE_ACCOUNT_ISSUER: &str = "https://kubernetes.default.svc";
 /// Environment variable overriding the default start-up timeout, in seconds.
@@ -81,6 +83,11 @@ pub struct Options {
     pub extra_apiserver_args: Vec<String>,
     /// Time allowed for both servers to become ready (default 60 s or `$CCM_TEST_STARTUP_TIMEOUT_SECS`).
     pub startup_timeout: Duration,
+    /// A host address that pods must reach the API server at (a real node's cluster): the
+    /// server then listens on every address, advertises this one (the `kubernetes` Service's
+    /// endpoint, kept by the lease reconciler) and its certificate names it and the Service's
+    /// cluster IP. `None`: loopback only, no endpoint for the `kubernetes` Service.
+    pub advertise_address: Option<std::net::IpAddr>,
 }
 
 impl Default for Options {
@@ -94,6 +101,7 @@ impl Default for Options {
             binaries: None,
             extra_apiserver_args: Vec::new(),
             startup_timeout,
+            advertise_address: None,
         }
     }
 }
@@ -239,7 +247,7 @@ impl ControlPlane {
         started: Instant,
     ) -> Result<Launched, Error> {
         let deadline = started + options.startup_timeout;
-        let files = write_state_files(dir)?;
+        let files = write_state_files(dir, options.advertise_address)?;
         let [etcd_port, peer_port, api_port] = free_ports()?;
 
         let etcd_url = format!("http://127.0.0.1:{etcd_port}");
@@ -280,6 +288,12 @@ impl ControlPlane {
         .await?;
 
         let pki = dir.join("pki");
+        let (bind, advertise, reconciler) = match options.advertise_address {
+            Some(address) => ("0.0.0.0".to_owned(), address.to_string(), "lease"),
+            // Endpoints validation rejects the loopback advertise address; nothing on loopback
+            // needs the endpoints of the `kubernetes` Service.
+            None => ("127.0.0.1".to_owned(), "127.0.0.1".to_owned(), "none"),
+        };
         let mut api_args: Vec<String> = vec![
             format!("--etcd-servers={etcd_url}"),
             format!("--cert-dir={}", dir.join("apiserver").display()),
@@ -290,8 +304,8 @@ impl ControlPlane {
             ),
             format!("--client-ca-file={}", files.ca_file.display()),
             format!("--secure-port={api_port}"),
-            "--bind-address=127.0.0.1".to_owned(),
-            "--advertise-address=127.0.0.1".to_owned(),
+            format!("--bind-address={bind}"),
+            format!("--advertise-address={advertise}"),
             // No --insecure-port: v1.20 ignores it (insecure serving is off) and v1.24+ rejects it.
             format!(
                 "--service-account-key-file={}",
@@ -307,9 +321,7 @@ impl ControlPlane {
             format!("--service-cluster-ip-range={SERVICE_CLUSTER_IP_RANGE}"),
             "--allow-privileged=true".to_owned(),
             "--profiling=false".to_owned(),
-            // Endpoints validation rejects the loopback advertise address; nothing here needs
-            // the endpoints of the `kubernetes` Service.
-            "--endpoint-reconciler-type=none".to_owned(),
+            format!("--endpoint-reconciler-type={reconciler}"),
         ];
         api_args.extend(options.extra_apiserver_args.iter().cloned());
         let api_args: Vec<OsString> = api_args.into_iter().map(OsString::from).collect();
@@ -471,6 +483,12 @@ impl ControlPlane {
     /// kube-apiserver's log file.
     pub fn apiserver_log(&self) -> &Path {
         self.apiserver.log_path()
+    }
+
+    /// The private key service-account tokens are signed with (kube-controller-manager's
+    /// `--service-account-private-key-file`).
+    pub fn service_account_key_file(&self) -> PathBuf {
+        self.state.path().join("pki").join("sa.key")
     }
 
     /// The temp directory holding data, certificates, tokens, kubeconfigs and logs.
@@ -695,7 +713,7 @@ struct StateFiles {
 }
 
 /// Writes certificates, the service-account key, the token file and the logs directory.
-fn write_state_files(dir: &Path) -> Result<StateFiles, Error> {
+fn write_state_files(dir: &Path, advertise: Option<std::net::IpAddr>) -> Result<StateFiles, Error> {
     for sub in ["pki", "logs", "apiserver"] {
         let path = dir.join(sub);
         std::fs::create_dir(&path).map_err(Error::io(format!("creating {}", path.display())))?;
@@ -707,18 +725,21 @@ fn write_state_files(dir: &Path) -> Result<StateFiles, Error> {
         Ok(path)
     };
     let ca = test_pki::Ca::new("ccm-test-control-plane-ca")?;
+    let advertise = advertise.map(|a| a.to_string());
+    let mut sans = vec![
+        "127.0.0.1",
+        "localhost",
+        "kubernetes",
+        "kubernetes.default",
+        "kubernetes.default.svc",
+        "kubernetes.default.svc.cluster.local",
+        KUBERNETES_SERVICE_IP,
+    ];
+    sans.extend(advertise.as_deref());
     let serving = ca.issue_with(
-        &test_pki::LeafSpec::new(&[
-            "127.0.0.1",
-            "localhost",
-            "kubernetes",
-            "kubernetes.default",
-            "kubernetes.default.svc",
-            "kubernetes.default.svc.cluster.local",
-            "10.96.0.1",
-        ])
-        .common_name("kube-apiserver")
-        .server_only(),
+        &test_pki::LeafSpec::new(&sans)
+            .common_name("kube-apiserver")
+            .server_only(),
     )?;
     write("serving.crt", serving.chain_pem.as_bytes())?;
     write("serving.key", serving.key_pem.as_bytes())?;
