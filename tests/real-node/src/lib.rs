@@ -15,6 +15,7 @@ mod error;
 mod host;
 mod images;
 mod registry;
+mod stack;
 
 pub use binaries::{NodeBinaries, PAUSE_IMAGE};
 pub use cluster::{Cluster, ClusterOptions, CredentialProviders, ENV_NODE_IP};
@@ -22,3 +23,6 @@ pub use config::POD_CIDR;
 pub use error::Error;
 pub use images::{ImageArchive, busybox_image};
 pub use registry::Registry;
+pub use stack::{
+    NodeMachine, STACK_NAMESPACE, StackSource, apply_local_overlay, build_and_import_images,
+};
