@@ -7,13 +7,18 @@
 //! `now`, response building) are separate from the IO (stdin/stdout, the cache file, the
 //! token services).
 
+mod acr;
 mod args;
 mod cache;
+mod ecr;
 mod error;
 mod family;
+mod gcp;
+mod http;
 mod local;
 mod matching;
 mod protocol;
+mod provider;
 
 pub use args::{
     AcrOptions, CACHE_DIR_ENV, Command, DEFAULT_CACHE_DIR, DEFAULT_LOCAL_CONFIG, GcpAuthFlow,
@@ -25,7 +30,8 @@ pub use family::{EcrHost, Family, acr_login_server, is_gcp_registry, parse_ecr_h
 pub use local::{LocalConfig, LocalEntry, load_local_config, parse_local_config, resolve_local};
 pub use matching::{host_of, image_without_tag, registry_of, urls_match};
 pub use protocol::{
-    ApiVersion, AuthConfig, CacheKeyType, CredentialProviderRequest, CredentialProviderResponse,
+    ApiVersion, AuthConfig, CacheKeyType, GROUP, CredentialProviderRequest, CredentialProviderResponse,
     DecodedResponse, decode_request, decode_response, encode_response, format_go_duration,
     parse_go_duration,
 };
+pub use provider::{Fetched, answer, cache_key, choose_family, doctor, entry_to_store, fetch};

@@ -1,1 +1,88 @@
-fn main(){}
+//! `credential-provider`: the kubelet image credential-provider exec plugin. Reads one
+//! CredentialProviderRequest on stdin, writes one CredentialProviderResponse on stdout; on
+//! failure exits non-zero with one line on stderr and nothing on stdout.
+
+use std::io::{Read as _, Write as _};
+use std::process::ExitCode;
+
+use credential_provider::{Command, Options, answer, decode_request, doctor, encode_response, parse_args};
+
+const USAGE: &str = "\
+usage: credential-provider [get-credentials] [flags]     (the kubelet's call: request on stdin)
+       credential-provider doctor IMAGE [flags]
+       credential-provider --version
+
+Installed (or symlinked) as ecr-credential-provider, auth-provider-gcp or
+acr-credential-provider it serves that family and takes that plugin's arguments.
+
+flags:
+  --provider ecr|gcp|acr|local|auto   force a registry family (default: by program name, else per image)
+  --cache-dir DIR        on-disk cache (default /var/lib/kubelet/credential-provider-cache,
+                         or $CREDENTIAL_PROVIDER_CACHE_DIR; empty disables)
+  --no-cache             do not use the on-disk cache
+  --local-config FILE    the local family's credentials file (default
+                         /etc/kubernetes/credential-provider/local-registries.yaml,
+                         or $CREDENTIAL_PROVIDER_LOCAL_CONFIG)
+  --authFlow gcr|dockercfg|dockercfg-url, --identity-provider URL, --project-id ID   (GCP)
+  --registry-mirror SRC:DST[,...], AZURE_JSON (positional)                           (ACR)
+  --v N, -stderrthreshold ...   accepted for compatibility with klog flags
+";
+
+fn now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
+}
+
+fn get_credentials(options: &Options) -> anyhow::Result<String> {
+    let mut input = Vec::new();
+    std::io::stdin().read_to_end(&mut input)?;
+    let request = decode_request(&input)?;
+    let response = answer(options, &request, now())?;
+    Ok(encode_response(request.api_version, &response))
+}
+
+fn main() -> ExitCode {
+    let mut argv = std::env::args();
+    let argv0 = argv.next().unwrap_or_default();
+    let args: Vec<String> = argv.collect();
+    let (command, options) = match parse_args(&argv0, &args, |k| std::env::var(k).ok()) {
+        Ok(parsed) => parsed,
+        Err(e) => {
+            eprintln!("credential-provider: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    match command {
+        Command::Version => {
+            println!("credential-provider {}", env!("CARGO_PKG_VERSION"));
+            ExitCode::SUCCESS
+        }
+        Command::Help => {
+            print!("{USAGE}");
+            ExitCode::SUCCESS
+        }
+        Command::Doctor { image } => {
+            let (report, ok) = doctor(&options, &image, now());
+            print!("{report}");
+            if ok { ExitCode::SUCCESS } else { ExitCode::FAILURE }
+        }
+        Command::GetCredentials => match get_credentials(&options) {
+            Ok(json) => {
+                // One write of the whole answer: never partial JSON.
+                let mut stdout = std::io::stdout().lock();
+                match writeln!(stdout, "{json}").and_then(|()| stdout.flush()) {
+                    Ok(()) => ExitCode::SUCCESS,
+                    Err(e) => {
+                        eprintln!("credential-provider: writing the response to stdout: {e}");
+                        ExitCode::FAILURE
+                    }
+                }
+            }
+            Err(e) => {
+                eprintln!("credential-provider: {e:#}");
+                ExitCode::FAILURE
+            }
+        },
+    }
+}
