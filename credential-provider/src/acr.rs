@@ -122,12 +122,24 @@ struct Exchange {
     refresh_token: String,
 }
 
-async fn send(client: &HttpClient, what: &'static str, req: Request<Full<Bytes>>) -> Result<crate::http::Answer, Error> {
+async fn send(
+    client: &HttpClient,
+    what: &'static str,
+    req: Request<Full<Bytes>>,
+) -> Result<crate::http::Answer, Error> {
     let url = req.uri().to_string();
-    client.send(req).await.map_err(|d| http_error(what, &url, d))
+    client
+        .send(req)
+        .await
+        .map_err(|d| http_error(what, &url, d))
 }
 
-fn request(method: http::Method, url: &str, body: Option<String>, what: &'static str) -> Result<Request<Full<Bytes>>, Error> {
+fn request(
+    method: http::Method,
+    url: &str,
+    body: Option<String>,
+    what: &'static str,
+) -> Result<Request<Full<Bytes>>, Error> {
     let mut b = Request::builder().method(method).uri(url);
     if body.is_some() {
         b = b.header("Content-Type", "application/x-www-form-urlencoded");
@@ -161,14 +173,18 @@ pub async fn fetch(
     let mirrored = source.is_some();
     let aad = match sa {
         Some((token, ann)) if !mirrored => {
-            let (Some(tenant), Some(client_id)) = (ann.get(TENANT_ANNOTATION), ann.get(CLIENT_ANNOTATION)) else {
+            let (Some(tenant), Some(client_id)) =
+                (ann.get(TENANT_ANNOTATION), ann.get(CLIENT_ANNOTATION))
+            else {
                 return Err(Error::ServiceAccount(format!(
                     "the service account lacks the annotations {TENANT_ANNOTATION} and {CLIENT_ANNOTATION}; add them or list them in requiredServiceAccountAnnotationKeys"
                 )));
             };
             federated_token(client, tenant, client_id, token).await?
         }
-        _ if config.use_managed_identity_extension => managed_identity_token(client, &config).await?,
+        _ if config.use_managed_identity_extension => {
+            managed_identity_token(client, &config).await?
+        }
         _ if !config.aad_client_secret.is_empty() => {
             // A service principal: ACR accepts its id and secret directly.
             let auth = AuthConfig {
@@ -180,7 +196,8 @@ pub async fn fetch(
         _ => {
             return Err(Error::AzureConfig {
                 path: options.cloud_config.clone().unwrap_or_default(),
-                detail: "neither useManagedIdentityExtension nor aadClientSecret is set".to_string(),
+                detail: "neither useManagedIdentityExtension nor aadClientSecret is set"
+                    .to_string(),
             });
         }
     };
@@ -195,7 +212,10 @@ pub async fn fetch(
     ))
 }
 
-async fn managed_identity_token(client: &HttpClient, config: &AzureConfig) -> Result<String, Error> {
+async fn managed_identity_token(
+    client: &HttpClient,
+    config: &AzureConfig,
+) -> Result<String, Error> {
     let base = env(IMDS_URL_ENV).unwrap_or_else(|| IMDS_URL.to_string());
     let mut url = format!(
         "{base}/metadata/identity/oauth2/token?api-version=2018-02-01&resource={}",
@@ -203,12 +223,17 @@ async fn managed_identity_token(client: &HttpClient, config: &AzureConfig) -> Re
     );
     let id = &config.user_assigned_identity_id;
     if !id.is_empty() {
-        let key = if id.contains("/subscriptions/") { "msi_res_id" } else { "client_id" };
+        let key = if id.contains("/subscriptions/") {
+            "msi_res_id"
+        } else {
+            "client_id"
+        };
         url.push_str(&format!("&{key}={}", percent_encode(id)));
     }
     let what = "Azure managed identity token";
     let mut req = request(http::Method::GET, &url, None, what)?;
-    req.headers_mut().insert("Metadata", http::HeaderValue::from_static("true"));
+    req.headers_mut()
+        .insert("Metadata", http::HeaderValue::from_static("true"));
     let answer = send(client, what, req).await?;
     if !answer.status.is_success() {
         return Err(http_error(what, &url, format!("HTTP {}", answer.status)));
@@ -220,18 +245,35 @@ async fn managed_identity_token(client: &HttpClient, config: &AzureConfig) -> Re
     Ok(t.access_token)
 }
 
-async fn federated_token(client: &HttpClient, tenant: &str, client_id: &str, assertion: &str) -> Result<String, Error> {
+async fn federated_token(
+    client: &HttpClient,
+    tenant: &str,
+    client_id: &str,
+    assertion: &str,
+) -> Result<String, Error> {
     let authority = env("AZURE_AUTHORITY_HOST").unwrap_or_else(|| AUTHORITY.to_string());
-    let url = format!("{}/{}/oauth2/v2.0/token", authority.trim_end_matches('/'), percent_encode(tenant));
+    let url = format!(
+        "{}/{}/oauth2/v2.0/token",
+        authority.trim_end_matches('/'),
+        percent_encode(tenant)
+    );
     let body = form_encode(&[
         ("grant_type", "client_credentials"),
         ("client_id", client_id),
         ("scope", &format!("{RESOURCE}/.default")),
-        ("client_assertion_type", "urn:ietf:params:oauth:client-assertion-type:jwt-bearer"),
+        (
+            "client_assertion_type",
+            "urn:ietf:params:oauth:client-assertion-type:jwt-bearer",
+        ),
         ("client_assertion", assertion),
     ]);
     let what = "AAD federated token";
-    let answer = send(client, what, request(http::Method::POST, &url, Some(body), what)?).await?;
+    let answer = send(
+        client,
+        what,
+        request(http::Method::POST, &url, Some(body), what)?,
+    )
+    .await?;
     if !answer.status.is_success() {
         return Err(Error::ServiceAccount(format!(
             "{what} at {url} answered HTTP {}; check the federated credential of client {client_id} for the service account's issuer and subject",
@@ -262,7 +304,12 @@ pub fn parse_challenge(header: &str) -> Option<(String, String)> {
     Some((realm?, service?))
 }
 
-async fn exchange(client: &HttpClient, login_server: &str, tenant: &str, aad: &str) -> Result<String, Error> {
+async fn exchange(
+    client: &HttpClient,
+    login_server: &str,
+    tenant: &str,
+    aad: &str,
+) -> Result<String, Error> {
     let base = env(REGISTRY_URL_ENV).unwrap_or_else(|| format!("https://{login_server}"));
     let what = "ACR challenge (GET /v2/)";
     let url = format!("{}/v2/", base.trim_end_matches('/'));
@@ -283,7 +330,10 @@ async fn exchange(client: &HttpClient, login_server: &str, tenant: &str, aad: &s
         what: "realm URL in the challenge",
     })?;
     let (Some(scheme), Some(authority)) = (realm_uri.scheme_str(), realm_uri.authority()) else {
-        return Err(Error::BadAnswer { service: "ACR", what: "realm URL in the challenge" });
+        return Err(Error::BadAnswer {
+            service: "ACR",
+            what: "realm URL in the challenge",
+        });
     };
     let url = format!("{scheme}://{authority}/oauth2/exchange");
     let what = "ACR token exchange";
@@ -293,7 +343,12 @@ async fn exchange(client: &HttpClient, login_server: &str, tenant: &str, aad: &s
         ("tenant", tenant),
         ("access_token", aad),
     ]);
-    let answer = send(client, what, request(http::Method::POST, &url, Some(body), what)?).await?;
+    let answer = send(
+        client,
+        what,
+        request(http::Method::POST, &url, Some(body), what)?,
+    )
+    .await?;
     if !answer.status.is_success() {
         return Err(http_error(what, &url, format!("HTTP {}", answer.status)));
     }
@@ -311,17 +366,35 @@ mod tests {
     #[test]
     fn challenge_and_mirrors() {
         assert_eq!(
-            parse_challenge(r#"Bearer realm="https://r.azurecr.io/oauth2/token",service="r.azurecr.io""#),
-            Some(("https://r.azurecr.io/oauth2/token".into(), "r.azurecr.io".into()))
+            parse_challenge(
+                r#"Bearer realm="https://r.azurecr.io/oauth2/token",service="r.azurecr.io""#
+            ),
+            Some((
+                "https://r.azurecr.io/oauth2/token".into(),
+                "r.azurecr.io".into()
+            ))
         );
         assert_eq!(parse_challenge("Basic realm=x"), None);
         let o = AcrOptions {
             cloud_config: None,
             mirrors: vec![("mcr.microsoft.com".into(), "x.azurecr.io".into())],
         };
-        assert_eq!(target_registry("mcr.microsoft.com/a", &o), ("x.azurecr.io", Some("mcr.microsoft.com")));
-        assert_eq!(target_registry("y.azurecr.io/a", &o), ("y.azurecr.io", None));
-        let f = build_response("x.azurecr.io", Some("mcr.microsoft.com"), AuthConfig { username: "u".into(), password: "p".into() });
+        assert_eq!(
+            target_registry("mcr.microsoft.com/a", &o),
+            ("x.azurecr.io", Some("mcr.microsoft.com"))
+        );
+        assert_eq!(
+            target_registry("y.azurecr.io/a", &o),
+            ("y.azurecr.io", None)
+        );
+        let f = build_response(
+            "x.azurecr.io",
+            Some("mcr.microsoft.com"),
+            AuthConfig {
+                username: "u".into(),
+                password: "p".into(),
+            },
+        );
         assert_eq!(f.response.auth.len(), 2);
         assert_eq!(f.response.cache_duration, Some(CACHE_DURATION));
     }

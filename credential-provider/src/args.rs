@@ -27,6 +27,13 @@ pub enum Command {
         /// The image.
         image: String,
     },
+    /// Copy this binary into a directory under every provider name (the DaemonSet's job).
+    Install {
+        /// The kubelet's `--image-credential-provider-bin-dir` as mounted.
+        dir: PathBuf,
+        /// Keep running afterwards (a DaemonSet container must not exit).
+        wait: bool,
+    },
     /// Print the version.
     Version,
     /// Print the usage.
@@ -117,9 +124,8 @@ pub fn parse_args(
     let mut cache_dir = env(CACHE_DIR_ENV).map_or(Some(PathBuf::from(DEFAULT_CACHE_DIR)), |d| {
         (!d.is_empty()).then(|| PathBuf::from(d))
     });
-    let mut local_config = PathBuf::from(
-        env(LOCAL_CONFIG_ENV).unwrap_or_else(|| DEFAULT_LOCAL_CONFIG.to_string()),
-    );
+    let mut local_config =
+        PathBuf::from(env(LOCAL_CONFIG_ENV).unwrap_or_else(|| DEFAULT_LOCAL_CONFIG.to_string()));
     let mut gcp = GcpOptions::default();
     let mut acr = AcrOptions::default();
     let mut positionals = Vec::new();
@@ -129,9 +135,10 @@ pub fn parse_args(
     while i < args.len() {
         let arg = &args[i];
         i += 1;
-        let Some(flag) = arg.strip_prefix("--").or_else(|| {
-            arg.strip_prefix('-').filter(|f| !f.is_empty())
-        }) else {
+        let Some(flag) = arg
+            .strip_prefix("--")
+            .or_else(|| arg.strip_prefix('-').filter(|f| !f.is_empty()))
+        else {
             positionals.push(arg.clone());
             continue;
         };
@@ -242,6 +249,17 @@ pub fn parse_args(
                 Command::Doctor { image }
             }
             Some("version") => Command::Version,
+            Some("install") => {
+                rest.next();
+                let dir = rest
+                    .next()
+                    .ok_or_else(|| Error::Args("install needs a DIRECTORY".to_string()))?;
+                let wait = rest.peek().map(String::as_str) == Some("wait");
+                Command::Install {
+                    dir: PathBuf::from(dir),
+                    wait,
+                }
+            }
             _ => Command::GetCredentials,
         },
     };
@@ -280,7 +298,16 @@ mod tests {
         assert_eq!(o.gcp.auth_flow, GcpAuthFlow::Gcr);
         let (_, o) = parse(
             "auth-provider-gcp",
-            &["get-credentials", "--authFlow=gcr", "--identity-provider", "https://c", "--project-id", "p", "-v", "3"],
+            &[
+                "get-credentials",
+                "--authFlow=gcr",
+                "--identity-provider",
+                "https://c",
+                "--project-id",
+                "p",
+                "-v",
+                "3",
+            ],
         )
         .unwrap();
         assert_eq!(o.gcp.identity_provider.as_deref(), Some("https://c"));
@@ -291,19 +318,35 @@ mod tests {
     fn acr_example_config_arguments() {
         let (_, o) = parse(
             "acr-credential-provider",
-            &["/etc/kubernetes/azure.json", "--registry-mirror=mcr.microsoft.com:xxx.azurecr.io"],
+            &[
+                "/etc/kubernetes/azure.json",
+                "--registry-mirror=mcr.microsoft.com:xxx.azurecr.io",
+            ],
         )
         .unwrap();
         assert_eq!(o.family, Some(Family::Acr));
-        assert_eq!(o.acr.cloud_config, Some(PathBuf::from("/etc/kubernetes/azure.json")));
-        assert_eq!(o.acr.mirrors, vec![("mcr.microsoft.com".into(), "xxx.azurecr.io".into())]);
+        assert_eq!(
+            o.acr.cloud_config,
+            Some(PathBuf::from("/etc/kubernetes/azure.json"))
+        );
+        assert_eq!(
+            o.acr.mirrors,
+            vec![("mcr.microsoft.com".into(), "xxx.azurecr.io".into())]
+        );
     }
 
     #[test]
     fn ecr_ignores_positional_arguments_and_provider_flag_forces() {
         let (cmd, o) = parse("ecr-credential-provider", &["get-credentials"]).unwrap();
-        assert_eq!((cmd, o.family), (Command::GetCredentials, Some(Family::Ecr)));
-        let (_, o) = parse("credential-provider", &["--provider", "local", "--no-cache"]).unwrap();
+        assert_eq!(
+            (cmd, o.family),
+            (Command::GetCredentials, Some(Family::Ecr))
+        );
+        let (_, o) = parse(
+            "credential-provider",
+            &["--provider", "local", "--no-cache"],
+        )
+        .unwrap();
         assert_eq!(o.family, Some(Family::Local));
         assert_eq!(o.cache_dir, None);
     }
@@ -311,7 +354,12 @@ mod tests {
     #[test]
     fn doctor_and_bad_flags() {
         let (cmd, _) = parse("credential-provider", &["doctor", "gcr.io/p/a"]).unwrap();
-        assert_eq!(cmd, Command::Doctor { image: "gcr.io/p/a".into() });
+        assert_eq!(
+            cmd,
+            Command::Doctor {
+                image: "gcr.io/p/a".into()
+            }
+        );
         for bad in [
             &["--bogus"][..],
             &["--provider", "quay"],
@@ -322,7 +370,10 @@ mod tests {
             &["doctor"],
             &["--cache-dir"],
         ] {
-            assert!(matches!(parse("credential-provider", bad), Err(Error::Args(_))), "{bad:?}");
+            assert!(
+                matches!(parse("credential-provider", bad), Err(Error::Args(_))),
+                "{bad:?}"
+            );
         }
     }
 

@@ -250,7 +250,10 @@ mod tests {
         let out = insert(many, entry("new", 0, 50_000), 0);
         assert_eq!(out.len(), MAX_ENTRIES);
         assert!(out.iter().any(|e| e.key == "new"));
-        assert!(!out.iter().any(|e| e.key == "k0"), "soonest expiring evicted");
+        assert!(
+            !out.iter().any(|e| e.key == "k0"),
+            "soonest expiring evicted"
+        );
     }
 
     #[test]
@@ -261,7 +264,10 @@ mod tests {
         cache.store(vec![entry("k", 0, 100)]).unwrap();
         let mode = fs::metadata(cache.path()).unwrap().permissions().mode();
         assert_eq!(mode & 0o777, 0o600);
-        let dir_mode = fs::metadata(dir.path().join("c")).unwrap().permissions().mode();
+        let dir_mode = fs::metadata(dir.path().join("c"))
+            .unwrap()
+            .permissions()
+            .mode();
         assert_eq!(dir_mode & 0o777, 0o700);
         let (entries, state) = cache.load();
         assert_eq!((entries.len(), state), (1, CacheState::Loaded));

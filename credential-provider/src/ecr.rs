@@ -25,7 +25,10 @@ const PUBLIC_REGION: &str = "us-east-1";
 const OPERATION_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// The role a service-account token pulls as: the annotation, else `AWS_ECR_ROLE_ARN`.
-pub fn role_for(annotations: &BTreeMap<String, String>, env_role: Option<String>) -> Option<String> {
+pub fn role_for(
+    annotations: &BTreeMap<String, String>,
+    env_role: Option<String>,
+) -> Option<String> {
     annotations
         .get(ROLE_ANNOTATION)
         .cloned()
@@ -187,15 +190,24 @@ mod tests {
     fn token_split_and_cache_duration_upstream_rules() {
         let enc = base64::engine::general_purpose::STANDARD.encode("AWS:pa:ss");
         let auth = split_token(&enc).unwrap();
-        assert_eq!((auth.username.as_str(), auth.password.as_str()), ("AWS", "pa:ss"));
+        assert_eq!(
+            (auth.username.as_str(), auth.password.as_str()),
+            ("AWS", "pa:ss")
+        );
         assert!(split_token("!!!").is_err());
         let nocolon = base64::engine::general_purpose::STANDARD.encode("nocolon");
         assert!(split_token(&nocolon).is_err());
 
-        let a = || AuthConfig { username: "AWS".into(), password: "p".into() };
+        let a = || AuthConfig {
+            username: "AWS".into(),
+            password: "p".into(),
+        };
         // 12 h token: the kubelet caches it for 6 h.
         let f = build_response("r", a(), Some(12 * 3600), 0);
-        assert_eq!(f.response.cache_duration, Some(Duration::from_secs(6 * 3600)));
+        assert_eq!(
+            f.response.cache_duration,
+            Some(Duration::from_secs(6 * 3600))
+        );
         // moto's expiry of 2015: explicitly 0, not the kubelet's default.
         let f = build_response("r", a(), Some(1_420_070_400), 1_800_000_000);
         assert_eq!(f.response.cache_duration, Some(Duration::ZERO));
@@ -206,8 +218,14 @@ mod tests {
     #[test]
     fn role_from_annotation_then_environment() {
         let ann = BTreeMap::from([(ROLE_ANNOTATION.to_string(), "arn:a".to_string())]);
-        assert_eq!(role_for(&ann, Some("arn:e".into())).as_deref(), Some("arn:a"));
-        assert_eq!(role_for(&BTreeMap::new(), Some("arn:e".into())).as_deref(), Some("arn:e"));
+        assert_eq!(
+            role_for(&ann, Some("arn:e".into())).as_deref(),
+            Some("arn:a")
+        );
+        assert_eq!(
+            role_for(&BTreeMap::new(), Some("arn:e".into())).as_deref(),
+            Some("arn:e")
+        );
         assert_eq!(role_for(&BTreeMap::new(), None), None);
     }
 }

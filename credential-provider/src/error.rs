@@ -85,7 +85,9 @@ pub enum Error {
         path: PathBuf,
     },
     /// The local credentials file could not be read.
-    #[error("reading the local credentials file {path}: {source}; check --local-config and the file's permissions")]
+    #[error(
+        "reading the local credentials file {path}: {source}; check --local-config and the file's permissions"
+    )]
     LocalRead {
         /// The file.
         path: PathBuf,
@@ -101,7 +103,9 @@ pub enum Error {
         detail: String,
     },
     /// No entry of the local credentials file matches the image.
-    #[error("no entry of the local credentials file {path} matches image {image:?}; add one whose `match` covers its registry")]
+    #[error(
+        "no entry of the local credentials file {path} matches image {image:?}; add one whose `match` covers its registry"
+    )]
     LocalNoMatch {
         /// The image.
         image: String,
@@ -109,7 +113,9 @@ pub enum Error {
         path: PathBuf,
     },
     /// Every matching entry of the local credentials file has expired.
-    #[error("the credentials for {pattern:?} in {path} expired at {expired_at}; renew them in the file")]
+    #[error(
+        "the credentials for {pattern:?} in {path} expired at {expired_at}; renew them in the file"
+    )]
     LocalExpired {
         /// The entry's `match`.
         pattern: String,

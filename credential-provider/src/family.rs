@@ -137,8 +137,12 @@ pub fn parse_ecr_host(host: &str) -> EcrHost {
 }
 
 /// Registries auth-provider-gcp always answers for, besides the image's own.
-pub const GCP_REGISTRY_PATTERNS: [&str; 4] =
-    ["container.cloud.google.com", "gcr.io", "*.gcr.io", "*.pkg.dev"];
+pub const GCP_REGISTRY_PATTERNS: [&str; 4] = [
+    "container.cloud.google.com",
+    "gcr.io",
+    "*.gcr.io",
+    "*.pkg.dev",
+];
 
 /// Whether the image is on Container Registry or Artifact Registry.
 pub fn is_gcp_registry(image: &str) -> bool {
@@ -183,25 +187,73 @@ mod tests {
     #[test]
     fn parse_region_from_ecr_private_host_upstream_cases() {
         let cases = [
-            ("123456789012.dkr.ecr.us-west-2.amazonaws.com", private("123456789012", "us-west-2", false)),
-            ("123456789012.dkr.ecr.cn-north-1.amazonaws.com.cn", private("123456789012", "cn-north-1", false)),
-            ("123456789012.dkr.ecr.us-gov-east-1.amazonaws.com", private("123456789012", "us-gov-east-1", false)),
-            ("123456789012.dkr.ecr.us-iso-east-1.c2s.ic.gov", private("123456789012", "us-iso-east-1", false)),
-            ("123456789012.dkr.ecr.us-isob-east-1.sc2s.sgov.gov", private("123456789012", "us-isob-east-1", false)),
-            ("123456789012.dkr.ecr.eusc-de-east-1.amazonaws.eu", private("123456789012", "eusc-de-east-1", false)),
-            ("123456789012.dkr.ecr-fips.us-east-1.amazonaws.com", private("123456789012", "us-east-1", true)),
-            ("123456789012.dkr-ecr.us-west-2.on.aws", private("123456789012", "us-west-2", false)),
-            ("123456789012.dkr-ecr-fips.us-west-2.on.aws", private("123456789012", "us-west-2", true)),
-            ("123456789012.dkr-ecr.cn-north-1.on.amazonwebservices.com.cn", private("123456789012", "cn-north-1", false)),
+            (
+                "123456789012.dkr.ecr.us-west-2.amazonaws.com",
+                private("123456789012", "us-west-2", false),
+            ),
+            (
+                "123456789012.dkr.ecr.cn-north-1.amazonaws.com.cn",
+                private("123456789012", "cn-north-1", false),
+            ),
+            (
+                "123456789012.dkr.ecr.us-gov-east-1.amazonaws.com",
+                private("123456789012", "us-gov-east-1", false),
+            ),
+            (
+                "123456789012.dkr.ecr.us-iso-east-1.c2s.ic.gov",
+                private("123456789012", "us-iso-east-1", false),
+            ),
+            (
+                "123456789012.dkr.ecr.us-isob-east-1.sc2s.sgov.gov",
+                private("123456789012", "us-isob-east-1", false),
+            ),
+            (
+                "123456789012.dkr.ecr.eusc-de-east-1.amazonaws.eu",
+                private("123456789012", "eusc-de-east-1", false),
+            ),
+            (
+                "123456789012.dkr.ecr-fips.us-east-1.amazonaws.com",
+                private("123456789012", "us-east-1", true),
+            ),
+            (
+                "123456789012.dkr-ecr.us-west-2.on.aws",
+                private("123456789012", "us-west-2", false),
+            ),
+            (
+                "123456789012.dkr-ecr-fips.us-west-2.on.aws",
+                private("123456789012", "us-west-2", true),
+            ),
+            (
+                "123456789012.dkr-ecr.cn-north-1.on.amazonwebservices.com.cn",
+                private("123456789012", "cn-north-1", false),
+            ),
             ("public.ecr.aws", EcrHost::Public),
             ("ecr-public.aws.com", EcrHost::Public),
             // invalid hosts
-            ("1234567890123.dkr.ecr.us-west-2.amazonaws.com", EcrHost::Other),
-            ("12345678901.dkr.ecr.us-west-2.amazonaws.com", EcrHost::Other),
-            ("123456789012.dkr.ecr.us-w$st-2.amazonaws.com", EcrHost::Other),
-            ("123456789012.dkr.ecr.us-west-2.amazonaws.hacker.com", EcrHost::Other),
-            ("123456789012.dkr.ecr.us-west-2.amazonaws.lol", EcrHost::Other),
-            ("123456789012.dog.ecr.us-west-2.amazonaws.com", EcrHost::Other),
+            (
+                "1234567890123.dkr.ecr.us-west-2.amazonaws.com",
+                EcrHost::Other,
+            ),
+            (
+                "12345678901.dkr.ecr.us-west-2.amazonaws.com",
+                EcrHost::Other,
+            ),
+            (
+                "123456789012.dkr.ecr.us-w$st-2.amazonaws.com",
+                EcrHost::Other,
+            ),
+            (
+                "123456789012.dkr.ecr.us-west-2.amazonaws.hacker.com",
+                EcrHost::Other,
+            ),
+            (
+                "123456789012.dkr.ecr.us-west-2.amazonaws.lol",
+                EcrHost::Other,
+            ),
+            (
+                "123456789012.dog.ecr.us-west-2.amazonaws.com",
+                EcrHost::Other,
+            ),
             ("registry.k8s.io", EcrHost::Other),
         ];
         for (host, want) in cases {
@@ -212,7 +264,10 @@ mod tests {
     #[test]
     fn detect_family_per_image() {
         let d = |i: &str| Family::detect(i);
-        assert_eq!(d("123456789012.dkr.ecr.eu-west-1.amazonaws.com/app:1"), Some(Family::Ecr));
+        assert_eq!(
+            d("123456789012.dkr.ecr.eu-west-1.amazonaws.com/app:1"),
+            Some(Family::Ecr)
+        );
         // The upstream test "image reference containing public ECR host": a private host.
         assert_eq!(
             d("123456789012.dkr.ecr.eu-west-1.amazonaws.com/public.ecr.aws/app"),
@@ -231,11 +286,19 @@ mod tests {
     #[test]
     fn program_names_of_the_upstream_plugins() {
         assert_eq!(
-            Family::from_program_name("/usr/libexec/kubernetes/kubelet-plugins/credential-provider/exec/ecr-credential-provider"),
+            Family::from_program_name(
+                "/usr/libexec/kubernetes/kubelet-plugins/credential-provider/exec/ecr-credential-provider"
+            ),
             Some(Family::Ecr)
         );
-        assert_eq!(Family::from_program_name("auth-provider-gcp"), Some(Family::Gcp));
-        assert_eq!(Family::from_program_name("acr-credential-provider.exe"), Some(Family::Acr));
+        assert_eq!(
+            Family::from_program_name("auth-provider-gcp"),
+            Some(Family::Gcp)
+        );
+        assert_eq!(
+            Family::from_program_name("acr-credential-provider.exe"),
+            Some(Family::Acr)
+        );
         assert_eq!(Family::from_program_name("credential-provider"), None);
     }
 }

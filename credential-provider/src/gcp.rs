@@ -57,8 +57,12 @@ pub fn build_response(
     for p in GCP_REGISTRY_PATTERNS {
         auth.insert(p.to_string(), auth_for());
     }
-    let wanted = cache_duration.and_then(parse_go_duration).unwrap_or(Duration::ZERO);
-    let life = expires_in.map_or(wanted, |s| Duration::from_secs(u64::try_from(s / 2).unwrap_or(0)));
+    let wanted = cache_duration
+        .and_then(parse_go_duration)
+        .unwrap_or(Duration::ZERO);
+    let life = expires_in.map_or(wanted, |s| {
+        Duration::from_secs(u64::try_from(s / 2).unwrap_or(0))
+    });
     Fetched {
         response: CredentialProviderResponse {
             cache_key_type: cache_type
@@ -87,7 +91,10 @@ async fn metadata_get(client: &HttpClient, path: &str, what: &'static str) -> Re
         .header("User-Agent", USER_AGENT)
         .body(Full::new(Bytes::new()))
         .map_err(|e| http_error(what, &url, e.to_string()))?;
-    let answer = client.send(req).await.map_err(|d| http_error(what, &url, d))?;
+    let answer = client
+        .send(req)
+        .await
+        .map_err(|d| http_error(what, &url, d))?;
     if !answer.status.is_success() {
         return Err(http_error(what, &url, format!("HTTP {}", answer.status)));
     }
@@ -128,10 +135,11 @@ pub async fn fetch(
                     "GCE metadata token",
                 )
                 .await?;
-                let t: TokenAnswer = serde_json::from_slice(&body).map_err(|_| Error::BadAnswer {
-                    service: "GCE metadata server",
-                    what: "token (JSON with access_token)",
-                })?;
+                let t: TokenAnswer =
+                    serde_json::from_slice(&body).map_err(|_| Error::BadAnswer {
+                        service: "GCE metadata server",
+                        what: "token (JSON with access_token)",
+                    })?;
                 (t.access_token, t.expires_in)
             }
         },
@@ -158,10 +166,16 @@ async fn sts_exchange(
     let url = env(STS_URL_ENV).unwrap_or_else(|| STS_URL.to_string());
     let audience = format!("identitynamespace:{project}.svc.id.goog:{identity_provider}");
     let body = form_encode(&[
-        ("grant_type", "urn:ietf:params:oauth:grant-type:token-exchange"),
+        (
+            "grant_type",
+            "urn:ietf:params:oauth:grant-type:token-exchange",
+        ),
         ("audience", &audience),
         ("scope", "https://www.googleapis.com/auth/cloud-platform"),
-        ("requested_token_type", "urn:ietf:params:oauth:token-type:access_token"),
+        (
+            "requested_token_type",
+            "urn:ietf:params:oauth:token-type:access_token",
+        ),
         ("subject_token", token),
         ("subject_token_type", "urn:ietf:params:oauth:token-type:jwt"),
     ]);
@@ -170,7 +184,10 @@ async fn sts_exchange(
         .header("Content-Type", "application/x-www-form-urlencoded")
         .body(Full::new(Bytes::from(body)))
         .map_err(|e| http_error(what, &url, e.to_string()))?;
-    let answer = client.send(req).await.map_err(|d| http_error(what, &url, d))?;
+    let answer = client
+        .send(req)
+        .await
+        .map_err(|d| http_error(what, &url, d))?;
     if !answer.status.is_success() {
         return Err(Error::ServiceAccount(format!(
             "{what} at {url} answered HTTP {}; check the workload identity pool {project}.svc.id.goog, --identity-provider and the service account's IAM binding",
@@ -195,7 +212,12 @@ struct DockerEntry {
 
 async fn dockercfg(client: &HttpClient, flow: GcpAuthFlow, image: &str) -> Result<Fetched, Error> {
     let body = if flow == GcpAuthFlow::Dockercfg {
-        metadata_get(client, "instance/attributes/google-dockercfg", "GCE metadata google-dockercfg").await?
+        metadata_get(
+            client,
+            "instance/attributes/google-dockercfg",
+            "GCE metadata google-dockercfg",
+        )
+        .await?
     } else {
         let url_bytes = metadata_get(
             client,
@@ -214,20 +236,27 @@ async fn dockercfg(client: &HttpClient, flow: GcpAuthFlow, image: &str) -> Resul
         let req = Request::get(&url)
             .body(Full::new(Bytes::new()))
             .map_err(|e| http_error(what, &url, e.to_string()))?;
-        let answer = client.send(req).await.map_err(|d| http_error(what, &url, d))?;
+        let answer = client
+            .send(req)
+            .await
+            .map_err(|d| http_error(what, &url, d))?;
         if !answer.status.is_success() {
             return Err(http_error(what, &url, format!("HTTP {}", answer.status)));
         }
         answer.body
     };
-    let cfg: BTreeMap<String, DockerEntry> = serde_json::from_slice(&body).map_err(|_| Error::BadAnswer {
-        service: "GCE metadata server",
-        what: "docker config JSON",
-    })?;
+    let cfg: BTreeMap<String, DockerEntry> =
+        serde_json::from_slice(&body).map_err(|_| Error::BadAnswer {
+            service: "GCE metadata server",
+            what: "docker config JSON",
+        })?;
     let mut auth = BTreeMap::new();
     for (registry, e) in cfg {
         let pair = match (e.username, e.password, e.auth) {
-            (Some(u), Some(p), _) => AuthConfig { username: u, password: p },
+            (Some(u), Some(p), _) => AuthConfig {
+                username: u,
+                password: p,
+            },
             (_, _, Some(a)) => crate::ecr::split_token(&a).map_err(|_| Error::BadAnswer {
                 service: "GCE metadata server",
                 what: "docker config auth (base64 of user:password)",
@@ -258,15 +287,42 @@ mod tests {
 
     #[test]
     fn response_keys_and_cache_settings_follow_upstream() {
-        let f = build_response("europe-docker.pkg.dev/p/r/app", "tok".into(), Some(3600), 0, None, None);
+        let f = build_response(
+            "europe-docker.pkg.dev/p/r/app",
+            "tok".into(),
+            Some(3600),
+            0,
+            None,
+            None,
+        );
         let keys: Vec<&str> = f.response.auth.keys().map(String::as_str).collect();
-        assert_eq!(keys, ["*.gcr.io", "*.pkg.dev", "container.cloud.google.com", "europe-docker.pkg.dev", "gcr.io"]);
+        assert_eq!(
+            keys,
+            [
+                "*.gcr.io",
+                "*.pkg.dev",
+                "container.cloud.google.com",
+                "europe-docker.pkg.dev",
+                "gcr.io"
+            ]
+        );
         assert_eq!(f.response.auth["gcr.io"].username, "_token");
         // Upstream default: no caching, Image keys.
         assert_eq!(f.response.cache_duration, Some(Duration::ZERO));
         assert_eq!(f.response.cache_key_type, CacheKeyType::Image);
-        let f = build_response("gcr.io/p/a", "tok".into(), Some(3600), 0, Some("registry"), Some("1h"));
+        let f = build_response(
+            "gcr.io/p/a",
+            "tok".into(),
+            Some(3600),
+            0,
+            Some("registry"),
+            Some("1h"),
+        );
         assert_eq!(f.response.cache_key_type, CacheKeyType::Registry);
-        assert_eq!(f.response.cache_duration, Some(Duration::from_secs(1800)), "capped at half the token's life");
+        assert_eq!(
+            f.response.cache_duration,
+            Some(Duration::from_secs(1800)),
+            "capped at half the token's life"
+        );
     }
 }

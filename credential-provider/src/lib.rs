@@ -24,14 +24,16 @@ pub use args::{
     AcrOptions, CACHE_DIR_ENV, Command, DEFAULT_CACHE_DIR, DEFAULT_LOCAL_CONFIG, GcpAuthFlow,
     GcpOptions, LOCAL_CONFIG_ENV, Options, parse_args,
 };
-pub use cache::{CacheEntry, CacheState, DiskCache, MAX_ENTRIES, insert as cache_insert, lookup as cache_lookup};
+pub use cache::{
+    CacheEntry, CacheState, DiskCache, MAX_ENTRIES, insert as cache_insert, lookup as cache_lookup,
+};
 pub use error::{DecodeError, Error};
 pub use family::{EcrHost, Family, acr_login_server, is_gcp_registry, parse_ecr_host};
 pub use local::{LocalConfig, LocalEntry, load_local_config, parse_local_config, resolve_local};
 pub use matching::{host_of, image_without_tag, registry_of, urls_match};
 pub use protocol::{
-    ApiVersion, AuthConfig, CacheKeyType, GROUP, CredentialProviderRequest, CredentialProviderResponse,
-    DecodedResponse, decode_request, decode_response, encode_response, format_go_duration,
+    ApiVersion, AuthConfig, CacheKeyType, CredentialProviderRequest, CredentialProviderResponse,
+    DecodedResponse, GROUP, decode_request, decode_response, encode_response, format_go_duration,
     parse_go_duration,
 };
 pub use provider::{Fetched, answer, cache_key, choose_family, doctor, entry_to_store, fetch};

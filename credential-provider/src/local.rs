@@ -24,9 +24,7 @@ use serde::Deserialize;
 
 use crate::error::Error;
 use crate::matching::urls_match;
-use crate::protocol::{
-    AuthConfig, CacheKeyType, CredentialProviderResponse, parse_go_duration,
-};
+use crate::protocol::{AuthConfig, CacheKeyType, CredentialProviderResponse, parse_go_duration};
 
 /// How long the kubelet may cache a local answer unless the file says otherwise.
 pub const DEFAULT_CACHE_DURATION: Duration = Duration::from_secs(60);
@@ -88,14 +86,18 @@ pub fn parse_local_config(text: &str, path: &Path) -> Result<LocalConfig, Error>
         detail,
     };
     let raw: RawFile = if text.trim_start().starts_with('{') {
-        serde_json::from_str(text).map_err(|e| bad(crate::error::DecodeError::from_json(e).to_string()))?
+        serde_json::from_str(text)
+            .map_err(|e| bad(crate::error::DecodeError::from_json(e).to_string()))?
     } else {
         serde_saphyr::from_str(text).map_err(|e| bad(yaml_error_without_values(&e.to_string())))?
     };
     let cache_duration = match raw.cache_duration {
         None => DEFAULT_CACHE_DURATION,
-        Some(s) => parse_go_duration(&s)
-            .ok_or_else(|| bad(format!("cacheDuration {s:?} is not a duration such as 1m or 30s")))?,
+        Some(s) => parse_go_duration(&s).ok_or_else(|| {
+            bad(format!(
+                "cacheDuration {s:?} is not a duration such as 1m or 30s"
+            ))
+        })?,
     };
     let mut registries = Vec::with_capacity(raw.registries.len());
     for (i, e) in raw.registries.into_iter().enumerate() {
@@ -109,19 +111,35 @@ pub fn parse_local_config(text: &str, path: &Path) -> Result<LocalConfig, Error>
                 username: username.unwrap_or_else(|| TOKEN_USERNAME.to_string()),
                 password: token,
             },
-            (None, Some(_), None) => return Err(bad(format!("{at} ({}): `password` needs `username`", e.pattern))),
+            (None, Some(_), None) => {
+                return Err(bad(format!(
+                    "{at} ({}): `password` needs `username`",
+                    e.pattern
+                )));
+            }
             (_, Some(_), Some(_)) => {
-                return Err(bad(format!("{at} ({}): give `password` or `token`, not both", e.pattern)));
+                return Err(bad(format!(
+                    "{at} ({}): give `password` or `token`, not both",
+                    e.pattern
+                )));
             }
             (_, None, None) => {
-                return Err(bad(format!("{at} ({}): needs `username` and `password`, or `token`", e.pattern)));
+                return Err(bad(format!(
+                    "{at} ({}): needs `username` and `password`, or `token`",
+                    e.pattern
+                )));
             }
         };
         let expires_at = match e.expires {
             None => None,
             Some(s) => Some(
                 chrono::DateTime::parse_from_rfc3339(&s)
-                    .map_err(|err| bad(format!("{at} ({}): expires {s:?} is not RFC 3339: {err}", e.pattern)))?
+                    .map_err(|err| {
+                        bad(format!(
+                            "{at} ({}): expires {s:?} is not RFC 3339: {err}",
+                            e.pattern
+                        ))
+                    })?
                     .timestamp(),
             ),
         };
@@ -143,7 +161,12 @@ fn yaml_error_without_values(text: &str) -> String {
     let first = text.lines().next().unwrap_or(text);
     let first = first.strip_prefix("error: ").unwrap_or(first);
     let unquoted = first.split(['"', '\'']).next().unwrap_or(first);
-    unquoted.split(", expected").next().unwrap_or(unquoted).trim_end().to_string()
+    unquoted
+        .split(", expected")
+        .next()
+        .unwrap_or(unquoted)
+        .trim_end()
+        .to_string()
 }
 
 /// Reads and parses the file.
@@ -157,7 +180,10 @@ pub fn load_local_config(path: &Path) -> Result<LocalConfig, Error> {
 
 /// Whether some entry's pattern matches `image`.
 pub fn local_matches(config: &LocalConfig, image: &str) -> bool {
-    config.registries.iter().any(|e| urls_match(&e.pattern, image))
+    config
+        .registries
+        .iter()
+        .any(|e| urls_match(&e.pattern, image))
 }
 
 /// The answer for `image` at `now` (Unix seconds): every unexpired matching entry, keyed by
@@ -197,7 +223,8 @@ pub fn resolve_local(
     }
     let soonest = live.iter().filter_map(|e| e.expires_at).min();
     let until_expiry = soonest.map(|t| Duration::from_secs(u64::try_from(t - now).unwrap_or(0)));
-    let cache_duration = until_expiry.map_or(config.cache_duration, |d| d.min(config.cache_duration));
+    let cache_duration =
+        until_expiry.map_or(config.cache_duration, |d| d.min(config.cache_duration));
     // A pattern with a path must not let the kubelet reuse the answer for the whole registry.
     let cache_key_type = if live.iter().any(|e| e.pattern.contains('/')) {
         CacheKeyType::Image
@@ -252,14 +279,20 @@ registries:
     #[test]
     fn resolves_per_registry_with_expiry() {
         let c = parse_local_config(FILE, path()).unwrap();
-        let now = chrono::DateTime::parse_from_rfc3339("2029-12-31T23:59:00Z").unwrap().timestamp();
+        let now = chrono::DateTime::parse_from_rfc3339("2029-12-31T23:59:00Z")
+            .unwrap()
+            .timestamp();
         let r = resolve_local(&c, "127.0.0.1:5000/app:v1", now, path()).unwrap();
         assert_eq!(r.cache_key_type, CacheKeyType::Registry);
         assert_eq!(r.auth["127.0.0.1:5000"].username, "alice");
         assert_eq!(r.cache_duration, Some(Duration::from_secs(120)));
         let r = resolve_local(&c, "harbor.example.com/team/app", now, path()).unwrap();
         assert_eq!(r.cache_key_type, CacheKeyType::Image);
-        assert_eq!(r.cache_duration, Some(Duration::from_secs(60)), "capped at expiry");
+        assert_eq!(
+            r.cache_duration,
+            Some(Duration::from_secs(60)),
+            "capped at expiry"
+        );
         assert!(matches!(
             resolve_local(&c, "old.example.com/app", now, path()),
             Err(Error::LocalExpired { .. })
@@ -273,14 +306,35 @@ registries:
     #[test]
     fn bad_files_name_the_entry_and_never_the_secret() {
         let cases = [
-            ("registries:\n  - match: r.io\n    username: u\n", "needs `username` and `password`"),
-            ("registries:\n  - match: r.io\n    password: hunter2\n", "`password` needs `username`"),
-            ("registries:\n  - match: r.io\n    username: u\n    password: hunter2\n    token: t\n", "not both"),
-            ("registries:\n  - match: r.io\n    token: hunter2\n    expires: tomorrow\n", "RFC 3339"),
-            ("registries:\n  - match: r.io\n    token: hunter2\n    colour: red\n", "colour"),
+            (
+                "registries:\n  - match: r.io\n    username: u\n",
+                "needs `username` and `password`",
+            ),
+            (
+                "registries:\n  - match: r.io\n    password: hunter2\n",
+                "`password` needs `username`",
+            ),
+            (
+                "registries:\n  - match: r.io\n    username: u\n    password: hunter2\n    token: t\n",
+                "not both",
+            ),
+            (
+                "registries:\n  - match: r.io\n    token: hunter2\n    expires: tomorrow\n",
+                "RFC 3339",
+            ),
+            (
+                "registries:\n  - match: r.io\n    token: hunter2\n    colour: red\n",
+                "colour",
+            ),
             ("cacheDuration: soon\nregistries: []\n", "cacheDuration"),
-            ("registries:\n  - match: r.io\n    token: hunter2\n    token: hunter3\n", "uplicate"),
-            (r#"{"registries":[{"match":"r.io","token":"hunter2","token":"x"}]}"#, "duplicate field"),
+            (
+                "registries:\n  - match: r.io\n    token: hunter2\n    token: hunter3\n",
+                "uplicate",
+            ),
+            (
+                r#"{"registries":[{"match":"r.io","token":"hunter2","token":"x"}]}"#,
+                "duplicate field",
+            ),
         ];
         for (text, want) in cases {
             let err = parse_local_config(text, path()).unwrap_err().to_string();

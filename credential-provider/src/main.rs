@@ -5,11 +5,14 @@
 use std::io::{Read as _, Write as _};
 use std::process::ExitCode;
 
-use credential_provider::{Command, Options, answer, decode_request, doctor, encode_response, parse_args};
+use credential_provider::{
+    Command, Options, answer, decode_request, doctor, encode_response, parse_args,
+};
 
 const USAGE: &str = "\
 usage: credential-provider [get-credentials] [flags]     (the kubelet's call: request on stdin)
        credential-provider doctor IMAGE [flags]
+       credential-provider install DIR [wait]   (copy itself into the kubelet's bin dir)
        credential-provider --version
 
 Installed (or symlinked) as ecr-credential-provider, auth-provider-gcp or
@@ -42,6 +45,30 @@ fn get_credentials(options: &Options) -> anyhow::Result<String> {
     Ok(encode_response(request.api_version, &response))
 }
 
+/// The names the kubelet config may give the provider; each selects its family.
+const INSTALL_NAMES: [&str; 5] = [
+    "credential-provider",
+    "ecr-credential-provider",
+    "auth-provider-gcp",
+    "acr-credential-provider",
+    "local-credential-provider",
+];
+
+/// Copies this executable into `dir` under every name: to a temporary file, then renamed, so
+/// the kubelet never executes a half-written binary.
+fn install(dir: &std::path::Path) -> anyhow::Result<()> {
+    use std::os::unix::fs::PermissionsExt as _;
+    let me = std::env::current_exe()?;
+    std::fs::create_dir_all(dir)?;
+    for name in INSTALL_NAMES {
+        let tmp = dir.join(format!(".{name}.tmp"));
+        std::fs::copy(&me, &tmp)?;
+        std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o755))?;
+        std::fs::rename(&tmp, dir.join(name))?;
+    }
+    Ok(())
+}
+
 fn main() -> ExitCode {
     let mut argv = std::env::args();
     let argv0 = argv.next().unwrap_or_default();
@@ -58,6 +85,24 @@ fn main() -> ExitCode {
             println!("credential-provider {}", env!("CARGO_PKG_VERSION"));
             ExitCode::SUCCESS
         }
+        Command::Install { dir, wait } => match install(&dir) {
+            Ok(()) => {
+                println!("credential-provider: installed into {}", dir.display());
+                if wait {
+                    loop {
+                        std::thread::park();
+                    }
+                }
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!(
+                    "credential-provider: installing into {}: {e:#}; check the hostPath mount",
+                    dir.display()
+                );
+                ExitCode::FAILURE
+            }
+        },
         Command::Help => {
             print!("{USAGE}");
             ExitCode::SUCCESS
@@ -65,7 +110,11 @@ fn main() -> ExitCode {
         Command::Doctor { image } => {
             let (report, ok) = doctor(&options, &image, now());
             print!("{report}");
-            if ok { ExitCode::SUCCESS } else { ExitCode::FAILURE }
+            if ok {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            }
         }
         Command::GetCredentials => match get_credentials(&options) {
             Ok(json) => {

@@ -186,8 +186,16 @@ mod tests {
             ("*.kubernetes.io/blah", "prefix.kubernetes.io/blah", true),
             ("prefix.*.io/foo", "prefix.kubernetes.io/foo/bar", true),
             // match with path components and ports
-            ("*.kubernetes.io:1111/blah", "prefix.kubernetes.io:1111/blah", true),
-            ("prefix.*.io:1111/foo", "prefix.kubernetes.io:1111/foo/bar", true),
+            (
+                "*.kubernetes.io:1111/blah",
+                "prefix.kubernetes.io:1111/blah",
+                true,
+            ),
+            (
+                "prefix.*.io:1111/foo",
+                "prefix.kubernetes.io:1111/foo/bar",
+                true,
+            ),
             // no match when number of parts mismatch
             ("*.kubernetes.io", "kubernetes.io", false),
             ("*.*.kubernetes.io", "prefix.kubernetes.io", false),
@@ -196,8 +204,16 @@ mod tests {
             ("kubernetes.io", "kubernetes.com", false),
             ("k*.io", "quay.io", false),
             // no match when ports mismatch
-            ("*.kubernetes.io:1234/blah", "prefix.kubernetes.io:1111/blah", false),
-            ("prefix.*.io/foo", "prefix.kubernetes.io:1111/foo/bar", false),
+            (
+                "*.kubernetes.io:1234/blah",
+                "prefix.kubernetes.io:1111/blah",
+                false,
+            ),
+            (
+                "prefix.*.io/foo",
+                "prefix.kubernetes.io:1111/foo/bar",
+                false,
+            ),
         ];
         for (glob, target, want) in cases {
             assert_eq!(urls_match(glob, target), want, "{glob} vs {target}");
@@ -237,7 +253,10 @@ mod tests {
             ("*.docker.com", "prefix.docker.io"),
             ("suffix.*.io", "prefix.docker.io"),
             ("prefix.docker.c*", "prefix.docker.io"),
-            ("prefix.*.io/path:1111", "prefix.docker.io/path/subpath:1111"),
+            (
+                "prefix.*.io/path:1111",
+                "prefix.docker.io/path/subpath:1111",
+            ),
         ];
         for (glob, target) in cases {
             let image = format!("{target}/foo/bar");
@@ -252,7 +271,10 @@ mod tests {
         assert!(urls_match("bar.example.com/pong", "bar.example.com/pong"));
         assert!(!urls_match("bar.example.com/pong", "bar.example.com/ping"));
         assert!(urls_match("bar.example.com/pong", "bar.example.com/pongz"));
-        assert!(urls_match("bar.example.com/pong", "bar.example.com/pong/pang"));
+        assert!(urls_match(
+            "bar.example.com/pong",
+            "bar.example.com/pong/pang"
+        ));
         assert!(!urls_match("bar.example.com", "example.com"));
         assert!(!urls_match("bar.example.com", "foo.example.com"));
     }

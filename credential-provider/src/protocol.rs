@@ -152,7 +152,9 @@ pub fn decode_request(input: &[u8]) -> Result<CredentialProviderRequest, DecodeE
         return Err(DecodeError::Empty);
     }
     let raw: RawRequest = serde_json::from_slice(input).map_err(DecodeError::from_json)?;
-    let version = raw.api_version.ok_or(DecodeError::MissingField("apiVersion"))?;
+    let version = raw
+        .api_version
+        .ok_or(DecodeError::MissingField("apiVersion"))?;
     let api_version =
         ApiVersion::parse(&version).ok_or_else(|| DecodeError::UnknownVersion(version.clone()))?;
     let kind = raw.kind.ok_or(DecodeError::MissingField("kind"))?;
@@ -166,7 +168,10 @@ pub fn decode_request(input: &[u8]) -> Result<CredentialProviderRequest, DecodeE
     if api_version != ApiVersion::V1 {
         // The older versions do not have these fields: the kubelet's strict codec refuses them.
         if raw.service_account_token.is_some() {
-            return Err(DecodeError::NotInVersion("serviceAccountToken", api_version));
+            return Err(DecodeError::NotInVersion(
+                "serviceAccountToken",
+                api_version,
+            ));
         }
         if raw.service_account_annotations.is_some() {
             return Err(DecodeError::NotInVersion(
@@ -179,7 +184,10 @@ pub fn decode_request(input: &[u8]) -> Result<CredentialProviderRequest, DecodeE
         api_version,
         image,
         service_account_token: raw.service_account_token.filter(|t| !t.is_empty()),
-        service_account_annotations: raw.service_account_annotations.map(|m| m.0).unwrap_or_default(),
+        service_account_annotations: raw
+            .service_account_annotations
+            .map(|m| m.0)
+            .unwrap_or_default(),
     })
 }
 

@@ -175,7 +175,8 @@ pub fn fetch(
             Family::Ecr => {
                 let host = host_of(&request.image);
                 let parsed = parse_ecr_host(host);
-                let role = sa.and_then(|(_, ann)| crate::ecr::role_for(ann, env_var(crate::ecr::ROLE_ENV)));
+                let role = sa
+                    .and_then(|(_, ann)| crate::ecr::role_for(ann, env_var(crate::ecr::ROLE_ENV)));
                 // Without a role the node's own credentials are used, as upstream falls back.
                 let web_identity = match (sa, role.as_deref()) {
                     (Some((token, _)), Some(role)) => Some((role, token)),
@@ -219,7 +220,9 @@ pub fn doctor(options: &Options, image: &str, now: i64) -> (String, bool) {
         Family::Ecr => {
             let host = host_of(image);
             let region = match parse_ecr_host(host) {
-                EcrHost::Private { region, fips, .. } => format!("region {region}{}", if fips { " (FIPS host)" } else { "" }),
+                EcrHost::Private { region, fips, .. } => {
+                    format!("region {region}{}", if fips { " (FIPS host)" } else { "" })
+                }
                 EcrHost::Public => "ECR Public, region us-east-1".to_string(),
                 EcrHost::Other => "not an ECR host: the SDK's default region".to_string(),
             };
@@ -230,7 +233,11 @@ pub fn doctor(options: &Options, image: &str, now: i64) -> (String, bool) {
                 .collect();
             format!(
                 "ECR GetAuthorizationToken, {region}, AWS default credential chain (set: {})",
-                if set.is_empty() { "none; instance role or ~/.aws".to_string() } else { set.join(", ") }
+                if set.is_empty() {
+                    "none; instance role or ~/.aws".to_string()
+                } else {
+                    set.join(", ")
+                }
             )
         }
         Family::Gcp => format!(
@@ -244,7 +251,9 @@ pub fn doctor(options: &Options, image: &str, now: i64) -> (String, bool) {
                 .acr
                 .cloud_config
                 .as_ref()
-                .map_or("(none: managed identity)".to_string(), |p| p.display().to_string())
+                .map_or("(none: managed identity)".to_string(), |p| p
+                    .display()
+                    .to_string())
         ),
         Family::Local => format!("local credentials file {}", options.local_config.display()),
     };
@@ -263,7 +272,11 @@ pub fn doctor(options: &Options, image: &str, now: i64) -> (String, bool) {
                     Some(e) => format!("entry valid until Unix time {}", e.expires_at),
                     None => "no usable entry for this image".to_string(),
                 };
-                let _ = writeln!(out, "cache:       {} ({state:?}; {entry})", disk.path().display());
+                let _ = writeln!(
+                    out,
+                    "cache:       {} ({state:?}; {entry})",
+                    disk.path().display()
+                );
             }
         }
     }
@@ -309,19 +322,31 @@ mod tests {
     #[test]
     fn cache_key_follows_registry_token_and_environment() {
         let o = options();
-        let mut r = CredentialProviderRequest::new(ApiVersion::V1, "123456789012.dkr.ecr.us-east-1.amazonaws.com/a:1");
+        let mut r = CredentialProviderRequest::new(
+            ApiVersion::V1,
+            "123456789012.dkr.ecr.us-east-1.amazonaws.com/a:1",
+        );
         let none = |_: &str| None;
         let base = cache_key(Family::Ecr, &r, &o, none);
-        assert!(base.starts_with("ecr|123456789012.dkr.ecr.us-east-1.amazonaws.com|"), "{base}");
+        assert!(
+            base.starts_with("ecr|123456789012.dkr.ecr.us-east-1.amazonaws.com|"),
+            "{base}"
+        );
         r.image = "123456789012.dkr.ecr.us-east-1.amazonaws.com/b:2".into();
-        assert_eq!(cache_key(Family::Ecr, &r, &o, none), base, "same registry, same key");
+        assert_eq!(
+            cache_key(Family::Ecr, &r, &o, none),
+            base,
+            "same registry, same key"
+        );
         r.service_account_token = Some("tok-a".into());
         let a = cache_key(Family::Ecr, &r, &o, none);
         r.service_account_token = Some("tok-b".into());
         let b = cache_key(Family::Ecr, &r, &o, none);
         assert!(a != base && a != b, "the token is part of the key");
         assert!(!a.contains("tok-a"), "the token is hashed");
-        let profile = cache_key(Family::Ecr, &r, &o, |n| (n == "AWS_PROFILE").then(|| "x".to_string()));
+        let profile = cache_key(Family::Ecr, &r, &o, |n| {
+            (n == "AWS_PROFILE").then(|| "x".to_string())
+        });
         assert_ne!(profile, b);
     }
 
