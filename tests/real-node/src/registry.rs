@@ -28,6 +28,16 @@ impl Registry {
         credentials: Option<(&str, &str)>,
     ) -> Result<Registry, Error> {
         let port = test_support::free_port().map_err(Error::io("choosing a port"))?;
+        Self::start_on(cluster, port, credentials).await
+    }
+
+    /// As [`Registry::start`], on `127.0.0.1:port` (for a kubelet configured with the address
+    /// before the registry runs).
+    pub async fn start_on(
+        cluster: &Cluster,
+        port: u16,
+        credentials: Option<(&str, &str)>,
+    ) -> Result<Registry, Error> {
         let dir = cluster.dir()?.join(format!("registry-{port}"));
         std::fs::create_dir_all(dir.join("data"))
             .map_err(Error::io(format!("creating {}", dir.display())))?;
