@@ -272,7 +272,7 @@ pub fn ca_bundle_patch(config: &Value, ca_bundle_b64: &str) -> Option<Value> {
             ]
         })
         .collect();
-    (!ops.is_empty()).then(|| Value::Array(ops))
+    (!ops.is_empty()).then_some(Value::Array(ops))
 }
 
 #[cfg(test)]
