@@ -41,21 +41,6 @@ const SECRETS: [&str; 5] = [
     "cloud-provider-webhook-cpi-tls",
 ];
 
-fn kubectl(cp: &ControlPlane, args: &[&str]) -> String {
-    let output = Command::new("kubectl")
-        .arg(format!("--kubeconfig={}", cp.kubeconfig_path().display()))
-        .args(args)
-        .output()
-        .expect("kubectl is needed for this test: install Debian's kubernetes-client package");
-    let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
-    assert!(
-        output.status.success(),
-        "kubectl {args:?} failed:\n{stdout}\n{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    stdout
-}
-
 /// A token for the ServiceAccount `name` in kube-system, from the TokenRequest API.
 async fn token(admin: &kube::Client, name: &str) -> String {
     let request = TokenRequest {
@@ -153,7 +138,15 @@ async fn service_accounts_do_their_job_and_no_more() {
     let dir = temp_dir("ccm-e2e-rbac-", Location::System).unwrap();
     let d = dir.path();
     let overlay = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../deploy/overlays/local");
-    kubectl(&cp, &["apply", "-k", &overlay.display().to_string()]);
+    kubectl(
+        &[
+            &format!("--kubeconfig={}", cp.kubeconfig_path().display()),
+            "apply",
+            "-k",
+            &overlay.display().to_string(),
+        ],
+        None,
+    );
     // RBAC objects reach the authorizer through a watch: wait until the manager's role works.
     test_control_plane::wait_until_nodes_listable(
         cp.client_as(CCM_USER, CCM_GROUPS).unwrap(),
