@@ -14,7 +14,7 @@ use test_support::{
 };
 
 /// The user the suites run the controller-manager as: the ServiceAccount of
-/// `deploy/kubernetes/rbac.yaml`, so that the controllers get exactly what that manifest grants.
+/// `deploy/base/rbac.yaml`, so that the controllers get exactly what that manifest grants.
 pub const CCM_USER: &str = "system:serviceaccount:kube-system:cloud-controller-manager";
 /// The groups the API server puts a `kube-system` ServiceAccount's token in.
 pub const CCM_GROUPS: &[&str] = &[
@@ -68,7 +68,7 @@ pub fn arg(path: &Path) -> String {
     path.display().to_string()
 }
 
-/// Starts a private control plane with `deploy/kubernetes/rbac.yaml` applied and returns it, an
+/// Starts a private control plane with `deploy/base/rbac.yaml` applied and returns it, an
 /// admin client of it and a temp dir.
 pub async fn start_control_plane() -> (ControlPlane, kube::Client, tempfile::TempDir) {
     let cp = ControlPlane::start().await.expect("control plane");
@@ -77,11 +77,11 @@ pub async fn start_control_plane() -> (ControlPlane, kube::Client, tempfile::Tem
     (cp, client, temp_dir("ccm-e2e-", Location::System).unwrap())
 }
 
-/// Applies `deploy/kubernetes/rbac.yaml` to `cp` with kubectl (as the admin), then waits until
+/// Applies `deploy/base/rbac.yaml` to `cp` with kubectl (as the admin), then waits until
 /// the authorizer grants [`CCM_USER`] what it says: RBAC objects reach the authorizer through a
 /// watch, so a controller-manager started right away could see a 403 that no deployment would.
 pub async fn apply_rbac(cp: &ControlPlane) {
-    let rbac = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../deploy/kubernetes/rbac.yaml");
+    let rbac = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../deploy/base/rbac.yaml");
     let output = tokio::process::Command::new("kubectl")
         .arg(format!("--kubeconfig={}", arg(cp.kubeconfig_path())))
         .args(["apply", "-f"])
@@ -220,4 +220,27 @@ pub fn spawn_ccm_unix(
     ];
     args.extend_from_slice(extra_args);
     spawn_ccm(cp, label, &args, env, dir)
+}
+
+/// Runs kubectl with `args` (and `stdin`), failing the test with its output if it fails.
+pub fn kubectl(args: &[&str], stdin: Option<&str>) -> String {
+    use std::io::Write as _;
+    let mut child = std::process::Command::new("kubectl")
+        .args(args)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("kubectl is needed for this test: install Debian's kubernetes-client package");
+    let mut input = child.stdin.take().unwrap();
+    input.write_all(stdin.unwrap_or("").as_bytes()).unwrap();
+    drop(input);
+    let output = child.wait_with_output().unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
+    assert!(
+        output.status.success(),
+        "kubectl {args:?} failed:\n{stdout}\n{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    stdout
 }
