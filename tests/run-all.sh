@@ -16,5 +16,6 @@ fi
 # --- end credential-provider ---
 # The end-to-end suites spawn these binaries; build them first (`cargo test` builds only the
 # binaries of the package under test).
-cargo build --locked -p cloud-controller-manager -p local-shim -p cloud-provider-webhook
+cargo build --locked -p cloud-controller-manager -p local-shim -p cloud-provider-webhook -p ccm-certgen \
+  -p credential-provider
 cargo test --workspace --locked -- --test-threads=2

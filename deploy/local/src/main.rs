@@ -4,6 +4,7 @@
 //! nodes being initialised.
 
 mod demo;
+mod real_node;
 
 use std::cell::RefCell;
 use std::collections::BTreeSet;
@@ -45,12 +46,25 @@ struct Flags {
     /// How long to wait for initialisation before giving up.
     #[arg(long, default_value = "120")]
     timeout_seconds: u64,
+    /// Run a real single-node cluster instead (kubelet, containerd, kube-proxy, the Kubernetes
+    /// control plane) with the stack deployed as pods from `deploy/overlays/local`; needs root
+    /// and `bash tests/control-plane/provision.sh --node`.
+    #[arg(long)]
+    real_node: bool,
 }
 
 #[tokio::main]
 async fn main() -> Result<()> {
     let flags = Flags::parse();
     let _ = rustls::crypto::ring::default_provider().install_default();
+    if flags.real_node {
+        return real_node::run(
+            Duration::from_secs(flags.timeout_seconds),
+            flags.exit_when_initialised,
+            !flags.no_load_balancer,
+        )
+        .await;
+    }
     let inventory_text = std::fs::read_to_string(&flags.inventory)
         .with_context(|| format!("reading --inventory {}", flags.inventory.display()))?;
     let inventory = Inventory::parse(&flags.inventory, &inventory_text)

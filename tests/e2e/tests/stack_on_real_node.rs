@@ -290,8 +290,14 @@ async fn service_accounts_are_least_privilege(cluster: &Cluster) -> Result<(), S
             )?;
         }
     }
-    // What the controller-manager's account may not do.
-    for (verb, what) in [("get", "secrets"), ("delete", "nodes"), ("create", "pods")] {
+    // What the controller-manager's account may not do (it may delete Nodes: the
+    // cloud-node-lifecycle controller deletes those whose machine is gone).
+    for (verb, what) in [
+        ("get", "secrets"),
+        ("create", "pods"),
+        ("delete", "services"),
+        ("update", "deployments"),
+    ] {
         let out = kubectl(
             cluster,
             &[
@@ -347,11 +353,6 @@ async fn other_replica_takes_over(cluster: &Cluster) -> Result<(), String> {
         .find(|p| leader.starts_with(p.as_str()))
         .ok_or_else(|| format!("lease holder {leader:?} is none of the replicas {replicas:?}"))?
         .clone();
-    let other = replicas
-        .iter()
-        .find(|p| **p != leading_pod)
-        .cloned()
-        .unwrap_or_default();
     pods.delete(
         &leading_pod,
         &DeleteParams {
@@ -361,13 +362,16 @@ async fn other_replica_takes_over(cluster: &Cluster) -> Result<(), String> {
     )
     .await
     .map_err(|e| format!("deleting {leading_pod}: {e}"))?;
-    // Upstream's lease duration is 15 s: the other replica acquires it once it has expired.
+    // Killed without a grace period, the leader cannot release the Lease: another replica takes
+    // it once it has expired (15 s). That may be the standing replica or the one the
+    // Deployment starts in the killed one's place; either must be a running pod.
     let new_leader = wait_for(
-        format!("the lease to move from {leading_pod} to {other}"),
+        format!("the lease to move from {leading_pod} to another running replica"),
         WAIT,
         || {
             let leases = leases.clone();
-            let other = other.clone();
+            let pods = pods.clone();
+            let killed = leading_pod.clone();
             async move {
                 let h = holder(
                     leases
@@ -375,10 +379,11 @@ async fn other_replica_takes_over(cluster: &Cluster) -> Result<(), String> {
                         .await
                         .map_err(|e| e.to_string())?,
                 );
-                if h.starts_with(&other) {
+                let running = running_pods(&pods, "cloud-controller-manager").await?;
+                if !h.starts_with(&killed) && running.iter().any(|p| h.starts_with(p.as_str())) {
                     Ok(h)
                 } else {
-                    Err(format!("holder {h:?}"))
+                    Err(format!("holder {h:?}, running {running:?}"))
                 }
             }
         },
