@@ -13,7 +13,7 @@ use real_node::{
     build_and_import_images, busybox_image,
 };
 use serde_json::json;
-use test_support::Wait;
+use test_support::{Wait, http_get};
 
 /// Runs the real-node demo; `exit` stops after the page, `load_balancer` adds the demo Service.
 pub async fn run(timeout: Duration, exit: bool, load_balancer: bool) -> Result<()> {
@@ -137,21 +137,6 @@ async fn demo_load_balancer(cluster: &Cluster, timeout: Duration) -> Result<Stri
         bail!("http://{ip}/ answered without a body: {page}");
     };
     Ok(format!("curl http://{ip}/ → {}", body.trim()))
-}
-
-async fn http_get(addr: &str) -> Result<String, String> {
-    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
-    let mut s = tokio::net::TcpStream::connect(addr)
-        .await
-        .map_err(|e| e.to_string())?;
-    s.write_all(b"GET / HTTP/1.0\r\n\r\n")
-        .await
-        .map_err(|e| e.to_string())?;
-    let mut out = String::new();
-    s.read_to_string(&mut out)
-        .await
-        .map_err(|e| e.to_string())?;
-    Ok(out)
 }
 
 fn pods_summary(cluster: &Cluster) -> String {

@@ -25,7 +25,7 @@ use real_node::{
     build_and_import_images, busybox_image,
 };
 use serde_json::json;
-use test_support::wait_for;
+use test_support::{http_get, wait_for};
 
 const NAMESPACE: &str = "kube-system";
 const UNINITIALIZED: &str = "node.cloudprovider.kubernetes.io/uninitialized";
@@ -74,6 +74,10 @@ async fn stack_runs_as_pods_on_a_real_node() {
         results.push((
             "webhook pod labels a PersistentVolume and refuses a bad annotation",
             webhook_pod_admits(&cluster).await,
+        ));
+        results.push((
+            "the credential-provider DaemonSet installs the plugin on the node",
+            credential_provider_installed().await,
         ));
         results.push((
             "pods run as their own service accounts, refused outside their RBAC",
@@ -257,6 +261,47 @@ async fn webhook_pod_admits(cluster: &Cluster) -> Result<(), String> {
         Err(e) => Err(format!("refused, but not naming the pool: {e}")),
         Ok(_) => Err("a Service naming a pool that does not exist was admitted".to_owned()),
     }
+}
+
+/// The kubelet's plugin directory the DaemonSet installs into (a hostPath).
+const PLUGIN_DIR: &str = "/usr/libexec/kubernetes/kubelet-plugins/credential-provider/exec";
+
+async fn credential_provider_installed() -> Result<(), String> {
+    // Every upstream plugin name, so existing kubelet configs find it.
+    let names = [
+        "ecr-credential-provider",
+        "auth-provider-gcp",
+        "acr-credential-provider",
+        "local-credential-provider",
+    ];
+    wait_for(
+        format!("the plugin installed in {PLUGIN_DIR}"),
+        WAIT,
+        || async {
+            let missing: Vec<_> = names
+                .iter()
+                .filter(|n| !Path::new(PLUGIN_DIR).join(n).exists())
+                .collect();
+            if missing.is_empty() {
+                Ok(())
+            } else {
+                Err(format!("missing {missing:?}"))
+            }
+        },
+    )
+    .await
+    .map_err(|e| e.to_string())?;
+    let out = std::process::Command::new(Path::new(PLUGIN_DIR).join("ecr-credential-provider"))
+        .arg("--version")
+        .output()
+        .map_err(|e| format!("running the installed plugin: {e}"))?;
+    expect(
+        out.status.success(),
+        format!(
+            "installed plugin --version: {}",
+            String::from_utf8_lossy(&out.stderr)
+        ),
+    )
 }
 
 async fn service_accounts_are_least_privilege(cluster: &Cluster) -> Result<(), String> {
@@ -488,20 +533,4 @@ fn stack_pods(cluster: &Cluster) -> String {
         out.push_str(&format!("\n--- {app} ---\n{logs}"));
     }
     out
-}
-
-/// A plain HTTP/1.0 GET of `/`; the whole response.
-async fn http_get(addr: &str) -> Result<String, String> {
-    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
-    let mut s = tokio::net::TcpStream::connect(addr)
-        .await
-        .map_err(|e| e.to_string())?;
-    s.write_all(b"GET / HTTP/1.0\r\n\r\n")
-        .await
-        .map_err(|e| e.to_string())?;
-    let mut out = String::new();
-    s.read_to_string(&mut out)
-        .await
-        .map_err(|e| e.to_string())?;
-    Ok(out)
 }

@@ -15,7 +15,8 @@ use crate::host::run;
 /// The stack's namespace (the overlays' `kube-system`).
 pub const STACK_NAMESPACE: &str = "kube-system";
 /// The binaries packed into the stack's images.
-const IMAGES: &str = "cloud-controller-manager,local-shim,cloud-provider-webhook,ccm-certgen";
+const IMAGES: &str =
+    "cloud-controller-manager,local-shim,cloud-provider-webhook,ccm-certgen,credential-provider";
 
 /// Where the stack's pieces come from.
 #[derive(Debug, Clone)]

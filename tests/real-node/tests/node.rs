@@ -78,7 +78,7 @@ async fn node_registers_uninitialised_runs_a_pod_and_is_undone() {
     .unwrap_or_else(|e| panic!("{e}\nkubelet:\n{}", cluster.log_tail("kubelet", 40)));
     let page = test_support::wait_for("the pod's page", Duration::from_secs(20), || {
         let url = format!("{ip}:8080");
-        async move { http_get(&url).await }
+        async move { test_support::http_get(&url).await }
     })
     .await
     .unwrap();
@@ -98,20 +98,4 @@ async fn node_registers_uninitialised_runs_a_pod_and_is_undone() {
         !rules.contains("KUBE-SERVICES"),
         "kube-proxy's chains are left behind:\n{rules}"
     );
-}
-
-/// A plain HTTP/1.0 GET of `/` from `host_port`; the whole response.
-async fn http_get(host_port: &str) -> Result<String, String> {
-    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
-    let mut s = tokio::net::TcpStream::connect(host_port)
-        .await
-        .map_err(|e| e.to_string())?;
-    s.write_all(b"GET / HTTP/1.0\r\n\r\n")
-        .await
-        .map_err(|e| e.to_string())?;
-    let mut out = String::new();
-    s.read_to_string(&mut out)
-        .await
-        .map_err(|e| e.to_string())?;
-    Ok(out)
 }

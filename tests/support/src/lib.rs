@@ -34,7 +34,7 @@ pub use mtls::ShimMtls;
 pub use netns::Netns;
 pub use node::{initialised, kubelet_registered_node};
 pub use process::{Process, ProcessBuilder, last_lines, process_alive, workspace_binary};
-pub use service::{KUBE_PROXY_HEALTH_PORT, load_balancer_service, serve_http};
+pub use service::{KUBE_PROXY_HEALTH_PORT, http_get, load_balancer_service, serve_http};
 pub use temp::{Location, temp_dir};
 pub use wait::{DEFAULT_INTERVAL, Wait, WaitError, wait_for};
 pub use webhook::{WEBHOOK_TEST_LABEL, WebhookRegistration, wait_refused};

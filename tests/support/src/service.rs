@@ -72,3 +72,21 @@ pub async fn serve_http(
         }
     }))
 }
+
+/// One plain HTTP/1.0 `GET /` to `addr` (`host:port`); the whole response (status line, headers
+/// and body), or what kept it from being read.
+pub async fn http_get(addr: &str) -> Result<String, String> {
+    let mut stream = tokio::net::TcpStream::connect(addr)
+        .await
+        .map_err(|e| format!("connecting to {addr}: {e}"))?;
+    stream
+        .write_all(b"GET / HTTP/1.0\r\n\r\n")
+        .await
+        .map_err(|e| format!("writing to {addr}: {e}"))?;
+    let mut out = String::new();
+    stream
+        .read_to_string(&mut out)
+        .await
+        .map_err(|e| format!("reading from {addr}: {e}"))?;
+    Ok(out)
+}
