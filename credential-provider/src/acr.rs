@@ -294,11 +294,13 @@ async fn exchange(
         });
     };
     let url = format!("{scheme}://{authority}/oauth2/exchange");
+    // As the upstream plugin sends it: the AAD token as both access and refresh token.
     let body = form_encode(&[
-        ("grant_type", "access_token"),
+        ("grant_type", "access_token_refresh_token"),
         ("service", &service),
         ("tenant", tenant),
         ("access_token", aad),
+        ("refresh_token", aad),
     ]);
     let purpose = purpose("ACR token exchange");
     let req = purpose.request(Method::POST, &url, &[], Some(body))?;

@@ -556,11 +556,14 @@ fn acr_federated_service_account_token() {
     ] {
         assert!(seen[0].body.contains(part), "{part} in {}", seen[0].body);
     }
-    assert!(
-        seen[1].body.contains("access_token=aad-federated-secret"),
-        "{}",
-        seen[1].body
-    );
+    for part in [
+        "grant_type=access_token_refresh_token",
+        "access_token=aad-federated-secret",
+        "refresh_token=aad-federated-secret",
+        "tenant=tenant-1",
+    ] {
+        assert!(seen[1].body.contains(part), "{part} in {}", seen[1].body);
+    }
 
     // Without the annotations: a clear error naming them.
     let req = sa_request("myreg.azurecr.io/app:1", "sa-jwt-secret", &[]);
