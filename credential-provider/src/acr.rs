@@ -7,15 +7,13 @@ use std::collections::BTreeMap;
 use std::path::Path;
 use std::time::Duration;
 
-use http::Request;
-use http_body_util::Full;
-use hyper::body::Bytes;
+use http::Method;
 use serde::Deserialize;
 
 use crate::args::AcrOptions;
 use crate::error::Error;
 use crate::family::acr_login_server_with;
-use crate::http::{HttpClient, form_encode, percent_encode};
+use crate::http::{HttpClient, Purpose, TOKEN_JSON, form_encode, percent_encode};
 use crate::matching::registry_of;
 use crate::protocol::{AuthConfig, CacheKeyType, CredentialProviderResponse};
 use crate::provider::Fetched;
@@ -103,12 +101,13 @@ fn env(name: &str) -> Option<String> {
     std::env::var(name).ok().filter(|v| !v.is_empty())
 }
 
-fn http_error(what: &'static str, url: &str, detail: String) -> Error {
-    Error::Http {
+/// What to check when the registry, IMDS or AAD fails.
+const HINT: &str = "check the identity's AcrPull role on the registry, the azure.json given as argument and that the registry and AAD are reachable";
+
+fn purpose(what: &'static str) -> Purpose {
+    Purpose {
         what,
-        url: url.to_string(),
-        detail,
-        hint: "check the identity's AcrPull role on the registry, the azure.json given as argument and that the registry and AAD are reachable",
+        hint: HINT.to_string(),
     }
 }
 
@@ -120,32 +119,6 @@ struct AadToken {
 #[derive(Deserialize)]
 struct Exchange {
     refresh_token: String,
-}
-
-async fn send(
-    client: &HttpClient,
-    what: &'static str,
-    req: Request<Full<Bytes>>,
-) -> Result<crate::http::Answer, Error> {
-    let url = req.uri().to_string();
-    client
-        .send(req)
-        .await
-        .map_err(|d| http_error(what, &url, d))
-}
-
-fn request(
-    method: http::Method,
-    url: &str,
-    body: Option<String>,
-    what: &'static str,
-) -> Result<Request<Full<Bytes>>, Error> {
-    let mut b = Request::builder().method(method).uri(url);
-    if body.is_some() {
-        b = b.header("Content-Type", "application/x-www-form-urlencoded");
-    }
-    b.body(Full::new(Bytes::from(body.unwrap_or_default())))
-        .map_err(|e| http_error(what, url, e.to_string()))
 }
 
 /// Obtains credentials for `image`. Returns `None` when the image is not on ACR.
@@ -230,18 +203,11 @@ async fn managed_identity_token(
         };
         url.push_str(&format!("&{key}={}", percent_encode(id)));
     }
-    let what = "Azure managed identity token";
-    let mut req = request(http::Method::GET, &url, None, what)?;
-    req.headers_mut()
-        .insert("Metadata", http::HeaderValue::from_static("true"));
-    let answer = send(client, what, req).await?;
-    if !answer.status.is_success() {
-        return Err(http_error(what, &url, format!("HTTP {}", answer.status)));
-    }
-    let t: AadToken = serde_json::from_slice(&answer.body).map_err(|_| Error::BadAnswer {
-        service: "Azure instance metadata",
-        what: "token (JSON with access_token)",
-    })?;
+    let purpose = purpose("Azure managed identity token");
+    let req = purpose.request(Method::GET, &url, &[("Metadata", "true")], None)?;
+    let t: AadToken = client
+        .send_json(req, &purpose, "Azure instance metadata", TOKEN_JSON)
+        .await?;
     Ok(t.access_token)
 }
 
@@ -267,23 +233,14 @@ async fn federated_token(
         ),
         ("client_assertion", assertion),
     ]);
-    let what = "AAD federated token";
-    let answer = send(
-        client,
-        what,
-        request(http::Method::POST, &url, Some(body), what)?,
-    )
-    .await?;
-    if !answer.status.is_success() {
-        return Err(Error::ServiceAccount(format!(
-            "{what} at {url} answered HTTP {}; check the federated credential of client {client_id} for the service account's issuer and subject",
-            answer.status
-        )));
-    }
-    let t: AadToken = serde_json::from_slice(&answer.body).map_err(|_| Error::BadAnswer {
-        service: "AAD",
-        what: "token (JSON with access_token)",
-    })?;
+    let purpose = Purpose {
+        what: "AAD federated token",
+        hint: format!(
+            "check the federated credential of client {client_id} for the service account's issuer and subject"
+        ),
+    };
+    let req = purpose.request(Method::POST, &url, &[], Some(body))?;
+    let t: AadToken = client.send_json(req, &purpose, "AAD", TOKEN_JSON).await?;
     Ok(t.access_token)
 }
 
@@ -311,9 +268,10 @@ async fn exchange(
     aad: &str,
 ) -> Result<String, Error> {
     let base = env(REGISTRY_URL_ENV).unwrap_or_else(|| format!("https://{login_server}"));
-    let what = "ACR challenge (GET /v2/)";
+    let challenge_purpose = purpose("ACR challenge (GET /v2/)");
     let url = format!("{}/v2/", base.trim_end_matches('/'));
-    let answer = send(client, what, request(http::Method::GET, &url, None, what)?).await?;
+    let req = challenge_purpose.request(Method::GET, &url, &[], None)?;
+    let answer = client.send(req, &challenge_purpose).await?;
     let challenge = answer
         .headers
         .get(http::header::WWW_AUTHENTICATE)
@@ -336,26 +294,19 @@ async fn exchange(
         });
     };
     let url = format!("{scheme}://{authority}/oauth2/exchange");
-    let what = "ACR token exchange";
+    // As the upstream plugin sends it: the AAD token as both access and refresh token.
     let body = form_encode(&[
-        ("grant_type", "access_token"),
+        ("grant_type", "access_token_refresh_token"),
         ("service", &service),
         ("tenant", tenant),
         ("access_token", aad),
+        ("refresh_token", aad),
     ]);
-    let answer = send(
-        client,
-        what,
-        request(http::Method::POST, &url, Some(body), what)?,
-    )
-    .await?;
-    if !answer.status.is_success() {
-        return Err(http_error(what, &url, format!("HTTP {}", answer.status)));
-    }
-    let e: Exchange = serde_json::from_slice(&answer.body).map_err(|_| Error::BadAnswer {
-        service: "ACR",
-        what: "refresh_token in the exchange answer",
-    })?;
+    let purpose = purpose("ACR token exchange");
+    let req = purpose.request(Method::POST, &url, &[], Some(body))?;
+    let e: Exchange = client
+        .send_json(req, &purpose, "ACR", "refresh_token in the exchange answer")
+        .await?;
     Ok(e.refresh_token)
 }
 

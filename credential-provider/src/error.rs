@@ -165,8 +165,11 @@ pub enum Error {
         /// Why.
         detail: String,
         /// What to check.
-        hint: &'static str,
+        hint: String,
     },
+    /// The HTTP client's TLS configuration could not be built.
+    #[error("TLS set-up of the HTTP client: {0}")]
+    Tls(rustls::Error),
     /// The service-account token mode lacks something.
     #[error("{0}")]
     ServiceAccount(String),

@@ -6,15 +6,14 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use http::Request;
-use http_body_util::Full;
+use http::Method;
 use hyper::body::Bytes;
 use serde::Deserialize;
 
 use crate::args::{GcpAuthFlow, GcpOptions};
 use crate::error::Error;
 use crate::family::GCP_REGISTRY_PATTERNS;
-use crate::http::{HttpClient, form_encode};
+use crate::http::{HttpClient, Purpose, TOKEN_JSON, form_encode};
 use crate::matching::registry_of;
 use crate::protocol::{AuthConfig, CacheKeyType, CredentialProviderResponse, parse_go_duration};
 use crate::provider::Fetched;
@@ -84,30 +83,21 @@ fn metadata_url(path: &str) -> String {
     format!("http://{host}/computeMetadata/v1/{path}")
 }
 
-async fn metadata_get(client: &HttpClient, path: &str, what: &'static str) -> Result<Bytes, Error> {
-    let url = metadata_url(path);
-    let req = Request::get(&url)
-        .header("Metadata-Flavor", "Google")
-        .header("User-Agent", USER_AGENT)
-        .body(Full::new(Bytes::new()))
-        .map_err(|e| http_error(what, &url, e.to_string()))?;
-    let answer = client
-        .send(req)
-        .await
-        .map_err(|d| http_error(what, &url, d))?;
-    if !answer.status.is_success() {
-        return Err(http_error(what, &url, format!("HTTP {}", answer.status)));
-    }
-    Ok(answer.body)
-}
+/// What to check when the metadata server fails.
+const METADATA_HINT: &str = "check that the node runs on GCE with a service account that has the cloud-platform or devstorage scope (GCE_METADATA_HOST overrides the metadata server)";
 
-fn http_error(what: &'static str, url: &str, detail: String) -> Error {
-    Error::Http {
+async fn metadata_get(client: &HttpClient, path: &str, what: &'static str) -> Result<Bytes, Error> {
+    let purpose = Purpose {
         what,
-        url: url.to_string(),
-        detail,
-        hint: "check that the node runs on GCE with a service account that has the cloud-platform or devstorage scope (GCE_METADATA_HOST overrides the metadata server)",
-    }
+        hint: METADATA_HINT.to_string(),
+    };
+    let req = purpose.request(
+        Method::GET,
+        &metadata_url(path),
+        &[("Metadata-Flavor", "Google"), ("User-Agent", USER_AGENT)],
+        None,
+    )?;
+    client.send_ok(req, &purpose).await
 }
 
 /// Obtains credentials for `image`.
@@ -138,7 +128,7 @@ pub async fn fetch(
                 let t: TokenAnswer =
                     serde_json::from_slice(&body).map_err(|_| Error::BadAnswer {
                         service: "GCE metadata server",
-                        what: "token (JSON with access_token)",
+                        what: TOKEN_JSON,
                     })?;
                 (t.access_token, t.expires_in)
             }
@@ -179,25 +169,16 @@ async fn sts_exchange(
         ("subject_token", token),
         ("subject_token_type", "urn:ietf:params:oauth:token-type:jwt"),
     ]);
-    let what = "Google STS token exchange";
-    let req = Request::post(&url)
-        .header("Content-Type", "application/x-www-form-urlencoded")
-        .body(Full::new(Bytes::from(body)))
-        .map_err(|e| http_error(what, &url, e.to_string()))?;
-    let answer = client
-        .send(req)
+    let purpose = Purpose {
+        what: "Google STS token exchange",
+        hint: format!(
+            "check the workload identity pool {project}.svc.id.goog, --identity-provider and the service account's IAM binding"
+        ),
+    };
+    let req = purpose.request(Method::POST, &url, &[], Some(body))?;
+    client
+        .send_json(req, &purpose, "Google STS", TOKEN_JSON)
         .await
-        .map_err(|d| http_error(what, &url, d))?;
-    if !answer.status.is_success() {
-        return Err(Error::ServiceAccount(format!(
-            "{what} at {url} answered HTTP {}; check the workload identity pool {project}.svc.id.goog, --identity-provider and the service account's IAM binding",
-            answer.status
-        )));
-    }
-    serde_json::from_slice(&answer.body).map_err(|_| Error::BadAnswer {
-        service: "Google STS",
-        what: "token (JSON with access_token)",
-    })
 }
 
 #[derive(Deserialize)]
@@ -232,18 +213,12 @@ async fn dockercfg(client: &HttpClient, flow: GcpAuthFlow, image: &str) -> Resul
                 what: "google-dockercfg-url (an http or https URL)",
             });
         }
-        let what = "docker config from google-dockercfg-url";
-        let req = Request::get(&url)
-            .body(Full::new(Bytes::new()))
-            .map_err(|e| http_error(what, &url, e.to_string()))?;
-        let answer = client
-            .send(req)
-            .await
-            .map_err(|d| http_error(what, &url, d))?;
-        if !answer.status.is_success() {
-            return Err(http_error(what, &url, format!("HTTP {}", answer.status)));
-        }
-        answer.body
+        let purpose = Purpose {
+            what: "docker config from google-dockercfg-url",
+            hint: "check the URL in the instance attribute google-dockercfg-url and that it is reachable from the node".to_string(),
+        };
+        let req = purpose.request(Method::GET, &url, &[], None)?;
+        client.send_ok(req, &purpose).await?
     };
     let cfg: BTreeMap<String, DockerEntry> =
         serde_json::from_slice(&body).map_err(|_| Error::BadAnswer {

@@ -5,15 +5,19 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use http::{HeaderMap, Request, StatusCode};
+use http::{HeaderMap, Method, Request, StatusCode};
 use http_body_util::{BodyExt as _, Full};
 use hyper::body::Bytes;
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
 
+use crate::error::Error;
+
 /// Per-request deadline: well inside the kubelet's one-minute exec timeout.
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(20);
+/// What a token endpoint's answer must hold.
+pub const TOKEN_JSON: &str = "token (JSON with access_token)";
 /// Answers larger than this are refused.
 const MAX_BODY: usize = 1 << 20;
 
@@ -27,6 +31,45 @@ pub struct Answer {
     pub body: Bytes,
 }
 
+/// What a request is for and what to check when it fails; both go into the error.
+pub struct Purpose {
+    /// What the request obtains ("GCE metadata token").
+    pub what: &'static str,
+    /// What the operator should check.
+    pub hint: String,
+}
+
+impl Purpose {
+    /// The error for a request to `url` that failed with `detail`.
+    pub fn error(&self, url: &str, detail: String) -> Error {
+        Error::Http {
+            what: self.what,
+            url: url.to_string(),
+            detail,
+            hint: self.hint.clone(),
+        }
+    }
+
+    /// A request to `url` with the fixed `headers` and, when given, a form-encoded `form` body.
+    pub fn request(
+        &self,
+        method: Method,
+        url: &str,
+        headers: &[(&'static str, &'static str)],
+        form: Option<String>,
+    ) -> Result<Request<Full<Bytes>>, Error> {
+        let mut b = Request::builder().method(method).uri(url);
+        for (name, value) in headers {
+            b = b.header(*name, *value);
+        }
+        if form.is_some() {
+            b = b.header("Content-Type", "application/x-www-form-urlencoded");
+        }
+        b.body(Full::new(Bytes::from(form.unwrap_or_default())))
+            .map_err(|e| self.error(url, e.to_string()))
+    }
+}
+
 /// The client.
 pub struct HttpClient {
     inner: Client<hyper_rustls::HttpsConnector<HttpConnector>, Full<Bytes>>,
@@ -34,7 +77,7 @@ pub struct HttpClient {
 
 impl HttpClient {
     /// A client trusting the system's roots.
-    pub fn new() -> Result<Self, String> {
+    pub fn new() -> Result<Self, Error> {
         let mut roots = rustls::RootCertStore::empty();
         // Unreadable system certificates leave an empty store: plain-HTTP metadata servers
         // still work and HTTPS fails with a certificate error that names the problem.
@@ -46,7 +89,7 @@ impl HttpClient {
             .with_safe_default_protocol_versions()
             .map(|b| b.with_root_certificates(roots).with_no_client_auth());
         // ring supports the default protocol versions, so this cannot fail in practice.
-        let tls = tls.map_err(|e| format!("TLS set-up: {e}"))?;
+        let tls = tls.map_err(Error::Tls)?;
         let connector = hyper_rustls::HttpsConnectorBuilder::new()
             .with_tls_config(tls)
             .https_or_http()
@@ -57,9 +100,51 @@ impl HttpClient {
         })
     }
 
-    /// Sends `request` and reads the whole answer within [`REQUEST_TIMEOUT`]. The error is a
-    /// description without the request (which may carry a token).
-    pub async fn send(&self, request: Request<Full<Bytes>>) -> Result<Answer, String> {
+    /// Sends `request` and reads the whole answer within [`REQUEST_TIMEOUT`], whatever its
+    /// status. The error names the URL and `purpose`, never the request's body or headers
+    /// (which may carry a token).
+    pub async fn send(
+        &self,
+        request: Request<Full<Bytes>>,
+        purpose: &Purpose,
+    ) -> Result<Answer, Error> {
+        let url = request.uri().to_string();
+        self.send_raw(request)
+            .await
+            .map_err(|detail| purpose.error(&url, detail))
+    }
+
+    /// [`Self::send`], then the body of a success status; any other status is an error.
+    pub async fn send_ok(
+        &self,
+        request: Request<Full<Bytes>>,
+        purpose: &Purpose,
+    ) -> Result<Bytes, Error> {
+        let url = request.uri().to_string();
+        let answer = self.send(request, purpose).await?;
+        if !answer.status.is_success() {
+            return Err(purpose.error(&url, format!("HTTP {}", answer.status)));
+        }
+        Ok(answer.body)
+    }
+
+    /// [`Self::send_ok`], then the body decoded as JSON; an undecodable body is
+    /// [`Error::BadAnswer`] of `service` lacking `expected`.
+    pub async fn send_json<T: serde::de::DeserializeOwned>(
+        &self,
+        request: Request<Full<Bytes>>,
+        purpose: &Purpose,
+        service: &'static str,
+        expected: &'static str,
+    ) -> Result<T, Error> {
+        let body = self.send_ok(request, purpose).await?;
+        serde_json::from_slice(&body).map_err(|_| Error::BadAnswer {
+            service,
+            what: expected,
+        })
+    }
+
+    async fn send_raw(&self, request: Request<Full<Bytes>>) -> Result<Answer, String> {
         let fut = async {
             let resp = self
                 .inner

@@ -19,6 +19,8 @@ mod local;
 mod matching;
 mod protocol;
 mod provider;
+#[cfg(feature = "test-servers")]
+pub mod testing;
 
 pub use args::{
     AcrOptions, CACHE_DIR_ENV, Command, DEFAULT_CACHE_DIR, DEFAULT_LOCAL_CONFIG, GcpAuthFlow,

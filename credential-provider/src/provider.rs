@@ -185,11 +185,11 @@ pub fn fetch(
                 crate::ecr::fetch(host, &parsed, web_identity, now).await
             }
             Family::Gcp => {
-                let client = crate::http::HttpClient::new().map_err(Error::Args)?;
+                let client = crate::http::HttpClient::new()?;
                 crate::gcp::fetch(&client, &options.gcp, &request.image, sa, now).await
             }
             Family::Acr => {
-                let client = crate::http::HttpClient::new().map_err(Error::Args)?;
+                let client = crate::http::HttpClient::new()?;
                 crate::acr::fetch(&client, &options.acr, &request.image, sa).await
             }
             Family::Local => Ok(Fetched {

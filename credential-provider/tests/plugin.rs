@@ -4,15 +4,17 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::zombie_processes)]
 
-use std::io::{BufRead as _, BufReader, Read as _, Write as _};
-use std::net::TcpListener;
+use std::collections::BTreeMap;
+use std::io::Write as _;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use credential_provider::{ApiVersion, CacheKeyType, CredentialProviderRequest, decode_response};
+use credential_provider::testing::{CannedServer, Moto, Route};
+use credential_provider::{
+    ApiVersion, CacheKeyType, CredentialProviderRequest, CredentialProviderResponse,
+    decode_response,
+};
 
 const BIN: &str = env!("CARGO_BIN_EXE_credential-provider");
 
@@ -23,7 +25,12 @@ struct Run {
 }
 
 fn run(args: &[&str], env: &[(&str, &str)], stdin: &[u8]) -> Run {
-    let mut cmd = Command::new(BIN);
+    run_program(Path::new(BIN), args, env, stdin)
+}
+
+/// Runs `program` as the kubelet does (no disk cache unless `env` sets one).
+fn run_program(program: &Path, args: &[&str], env: &[(&str, &str)], stdin: &[u8]) -> Run {
+    let mut cmd = Command::new(program);
     cmd.args(args)
         .env_remove("AWS_PROFILE")
         .env("CREDENTIAL_PROVIDER_CACHE_DIR", "")
@@ -128,72 +135,10 @@ fn bad_input_gives_one_line_and_no_stdout() {
     );
 }
 
-/// `moto_server` from the test-assets venv or PATH.
-fn moto_server() -> PathBuf {
-    let cache = std::env::var("CCM_TEST_ASSETS_CACHE")
-        .map(PathBuf::from)
-        .unwrap_or_else(|_| {
-            PathBuf::from(std::env::var("HOME").unwrap_or_default()).join(".cache/ccm-test-assets")
-        });
-    let venv = cache.join("moto-venv/bin/moto_server");
-    if venv.exists() {
-        return venv;
-    }
-    let on_path = std::env::var("PATH")
-        .unwrap_or_default()
-        .split(':')
-        .map(|d| Path::new(d).join("moto_server"))
-        .find(|p| p.exists());
-    on_path.unwrap_or_else(|| {
-        panic!("moto_server not found: run tests/run-all.sh (it installs moto[server] into {}/moto-venv) or `pip install 'moto[server]'`", cache.display())
-    })
-}
-
-struct Moto(Child, u16);
-impl Drop for Moto {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn start_moto() -> Moto {
-    let port = TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let child = Command::new(moto_server())
-        .args(["-H", "127.0.0.1", "-p", &port.to_string()])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("start moto_server");
-    for _ in 0..200 {
-        if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
-            return Moto(child, port);
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    panic!("moto_server did not listen on {port} within 10 s");
-}
-
-fn aws_env(endpoint: &str) -> Vec<(&'static str, String)> {
-    vec![
-        ("AWS_ENDPOINT_URL", endpoint.to_string()),
-        ("AWS_ACCESS_KEY_ID", "testing".into()),
-        ("AWS_SECRET_ACCESS_KEY", "testing".into()),
-        ("AWS_EC2_METADATA_DISABLED", "true".into()),
-        ("AWS_CONFIG_FILE", "/nonexistent".into()),
-        ("AWS_SHARED_CREDENTIALS_FILE", "/nonexistent".into()),
-    ]
-}
-
 #[test]
 fn ecr_against_moto_as_the_kubelet_calls_it() {
-    let moto = start_moto();
-    let endpoint = format!("http://localhost:{}", moto.1);
-    let env = aws_env(&endpoint);
+    let moto = Moto::start().unwrap();
+    let env = moto.aws_env();
     let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
     let image = "123456789012.dkr.ecr.us-west-2.amazonaws.com/app:v1";
     let req = CredentialProviderRequest::new(ApiVersion::V1, image);
@@ -201,25 +146,17 @@ fn ecr_against_moto_as_the_kubelet_calls_it() {
     let dir = tempfile::tempdir().unwrap();
     let link = dir.path().join("ecr-credential-provider");
     std::os::unix::fs::symlink(BIN, &link).unwrap();
-    let out = Command::new(&link)
-        .arg("get-credentials")
-        .envs(env.iter().copied())
-        .env("CREDENTIAL_PROVIDER_CACHE_DIR", dir.path().join("cache"))
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .and_then(|mut c| {
-            c.stdin
-                .take()
-                .unwrap()
-                .write_all(req.to_json().as_bytes())?;
-            c.wait_with_output()
-        })
-        .unwrap();
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "{stderr}");
-    let resp = decode_response(&out.stdout).unwrap();
+    let cache = dir.path().join("cache");
+    let mut with_cache = env.clone();
+    with_cache.push(("CREDENTIAL_PROVIDER_CACHE_DIR", cache.to_str().unwrap()));
+    let out = run_program(
+        &link,
+        &["get-credentials"],
+        &with_cache,
+        req.to_json().as_bytes(),
+    );
+    assert_eq!(out.code, 0, "{}", out.stderr);
+    let resp = decode_response(out.stdout.as_bytes()).unwrap();
     let auth = &resp.response.auth["123456789012.dkr.ecr.us-west-2.amazonaws.com"];
     assert_eq!(auth.username, "AWS");
     assert!(!auth.password.is_empty());
@@ -258,68 +195,15 @@ fn ecr_against_moto_as_the_kubelet_calls_it() {
     );
 }
 
-/// A tiny HTTP/1.1 server answering by path with canned responses, counting requests.
-struct Server {
-    port: u16,
-    hits: Arc<AtomicUsize>,
-}
-
-fn serve(routes: Vec<(&'static str, &'static str, String, String)>) -> Server {
-    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-    let port = listener.local_addr().unwrap().port();
-    let hits = Arc::new(AtomicUsize::new(0));
-    let counter = hits.clone();
-    std::thread::spawn(move || {
-        for stream in listener.incoming().flatten() {
-            counter.fetch_add(1, Ordering::SeqCst);
-            let mut reader = BufReader::new(stream.try_clone().unwrap());
-            let mut line = String::new();
-            reader.read_line(&mut line).unwrap_or(0);
-            let path = line.split_whitespace().nth(1).unwrap_or("").to_string();
-            let mut len = 0;
-            let mut flavor_ok = false;
-            loop {
-                let mut h = String::new();
-                if reader.read_line(&mut h).unwrap_or(0) == 0 || h == "\r\n" {
-                    break;
-                }
-                let lower = h.to_ascii_lowercase();
-                if let Some(v) = lower.strip_prefix("content-length:") {
-                    len = v.trim().parse().unwrap_or(0);
-                }
-                flavor_ok |= lower.starts_with("metadata-flavor: google")
-                    || lower.starts_with("metadata: true");
-            }
-            let mut body = vec![0; len];
-            let _ = reader.read_exact(&mut body);
-            let route = routes.iter().find(|(_, p, _, _)| path.starts_with(p));
-            let (status, headers, body) = match route {
-                Some((status, p, headers, body)) if flavor_ok || !p.contains("metadata") => {
-                    (*status, headers.clone(), body.clone())
-                }
-                _ => ("404 Not Found", String::new(), String::new()),
-            };
-            let mut s = stream;
-            let _ = write!(
-                s,
-                "HTTP/1.1 {status}\r\nContent-Length: {}\r\nConnection: close\r\n{headers}\r\n{body}",
-                body.len()
-            );
-        }
-    });
-    Server { port, hits }
-}
-
 #[test]
 fn gcp_metadata_token_and_disk_cache() {
-    let server = serve(vec![(
-        "200 OK",
+    let server = CannedServer::start(vec![Route::json(
         "/computeMetadata/v1/instance/service-accounts/default/token",
-        "Content-Type: application/json\r\n".into(),
-        r#"{"access_token":"ya29.gcp-secret","expires_in":3599,"token_type":"Bearer"}"#.into(),
-    )]);
+        r#"{"access_token":"ya29.gcp-secret","expires_in":3599,"token_type":"Bearer"}"#,
+    )])
+    .unwrap();
     let dir = tempfile::tempdir().unwrap();
-    let host = format!("127.0.0.1:{}", server.port);
+    let host = format!("127.0.0.1:{}", server.port());
     let cache = dir.path().join("cache");
     let env = [
         ("GCE_METADATA_HOST", host.as_str()),
@@ -341,7 +225,7 @@ fn gcp_metadata_token_and_disk_cache() {
         assert_eq!(resp.response.auth["*.gcr.io"].username, "_token");
     }
     assert_eq!(
-        server.hits.load(Ordering::SeqCst),
+        server.hits(),
         1,
         "the second invocation came from the disk cache"
     );
@@ -355,84 +239,382 @@ fn gcp_metadata_token_and_disk_cache() {
     std::fs::write(cache.join("credentials.json"), "{{{").unwrap();
     let r = run(&[], &env, req.to_json().as_bytes());
     assert_eq!(r.code, 0, "{}", r.stderr);
-    assert_eq!(server.hits.load(Ordering::SeqCst), 2);
+    assert_eq!(server.hits(), 2);
     let r = run(&[], &env, req.to_json().as_bytes());
     assert_eq!(r.code, 0);
-    assert_eq!(
-        server.hits.load(Ordering::SeqCst),
-        2,
-        "rewritten cache serves again"
-    );
+    assert_eq!(server.hits(), 2, "rewritten cache serves again");
+}
+
+/// An ACR stand-in: `front` is the registry, whose `/v2/` challenge names `back` as realm;
+/// `back` serves the exchange, Azure IMDS and AAD's token endpoint for tenant `tenant-1`.
+struct Acr {
+    front: CannedServer,
+    back: CannedServer,
+    env: Vec<(&'static str, String)>,
+}
+
+fn acr_servers() -> Acr {
+    let back = CannedServer::start(vec![
+        Route::json(
+            "/oauth2/exchange",
+            r#"{"refresh_token":"acr-refresh-secret"}"#,
+        ),
+        Route::json(
+            "/metadata/identity/oauth2/token",
+            r#"{"access_token":"aad-secret"}"#,
+        ),
+        Route::json(
+            "/tenant-1/oauth2/v2.0/token",
+            r#"{"access_token":"aad-federated-secret","expires_in":3600}"#,
+        ),
+    ])
+    .unwrap();
+    let front = CannedServer::start(vec![Route {
+        status: "401 Unauthorized",
+        path: "/v2/".into(),
+        headers: format!(
+            "Www-Authenticate: Bearer realm=\"{}/oauth2/token\",service=\"myreg.azurecr.io\"\r\n",
+            back.base_url()
+        ),
+        body: String::new(),
+    }])
+    .unwrap();
+    let env = vec![
+        ("CREDENTIAL_PROVIDER_AZURE_IMDS_URL", back.base_url()),
+        ("AZURE_AUTHORITY_HOST", back.base_url()),
+        ("CREDENTIAL_PROVIDER_ACR_URL", front.base_url()),
+    ];
+    Acr { front, back, env }
+}
+
+fn borrow_env<'a>(env: &'a [(&'static str, String)]) -> Vec<(&'static str, &'a str)> {
+    env.iter().map(|(k, v)| (*k, v.as_str())).collect()
+}
+
+/// The binary under the upstream plugin's `name` in `dir`.
+fn upstream_name(dir: &Path, name: &str) -> PathBuf {
+    let link = dir.join(name);
+    std::os::unix::fs::symlink(BIN, &link).unwrap();
+    link
 }
 
 #[test]
 fn acr_managed_identity_exchange() {
-    let registry = serve(vec![
-        ("401 Unauthorized", "/v2/", String::new(), String::new()),
-        (
-            "200 OK",
-            "/oauth2/exchange",
-            String::new(),
-            r#"{"refresh_token":"acr-refresh-secret"}"#.into(),
-        ),
-        (
-            "200 OK",
-            "/metadata/identity/oauth2/token",
-            String::new(),
-            r#"{"access_token":"aad-secret"}"#.into(),
-        ),
-    ]);
-    // The /v2/ challenge must point at the exchange: serve a second registry whose 401 carries it.
-    let base = format!("http://127.0.0.1:{}", registry.port);
-    let challenge = format!(
-        "Www-Authenticate: Bearer realm=\"{base}/oauth2/token\",service=\"myreg.azurecr.io\"\r\n"
-    );
-    let leaked: &'static str = Box::leak(challenge.into_boxed_str());
-    let front = serve(vec![(
-        "401 Unauthorized",
-        "/v2/",
-        leaked.to_string(),
-        String::new(),
-    )]);
+    let acr = acr_servers();
     let dir = tempfile::tempdir().unwrap();
     let cfg = dir.path().join("azure.json");
     std::fs::write(&cfg, r#"{"cloud":"AzurePublicCloud","tenantId":"t","useManagedIdentityExtension":true,"subscriptionId":"s"}"#).unwrap();
-    let front_url = format!("http://127.0.0.1:{}", front.port);
-    let env = [
-        ("CREDENTIAL_PROVIDER_AZURE_IMDS_URL", base.as_str()),
-        ("CREDENTIAL_PROVIDER_ACR_URL", front_url.as_str()),
-    ];
-    let link = dir.path().join("acr-credential-provider");
-    std::os::unix::fs::symlink(BIN, &link).unwrap();
+    let link = upstream_name(dir.path(), "acr-credential-provider");
     let req = CredentialProviderRequest::new(ApiVersion::V1, "myreg.azurecr.io/app:1");
-    let mut child = Command::new(&link)
-        .arg(&cfg)
-        .envs(env)
-        .env("CREDENTIAL_PROVIDER_CACHE_DIR", "")
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(req.to_json().as_bytes())
-        .unwrap();
-    let out = child.wait_with_output().unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    let out = run_program(
+        &link,
+        &[cfg.to_str().unwrap()],
+        &borrow_env(&acr.env),
+        req.to_json().as_bytes(),
     );
-    let resp = decode_response(&out.stdout).unwrap();
+    assert_eq!(out.code, 0, "{}", out.stderr);
+    let resp = decode_response(out.stdout.as_bytes()).unwrap();
     let auth = &resp.response.auth["myreg.azurecr.io"];
     assert_eq!(auth.username, "00000000-0000-0000-0000-000000000000");
     assert_eq!(auth.password, "acr-refresh-secret");
     assert_eq!(
         resp.response.cache_duration,
         Some(Duration::from_secs(3600))
+    );
+    assert_eq!(acr.front.hits(), 1, "one challenge");
+}
+
+/// A v1 request in service-account token mode (KEP-4412), as the kubelet sends it.
+fn sa_request(image: &str, token: &str, annotations: &[(&str, &str)]) -> String {
+    let mut req = CredentialProviderRequest::new(ApiVersion::V1, image);
+    req.service_account_token = Some(token.to_string());
+    req.service_account_annotations = annotations
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect::<BTreeMap<_, _>>();
+    req.to_json()
+}
+
+fn ok_response(r: &Run) -> CredentialProviderResponse {
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    decode_response(r.stdout.as_bytes()).unwrap().response
+}
+
+/// Keys of the on-disk cache file in `dir`.
+fn cache_keys(dir: &Path) -> Vec<String> {
+    let text = std::fs::read_to_string(dir.join("credentials.json")).unwrap();
+    let v: serde_json::Value = serde_json::from_str(&text).unwrap();
+    let mut keys: Vec<String> = v["entries"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["key"].as_str().unwrap().to_string())
+        .collect();
+    keys.sort();
+    keys
+}
+
+#[test]
+fn ecr_service_account_token_assumes_the_annotated_role_at_moto() {
+    let moto = Moto::start().unwrap();
+    let env = moto.aws_env();
+    let env = borrow_env(&env);
+    let dir = tempfile::tempdir().unwrap();
+    let link = upstream_name(dir.path(), "ecr-credential-provider");
+    let image = "123456789012.dkr.ecr.us-west-2.amazonaws.com/app:v1";
+    let host = "123456789012.dkr.ecr.us-west-2.amazonaws.com";
+    // moto names the registry after the caller's account: the node's is 123456789012, the
+    // role's (assumed with the token through STS AssumeRoleWithWebIdentity) 111122223333.
+    let role = "arn:aws:iam::111122223333:role/pull";
+    let req = sa_request(
+        image,
+        "sa-jwt-secret",
+        &[("eks.amazonaws.com/ecr-role-arn", role)],
+    );
+    let resp = ok_response(&run_program(
+        &link,
+        &["get-credentials"],
+        &env,
+        req.as_bytes(),
+    ));
+    assert_eq!(resp.cache_key_type, CacheKeyType::Registry);
+    assert_eq!(resp.auth[host].password, "111122223333-auth-token");
+
+    // No annotation: AWS_ECR_ROLE_ARN names the role.
+    let mut with_role = env.clone();
+    with_role.push(("AWS_ECR_ROLE_ARN", "arn:aws:iam::444455556666:role/pull"));
+    let req = sa_request(image, "sa-jwt-secret", &[]);
+    let resp = ok_response(&run_program(
+        &link,
+        &["get-credentials"],
+        &with_role,
+        req.as_bytes(),
+    ));
+    assert_eq!(resp.auth[host].password, "444455556666-auth-token");
+
+    // No role at all: the node's own credentials, as upstream falls back.
+    let resp = ok_response(&run_program(
+        &link,
+        &["get-credentials"],
+        &env,
+        req.as_bytes(),
+    ));
+    assert_eq!(resp.auth[host].password, "123456789012-auth-token");
+
+    // STS unreachable: a clear error naming the role, never the token.
+    drop(moto);
+    let req = sa_request(
+        image,
+        "sa-jwt-secret",
+        &[("eks.amazonaws.com/ecr-role-arn", role)],
+    );
+    let r = run_program(&link, &["get-credentials"], &env, req.as_bytes());
+    assert_ne!(r.code, 0);
+    assert!(r.stdout.is_empty());
+    assert!(
+        r.stderr
+            .contains("failed to assume role arn:aws:iam::111122223333:role/pull"),
+        "{}",
+        r.stderr
+    );
+    assert!(!r.stderr.contains("sa-jwt-secret"), "{}", r.stderr);
+}
+
+#[test]
+fn gcp_workload_identity_federation_follows_the_token() {
+    let sts = CannedServer::start(vec![Route::json(
+        "/v1/token",
+        r#"{"access_token":"federated-secret","issued_token_type":"urn:ietf:params:oauth:token-type:access_token","token_type":"Bearer","expires_in":3600}"#,
+    )])
+    .unwrap();
+    let metadata = CannedServer::start(vec![Route::json(
+        "/computeMetadata/v1/instance/service-accounts/default/token",
+        r#"{"access_token":"node-secret","expires_in":3600}"#,
+    )])
+    .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let cache = dir.path().join("cache");
+    let sts_url = format!("{}/v1/token", sts.base_url());
+    let metadata_host = format!("127.0.0.1:{}", metadata.port());
+    let env = [
+        ("CREDENTIAL_PROVIDER_GCP_STS_URL", sts_url.as_str()),
+        ("GCE_METADATA_HOST", metadata_host.as_str()),
+        ("CREDENTIAL_PROVIDER_CACHE_DIR", cache.to_str().unwrap()),
+    ];
+    let link = upstream_name(dir.path(), "auth-provider-gcp");
+    let args = [
+        "get-credentials",
+        "--v=3",
+        "--identity-provider=https://container.googleapis.com/v1/projects/p/locations/l/clusters/c",
+        "--project-id=p",
+    ];
+    let image = "europe-docker.pkg.dev/p/r/app:1";
+    let opted_in = [("iam.gke.io/enable-wi-image-pull", "true")];
+    let req_a = sa_request(image, "sa-token-a", &opted_in);
+    let resp = ok_response(&run_program(&link, &args, &env, req_a.as_bytes()));
+    assert_eq!(
+        resp.auth["europe-docker.pkg.dev"].password,
+        "federated-secret"
+    );
+    assert_eq!(resp.auth["europe-docker.pkg.dev"].username, "_token");
+    assert_eq!(resp.cache_key_type, CacheKeyType::Image);
+    assert_eq!(metadata.hits(), 0, "no node-identity fallback");
+    let exchange = sts.received();
+    assert_eq!(exchange.len(), 1);
+    let form = &exchange[0].body;
+    assert_eq!(exchange[0].method, "POST");
+    for part in [
+        "grant_type=urn%3Aietf%3Aparams%3Aoauth%3Agrant-type%3Atoken-exchange",
+        "subject_token=sa-token-a",
+        "subject_token_type=urn%3Aietf%3Aparams%3Aoauth%3Atoken-type%3Ajwt",
+        "audience=identitynamespace%3Ap.svc.id.goog%3Ahttps%3A%2F%2Fcontainer.googleapis.com%2Fv1%2Fprojects%2Fp%2Flocations%2Fl%2Fclusters%2Fc",
+        "scope=https%3A%2F%2Fwww.googleapis.com%2Fauth%2Fcloud-platform",
+    ] {
+        assert!(form.contains(part), "{part} in {form}");
+    }
+
+    // The same token again: the disk cache answers. Another token: its own exchange and its
+    // own cache entry, so one workload never gets another's credentials.
+    ok_response(&run_program(&link, &args, &env, req_a.as_bytes()));
+    assert_eq!(sts.hits(), 1, "same token served from the disk cache");
+    let req_b = sa_request(image, "sa-token-b", &opted_in);
+    ok_response(&run_program(&link, &args, &env, req_b.as_bytes()));
+    assert_eq!(sts.hits(), 2, "another token is another identity");
+    assert!(sts.received()[0].body.contains("subject_token=sa-token-b"));
+    let keys = cache_keys(&cache);
+    assert_eq!(keys.len(), 2, "{keys:?}");
+    assert!(
+        keys.iter()
+            .all(|k| k.starts_with("gcp|europe-docker.pkg.dev|"))
+    );
+    let text = std::fs::read_to_string(cache.join("credentials.json")).unwrap();
+    assert!(
+        !text.contains("sa-token-"),
+        "tokens are hashed into the key"
+    );
+
+    // Not opted in: the node's identity, as upstream.
+    let req = sa_request(image, "sa-token-c", &[]);
+    let resp = ok_response(&run_program(&link, &args, &env, req.as_bytes()));
+    assert_eq!(resp.auth["europe-docker.pkg.dev"].password, "node-secret");
+
+    // STS refuses (an endpoint that answers 404): a clear error naming the pool, never the
+    // token, and no fallback to the node's identity.
+    let refusing = format!("{}/v1/refused", sts.base_url());
+    let mut env = env.to_vec();
+    env[0].1 = refusing.as_str();
+    let req = sa_request(image, "sa-token-d", &opted_in);
+    let r = run_program(&link, &args, &env, req.as_bytes());
+    assert!(r.stderr.contains("HTTP 404"), "{}", r.stderr);
+    assert_ne!(r.code, 0);
+    assert!(r.stdout.is_empty());
+    assert!(
+        r.stderr.contains("Google STS token exchange"),
+        "{}",
+        r.stderr
+    );
+    assert!(r.stderr.contains("p.svc.id.goog"), "{}", r.stderr);
+    assert!(!r.stderr.contains("sa-token-d"), "{}", r.stderr);
+}
+
+#[test]
+fn acr_federated_service_account_token() {
+    let acr = acr_servers();
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("azure.json");
+    std::fs::write(&cfg, r#"{"cloud":"AzurePublicCloud","tenantId":"node-tenant","useManagedIdentityExtension":true}"#).unwrap();
+    let link = upstream_name(dir.path(), "acr-credential-provider");
+    let req = sa_request(
+        "myreg.azurecr.io/app:1",
+        "sa-jwt-secret",
+        &[
+            ("kubernetes.azure.com/acr-tenant-id", "tenant-1"),
+            ("kubernetes.azure.com/acr-client-id", "client-1"),
+        ],
+    );
+    let resp = ok_response(&run_program(
+        &link,
+        &[cfg.to_str().unwrap()],
+        &borrow_env(&acr.env),
+        req.as_bytes(),
+    ));
+    assert_eq!(resp.cache_key_type, CacheKeyType::Registry);
+    assert_eq!(resp.auth["myreg.azurecr.io"].password, "acr-refresh-secret");
+    let seen = acr.back.received();
+    let paths: Vec<&str> = seen.iter().map(|r| r.path.as_str()).collect();
+    assert_eq!(
+        paths,
+        ["/tenant-1/oauth2/v2.0/token", "/oauth2/exchange"],
+        "AAD with the token, then the exchange; not the managed identity"
+    );
+    for part in [
+        "grant_type=client_credentials",
+        "client_id=client-1",
+        "client_assertion=sa-jwt-secret",
+        "client_assertion_type=urn%3Aietf%3Aparams%3Aoauth%3Aclient-assertion-type%3Ajwt-bearer",
+        "scope=https%3A%2F%2Fcontainerregistry.azure.net%2F.default",
+    ] {
+        assert!(seen[0].body.contains(part), "{part} in {}", seen[0].body);
+    }
+    for part in [
+        "grant_type=access_token_refresh_token",
+        "access_token=aad-federated-secret",
+        "refresh_token=aad-federated-secret",
+        "tenant=tenant-1",
+    ] {
+        assert!(seen[1].body.contains(part), "{part} in {}", seen[1].body);
+    }
+
+    // Without the annotations: a clear error naming them.
+    let req = sa_request("myreg.azurecr.io/app:1", "sa-jwt-secret", &[]);
+    let r = run_program(
+        &link,
+        &[cfg.to_str().unwrap()],
+        &borrow_env(&acr.env),
+        req.as_bytes(),
+    );
+    assert_ne!(r.code, 0);
+    assert!(
+        r.stderr.contains("kubernetes.azure.com/acr-tenant-id"),
+        "{}",
+        r.stderr
+    );
+    assert!(!r.stderr.contains("sa-jwt-secret"));
+}
+
+#[test]
+fn gcp_dockercfg_flows() {
+    let cfg = r#"{"https://gcr.io":{"username":"u","password":"dockercfg-secret"},"registry.example.com":{"auth":"dTI6cDI="}}"#;
+    let config_server = CannedServer::start(vec![Route::json("/config.json", cfg)]).unwrap();
+    let url = format!("{}/config.json", config_server.base_url());
+    let metadata = CannedServer::start(vec![
+        Route::json(
+            "/computeMetadata/v1/instance/attributes/google-dockercfg-url",
+            url,
+        ),
+        Route::json(
+            "/computeMetadata/v1/instance/attributes/google-dockercfg",
+            cfg,
+        ),
+    ])
+    .unwrap();
+    let host = format!("127.0.0.1:{}", metadata.port());
+    let env = [("GCE_METADATA_HOST", host.as_str())];
+    let req = CredentialProviderRequest::new(ApiVersion::V1, "gcr.io/p/app:1").to_json();
+    for flow in ["--authFlow=dockercfg", "--authFlow=dockercfg-url"] {
+        let resp = ok_response(&run(
+            &["get-credentials", flow, "--provider", "gcp"],
+            &env,
+            req.as_bytes(),
+        ));
+        assert_eq!(resp.auth["gcr.io"].password, "dockercfg-secret", "{flow}");
+        assert_eq!(resp.auth["registry.example.com"].username, "u2", "{flow}");
+        assert_eq!(resp.auth["registry.example.com"].password, "p2", "{flow}");
+    }
+    assert_eq!(
+        config_server.hits(),
+        1,
+        "only the -url flow fetches the URL"
     );
 }
 

@@ -5,9 +5,11 @@
 //! `local` shim and the controller-manager, and reports how long initialising every Node took,
 //! the CPU time and peak RSS of both processes and the API requests per Node, next to the time
 //! the API server alone needs for the same writes. `bench admission` sends AdmissionReviews to
-//! the webhook server at a fixed rate. See `tests/bench/README.md`.
+//! the webhook server at a fixed rate. `bench credential-provider` times invocations of the
+//! kubelet image credential-provider plugin. See `tests/bench/README.md`.
 
 mod admission;
+mod credential_provider;
 mod lb;
 mod metrics;
 mod nodes;
@@ -42,6 +44,9 @@ enum Command {
     /// Send AdmissionReviews over TLS at a fixed rate to the webhook server, with a provider
     /// shim behind it; report latency quantiles, CPU and RSS.
     Admission(AdmissionArgs),
+    /// Time invocations of the kubelet image credential-provider plugin as the kubelet makes
+    /// them: warm on-disk cache, cold against moto, the spawn floor, and the binary's size.
+    CredentialProvider(CredentialProviderArgs),
     /// Serve the fake provider over mutual TLS (the shim of `bench admission`).
     #[command(hide = true)]
     FakeShim(FakeShimArgs),
@@ -75,6 +80,20 @@ pub struct AdmissionArgs {
     /// Copy the logs of the webhook and the shim into this directory.
     #[arg(long)]
     pub keep_logs: Option<std::path::PathBuf>,
+    /// Print the report as JSON instead of text.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// Flags of `bench credential-provider`.
+#[derive(Debug, Clone, Args)]
+pub struct CredentialProviderArgs {
+    /// Timed invocations of the spawn floor, the warm-cache and the local-family series.
+    #[arg(long, default_value_t = 200)]
+    pub runs: usize,
+    /// Timed invocations of the cold series (each a call to moto).
+    #[arg(long, default_value_t = 100)]
+    pub cold_runs: usize,
     /// Print the report as JSON instead of text.
     #[arg(long)]
     pub json: bool,
@@ -213,6 +232,16 @@ fn main() -> std::process::ExitCode {
                 anyhow::Ok(())
             }
             Command::FakeShim(args) => admission::fake_shim(args).await,
+            Command::CredentialProvider(args) => {
+                // Sequential child processes and blocking pipes: nothing else runs meanwhile.
+                let report = credential_provider::credential_provider(&args)?;
+                if args.json {
+                    println!("{}", serde_json::to_string_pretty(&report)?);
+                } else {
+                    print!("{}", credential_provider::render_text(&report));
+                }
+                anyhow::Ok(())
+            }
             Command::Lb(args) => {
                 let report = lb::lb(&args).await?;
                 if args.run.json {

@@ -2,6 +2,7 @@
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
+use std::time::Duration;
 
 use serde::Serialize;
 
@@ -178,6 +179,63 @@ pub fn write_baseline(out: &mut String, measured: f64, baseline: f64) {
         out,
         "  API server alone, same writes             {baseline:6.2} s   ratio {:.2}",
         measured / baseline.max(f64::EPSILON)
+    );
+}
+
+/// Latency quantiles of a set of samples, in milliseconds.
+#[derive(Debug, Clone, Copy, Default, Serialize)]
+pub struct Quantiles {
+    /// Samples.
+    pub samples: usize,
+    /// Median.
+    pub median_ms: f64,
+    /// 90th percentile.
+    pub p90_ms: f64,
+    /// 99th percentile.
+    pub p99_ms: f64,
+    /// Slowest.
+    pub max_ms: f64,
+}
+
+impl Quantiles {
+    /// The quantiles (nearest rank) of `samples`.
+    pub fn of(mut samples: Vec<Duration>) -> Self {
+        samples.sort_unstable();
+        let ms = |q: f64| {
+            crate::admission::percentile(&samples, q).map_or(0.0, |d| d.as_secs_f64() * 1e3)
+        };
+        Self {
+            samples: samples.len(),
+            median_ms: ms(0.5),
+            p90_ms: ms(0.9),
+            p99_ms: ms(0.99),
+            max_ms: ms(1.0),
+        }
+    }
+}
+
+/// Appends one latency line: `label`, the quantiles, the target on the median when there is
+/// one, and the median's ratio to `floor_ms` when given.
+pub fn write_quantiles(
+    out: &mut String,
+    label: &str,
+    q: &Quantiles,
+    target_ms: Option<f64>,
+    floor_ms: Option<f64>,
+) {
+    let target = target_ms.map_or(String::new(), |t| {
+        format!("   target median <= {t} ms {}", verdict(q.median_ms <= t))
+    });
+    let ratio = floor_ms.map_or(String::new(), |f| {
+        format!(
+            "   {:.1}x the spawn floor",
+            q.median_ms / f.max(f64::EPSILON)
+        )
+    });
+    let _ = writeln!(
+        out,
+        "  {label:<40} median {:6.2} ms  p90 {:6.2}  p99 {:6.2}  max {:6.2} ms ({} runs){target}{ratio}",
+        q.median_ms, q.p90_ms, q.p99_ms, q.max_ms, q.samples
     );
 }
 

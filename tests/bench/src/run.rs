@@ -410,6 +410,11 @@ pub(crate) fn check_binaries() -> anyhow::Result<String> {
             Err(e) => return Err(e.into()),
         }
     }
+    build_profile()
+}
+
+/// The Cargo profile this bench (and the binaries next to it) was built with.
+pub(crate) fn build_profile() -> anyhow::Result<String> {
     let exe = std::env::current_exe().context("locating the bench executable")?;
     let mut dir = exe.parent();
     if dir.and_then(Path::file_name).is_some_and(|d| d == "deps") {
