@@ -13,10 +13,10 @@ use serde::Deserialize;
 use crate::args::AcrOptions;
 use crate::error::Error;
 use crate::family::acr_login_server_with;
+use crate::fetched::Fetched;
 use crate::http::{HttpClient, Purpose, TOKEN_JSON, form_encode, percent_encode};
 use crate::matching::registry_of;
 use crate::protocol::{AuthConfig, CacheKeyType, CredentialProviderResponse};
-use crate::provider::Fetched;
 
 /// The user name ACR refresh tokens are sent with.
 pub const REFRESH_TOKEN_USER: &str = "00000000-0000-0000-0000-000000000000";
@@ -67,7 +67,7 @@ pub fn load_config(path: &Path) -> Result<AzureConfig, Error> {
     })?;
     serde_json::from_slice(&text).map_err(|e| Error::AzureConfig {
         path: path.to_path_buf(),
-        detail: crate::error::DecodeError::from_json(e).to_string(),
+        detail: crate::protocol::DecodeError::from_json(e).to_string(),
     })
 }
 
@@ -144,7 +144,9 @@ pub async fn fetch(
         )));
     }
     let mirrored = source.is_some();
-    let aad = match sa {
+    // The exchange names the tenant the AAD token was issued in: the service account's with a
+    // federated token, else the node's.
+    let (aad, tenant) = match sa {
         Some((token, ann)) if !mirrored => {
             let (Some(tenant), Some(client_id)) =
                 (ann.get(TENANT_ANNOTATION), ann.get(CLIENT_ANNOTATION))
@@ -153,11 +155,15 @@ pub async fn fetch(
                     "the service account lacks the annotations {TENANT_ANNOTATION} and {CLIENT_ANNOTATION}; add them or list them in requiredServiceAccountAnnotationKeys"
                 )));
             };
-            federated_token(client, tenant, client_id, token).await?
+            (
+                federated_token(client, tenant, client_id, token).await?,
+                tenant.as_str(),
+            )
         }
-        _ if config.use_managed_identity_extension => {
-            managed_identity_token(client, &config).await?
-        }
+        _ if config.use_managed_identity_extension => (
+            managed_identity_token(client, &config).await?,
+            config.tenant_id.as_str(),
+        ),
         _ if !config.aad_client_secret.is_empty() => {
             // A service principal: ACR accepts its id and secret directly.
             let auth = AuthConfig {
@@ -174,7 +180,7 @@ pub async fn fetch(
             });
         }
     };
-    let refresh = exchange(client, login_server, &config.tenant_id, &aad).await?;
+    let refresh = exchange(client, login_server, tenant, &aad).await?;
     Ok(build_response(
         login_server,
         source,

@@ -7,12 +7,12 @@ use std::time::Duration;
 
 use aws_config::{BehaviorVersion, Region};
 use aws_smithy_http_client::tls::{Provider, rustls_provider::CryptoMode};
-use base64::Engine as _;
 
 use crate::error::Error;
 use crate::family::EcrHost;
+use crate::fetched::Fetched;
+use crate::fetched::split_token;
 use crate::protocol::{AuthConfig, CacheKeyType, CredentialProviderResponse};
-use crate::provider::Fetched;
 
 /// The service-account annotation naming the role to pull as.
 pub const ROLE_ANNOTATION: &str = "eks.amazonaws.com/ecr-role-arn";
@@ -43,23 +43,6 @@ pub fn region_for(host: &EcrHost) -> Option<&str> {
         EcrHost::Public => Some(PUBLIC_REGION),
         EcrHost::Other => None,
     }
-}
-
-/// Splits a decoded ECR token `user:password`.
-pub fn split_token(encoded: &str) -> Result<AuthConfig, Error> {
-    let bad = || Error::BadAnswer {
-        service: "ECR",
-        what: "authorization token (base64 of user:password)",
-    };
-    let decoded = base64::engine::general_purpose::STANDARD
-        .decode(encoded)
-        .map_err(|_| bad())?;
-    let text = String::from_utf8(decoded).map_err(|_| bad())?;
-    let (user, password) = text.split_once(':').ok_or_else(bad)?;
-    Ok(AuthConfig {
-        username: user.to_string(),
-        password: password.to_string(),
-    })
 }
 
 /// The response for a token expiring at `expires_at` obtained at `now` (Unix seconds): keyed
@@ -185,6 +168,7 @@ async fn assume_role(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use base64::Engine as _;
 
     #[test]
     fn token_split_and_cache_duration_upstream_rules() {

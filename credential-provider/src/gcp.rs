@@ -13,10 +13,10 @@ use serde::Deserialize;
 use crate::args::{GcpAuthFlow, GcpOptions};
 use crate::error::Error;
 use crate::family::GCP_REGISTRY_PATTERNS;
+use crate::fetched::Fetched;
 use crate::http::{HttpClient, Purpose, TOKEN_JSON, form_encode};
 use crate::matching::registry_of;
 use crate::protocol::{AuthConfig, CacheKeyType, CredentialProviderResponse, parse_go_duration};
-use crate::provider::Fetched;
 
 /// The metadata server's host unless `GCE_METADATA_HOST` names another (as Google's client
 /// libraries honour it).
@@ -232,7 +232,7 @@ async fn dockercfg(client: &HttpClient, flow: GcpAuthFlow, image: &str) -> Resul
                 username: u,
                 password: p,
             },
-            (_, _, Some(a)) => crate::ecr::split_token(&a).map_err(|_| Error::BadAnswer {
+            (_, _, Some(a)) => crate::fetched::split_token(&a).map_err(|_| Error::BadAnswer {
                 service: "GCE metadata server",
                 what: "docker config auth (base64 of user:password)",
             })?,

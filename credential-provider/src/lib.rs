@@ -13,6 +13,7 @@ mod cache;
 mod ecr;
 mod error;
 mod family;
+mod fetched;
 mod gcp;
 mod http;
 mod local;
@@ -29,13 +30,14 @@ pub use args::{
 pub use cache::{
     CacheEntry, CacheState, DiskCache, MAX_ENTRIES, insert as cache_insert, lookup as cache_lookup,
 };
-pub use error::{DecodeError, Error};
+pub use error::Error;
 pub use family::{EcrHost, Family, acr_login_server, is_gcp_registry, parse_ecr_host};
+pub use fetched::Fetched;
 pub use local::{LocalConfig, LocalEntry, load_local_config, parse_local_config, resolve_local};
 pub use matching::{host_of, image_without_tag, registry_of, urls_match};
 pub use protocol::{
     ApiVersion, AuthConfig, CacheKeyType, CredentialProviderRequest, CredentialProviderResponse,
-    DecodedResponse, GROUP, decode_request, decode_response, encode_response, format_go_duration,
-    parse_go_duration,
+    DecodeError, DecodedResponse, GROUP, decode_request, decode_response, encode_response,
+    format_go_duration, parse_go_duration,
 };
-pub use provider::{Fetched, answer, cache_key, choose_family, doctor, entry_to_store, fetch};
+pub use provider::{answer, cache_key, choose_family, doctor, entry_to_store, fetch};

@@ -87,7 +87,7 @@ pub fn parse_local_config(text: &str, path: &Path) -> Result<LocalConfig, Error>
     };
     let raw: RawFile = if text.trim_start().starts_with('{') {
         serde_json::from_str(text)
-            .map_err(|e| bad(crate::error::DecodeError::from_json(e).to_string()))?
+            .map_err(|e| bad(crate::protocol::DecodeError::from_json(e).to_string()))?
     } else {
         serde_saphyr::from_str(text).map_err(|e| bad(yaml_error_without_values(&e.to_string())))?
     };

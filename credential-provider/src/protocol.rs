@@ -11,8 +11,6 @@ use std::time::Duration;
 use serde::de::{MapAccess, Visitor};
 use serde::{Deserialize, Deserializer, Serialize};
 
-use crate::error::DecodeError;
-
 /// The API group of the protocol.
 pub const GROUP: &str = "credentialprovider.kubelet.k8s.io";
 const REQUEST_KIND: &str = "CredentialProviderRequest";
@@ -361,4 +359,64 @@ pub fn parse_go_duration(s: &str) -> Option<Duration> {
         total += value * scale;
     }
     Some(Duration::from_secs_f64(total))
+}
+
+/// The request on stdin could not be decoded.
+#[derive(Debug, thiserror::Error)]
+pub enum DecodeError {
+    /// Nothing (or only whitespace) on stdin.
+    #[error("empty request on stdin; the kubelet writes one CredentialProviderRequest as JSON")]
+    Empty,
+    /// Not JSON, or a field of the wrong type, unknown or duplicated.
+    #[error("invalid request at line {line} column {column}: {what}")]
+    Json {
+        /// Line of the error.
+        line: usize,
+        /// Column of the error.
+        column: usize,
+        /// What is wrong, without the offending value (it may be a secret).
+        what: String,
+    },
+    /// A required field is missing or empty.
+    #[error("request has no `{0}`")]
+    MissingField(&'static str),
+    /// The `apiVersion` is not a credentialprovider.kubelet.k8s.io version.
+    #[error(
+        "unsupported apiVersion {0:?}; expected credentialprovider.kubelet.k8s.io/v1, v1beta1 or v1alpha1 (check the provider's apiVersion in the kubelet's --image-credential-provider-config)"
+    )]
+    UnknownVersion(String),
+    /// The `kind` is not the expected one.
+    #[error("unexpected kind {0:?}; expected CredentialProviderRequest")]
+    WrongKind(String),
+    /// A v1-only field in an older version.
+    #[error("unknown field `{0}` in {v}", v = .1.as_str())]
+    NotInVersion(&'static str, ApiVersion),
+    /// A `cacheDuration` that is not a Go duration.
+    #[error("cacheDuration {0:?} is not a duration")]
+    BadDuration(String),
+}
+
+impl DecodeError {
+    /// Keeps the position and the kind of a JSON error but never the value it quotes.
+    pub(crate) fn from_json(e: serde_json::Error) -> Self {
+        let text = e.to_string();
+        let what = if text.contains("unknown field")
+            || text.contains("duplicate field")
+            || text.contains("missing field")
+            || text.contains("unknown variant")
+        {
+            // "unknown field `x`, expected one of ..." — the field name only.
+            let head = text.split(" at line").next().unwrap_or(&text);
+            head.split(", expected").next().unwrap_or(head).to_string()
+        } else if e.is_syntax() || e.is_eof() {
+            "not valid JSON".to_string()
+        } else {
+            "a field has the wrong type".to_string()
+        };
+        Self::Json {
+            line: e.line(),
+            column: e.column(),
+            what,
+        }
+    }
 }

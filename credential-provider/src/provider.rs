@@ -8,18 +8,10 @@ use crate::args::Options;
 use crate::cache::{self, CacheEntry, DiskCache};
 use crate::error::Error;
 use crate::family::{EcrHost, Family, parse_ecr_host};
+use crate::fetched::Fetched;
 use crate::local::{load_local_config, local_matches, resolve_local};
 use crate::matching::{host_of, registry_of};
 use crate::protocol::{CredentialProviderRequest, CredentialProviderResponse};
-
-/// What a token service answered: the response and when its credentials expire.
-#[derive(Debug, Clone)]
-pub struct Fetched {
-    /// The response for the kubelet.
-    pub response: CredentialProviderResponse,
-    /// When the credentials expire (Unix seconds), if known; only then is it cached on disk.
-    pub expires_at: Option<i64>,
-}
 
 /// Environment variables that change whose credentials a family obtains, so they are part of
 /// the cache key.
