@@ -69,6 +69,9 @@ pub enum CpiError {
     /// Any other cloud failure reported by the shim.
     #[error("cloud error: {0}")]
     Cloud(String),
+    /// A load-balancer call named a node set the shim does not hold; the caller puts it again.
+    #[error("unknown node set: {0}")]
+    NodeSetUnknown(String),
     /// The shim could not be reached, or did not answer within the deadline, or answered with
     /// a status that carries no CPI details. Never authoritative about anything.
     #[error("shim call failed ({code:?}): {message}")]
@@ -96,6 +99,7 @@ impl CpiError {
             Self::CloudAuth(_) => ErrorReason::CloudAuth,
             Self::InvalidObject { .. } => ErrorReason::InvalidObject,
             Self::Cloud(_) => ErrorReason::CloudError,
+            Self::NodeSetUnknown(_) => ErrorReason::NodeSetUnknown,
             Self::Transport { .. } => return None,
         })
     }
@@ -105,9 +109,10 @@ impl CpiError {
         match self {
             Self::InstanceNotFound(_) | Self::DiskNotFound(_) => Code::NotFound,
             Self::NotImplemented(_) => Code::Unimplemented,
-            Self::ImplementedElsewhere(_) | Self::StaleLeader(_) | Self::ReplacementRequired(_) => {
-                Code::FailedPrecondition
-            }
+            Self::ImplementedElsewhere(_)
+            | Self::StaleLeader(_)
+            | Self::ReplacementRequired(_)
+            | Self::NodeSetUnknown(_) => Code::FailedPrecondition,
             Self::RetryAfter { .. } | Self::Cloud(_) => Code::Unavailable,
             Self::Throttled { .. } => Code::ResourceExhausted,
             Self::NotOwned(_) => Code::PermissionDenied,
@@ -169,7 +174,8 @@ impl CpiError {
             | Self::ReplacementRequired(m)
             | Self::NotOwned(m)
             | Self::CloudAuth(m)
-            | Self::Cloud(m) => m.clone(),
+            | Self::Cloud(m)
+            | Self::NodeSetUnknown(m) => m.clone(),
             Self::RetryAfter { message, .. } | Self::Throttled { message, .. } => message.clone(),
             Self::InvalidObject { message, .. } => message.clone(),
             Self::Transport { message, .. } => message.clone(),
@@ -218,6 +224,7 @@ impl CpiError {
                 message,
             },
             Some(ErrorReason::CloudError) => Self::Cloud(message),
+            Some(ErrorReason::NodeSetUnknown) => Self::NodeSetUnknown(message),
             // A newer shim's reason we do not know: keep the code, never guess a meaning.
             Some(ErrorReason::Unspecified) | None => Self::Transport {
                 code: status.code(),
@@ -275,6 +282,7 @@ mod tests {
                 message: "must not be empty".into(),
             },
             CpiError::Cloud("boom".into()),
+            CpiError::NodeSetUnknown("ns-7".into()),
         ];
         for err in cases {
             assert_eq!(roundtrip(err.clone()), err);

@@ -1,9 +1,15 @@
 //! The LoadBalancer calls (upstream `cloudprovider.LoadBalancer`): the read-only ones plain, the
 //! mutating ones (Ensure, Update, EnsureDeleted) stamped with the leader fence, all counted.
+//! Backend nodes travel as a [`NodeSet`]: put once per shim and named by id when the shim has
+//! `CAPABILITY_LOAD_BALANCER_NODE_SETS`, inline in every call otherwise.
+
+use std::sync::OnceLock;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use cpi_proto::CpiError;
-use cpi_proto::v1;
+use cpi_proto::v1::{self, Capability};
 use k8s_openapi::api::core::v1::LoadBalancerStatus;
+use tokio::sync::Mutex;
 
 use super::client::Cloud;
 use super::convert;
@@ -25,6 +31,54 @@ pub fn backend_nodes<'a>(
         .into_iter()
         .map(|n| convert::backend_node(n, raw))
         .collect()
+}
+
+/// One backend node list, as EnsureLoadBalancer and UpdateLoadBalancer send it: the CPI views
+/// and the id a node-set shim holds them under. Built once per change of the backend nodes and
+/// shared by every call, so the views are encoded once per shim rather than once per Service.
+#[derive(Debug)]
+pub struct NodeSet {
+    id: String,
+    nodes: Box<[v1::Node]>,
+    /// Whether this set was put to the shim; the lock makes concurrent first calls put it once.
+    put: Mutex<bool>,
+}
+
+impl NodeSet {
+    /// A set of `nodes` under a fresh id (a random per-process prefix and a counter: never
+    /// reused for other nodes, never equal to another manager's).
+    pub fn new(nodes: Vec<v1::Node>) -> Self {
+        static PREFIX: OnceLock<u64> = OnceLock::new();
+        static NEXT: AtomicU64 = AtomicU64::new(1);
+        let prefix = *PREFIX.get_or_init(rand::random);
+        Self {
+            id: format!("ccm-{prefix:016x}-{}", NEXT.fetch_add(1, Ordering::Relaxed)),
+            nodes: nodes.into_boxed_slice(),
+            put: Mutex::new(false),
+        }
+    }
+
+    /// The id the shim holds this set under.
+    pub fn id(&self) -> &str {
+        &self.id
+    }
+
+    /// The CPI views of the nodes.
+    pub fn nodes(&self) -> &[v1::Node] {
+        &self.nodes
+    }
+}
+
+impl Default for NodeSet {
+    fn default() -> Self {
+        Self::new(Vec::new())
+    }
+}
+
+/// How one call names its backend nodes: inline, or by the id of a set put earlier.
+struct Backends {
+    nodes: Vec<v1::Node>,
+    node_set_id: String,
 }
 
 /// The status to write for what a shim returned: its ingress points only, `ipMode` only when
@@ -62,20 +116,27 @@ impl Cloud {
         &self,
         cluster_name: &str,
         service: v1::Service,
-        nodes: Vec<v1::Node>,
+        nodes: &NodeSet,
     ) -> Result<Option<v1::LoadBalancerStatus>, CpiError> {
-        let request = self.fenced(v1::EnsureLoadBalancerRequest {
-            cluster_name: cluster_name.to_string(),
-            service: Some(service),
-            nodes,
-            fence: None,
-            allow_replacement: false,
-        });
         let response = self
-            .call(
-                "LoadBalancer/EnsureLoadBalancer",
-                self.load_balancers().ensure_load_balancer(request),
-            )
+            .with_node_set(nodes, |backends| {
+                let request = self.fenced(v1::EnsureLoadBalancerRequest {
+                    cluster_name: cluster_name.to_string(),
+                    service: Some(service.clone()),
+                    nodes: backends.nodes,
+                    fence: None,
+                    allow_replacement: false,
+                    node_set_id: backends.node_set_id,
+                });
+                let mut client = self.load_balancers();
+                async move {
+                    self.call(
+                        "LoadBalancer/EnsureLoadBalancer",
+                        client.ensure_load_balancer(request),
+                    )
+                    .await
+                }
+            })
             .await?;
         Ok(response.status)
     }
@@ -85,20 +146,78 @@ impl Cloud {
         &self,
         cluster_name: &str,
         service: v1::Service,
-        nodes: Vec<v1::Node>,
+        nodes: &NodeSet,
     ) -> Result<(), CpiError> {
-        let request = self.fenced(v1::UpdateLoadBalancerRequest {
-            cluster_name: cluster_name.to_string(),
-            service: Some(service),
-            nodes,
-            fence: None,
-        });
-        self.call(
-            "LoadBalancer/UpdateLoadBalancer",
-            self.load_balancers().update_load_balancer(request),
-        )
+        self.with_node_set(nodes, |backends| {
+            let request = self.fenced(v1::UpdateLoadBalancerRequest {
+                cluster_name: cluster_name.to_string(),
+                service: Some(service.clone()),
+                nodes: backends.nodes,
+                fence: None,
+                node_set_id: backends.node_set_id,
+            });
+            let mut client = self.load_balancers();
+            async move {
+                self.call(
+                    "LoadBalancer/UpdateLoadBalancer",
+                    client.update_load_balancer(request),
+                )
+                .await
+            }
+        })
         .await
         .map(drop)
+    }
+
+    /// Runs `call` with `set` as its backends: inline for a shim without node sets; else by id,
+    /// putting the set first if this manager has not, and once more (then retrying once) when
+    /// the shim answers NODE_SET_UNKNOWN (it restarted or evicted the set).
+    async fn with_node_set<T, F>(
+        &self,
+        set: &NodeSet,
+        call: impl Fn(Backends) -> F,
+    ) -> Result<T, CpiError>
+    where
+        F: Future<Output = Result<T, CpiError>>,
+    {
+        if !self.has(Capability::LoadBalancerNodeSets) {
+            return call(Backends {
+                nodes: set.nodes.to_vec(),
+                node_set_id: String::new(),
+            })
+            .await;
+        }
+        let by_id = || Backends {
+            nodes: Vec::new(),
+            node_set_id: set.id.clone(),
+        };
+        self.put_node_set(set, false).await?;
+        match call(by_id()).await {
+            Err(CpiError::NodeSetUnknown(_)) => {
+                self.put_node_set(set, true).await?;
+                call(by_id()).await
+            }
+            other => other,
+        }
+    }
+
+    /// PutNodeSet of `set`, unless it was put already and `again` is false.
+    async fn put_node_set(&self, set: &NodeSet, again: bool) -> Result<(), CpiError> {
+        let mut put = set.put.lock().await;
+        if *put && !again {
+            return Ok(());
+        }
+        let request = v1::PutNodeSetRequest {
+            node_set_id: set.id.clone(),
+            nodes: set.nodes.to_vec(),
+        };
+        self.call(
+            "LoadBalancer/PutNodeSet",
+            self.load_balancers().put_node_set(request),
+        )
+        .await?;
+        *put = true;
+        Ok(())
     }
 
     /// Upstream `EnsureLoadBalancerDeleted` (fenced): succeeds when there was none.
@@ -118,5 +237,122 @@ impl Cloud {
         )
         .await
         .map(drop)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+    use std::path::Path;
+    use std::time::Duration;
+
+    use fake_provider::FakeCloud;
+    use prometheus_client::registry::Registry;
+
+    use super::*;
+    use crate::cloud::{CloudMetrics, ConnectSettings, ProviderEndpoint};
+
+    fn service() -> v1::Service {
+        v1::Service {
+            metadata: Some(v1::ObjectMeta {
+                name: "web".into(),
+                namespace: "default".into(),
+                uid: "uid-web".into(),
+                ..Default::default()
+            }),
+            r#type: "LoadBalancer".into(),
+            ..Default::default()
+        }
+    }
+
+    fn node(name: &str) -> v1::Node {
+        v1::Node {
+            metadata: Some(v1::ObjectMeta {
+                name: name.into(),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }
+    }
+
+    async fn connect(socket: &Path, metrics: CloudMetrics) -> Cloud {
+        let settings = ConnectSettings {
+            request_timeout: Duration::from_secs(2),
+            reload_interval: Duration::from_secs(10),
+            startup_timeout: Duration::from_secs(5),
+        };
+        let fence = v1::Fence {
+            lease: "kube-system/cloud-controller-manager".into(),
+            holder_identity: "test".into(),
+            lease_transitions: 1,
+            lease_uid: "lease-uid".into(),
+        };
+        Cloud::connect(&ProviderEndpoint::Unix(socket.into()), &settings, metrics)
+            .await
+            .unwrap()
+            .with_fence(tokio::sync::watch::channel(Some(fence)).1)
+    }
+
+    /// `cloudprovider_requests_total` of `method` with `code`, as scraped.
+    fn requests(registry: &Registry, method: &str, code: &str) -> u64 {
+        let mut text = String::new();
+        prometheus_client::encoding::text::encode(&mut text, registry).unwrap();
+        let labels = format!("code=\"{code}\",method=\"{method}\"");
+        let alt = format!("method=\"{method}\",code=\"{code}\"");
+        text.lines()
+            .filter(|l| l.starts_with("cloudprovider_requests_total{"))
+            .find(|l| l.contains(&labels) || l.contains(&alt))
+            .and_then(|l| l.rsplit(' ').next())
+            .map_or(0, |n| n.parse().unwrap())
+    }
+
+    #[tokio::test]
+    async fn a_node_set_is_put_once_and_put_again_when_the_shim_lost_it() {
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let dir = tempfile::tempdir().unwrap();
+        let socket = dir.path().join("cpi.sock");
+        let shim = FakeCloud::default().serve_at(&socket).await.unwrap();
+        let mut registry = Registry::default();
+        let cloud = connect(&socket, CloudMetrics::register(&mut registry)).await;
+        assert!(cloud.has(Capability::LoadBalancerNodeSets));
+
+        let set = NodeSet::new(vec![node("n1"), node("n2")]);
+        cloud
+            .ensure_load_balancer("kubernetes", service(), &set)
+            .await
+            .unwrap();
+        cloud
+            .update_load_balancer("kubernetes", service(), &set)
+            .await
+            .unwrap();
+        assert_eq!(requests(&registry, "LoadBalancer/PutNodeSet", "OK"), 1);
+        assert_eq!(shim.ensure_calls()[0].hosts, ["n1", "n2"]);
+        assert_eq!(shim.update_calls()[0].hosts, ["n1", "n2"]);
+
+        // A restarted shim holds no sets: the call is refused, the set put again, the call
+        // retried once.
+        shim.shutdown().await.unwrap();
+        let restarted = FakeCloud::default().serve_at(&socket).await.unwrap();
+        tokio::time::timeout(Duration::from_secs(10), async {
+            while cloud.probe().await.is_err() {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        })
+        .await
+        .expect("the restarted shim answers");
+        cloud
+            .update_load_balancer("kubernetes", service(), &set)
+            .await
+            .unwrap();
+        assert_eq!(
+            requests(
+                &registry,
+                "LoadBalancer/UpdateLoadBalancer",
+                "NODE_SET_UNKNOWN"
+            ),
+            1
+        );
+        assert_eq!(requests(&registry, "LoadBalancer/PutNodeSet", "OK"), 2);
+        assert_eq!(restarted.update_calls()[0].hosts, ["n1", "n2"]);
     }
 }

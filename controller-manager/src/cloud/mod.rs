@@ -15,5 +15,5 @@ pub use client::{Cloud, CloudError, CloudMetrics, ConnectSettings};
 pub use cpi_transport::{EndpointError, ProviderEndpoint};
 pub use fence::{Fence, Predecessor};
 pub use instances::{InstanceExistence, LookupError, NodeMetadata};
-pub use load_balancer::{backend_nodes, load_balancer_status, service_view};
+pub use load_balancer::{NodeSet, backend_nodes, load_balancer_status, service_view};
 pub use routes::{ListRoutesError, RouteList, route_addresses};

@@ -12,11 +12,10 @@ use tracing::Instrument;
 
 use crate::fence::FenceGuard;
 use crate::metrics::{ShimMetrics, code_name};
+use crate::node_sets::NodeSets;
 use crate::provider::ProviderDescription;
 use crate::services;
-use crate::validate::{
-    check_node, consistency, require, require_node, require_non_empty, require_service,
-};
+use crate::validate::{consistency, require, require_node, require_non_empty, require_service};
 
 /// What every adapter shares.
 pub(crate) struct Core {
@@ -24,6 +23,8 @@ pub(crate) struct Core {
     pub(crate) info: pb::ProviderInfo,
     pub(crate) metrics: ShimMetrics,
     pub(crate) fence: FenceGuard,
+    /// Backend node lists put by callers (LoadBalancer.PutNodeSet).
+    pub(crate) node_sets: NodeSets,
 }
 
 impl Core {
@@ -361,15 +362,6 @@ impl pb::clusters_server::Clusters for Adapter<dyn services::Clusters> {
     }
 }
 
-/// Checks every backend node of an LB call is named.
-fn check_nodes(nodes: &[Node]) -> Result<(), CpiError> {
-    // `format_args!` defers building the field path until a node actually fails.
-    nodes
-        .iter()
-        .enumerate()
-        .try_for_each(|(i, node)| check_node(node, format_args!("nodes[{i}]")))
-}
-
 #[tonic::async_trait]
 impl pb::load_balancer_server::LoadBalancer for Adapter<dyn services::LoadBalancer> {
     async fn get_load_balancer(
@@ -405,10 +397,10 @@ impl pb::load_balancer_server::LoadBalancer for Adapter<dyn services::LoadBalanc
         let req = request.into_inner();
         rpc!(self.core, "LoadBalancer", "EnsureLoadBalancer", async {
             let service = require_service(req.service, "service")?;
-            check_nodes(&req.nodes)?;
+            let nodes = self.core.node_sets.resolve(req.nodes, &req.node_set_id)?;
             self.core.fenced(req.fence.as_ref()).await?;
             self.inner
-                .ensure_load_balancer(req.cluster_name, service, req.nodes, req.allow_replacement)
+                .ensure_load_balancer(req.cluster_name, service, nodes, req.allow_replacement)
                 .await
         })
     }
@@ -420,10 +412,10 @@ impl pb::load_balancer_server::LoadBalancer for Adapter<dyn services::LoadBalanc
         let req = request.into_inner();
         rpc!(self.core, "LoadBalancer", "UpdateLoadBalancer", async {
             let service = require_service(req.service, "service")?;
-            check_nodes(&req.nodes)?;
+            let nodes = self.core.node_sets.resolve(req.nodes, &req.node_set_id)?;
             self.core.fenced(req.fence.as_ref()).await?;
             self.inner
-                .update_load_balancer(req.cluster_name, service, req.nodes)
+                .update_load_balancer(req.cluster_name, service, nodes)
                 .await
         })
     }
@@ -445,6 +437,17 @@ impl pb::load_balancer_server::LoadBalancer for Adapter<dyn services::LoadBalanc
                     .await
             }
         )
+    }
+
+    async fn put_node_set(
+        &self,
+        request: Request<pb::PutNodeSetRequest>,
+    ) -> Result<Response<pb::PutNodeSetResponse>, Status> {
+        let req = request.into_inner();
+        rpc!(self.core, "LoadBalancer", "PutNodeSet", async {
+            self.core.node_sets.put(req.node_set_id, req.nodes)?;
+            Ok(pb::PutNodeSetResponse {})
+        })
     }
 }
 

@@ -25,6 +25,7 @@ mod error;
 mod fence;
 mod flags;
 mod metrics;
+mod node_sets;
 mod provider;
 mod server;
 mod services;

@@ -21,6 +21,7 @@ use crate::error::ShimError;
 use crate::fence::{FenceGuard, FenceStore, MemoryFenceStore};
 use crate::flags::ServeFlags;
 use crate::metrics::{HttpEndpoint, ShimMetrics};
+use crate::node_sets::{NODE_SET_CAPACITY, NodeSets};
 use crate::provider::ProviderDescription;
 use crate::services;
 
@@ -111,6 +112,11 @@ impl ShimServerBuilder {
             (self.zones.is_some(), Capability::Zones),
             (self.clusters.is_some(), Capability::Clusters),
             (self.load_balancer.is_some(), Capability::LoadBalancer),
+            // The framework serves node sets for every LoadBalancer provider.
+            (
+                self.load_balancer.is_some(),
+                Capability::LoadBalancerNodeSets,
+            ),
             (self.routes.is_some(), Capability::Routes),
             (self.volume_labels.is_some(), Capability::VolumeLabels),
             (
@@ -145,6 +151,7 @@ impl ShimServerBuilder {
             info,
             metrics,
             fence: FenceGuard::new(self.fence_store),
+            node_sets: NodeSets::new(NODE_SET_CAPACITY),
         });
         let services = Services {
             instances_v2: self

@@ -6,7 +6,11 @@
 //! `Service` of a `LoadBalancer` call has `metadata.name` and `metadata.namespace`; every
 //! provider-ID argument is well formed and carries one of the provider's own prefixes (foreign
 //! ones are answered `NOT_OWNED` by the framework); and every mutating call has passed the fence
-//! check. Backend nodes of LB calls are not ownership-checked: the caller filters them.
+//! check. Backend nodes of LB calls are not ownership-checked: the caller filters them; they
+//! arrive shared (`Arc<[Node]>`) because a caller may send one node set for many calls (see
+//! `PutNodeSet`), so a provider can key derived data on the list it was given.
+
+use std::sync::Arc;
 
 use cpi_proto::CpiError;
 use cpi_proto::v1::{
@@ -161,7 +165,7 @@ pub trait LoadBalancer: Send + Sync + 'static {
         &self,
         cluster_name: String,
         service: Service,
-        nodes: Vec<Node>,
+        nodes: Arc<[Node]>,
         allow_replacement: bool,
     ) -> Result<EnsureLoadBalancerResponse, CpiError>;
 
@@ -170,7 +174,7 @@ pub trait LoadBalancer: Send + Sync + 'static {
         &self,
         cluster_name: String,
         service: Service,
-        nodes: Vec<Node>,
+        nodes: Arc<[Node]>,
     ) -> Result<UpdateLoadBalancerResponse, CpiError>;
 
     /// Deletes the LB; succeeds when it did not exist.

@@ -98,7 +98,7 @@ impl LoadBalancer for TestProvider {
         &self,
         _cluster_name: String,
         _service: pb::Service,
-        _nodes: Vec<pb::Node>,
+        _nodes: Arc<[pb::Node]>,
         _allow_replacement: bool,
     ) -> Result<pb::EnsureLoadBalancerResponse, CpiError> {
         self.calls.fetch_add(1, Ordering::SeqCst);
@@ -109,7 +109,7 @@ impl LoadBalancer for TestProvider {
         &self,
         _cluster_name: String,
         _service: pb::Service,
-        _nodes: Vec<pb::Node>,
+        _nodes: Arc<[pb::Node]>,
     ) -> Result<pb::UpdateLoadBalancerResponse, CpiError> {
         Ok(pb::UpdateLoadBalancerResponse {})
     }
@@ -231,6 +231,7 @@ async fn ensure(
             nodes: vec![node("n1")],
             fence,
             allow_replacement: false,
+            ..Default::default()
         })
         .await
         .map(|_| ())
@@ -278,7 +279,8 @@ async fn provider_info_lists_registered_capabilities() {
         info.capabilities,
         vec![
             pb::Capability::InstancesV2 as i32,
-            pb::Capability::LoadBalancer as i32
+            pb::Capability::LoadBalancer as i32,
+            pb::Capability::LoadBalancerNodeSets as i32
         ]
     );
     h.stop().await;
@@ -325,6 +327,7 @@ async fn missing_node_is_invalid_argument() {
             service: Some(service()),
             nodes: vec![node("n1"), node("")],
             fence: fence(1, "a"),
+            ..Default::default()
         })
         .await
         .unwrap_err();

@@ -470,6 +470,7 @@ async fn update_changes_backends_without_dropping_established_connections() {
         service: Some(svc.clone()),
         nodes: nodes[1..].to_vec(),
         fence: fence(),
+        node_set_id: String::new(),
     })
     .await
     .unwrap();

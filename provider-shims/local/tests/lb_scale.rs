@@ -183,6 +183,7 @@ async fn measure(variant: Nodes) {
                 service: Some(svc(i)),
                 nodes: nodes.clone(),
                 fence: fence(),
+                node_set_id: String::new(),
             };
             async move { lb.update_load_balancer(request).await }
         })

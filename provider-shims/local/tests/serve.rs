@@ -125,6 +125,7 @@ async fn provider_info_describes_the_local_shim() {
             pb::Capability::Instances as i32,
             pb::Capability::Zones as i32,
             pb::Capability::LoadBalancer as i32,
+            pb::Capability::LoadBalancerNodeSets as i32,
             pb::Capability::Routes as i32,
             pb::Capability::LoadBalancerValidation as i32,
         ]

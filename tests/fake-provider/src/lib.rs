@@ -1053,7 +1053,7 @@ impl LoadBalancer for FakeProvider {
         &self,
         _cluster_name: String,
         service: pb::Service,
-        nodes: Vec<pb::Node>,
+        nodes: Arc<[pb::Node]>,
         _allow_replacement: bool,
     ) -> Result<pb::EnsureLoadBalancerResponse, CpiError> {
         self.answer_mut(call::CREATE, &service_key(&service), |s| {
@@ -1089,7 +1089,7 @@ impl LoadBalancer for FakeProvider {
         &self,
         _cluster_name: String,
         service: pb::Service,
-        nodes: Vec<pb::Node>,
+        nodes: Arc<[pb::Node]>,
     ) -> Result<pb::UpdateLoadBalancerResponse, CpiError> {
         self.answer_mut(call::UPDATE, &service_key(&service), |s| {
             let record = FakeCloud::lb_call(&service, &nodes);

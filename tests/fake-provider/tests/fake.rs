@@ -67,6 +67,7 @@ async fn capabilities_follow_the_toggles() {
             Capability::Instances as i32,
             Capability::Zones as i32,
             Capability::LoadBalancer as i32,
+            Capability::LoadBalancerNodeSets as i32,
             Capability::Routes as i32
         ]
     );
@@ -420,6 +421,7 @@ async fn load_balancer_calls_follow_upstream_fake() {
             nodes: vec![node("n1", Some("fake://n1")), node("n2", None)],
             fence: Some(lb_fence()),
             allow_replacement: false,
+            ..Default::default()
         })
         .await
         .unwrap()
@@ -440,6 +442,7 @@ async fn load_balancer_calls_follow_upstream_fake() {
         service: Some(svc.clone()),
         nodes: vec![node("n3", None)],
         fence: Some(lb_fence()),
+        ..Default::default()
     })
     .await
     .unwrap();
@@ -474,6 +477,7 @@ async fn load_balancer_calls_follow_upstream_fake() {
             nodes: vec![],
             fence: Some(lb_fence()),
             allow_replacement: false,
+            ..Default::default()
         })
         .await
         .unwrap_err();
@@ -487,6 +491,7 @@ async fn load_balancer_calls_follow_upstream_fake() {
             service: Some(svc.clone()),
             nodes: vec![],
             fence: Some(lb_fence()),
+            ..Default::default()
         })
         .await
         .unwrap_err();

@@ -9,6 +9,7 @@ use cpi_proto::v1;
 use kube::{Resource, ResourceExt};
 
 use super::decide::{Host, stable_node};
+use crate::cloud::NodeSet;
 use crate::k8s::{CachedNode, CachedService};
 
 /// One backend set: the nodes passing the stable predicates, sorted by name, with their CPI
@@ -19,8 +20,8 @@ pub struct Backends {
     pub hosts: Box<[Host]>,
     /// `resourceVersion` per node: whether the views are still current.
     versions: Box<[Box<str>]>,
-    /// The CPI views handed to Ensure and Update.
-    pub nodes: Box<[v1::Node]>,
+    /// The CPI views handed to Ensure and Update, put to the shim once.
+    pub nodes: NodeSet,
 }
 
 impl Backends {
@@ -78,7 +79,7 @@ impl BackendCache {
                 .iter()
                 .map(|n| Box::from(n.resource_version().unwrap_or_default()))
                 .collect(),
-            nodes: view(&stable).into_boxed_slice(),
+            nodes: NodeSet::new(view(&stable)),
         });
         *self.latest.lock().unwrap_or_else(PoisonError::into_inner) = built.clone();
         built

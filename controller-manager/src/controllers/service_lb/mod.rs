@@ -713,7 +713,7 @@ impl ServiceLb {
             .ensure_load_balancer(
                 &self.cluster_name,
                 service_view(&self.cloud, svc),
-                backends.nodes.to_vec(),
+                &backends.nodes,
             )
             .await
             .map_err(ServiceSyncError::Ensure)
@@ -941,7 +941,7 @@ impl ServiceLb {
         let view = service_view(&self.cloud, svc);
         let result = self
             .cloud
-            .update_load_balancer(&self.cluster_name, view.clone(), backends.nodes.to_vec())
+            .update_load_balancer(&self.cluster_name, view.clone(), &backends.nodes)
             .await;
         self.metrics
             .update_host_latency

@@ -748,7 +748,7 @@ impl shim_framework::LoadBalancer for LocalLoadBalancer {
         &self,
         cluster_name: String,
         service: Service,
-        nodes: Vec<Node>,
+        nodes: Arc<[Node]>,
         allow_replacement: bool,
     ) -> Result<EnsureLoadBalancerResponse, CpiError> {
         let m = &self.inner;
@@ -854,7 +854,7 @@ impl shim_framework::LoadBalancer for LocalLoadBalancer {
         &self,
         cluster_name: String,
         service: Service,
-        nodes: Vec<Node>,
+        nodes: Arc<[Node]>,
     ) -> Result<UpdateLoadBalancerResponse, CpiError> {
         let m = &self.inner;
         let (cluster, uid) = identity(&cluster_name, &service)?;
