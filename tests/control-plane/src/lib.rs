@@ -432,6 +432,18 @@ impl ControlPlane {
         Ok(path)
     }
 
+    /// Writes a new kubeconfig file authenticating with `token` (e.g. a ServiceAccount's, from
+    /// the TokenRequest API) and returns its path; the token is kept in a private file beside it.
+    pub fn write_kubeconfig_with_token(&self, token: &str) -> Result<PathBuf, Error> {
+        let n = self.kubeconfig_counter.fetch_add(1, Ordering::Relaxed);
+        let token_file = self.state.path().join(format!("token-{n}"));
+        test_pki::write_atomic(&token_file, token.as_bytes(), true)?;
+        let path = self.state.path().join(format!("kubeconfig-token-{n}"));
+        let yaml = kubeconfig_yaml(&self.server_url, &self.ca_file, &token_file, None)?;
+        std::fs::write(&path, yaml).map_err(Error::io(format!("writing {}", path.display())))?;
+        Ok(path)
+    }
+
     /// The apiserver URL, `https://127.0.0.1:<port>`.
     pub fn server_url(&self) -> &str {
         &self.server_url

@@ -60,18 +60,6 @@ async fn token(admin: &kube::Client, name: &str) -> String {
         .token
 }
 
-/// A kubeconfig file in `dir` holding `token`.
-fn kubeconfig(cp: &ControlPlane, dir: &Path, label: &str, token: &str) -> PathBuf {
-    let path = dir.join(format!("{label}.kubeconfig"));
-    let yaml = format!(
-        "apiVersion: v1\nkind: Config\nclusters:\n- name: c\n  cluster:\n    server: {}\n    certificate-authority: {}\nusers:\n- name: u\n  user:\n    token: {token}\ncontexts:\n- name: x\n  context: {{cluster: c, user: u}}\ncurrent-context: x\n",
-        cp.server_url(),
-        cp.ca_file().display()
-    );
-    std::fs::write(&path, yaml).unwrap();
-    path
-}
-
 /// A client authenticating with `token` only.
 fn client_with(cp: &ControlPlane, token: &str) -> kube::Client {
     let mut config = cp.kube_config();
@@ -157,7 +145,7 @@ async fn service_accounts_do_their_job_and_no_more() {
 
     // ccm-certgen, as its ServiceAccount.
     let certgen_token = token(&admin, "ccm-certgen").await;
-    let certgen_kubeconfig = kubeconfig(&cp, d, "ccm-certgen", &certgen_token);
+    let certgen_kubeconfig = cp.write_kubeconfig_with_token(&certgen_token).unwrap();
     let secrets: Api<Secret> = Api::namespaced(admin.clone(), NAMESPACE);
     wait_for("ccm-certgen's RBAC", WAIT, || {
         let secrets = Api::<Secret>::namespaced(client_with(&cp, &certgen_token), NAMESPACE);
@@ -293,7 +281,9 @@ async fn service_accounts_do_their_job_and_no_more() {
         .args([
             format!(
                 "--kubeconfig={}",
-                kubeconfig(&cp, d, "ccm", &ccm_token).display()
+                cp.write_kubeconfig_with_token(&ccm_token)
+                    .unwrap()
+                    .display()
             ),
             format!("--provider-endpoint=https://127.0.0.1:{port}"),
             "--provider-server-name=local-shim.kube-system.svc".into(),

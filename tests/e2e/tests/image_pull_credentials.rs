@@ -9,13 +9,13 @@ use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
+use cloud_controller_manager::well_known::TAINT_UNINITIALIZED;
 use k8s_openapi::api::core::v1::Pod;
 use kube::api::{Api, PostParams};
 use real_node::{Cluster, ClusterOptions, CredentialProviders, Registry, busybox_image};
 use serde_json::{Value, json};
 use test_support::wait_for;
 
-const UNINITIALIZED: &str = "node.cloudprovider.kubernetes.io/uninitialized";
 const USER: &str = "puller";
 const PASSWORD: &str = "pull-secret-7f3a";
 const WAIT: Duration = Duration::from_secs(90);
@@ -103,7 +103,7 @@ async fn kubelet_pulls_from_an_authenticated_registry_through_the_credential_pro
         let pod: Pod = serde_json::from_value(json!({
             "metadata": {"name": name},
             "spec": {
-                "tolerations": [{"key": UNINITIALIZED, "operator": "Exists"}],
+                "tolerations": [{"key": TAINT_UNINITIALIZED, "operator": "Exists"}],
                 "containers": [{"name": "web", "image": image, "imagePullPolicy": "Always",
                                 "args": ["httpd", "-f", "-p", "8080", "-h", "/www"]}],
             }

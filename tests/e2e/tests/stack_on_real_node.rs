@@ -17,18 +17,19 @@ use std::collections::BTreeMap;
 use std::path::Path;
 use std::time::Duration;
 
+use cloud_controller_manager::well_known::TAINT_UNINITIALIZED;
 use k8s_openapi::api::coordination::v1::Lease;
-use k8s_openapi::api::core::v1::{Node, PersistentVolume, Pod, Service};
+use k8s_openapi::api::core::v1::{PersistentVolume, Pod, Service};
 use kube::api::{Api, DeleteParams, ListParams, PostParams};
 use real_node::{
     Cluster, ClusterOptions, NodeMachine, StackSource, apply_local_overlay,
-    build_and_import_images, busybox_image,
+    build_and_import_images, load_balancer_address, wait_node_initialised,
+    web_behind_load_balancer,
 };
 use serde_json::json;
-use test_support::{http_get, wait_for};
+use test_support::{load_balancer_service, wait_for};
 
 const NAMESPACE: &str = "kube-system";
-const UNINITIALIZED: &str = "node.cloudprovider.kubernetes.io/uninitialized";
 const MACHINE: &str = "m-real";
 const ZONE: &str = "zone-real";
 /// The CSI driver the local overlay's shim labels volumes of (its `--csi-driver-name`).
@@ -110,34 +111,10 @@ async fn stack_runs_as_pods_on_a_real_node() {
 async fn node_is_initialised_by_the_controller_manager_pod(
     cluster: &Cluster,
 ) -> Result<(), String> {
-    let nodes: Api<Node> = Api::all(cluster.client().map_err(|e| e.to_string())?);
-    let name = cluster.node_name().to_owned();
-    let node = wait_for(
-        format!("Node {name} initialised (provider ID, no uninitialized taint)"),
-        STACK_UP,
-        || {
-            let nodes = nodes.clone();
-            let name = name.clone();
-            async move {
-                let node = nodes.get(&name).await.map_err(|e| e.to_string())?;
-                let spec = node.spec.clone().unwrap_or_default();
-                let tainted = spec
-                    .taints
-                    .unwrap_or_default()
-                    .iter()
-                    .any(|t| t.key == UNINITIALIZED);
-                match (spec.provider_id, tainted) {
-                    (Some(id), false) => Ok((node, id)),
-                    (id, tainted) => {
-                        Err(format!("providerID {id:?}, uninitialized taint {tainted}"))
-                    }
-                }
-            }
-        },
-    )
-    .await
-    .map_err(|e| format!("{e}\n{}", stack_pods(cluster)))?;
-    let (node, provider_id) = node;
+    let node = wait_node_initialised(cluster, TAINT_UNINITIALIZED, STACK_UP)
+        .await
+        .map_err(|e| format!("{e}\n{}", stack_pods(cluster)))?;
+    let provider_id = node.spec.and_then(|s| s.provider_id).unwrap_or_default();
     expect(
         provider_id == format!("local://{MACHINE}"),
         format!("providerID {provider_id}"),
@@ -154,64 +131,13 @@ async fn node_is_initialised_by_the_controller_manager_pod(
 }
 
 async fn load_balancer_reaches_a_pod(cluster: &Cluster, work: &Path) -> Result<(), String> {
-    let image = busybox_image(work, "ccm.local/web:stack", "hello through the shim\n")
-        .map_err(|e| e.to_string())?;
-    cluster
-        .import_image(&image.path)
-        .map_err(|e| e.to_string())?;
-    let client = cluster.client().map_err(|e| e.to_string())?;
-    let pods: Api<Pod> = Api::namespaced(client.clone(), "default");
-    let pod: Pod = serde_json::from_value(json!({
-        "metadata": {"name": "web", "labels": {"app": "web"}},
-        "spec": {"containers": [{
-            "name": "web", "image": image.name, "imagePullPolicy": "Never",
-            "args": ["httpd", "-f", "-p", "8080", "-h", "/www"],
-            "ports": [{"containerPort": 8080}],
-            "readinessProbe": {"tcpSocket": {"port": 8080}, "periodSeconds": 1},
-        }]}
-    }))
-    .map_err(|e| e.to_string())?;
-    pods.create(&PostParams::default(), &pod)
+    let web = web_behind_load_balancer(cluster, work, "web", "hello through the shim\n", WAIT)
         .await
-        .map_err(|e| format!("creating pod web: {e}"))?;
-    let services: Api<Service> = Api::namespaced(client, "default");
-    let service: Service = serde_json::from_value(json!({
-        "metadata": {"name": "web"},
-        "spec": {"type": "LoadBalancer", "selector": {"app": "web"},
-                 "ports": [{"port": 80, "targetPort": 8080, "protocol": "TCP"}]}
-    }))
-    .map_err(|e| e.to_string())?;
-    services
-        .create(&PostParams::default(), &service)
-        .await
-        .map_err(|e| format!("creating service web: {e}"))?;
-    let ingress = wait_for("Service web to get a load-balancer address", WAIT, || {
-        let services = services.clone();
-        async move {
-            let s = services.get("web").await.map_err(|e| e.to_string())?;
-            s.status
-                .and_then(|s| s.load_balancer)
-                .and_then(|lb| lb.ingress)
-                .and_then(|i| i.into_iter().find_map(|i| i.ip))
-                .ok_or_else(|| "no ingress yet".to_owned())
-        }
-    })
-    .await
-    .map_err(|e| format!("{e}\n{}", stack_pods(cluster)))?;
-    let page = wait_for(format!("a page through {ingress}:80"), WAIT, || {
-        let addr = format!("{ingress}:80");
-        async move {
-            let page = http_get(&addr).await?;
-            if page.contains("hello through the shim") {
-                Ok(page)
-            } else {
-                Err(page)
-            }
-        }
-    })
-    .await
-    .map_err(|e| e.to_string())?;
-    expect(page.starts_with("HTTP/1."), format!("response: {page}"))
+        .map_err(|e| format!("{e}\n{}", stack_pods(cluster)))?;
+    expect(
+        web.response.starts_with("HTTP/1."),
+        format!("response: {}", web.response),
+    )
 }
 
 async fn webhook_pod_admits(cluster: &Cluster) -> Result<(), String> {
@@ -438,36 +364,17 @@ async fn other_replica_takes_over(cluster: &Cluster) -> Result<(), String> {
     // The new leader does the work: a new LoadBalancer Service gets an address.
     let services: Api<Service> =
         Api::namespaced(cluster.client().map_err(|e| e.to_string())?, "default");
-    let service: Service = serde_json::from_value(json!({
-        "metadata": {"name": "after-failover"},
-        "spec": {"type": "LoadBalancer", "selector": {"app": "web"}, "ports": [{"port": 81, "targetPort": 8080, "protocol": "TCP"}]}
-    }))
-    .map_err(|e| e.to_string())?;
     services
-        .create(&PostParams::default(), &service)
+        .create(
+            &PostParams::default(),
+            &load_balancer_service("default", "after-failover", &[("TCP", 80)]),
+        )
         .await
         .map_err(|e| e.to_string())?;
-    wait_for(
-        format!("{new_leader} to give after-failover an address"),
-        WAIT,
-        || {
-            let services = services.clone();
-            async move {
-                let s = services
-                    .get("after-failover")
-                    .await
-                    .map_err(|e| e.to_string())?;
-                s.status
-                    .and_then(|s| s.load_balancer)
-                    .and_then(|lb| lb.ingress)
-                    .filter(|i| !i.is_empty())
-                    .map(drop)
-                    .ok_or_else(|| "no ingress yet".to_owned())
-            }
-        },
-    )
-    .await
-    .map_err(|e| e.to_string())
+    load_balancer_address(&services, "after-failover", WAIT)
+        .await
+        .map(drop)
+        .map_err(|e| format!("{new_leader} did not serve after-failover: {e}"))
 }
 
 async fn running_pods(pods: &Api<Pod>, prefix: &str) -> Result<Vec<String>, String> {

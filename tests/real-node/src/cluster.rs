@@ -350,6 +350,11 @@ impl Cluster {
         c
     }
 
+    /// The programs this node runs and uses.
+    pub fn binaries(&self) -> &NodeBinaries {
+        &self.binaries
+    }
+
     /// The Node's name.
     pub fn node_name(&self) -> &str {
         &self.node_name

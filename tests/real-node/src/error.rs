@@ -54,6 +54,12 @@ pub enum Error {
         /// The end of its log.
         tail: String,
     },
+    /// Something awaited did not happen in time.
+    #[error(transparent)]
+    Wait(#[from] test_support::WaitError),
+    /// An object could not be built from its JSON form.
+    #[error("building {0}")]
+    Json(String),
     /// An API request failed.
     #[error("{context}: {source}")]
     Kube {

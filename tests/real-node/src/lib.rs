@@ -24,5 +24,7 @@ pub use error::Error;
 pub use images::{ImageArchive, busybox_image};
 pub use registry::Registry;
 pub use stack::{
-    NodeMachine, STACK_NAMESPACE, StackSource, apply_local_overlay, build_and_import_images,
+    LoadBalancedWeb, NodeMachine, STACK_NAMESPACE, StackSource, apply_local_overlay,
+    build_and_import_images, load_balancer_address, wait_node_initialised,
+    web_behind_load_balancer,
 };

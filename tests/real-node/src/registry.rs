@@ -65,10 +65,13 @@ impl Registry {
             .map_err(Error::io(format!("creating {}", hosts.display())))?;
         std::fs::write(hosts.join("hosts.toml"), config::hosts_toml(&host_port))
             .map_err(Error::io(format!("writing {}", hosts.display())))?;
-        let registry_bin = crate::NodeBinaries::discover()?.registry;
-        let process = Process::builder("registry", registry_bin, dir.join("registry.log"))
-            .args([PathBuf::from("serve"), config_path])
-            .spawn()?;
+        let process = Process::builder(
+            "registry",
+            &cluster.binaries().registry,
+            dir.join("registry.log"),
+        )
+        .args([PathBuf::from("serve"), config_path])
+        .spawn()?;
         let log = process.log_path().to_path_buf();
         let url = host_port.clone();
         Wait::new(

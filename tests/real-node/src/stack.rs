@@ -119,3 +119,118 @@ pub fn apply_local_overlay(
     c.args(["apply", "-k"]).arg(&overlay);
     run(c).map(drop)
 }
+
+/// A web pod answering `page`, behind a LoadBalancer Service, as [`web_behind_load_balancer`]
+/// left it.
+#[derive(Debug, Clone)]
+pub struct LoadBalancedWeb {
+    /// The address the Service got (`status.loadBalancer.ingress[].ip`).
+    pub address: String,
+    /// The whole HTTP response fetched through `address:80`, which contains `page`.
+    pub response: String,
+}
+
+/// Creates, in `default`, a busybox web pod `name` (image built into `dir`, imported, never
+/// pulled) answering `page` on 8080, and a LoadBalancer Service `name` (port 80 → 8080, see
+/// `test_support::load_balancer_service`); waits for its address and for a page through it
+/// (load balancer → node port → kube-proxy → pod). The pod does not tolerate the
+/// uninitialized taint: the node must have been initialised.
+pub async fn web_behind_load_balancer(
+    cluster: &Cluster,
+    dir: &Path,
+    name: &str,
+    page: &str,
+    timeout: std::time::Duration,
+) -> Result<LoadBalancedWeb, Error> {
+    use k8s_openapi::api::core::v1::{Pod, Service};
+    use kube::api::{Api, PostParams};
+
+    let image = crate::busybox_image(dir, &format!("ccm.local/{name}:1"), page)?;
+    cluster.import_image(&image.path)?;
+    let client = cluster.client()?;
+    let kube = |context: String| move |source| Error::Kube { context, source };
+    let pod: Pod = serde_json::from_value(json!({
+        "metadata": {"name": name, "labels": {"app": name}},
+        "spec": {"containers": [{
+            "name": "web", "image": image.name, "imagePullPolicy": "Never",
+            "args": ["httpd", "-f", "-p", "8080", "-h", "/www"],
+            "ports": [{"containerPort": 8080}],
+            "readinessProbe": {"tcpSocket": {"port": 8080}, "periodSeconds": 1},
+        }]}
+    }))
+    .map_err(|e| Error::Json(format!("pod {name}: {e}")))?;
+    Api::<Pod>::namespaced(client.clone(), "default")
+        .create(&PostParams::default(), &pod)
+        .await
+        .map_err(kube(format!("creating pod default/{name}")))?;
+    let services: Api<Service> = Api::namespaced(client, "default");
+    services
+        .create(
+            &PostParams::default(),
+            &test_support::load_balancer_service("default", name, &[("TCP", 80)]),
+        )
+        .await
+        .map_err(kube(format!("creating service default/{name}")))?;
+    let address = load_balancer_address(&services, name, timeout).await?;
+    let response = test_support::Wait::new(format!("a page through {address}:80"), timeout)
+        .every(std::time::Duration::from_millis(250))
+        .until(|| {
+            let addr = format!("{address}:80");
+            let page = page.to_owned();
+            async move {
+                let response = test_support::http_get(&addr).await?;
+                if response.contains(page.trim()) {
+                    Ok(response)
+                } else {
+                    Err(response)
+                }
+            }
+        })
+        .await?;
+    Ok(LoadBalancedWeb { address, response })
+}
+
+/// Waits until LoadBalancer Service `name` has an ingress address, and returns it.
+pub async fn load_balancer_address(
+    services: &kube::Api<k8s_openapi::api::core::v1::Service>,
+    name: &str,
+    timeout: std::time::Duration,
+) -> Result<String, Error> {
+    test_support::Wait::new(
+        format!("Service {name} to get a load-balancer address"),
+        timeout,
+    )
+    .every(std::time::Duration::from_millis(250))
+    .until(|| async move {
+        let s = services.get(name).await.map_err(|e| e.to_string())?;
+        s.status
+            .and_then(|s| s.load_balancer)
+            .and_then(|lb| lb.ingress)
+            .and_then(|i| i.into_iter().find_map(|i| i.ip))
+            .ok_or_else(|| "no ingress address yet".to_owned())
+    })
+    .await
+    .map_err(Error::from)
+}
+
+/// Waits until the cloud-node controller has initialised the node (see
+/// `test_support::initialised`; the taint's key is the product's, passed in) and returns it.
+pub async fn wait_node_initialised(
+    cluster: &Cluster,
+    uninitialized_taint: &str,
+    timeout: std::time::Duration,
+) -> Result<k8s_openapi::api::core::v1::Node, Error> {
+    let nodes: kube::Api<k8s_openapi::api::core::v1::Node> = kube::Api::all(cluster.client()?);
+    let name = cluster.node_name();
+    test_support::Wait::new(format!("Node {name} to be initialised"), timeout)
+        .every(std::time::Duration::from_millis(250))
+        .until(|| {
+            let nodes = nodes.clone();
+            async move {
+                let node = nodes.get(name).await.map_err(|e| e.to_string())?;
+                test_support::initialised(&node, uninitialized_taint).map(|()| node)
+            }
+        })
+        .await
+        .map_err(Error::from)
+}
