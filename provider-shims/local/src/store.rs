@@ -5,12 +5,16 @@
 //!
 //! Tables today: `meta` (schema version) and `fence_marks_v2` (the framework's fence marks, one
 //! row per fenced lease: with `--fence-lease` there is one, and [`MAX_FENCE_MARKS`] bounds the
-//! table whatever happens), `lb_records_v1` (load balancers by cluster/Service UID, JSON) and
-//! `lb_holds_v1` (addresses of deleted Services by cluster/namespace/name, JSON) and `routes_v1`
-//! (routes the shim made, by (cluster, destination CIDR), JSON).
+//! table whatever happens), `lb_records_v1` (load balancers by cluster/Service UID, JSON),
+//! `lb_backends_v1` (backend lists by content digest, JSON, each stored once however many load
+//! balancers name it), `lb_holds_v1` (addresses of deleted Services by cluster/namespace/name,
+//! JSON) and `routes_v1` (routes the shim made, by (cluster, destination CIDR), JSON).
 //!
 //! Schema versions: 1 had `fence_marks` without the lease UID; opening it drops those marks
-//! (they cannot be compared with fences that carry a UID), as a reset would.
+//! (they cannot be compared with fences that carry a UID), as a reset would. 2 kept each load
+//! balancer's backends inside its record; 3 rows name a list in `lb_backends_v1` instead (2
+//! rows are still read, and rewritten as 3 rows when next changed). A schema-2 build refuses a
+//! schema-3 database rather than misread it.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -19,7 +23,7 @@ use redb::{Database, ReadableDatabase, ReadableTable, ReadableTableMetadata, Tab
 use shim_framework::{FenceMark, FenceStore, FenceStoreError};
 
 /// Schema version written by this build; a newer one on disk refuses to open.
-const SCHEMA_VERSION: u64 = 2;
+const SCHEMA_VERSION: u64 = 3;
 const SCHEMA_KEY: &str = "schema_version";
 
 /// `key → value` metadata about the database itself.
@@ -32,6 +36,8 @@ const FENCE_MARKS: TableDefinition<&str, (&str, i64, &str)> =
 
 /// `cluster/uid → load balancer` (JSON of `lb::LbRecord`).
 const LB_RECORDS: TableDefinition<&str, &[u8]> = TableDefinition::new("lb_records_v1");
+/// `digest → backend list` (JSON of `[lb::Backend]`), named by `lb_records_v1` rows.
+const LB_BACKENDS: TableDefinition<&str, &[u8]> = TableDefinition::new("lb_backends_v1");
 /// `cluster/namespace/name → hold` (JSON of `lb::Hold`).
 const LB_HOLDS: TableDefinition<&str, &[u8]> = TableDefinition::new("lb_holds_v1");
 
@@ -67,6 +73,8 @@ pub struct LbRows {
     pub records: Vec<(String, Vec<u8>)>,
     /// `(key, value)` of every hold.
     pub holds: Vec<(String, Vec<u8>)>,
+    /// `(digest, value)` of every backend list.
+    pub backends: Vec<(String, Vec<u8>)>,
 }
 
 /// Changes to the load-balancer tables, written in one transaction.
@@ -80,6 +88,10 @@ pub struct LbWrite {
     pub put_holds: Vec<(String, Vec<u8>)>,
     /// Holds to remove.
     pub delete_holds: Vec<String>,
+    /// Backend lists to insert (before the records naming them).
+    pub put_backends: Vec<(String, Vec<u8>)>,
+    /// Backend lists no record names any more.
+    pub delete_backends: Vec<String>,
 }
 
 impl LbWrite {
@@ -89,6 +101,8 @@ impl LbWrite {
             && self.delete_records.is_empty()
             && self.put_holds.is_empty()
             && self.delete_holds.is_empty()
+            && self.put_backends.is_empty()
+            && self.delete_backends.is_empty()
     }
 }
 
@@ -254,6 +268,7 @@ impl Store {
             txn.open_table(FENCE_MARKS).map_err(|e| fail(e.into()))?;
             txn.open_table(LB_RECORDS).map_err(|e| fail(e.into()))?;
             txn.open_table(LB_HOLDS).map_err(|e| fail(e.into()))?;
+            txn.open_table(LB_BACKENDS).map_err(|e| fail(e.into()))?;
             txn.open_table(ROUTES).map_err(|e| fail(e.into()))?;
         }
         txn.commit().map_err(|e| fail(e.into()))
@@ -320,7 +335,11 @@ impl Store {
         let fail = self.io_error("reading the load balancers");
         let txn = self.inner.db.begin_read().map_err(|e| fail(e.into()))?;
         let mut rows = LbRows::default();
-        for (table, out) in [(LB_RECORDS, &mut rows.records), (LB_HOLDS, &mut rows.holds)] {
+        for (table, out) in [
+            (LB_RECORDS, &mut rows.records),
+            (LB_HOLDS, &mut rows.holds),
+            (LB_BACKENDS, &mut rows.backends),
+        ] {
             let table = txn.open_table(table).map_err(|e| fail(e.into()))?;
             for row in table.iter().map_err(|e| fail(e.into()))? {
                 let (key, value) = row.map_err(|e| fail(e.into()))?;
@@ -343,7 +362,13 @@ impl Store {
         {
             let mut records = txn.open_table(LB_RECORDS).map_err(|e| fail(e.into()))?;
             let mut holds = txn.open_table(LB_HOLDS).map_err(|e| fail(e.into()))?;
+            let mut backends = txn.open_table(LB_BACKENDS).map_err(|e| fail(e.into()))?;
             for write in writes {
+                for (key, value) in &write.put_backends {
+                    backends
+                        .insert(key.as_str(), value.as_slice())
+                        .map_err(|e| fail(e.into()))?;
+                }
                 for key in &write.delete_records {
                     records.remove(key.as_str()).map_err(|e| fail(e.into()))?;
                 }
@@ -359,6 +384,9 @@ impl Store {
                     holds
                         .insert(key.as_str(), value.as_slice())
                         .map_err(|e| fail(e.into()))?;
+                }
+                for key in &write.delete_backends {
+                    backends.remove(key.as_str()).map_err(|e| fail(e.into()))?;
                 }
             }
         }

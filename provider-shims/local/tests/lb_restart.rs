@@ -172,3 +172,87 @@ async fn kill_and_restart_keeps_addresses_and_listeners() {
     );
     drop(second);
 }
+
+/// Schema 3: a backend list is stored once however many load balancers name it, a node change
+/// stores the new list, and a list goes with the last load balancer naming it; the stored rows
+/// bring every load balancer back with its backends.
+#[tokio::test]
+async fn backend_lists_are_stored_once_and_go_with_their_last_load_balancer() {
+    let dir = tempfile::tempdir().unwrap();
+    let dir = dir.path();
+    std::fs::write(dir.join("inventory.yaml"), INVENTORY).unwrap();
+    std::fs::write(
+        dir.join("lb.yaml"),
+        "pools:\n  - name: default\n    addresses: [127.0.222.0/24]\n",
+    )
+    .unwrap();
+    let one = vec![node("n1", "127.121.0.1")];
+    let two = vec![node("n1", "127.121.0.1"), node("n2", "127.121.0.2")];
+    tcp_echo(SocketAddr::new(ip("127.121.0.1"), 30080), "b1").await;
+    let services: Vec<pb::Service> = (0..3)
+        .map(|i| {
+            service(
+                &format!("lists-{i}"),
+                &format!("lists-uid-{i}"),
+                &[("TCP", 8080, 30080)],
+            )
+        })
+        .collect();
+    let rows = || {
+        let store = local_shim::Store::open(&dir.join("state")).unwrap();
+        store.load_lb_rows().unwrap()
+    };
+
+    let first = spawn(dir, free_port().unwrap(), 1);
+    let mut lb = connect(dir).await;
+    for svc in &services {
+        ensure(&mut lb, svc, &one).await;
+    }
+    lb.update_load_balancer(pb::UpdateLoadBalancerRequest {
+        cluster_name: CLUSTER.into(),
+        service: Some(services[0].clone()),
+        nodes: two.clone(),
+        fence: fence(),
+        node_set_id: String::new(),
+    })
+    .await
+    .unwrap();
+    first.kill();
+    let stored = rows();
+    assert_eq!(stored.records.len(), 3);
+    assert_eq!(stored.backends.len(), 2, "one list per distinct node set");
+    for (key, value) in &stored.records {
+        assert!(value.len() < 1024, "{key}: {} bytes", value.len());
+    }
+
+    let second = spawn(dir, free_port().unwrap(), 2);
+    let mut lb = connect(dir).await;
+    for svc in &services[1..] {
+        lb.ensure_load_balancer_deleted(pb::EnsureLoadBalancerDeletedRequest {
+            cluster_name: CLUSTER.into(),
+            service: Some(svc.clone()),
+            fence: fence(),
+        })
+        .await
+        .unwrap();
+    }
+    second.kill();
+    let stored = rows();
+    assert_eq!(stored.records.len(), 1);
+    assert_eq!(
+        stored.backends.len(),
+        1,
+        "the one-node list went with its last load balancer"
+    );
+
+    // The remaining load balancer comes back with its two-node list and serves through it.
+    let _third = spawn(dir, free_port().unwrap(), 3);
+    let mut lb = connect(dir).await;
+    let address = get(&mut lb, &services[0]).await.unwrap();
+    assert_eq!(
+        backend_of(ip("127.0.0.1"), SocketAddr::new(ip(&address), 8080))
+            .await
+            .as_deref(),
+        Some("b1")
+    );
+}

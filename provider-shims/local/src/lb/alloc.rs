@@ -19,8 +19,8 @@ use cpi_proto::v1::Service;
 use super::pool::{Family, Pool, Pools};
 use super::spec::{Backend, IP_ANNOTATION, LbSpec, POOL_ANNOTATION, PortSpec, Protocol};
 
-/// A load balancer as persisted: its spec, address and backends.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+/// A load balancer as persisted (see `stored`): its spec, address and backends.
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct LbRecord {
     /// What the Service asked for when last ensured.
     pub spec: LbSpec,
@@ -31,6 +31,50 @@ pub struct LbRecord {
     /// Backends as of the last Ensure or Update; identical lists are one shared allocation
     /// (see `intern`).
     pub backends: Arc<[Backend]>,
+    /// The digest naming `backends` in the state database (`stored::list_id`).
+    pub backends_id: Arc<str>,
+}
+
+#[cfg(test)]
+impl LbSpec {
+    /// Tests: `ns/<name>` (UID `uid-<name>`) of cluster `c1`, IPv4, port 80/TCP to node port
+    /// 30080, no requests.
+    pub(crate) fn example(name: &str) -> Self {
+        LbSpec {
+            cluster: "c1".into(),
+            uid: format!("uid-{name}"),
+            namespace: "ns".into(),
+            name: name.into(),
+            family: Family::V4,
+            requested_ip: None,
+            pool: None,
+            sharing_key: None,
+            ports: vec![PortSpec {
+                protocol: Protocol::Tcp,
+                port: 80,
+                node_port: Some(30080),
+            }],
+            source_ranges: vec![],
+            affinity_timeout: None,
+            health: super::spec::HealthPolicy::Cluster,
+        }
+    }
+}
+
+#[cfg(test)]
+impl LbRecord {
+    /// Tests: [`LbSpec::example`] at `ip` of pool `default`, no backends.
+    pub(crate) fn example(name: &str, ip: &str) -> Self {
+        LbRecord {
+            spec: LbSpec::example(name),
+            ip: ip
+                .parse()
+                .unwrap_or(IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED)),
+            pool: Some("default".into()),
+            backends: Arc::from([]),
+            backends_id: Arc::from(""),
+        }
+    }
 }
 
 /// The address of a deleted Service, kept for its namespace/name until `expires_unix_ms`.
@@ -217,13 +261,30 @@ impl AllocError {
     }
 }
 
+/// Who holds an address: the allocator asks once per candidate address, so the provider
+/// answers from an index rather than a scan of every load balancer (quadratic in a burst).
+pub trait Occupants {
+    /// The other load balancers (all clusters, never the caller's own) at `ip`.
+    fn at(&self, ip: IpAddr) -> Vec<&LbRecord>;
+
+    /// Whether no other load balancer is at `ip`.
+    fn is_free(&self, ip: IpAddr) -> bool {
+        self.at(ip).is_empty()
+    }
+}
+
+impl Occupants for [&LbRecord] {
+    fn at(&self, ip: IpAddr) -> Vec<&LbRecord> {
+        self.iter().copied().filter(|r| r.ip == ip).collect()
+    }
+}
+
 /// Everything the allocator looks at.
-#[derive(Debug)]
-pub struct AllocInput<'a> {
+pub struct AllocInput<'a, O: Occupants + ?Sized> {
     /// Configured pools.
     pub pools: &'a Pools,
     /// Every other load balancer (all clusters), never this Service's own.
-    pub others: &'a [&'a LbRecord],
+    pub others: &'a O,
     /// Every hold.
     pub holds: &'a [&'a Hold],
     /// The request.
@@ -323,7 +384,7 @@ pub fn check_pools(pools: &Pools, spec: &LbSpec, address_read: bool) -> Vec<Allo
 }
 
 /// Decides the Service's address.
-pub fn decide(input: &AllocInput<'_>) -> Result<Decision, AllocError> {
+pub fn decide(input: &AllocInput<'_, impl Occupants + ?Sized>) -> Result<Decision, AllocError> {
     let spec = input.spec;
     if let Some(current) = input.current {
         match replacement_wanted(input.pools, spec, current) {
@@ -368,20 +429,17 @@ pub fn decide(input: &AllocInput<'_>) -> Result<Decision, AllocError> {
     }
 
     let candidates = candidate_pools(input.pools, spec)?;
-    let taken: HashSet<IpAddr> = input
-        .others
+    let held: HashSet<IpAddr> = input
+        .holds
         .iter()
-        .map(|r| r.ip)
-        .chain(
-            input
-                .holds
-                .iter()
-                .filter(|h| h.live(input.now_ms))
-                .map(|h| h.ip),
-        )
+        .filter(|h| h.live(input.now_ms))
+        .map(|h| h.ip)
         .collect();
     for pool in &candidates {
-        if let Some(ip) = pool.addresses(spec.family).find(|ip| !taken.contains(ip)) {
+        if let Some(ip) = pool
+            .addresses(spec.family)
+            .find(|ip| !held.contains(ip) && input.others.is_free(*ip))
+        {
             return Ok(Decision::Assign {
                 ip,
                 pool: Some(pool.name.clone()),
@@ -405,7 +463,10 @@ fn unknown_pool(pools: &Pools, name: &str) -> AllocError {
 }
 
 /// Refuses an address held for another deleted Service.
-fn check_held(ip: IpAddr, input: &AllocInput<'_>) -> Result<(), AllocError> {
+fn check_held(
+    ip: IpAddr,
+    input: &AllocInput<'_, impl Occupants + ?Sized>,
+) -> Result<(), AllocError> {
     match input
         .holds
         .iter()
@@ -422,9 +483,12 @@ fn check_held(ip: IpAddr, input: &AllocInput<'_>) -> Result<(), AllocError> {
 
 /// Refuses an address used by another load balancer, unless both carry the same sharing key
 /// (same cluster) and no port/protocol is served twice.
-fn check_sharing(ip: IpAddr, input: &AllocInput<'_>) -> Result<(), AllocError> {
+fn check_sharing(
+    ip: IpAddr,
+    input: &AllocInput<'_, impl Occupants + ?Sized>,
+) -> Result<(), AllocError> {
     let spec = input.spec;
-    for other in input.others.iter().filter(|r| r.ip == ip) {
+    for other in input.others.at(ip) {
         let owner = if other.spec.cluster == spec.cluster {
             other.spec.service_name()
         } else {
@@ -463,7 +527,6 @@ fn clashes(port: &PortSpec, others: &[PortSpec]) -> bool {
 mod tests {
     use super::*;
     use crate::lb::pool::PoolSpec;
-    use crate::lb::spec::HealthPolicy;
 
     const NOW: u64 = 1_000_000;
 
@@ -484,33 +547,11 @@ mod tests {
     }
 
     fn spec(name: &str) -> LbSpec {
-        LbSpec {
-            cluster: "c1".into(),
-            uid: format!("uid-{name}"),
-            namespace: "ns".into(),
-            name: name.into(),
-            family: Family::V4,
-            requested_ip: None,
-            pool: None,
-            sharing_key: None,
-            ports: vec![PortSpec {
-                protocol: Protocol::Tcp,
-                port: 80,
-                node_port: Some(30080),
-            }],
-            source_ranges: vec![],
-            affinity_timeout: None,
-            health: HealthPolicy::Cluster,
-        }
+        LbSpec::example(name)
     }
 
     fn record(name: &str, ip: &str) -> LbRecord {
-        LbRecord {
-            spec: spec(name),
-            ip: ip.parse().unwrap(),
-            pool: Some("default".into()),
-            backends: Arc::from([]),
-        }
+        LbRecord::example(name, ip)
     }
 
     fn hold(name: &str, ip: &str, expires: u64) -> Hold {
@@ -552,7 +593,7 @@ mod tests {
         let holds: Vec<&Hold> = c.holds.iter().collect();
         decide(&AllocInput {
             pools: &pools,
-            others: &others,
+            others: others.as_slice(),
             holds: &holds,
             spec: &c.spec,
             current: c.current.map(|ip| ip.parse().unwrap()),

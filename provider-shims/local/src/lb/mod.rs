@@ -18,7 +18,9 @@ mod metrics;
 mod pool;
 mod provider;
 mod proxy;
+mod records;
 mod spec;
+mod stored;
 mod validate;
 
 pub use config::{DEFAULT_POOL_CIDR, LbConfigError, LbFlags, load_pools, parse_pools};

@@ -34,7 +34,9 @@ use super::proxy::{
     BackendRt, Backends, Listener, ProxyConfig, Runtime, Snapshot, bind_tcp, bind_udp,
     listener_name, spawn_tcp, spawn_udp,
 };
+use super::records::Records;
 use super::spec::{Backend, HealthPolicy, Protocol, backends, parse_service};
+use super::stored;
 use crate::store::{LbWrite, Store, StoreError};
 
 /// `ports[].error` of an SCTP port: the proxy serves TCP and UDP only.
@@ -85,7 +87,7 @@ type Waiter = oneshot::Sender<Result<(), CommitError>>;
 /// in order. `live` only ever reflects durable records.
 #[derive(Default)]
 struct State {
-    records: HashMap<String, LbRecord>,
+    records: Records,
     holds: HashMap<String, Hold>,
     live: HashMap<String, Live>,
     /// Writes applied above but not yet committed, in decision order.
@@ -153,6 +155,10 @@ struct Shared {
     sets: HashMap<(HealthPolicy, usize), Weak<Backends>>,
     /// Size at which dead `sets` entries are pruned next.
     sets_prune_at: usize,
+    /// Digests of the interned lists by their address; valid while the list lives.
+    ids: HashMap<usize, (Weak<[Backend]>, Arc<str>)>,
+    /// Size at which dead `ids` entries are pruned next.
+    ids_prune_at: usize,
 }
 
 struct Manager {
@@ -239,6 +245,10 @@ fn encode<T: serde::Serialize>(value: &T) -> Result<Vec<u8>, CpiError> {
     serde_json::to_vec(value).map_err(|e| CpiError::Cloud(format!("encoding a record: {e}")))
 }
 
+fn encode_record(record: &LbRecord) -> Result<Vec<u8>, CpiError> {
+    stored::encode_record(record).map_err(|e| CpiError::Cloud(format!("encoding a record: {e}")))
+}
+
 /// Waits until the queued write behind `durable` is committed; every failure is retryable
 /// (`CLOUD_ERROR`), as nothing of the call was kept.
 async fn durable(durable: oneshot::Receiver<Result<(), CommitError>>) -> Result<(), CpiError> {
@@ -250,15 +260,16 @@ async fn durable(durable: oneshot::Receiver<Result<(), CommitError>>) -> Result<
     Err(CpiError::Cloud(err.to_string()))
 }
 
-/// Load balancers and holds by key, as stored.
-type Durable = (HashMap<String, LbRecord>, HashMap<String, Hold>);
+/// Load balancers (with what a schema migration needs) and holds by key, as stored.
+type Durable = (stored::Decoded, HashMap<String, Hold>);
 
 /// Decodes the stored rows of the load-balancer tables.
 fn decode_rows(rows: &crate::store::LbRows) -> Result<Durable, LbError> {
-    let mut records = HashMap::with_capacity(rows.records.len());
-    for (key, value) in &rows.records {
-        records.insert(key.clone(), decode("lb_records_v1", key, value)?);
-    }
+    let records = stored::decode(&rows.records, &rows.backends).map_err(|e| LbError::Corrupt {
+        table: e.table,
+        key: e.key,
+        error: e.error,
+    })?;
     let mut holds = HashMap::with_capacity(rows.holds.len());
     for (key, value) in &rows.holds {
         holds.insert(key.clone(), decode("lb_holds_v1", key, value)?);
@@ -321,18 +332,37 @@ impl LocalLoadBalancer {
     pub fn new(store: Store, flags: &LbFlags) -> Result<Self, LbError> {
         let pools = flags.pools()?;
         let rows = store.load_lb_rows()?;
-        let (mut records, holds) = decode_rows(&rows)?;
-        let mut shared = Shared::default();
-        for record in records.values_mut() {
-            record.backends = shared.lists.intern(record.backends.to_vec());
+        let (decoded, holds) = decode_rows(&rows)?;
+        let migration = stored::migration(&decoded).map_err(|e| LbError::Corrupt {
+            table: "lb_records_v1",
+            key: String::new(),
+            error: format!("re-encoding for schema 3: {e}"),
+        })?;
+        if !migration.is_empty() {
+            store.write_lb(&migration)?;
+            tracing::info!(
+                records = migration.put_records.len(),
+                backend_lists = migration.put_backends.len(),
+                removed_lists = migration.delete_backends.len(),
+                "stored the load balancers' backend lists apart (schema 3)"
+            );
         }
+        let mut shared = Shared::default();
+        let records = decoded
+            .records
+            .into_iter()
+            .map(|(key, mut record)| {
+                record.backends = shared.lists.intern(record.backends.to_vec());
+                (key, record)
+            })
+            .collect();
         let state = State {
             records,
             holds,
             ..State::default()
         };
         let metrics = LbMetrics::default();
-        for record in state.records.values() {
+        for (_, record) in state.records.iter() {
             if pools.pool_of(record.ip).is_none() {
                 tracing::warn!(
                     service = %record.spec.service_name(),
@@ -405,6 +435,10 @@ impl Manager {
                 if state.pending.is_empty() {
                     return;
                 }
+                // Once per batch, not per call: the gauges cost a pass over every load
+                // balancer. Every change is queued, so every change is counted before its
+                // caller is answered.
+                self.refresh_metrics(&state);
                 state.pending.take()
             };
             let store = self.store.clone();
@@ -449,11 +483,15 @@ impl Manager {
             .map_err(LbError::from)
             .and_then(|rows| decode_rows(&rows));
         match loaded {
-            Ok((mut records, holds)) => {
-                for record in records.values_mut() {
-                    record.backends = self.intern(record.backends.to_vec());
-                }
-                state.records = records;
+            Ok((decoded, holds)) => {
+                state.records = decoded
+                    .records
+                    .into_iter()
+                    .map(|(key, mut record)| {
+                        record.backends = self.intern(record.backends.to_vec());
+                        (key, record)
+                    })
+                    .collect();
                 state.holds = holds;
                 state.stale = None;
                 // Listeners dropped at decision time (a delete or move that failed) come back;
@@ -501,6 +539,55 @@ impl Manager {
     /// The shared copy of `list`.
     fn intern(&self, list: Vec<Backend>) -> Arc<[Backend]> {
         self.shared().lists.intern(list)
+    }
+
+    /// The digest naming the interned `list` in the state database, computed once per list.
+    fn list_id(&self, list: &Arc<[Backend]>) -> Arc<str> {
+        let key = list.as_ptr() as usize;
+        let mut shared = self.shared();
+        if let Some((_, id)) = shared
+            .ids
+            .get(&key)
+            .filter(|(weak, _)| weak.upgrade().is_some_and(|l| Arc::ptr_eq(&l, list)))
+        {
+            return Arc::clone(id);
+        }
+        let id = stored::list_id(list);
+        if shared.ids.len() >= shared.ids_prune_at {
+            shared.ids.retain(|_, (weak, _)| weak.strong_count() > 0);
+            shared.ids_prune_at = (shared.ids.len() * 2).max(64);
+        }
+        shared
+            .ids
+            .insert(key, (Arc::downgrade(list), Arc::clone(&id)));
+        id
+    }
+
+    /// Adds to `write` the backend-list rows a change from `old` to `new` needs, given the
+    /// records as they are *after* the change: the new list stored with its first record, the
+    /// old one removed with its last.
+    fn list_rows(
+        records: &Records,
+        old: Option<&LbRecord>,
+        new: Option<&LbRecord>,
+        write: &mut LbWrite,
+    ) {
+        let new_id = new.map(|r| &r.backends_id);
+        if let Some(old) = old
+            && Some(&old.backends_id) != new_id
+            && !records.names_list(&old.backends_id)
+        {
+            write.delete_backends.push(old.backends_id.to_string());
+        }
+        if let Some(new) = new
+            && old.is_none_or(|o| o.backends_id != new.backends_id)
+            && records.names_once(&new.backends_id)
+        {
+            write.put_backends.push((
+                new.backends_id.to_string(),
+                stored::encode_list(&new.backends),
+            ));
+        }
     }
 
     /// The backends of `record` with their health checks: the set already built for the same
@@ -652,8 +739,8 @@ impl Manager {
             .values()
             .filter(|h| h.expires_unix_ms > now)
             .map(|h| h.ip);
-        let mut ips: Vec<IpAddr> = state.records.values().map(|r| r.ip).collect();
-        for record in state.records.values() {
+        let mut ips: Vec<IpAddr> = state.records.addresses().collect();
+        for (_, record) in state.records.iter() {
             if self.pools.pool_of(record.ip).is_none() {
                 outside += 1;
             }
@@ -762,16 +849,10 @@ impl shim_framework::LoadBalancer for LocalLoadBalancer {
             m.usable(&mut state)?;
             let current = state.records.get(&key);
             let decision = {
-                let others: Vec<&LbRecord> = state
-                    .records
-                    .iter()
-                    .filter(|(k, _)| **k != key)
-                    .map(|(_, r)| r)
-                    .collect();
                 let holds: Vec<&Hold> = state.holds.values().collect();
                 decide(&AllocInput {
                     pools: &m.pools,
-                    others: &others,
+                    others: &state.records.others(&key),
                     holds: &holds,
                     spec: &spec,
                     current: current.map(|r| r.ip),
@@ -784,11 +865,13 @@ impl shim_framework::LoadBalancer for LocalLoadBalancer {
                 Decision::Keep(ip) => (ip, current.and_then(|r| r.pool.clone())),
                 Decision::Assign { ip, pool } => (ip, pool),
             };
+            let backends_id = m.list_id(&backends);
             let record = LbRecord {
                 spec,
                 ip,
                 pool,
                 backends,
+                backends_id,
             };
             let mut write = LbWrite::default();
             let own_hold = hold_key(
@@ -803,8 +886,11 @@ impl shim_framework::LoadBalancer for LocalLoadBalancer {
             }
             let moved = current.is_some_and(|r| r.ip != ip);
             let created = current.is_none();
-            if current != Some(&record) {
-                write.put_records.push((key.clone(), encode(&record)?));
+            let changed = current != Some(&record);
+            if changed {
+                write
+                    .put_records
+                    .push((key.clone(), encode_record(&record)?));
             }
             let queued = if write.is_empty() {
                 None
@@ -818,8 +904,10 @@ impl shim_framework::LoadBalancer for LocalLoadBalancer {
                     // its listeners close now rather than race that Service's bind.
                     state.live.remove(&key);
                 }
-                state.records.insert(key.clone(), record.clone());
-                m.refresh_metrics(&state);
+                if changed {
+                    let old = state.records.insert(key.clone(), record.clone());
+                    Manager::list_rows(&state.records, old.as_ref(), Some(&record), &mut write);
+                }
                 Some((enqueue(m, &mut state, write), created, moved))
             };
             (record, queued)
@@ -873,15 +961,18 @@ impl shim_framework::LoadBalancer for LocalLoadBalancer {
             if *backends == *current.backends {
                 return Ok(UpdateLoadBalancerResponse {});
             }
+            let backends = m.intern(backends);
             let record = LbRecord {
-                backends: m.intern(backends),
+                backends_id: m.list_id(&backends),
+                backends,
                 ..current.clone()
             };
-            let write = LbWrite {
-                put_records: vec![(key.clone(), encode(&record)?)],
+            let mut write = LbWrite {
+                put_records: vec![(key.clone(), encode_record(&record)?)],
                 ..LbWrite::default()
             };
-            state.records.insert(key.clone(), record.clone());
+            let old = state.records.insert(key.clone(), record.clone());
+            Manager::list_rows(&state.records, old.as_ref(), Some(&record), &mut write);
             (record, enqueue(m, &mut state, write))
         };
         durable(queued).await?;
@@ -928,6 +1019,7 @@ impl shim_framework::LoadBalancer for LocalLoadBalancer {
                 write.put_holds.push((hold_at.clone(), encode(hold)?));
             }
             state.records.remove(&key);
+            Manager::list_rows(&state.records, Some(&record), None, &mut write);
             // Dropping the listeners closes them and their connections; now, not after the
             // commit, as the address may go to another Service as soon as it is durable (a
             // failed commit brings them back).
@@ -935,7 +1027,6 @@ impl shim_framework::LoadBalancer for LocalLoadBalancer {
             if let Some(hold) = hold {
                 state.holds.insert(hold_at, hold);
             }
-            m.refresh_metrics(&state);
             (record, enqueue(m, &mut state, write))
         };
         durable(queued).await?;

@@ -358,7 +358,7 @@ mod tests {
             let spec = crate::lb::spec::parse_service("c1", &owned).unwrap();
             let decided = crate::lb::alloc::decide(&crate::lb::alloc::AllocInput {
                 pools: &pools,
-                others: &[],
+                others: &[] as &[&crate::lb::alloc::LbRecord],
                 holds: &[],
                 spec: &spec,
                 current: None,

@@ -1,0 +1,231 @@
+//! The load balancers by key, indexed by address. Allocation asks who is at an address once
+//! per candidate, and the pool gauges count distinct addresses: with the index both cost what
+//! the change touches, not a scan of every load balancer per call (quadratic in a burst of
+//! creations).
+
+use std::collections::HashMap;
+use std::collections::hash_map::Entry;
+use std::net::IpAddr;
+use std::sync::Arc;
+
+use super::alloc::{LbRecord, Occupants};
+
+/// Load balancers by key, with the keys at each address and how many name each backend list.
+#[derive(Debug, Default)]
+pub struct Records {
+    by_key: HashMap<String, LbRecord>,
+    /// Keys by address; more than one only for Services sharing an address.
+    by_ip: HashMap<IpAddr, Vec<String>>,
+    /// Records naming each stored backend list: a list is stored with its first record and
+    /// removed with its last.
+    lists: HashMap<Arc<str>, usize>,
+}
+
+impl Records {
+    /// The load balancer of `key`.
+    pub fn get(&self, key: &str) -> Option<&LbRecord> {
+        self.by_key.get(key)
+    }
+
+    /// Whether `key` has a load balancer.
+    pub fn contains_key(&self, key: &str) -> bool {
+        self.by_key.contains_key(key)
+    }
+
+    /// How many load balancers there are.
+    pub fn len(&self) -> usize {
+        self.by_key.len()
+    }
+
+    /// Every load balancer with its key, in no particular order.
+    pub fn iter(&self) -> impl Iterator<Item = (&String, &LbRecord)> {
+        self.by_key.iter()
+    }
+
+    /// Whether a record names the backend list `id`.
+    pub fn names_list(&self, id: &str) -> bool {
+        self.lists.contains_key(id)
+    }
+
+    /// Whether exactly one record names the backend list `id` (it was just stored).
+    pub fn names_once(&self, id: &str) -> bool {
+        self.lists.get(id) == Some(&1)
+    }
+
+    /// Every address in use, each once.
+    pub fn addresses(&self) -> impl Iterator<Item = IpAddr> + '_ {
+        self.by_ip.keys().copied()
+    }
+
+    /// Sets the load balancer of `key`, returning the one it replaces.
+    pub fn insert(&mut self, key: String, record: LbRecord) -> Option<LbRecord> {
+        let ip = record.ip;
+        *self
+            .lists
+            .entry(Arc::clone(&record.backends_id))
+            .or_default() += 1;
+        let previous = self.by_key.insert(key.clone(), record);
+        if let Some(old) = &previous {
+            self.release(&old.backends_id);
+        }
+        match &previous {
+            Some(old) if old.ip == ip => {}
+            Some(old) => {
+                self.unindex(old.ip, &key);
+                self.by_ip.entry(ip).or_default().push(key);
+            }
+            None => self.by_ip.entry(ip).or_default().push(key),
+        }
+        previous
+    }
+
+    /// Removes the load balancer of `key`.
+    pub fn remove(&mut self, key: &str) -> Option<LbRecord> {
+        let removed = self.by_key.remove(key)?;
+        self.unindex(removed.ip, key);
+        self.release(&removed.backends_id);
+        Some(removed)
+    }
+
+    /// The load balancers other than `own`'s, as the allocator sees them.
+    pub fn others<'a>(&'a self, own: &'a str) -> Others<'a> {
+        Others { records: self, own }
+    }
+
+    fn release(&mut self, list: &str) {
+        if let Some(count) = self.lists.get_mut(list) {
+            *count -= 1;
+            if *count == 0 {
+                self.lists.remove(list);
+            }
+        }
+    }
+
+    fn unindex(&mut self, ip: IpAddr, key: &str) {
+        if let Entry::Occupied(mut at) = self.by_ip.entry(ip) {
+            at.get_mut().retain(|k| k != key);
+            if at.get().is_empty() {
+                at.remove();
+            }
+        }
+    }
+}
+
+impl FromIterator<(String, LbRecord)> for Records {
+    fn from_iter<I: IntoIterator<Item = (String, LbRecord)>>(iter: I) -> Self {
+        let mut records = Self::default();
+        for (key, record) in iter {
+            records.insert(key, record);
+        }
+        records
+    }
+}
+
+/// Every load balancer but one Service's own.
+pub struct Others<'a> {
+    records: &'a Records,
+    own: &'a str,
+}
+
+impl Occupants for Others<'_> {
+    fn at(&self, ip: IpAddr) -> Vec<&LbRecord> {
+        self.records
+            .by_ip
+            .get(&ip)
+            .into_iter()
+            .flatten()
+            .filter(|key| key.as_str() != self.own)
+            .filter_map(|key| self.records.by_key.get(key))
+            .collect()
+    }
+
+    fn is_free(&self, ip: IpAddr) -> bool {
+        self.records
+            .by_ip
+            .get(&ip)
+            .is_none_or(|keys| keys.iter().all(|key| key == self.own))
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
+mod tests {
+    use super::*;
+
+    fn record(name: &str, ip: &str) -> LbRecord {
+        LbRecord {
+            backends_id: Arc::from(format!("list-{name}")),
+            ..LbRecord::example(name, ip)
+        }
+    }
+
+    fn names_at(records: &Records, own: &str, ip: &str) -> Vec<String> {
+        let mut names: Vec<String> = records
+            .others(own)
+            .at(ip.parse().unwrap())
+            .iter()
+            .map(|r| r.spec.name.clone())
+            .collect();
+        names.sort();
+        names
+    }
+
+    #[test]
+    fn the_index_follows_inserts_moves_and_removals() {
+        let mut records = Records::default();
+        records.insert("c1/a".into(), record("a", "10.0.0.1"));
+        records.insert("c1/b".into(), record("b", "10.0.0.1"));
+        records.insert("c1/c".into(), record("c", "10.0.0.2"));
+        assert_eq!(names_at(&records, "", "10.0.0.1"), vec!["a", "b"]);
+        // A Service never occupies its own address.
+        assert_eq!(names_at(&records, "c1/a", "10.0.0.1"), vec!["b"]);
+        assert!(!records.others("c1/a").is_free("10.0.0.1".parse().unwrap()));
+        assert!(records.others("c1/c").is_free("10.0.0.2".parse().unwrap()));
+        assert!(records.others("").is_free("10.0.0.9".parse().unwrap()));
+
+        // A move leaves the old address.
+        records.insert("c1/b".into(), record("b", "10.0.0.3"));
+        assert_eq!(names_at(&records, "", "10.0.0.1"), vec!["a"]);
+        assert_eq!(names_at(&records, "", "10.0.0.3"), vec!["b"]);
+
+        // A replacement at the same address is indexed once.
+        records.insert("c1/a".into(), record("a", "10.0.0.1"));
+        assert_eq!(names_at(&records, "", "10.0.0.1"), vec!["a"]);
+
+        records.remove("c1/a");
+        assert!(names_at(&records, "", "10.0.0.1").is_empty());
+        let mut in_use: Vec<IpAddr> = records.addresses().collect();
+        in_use.sort();
+        assert_eq!(
+            in_use,
+            vec![
+                "10.0.0.2".parse::<IpAddr>().unwrap(),
+                "10.0.0.3".parse().unwrap()
+            ]
+        );
+        assert_eq!(records.len(), 2);
+        assert!(records.remove("c1/a").is_none());
+    }
+
+    #[test]
+    fn a_backend_list_is_named_until_its_last_record_leaves_it() {
+        let on = |name: &str, list: &str| LbRecord {
+            backends_id: Arc::from(list),
+            ..record(name, "10.0.0.1")
+        };
+        let mut records = Records::default();
+        records.insert("c1/a".into(), on("a", "x"));
+        assert!(records.names_once("x"));
+        records.insert("c1/b".into(), on("b", "x"));
+        assert!(records.names_list("x") && !records.names_once("x"));
+        records.insert("c1/a".into(), on("a", "y"));
+        assert!(records.names_list("x") && records.names_list("y"));
+        records.remove("c1/b");
+        assert!(!records.names_list("x"));
+        // Replacing a record with the same list keeps it named.
+        records.insert("c1/a".into(), on("a", "y"));
+        assert!(records.names_list("y"));
+        records.remove("c1/a");
+        assert!(!records.names_list("y"));
+    }
+}
