@@ -731,32 +731,14 @@ impl Manager {
 
     /// Pool and load-balancer gauges, recomputed after a change.
     fn refresh_metrics(&self, state: &State) {
-        let now = unix_ms();
-        let mut used: HashMap<&str, std::collections::HashSet<IpAddr>> = HashMap::new();
-        let mut outside = 0;
-        let held = state
-            .holds
-            .values()
-            .filter(|h| h.expires_unix_ms > now)
-            .map(|h| h.ip);
-        let mut ips: Vec<IpAddr> = state.records.addresses().collect();
-        for (_, record) in state.records.iter() {
-            if self.pools.pool_of(record.ip).is_none() {
-                outside += 1;
-            }
-        }
-        ips.extend(held);
-        for ip in ips {
-            if let Some(pool) = self.pools.pool_of(ip) {
-                used.entry(pool.name.as_str()).or_default().insert(ip);
-            }
-        }
-        for pool in self.pools.iter() {
+        let usage = state
+            .records
+            .pool_usage(&self.pools, state.holds.values(), unix_ms());
+        for (pool, in_use) in self.pools.iter().zip(usage.used) {
             let label = PoolLabel {
                 pool: pool.name.clone(),
             };
             let size = i64::try_from(pool.size(None)).unwrap_or(i64::MAX);
-            let in_use = used.get(pool.name.as_str()).map_or(0, |s| s.len() as i64);
             self.metrics.pool_size.get_or_create(&label).set(size);
             self.metrics.pool_used.get_or_create(&label).set(in_use);
             self.metrics
@@ -764,7 +746,7 @@ impl Manager {
                 .get_or_create(&label)
                 .set(size.saturating_sub(in_use));
         }
-        self.metrics.outside_pools.set(outside);
+        self.metrics.outside_pools.set(usage.outside);
         self.metrics.load_balancers.set(state.records.len() as i64);
     }
 

@@ -8,7 +8,18 @@ use std::collections::hash_map::Entry;
 use std::net::IpAddr;
 use std::sync::Arc;
 
-use super::alloc::{LbRecord, Occupants};
+use super::alloc::{Hold, LbRecord, Occupants};
+use super::pool::Pools;
+
+/// What the pool gauges show (see [`Records::pool_usage`]).
+#[derive(Debug, PartialEq, Eq)]
+pub struct PoolUsage {
+    /// Per pool, in configuration order: distinct addresses used by load balancers or live
+    /// holds.
+    pub used: Vec<i64>,
+    /// Load balancers whose address is in no pool (after a pool edit).
+    pub outside: i64,
+}
 
 /// Load balancers by key, with the keys at each address and how many name each backend list.
 #[derive(Debug, Default)]
@@ -52,9 +63,44 @@ impl Records {
         self.lists.get(id) == Some(&1)
     }
 
-    /// Every address in use, each once.
-    pub fn addresses(&self) -> impl Iterator<Item = IpAddr> + '_ {
-        self.by_ip.keys().copied()
+    /// Every address in use, each once, with how many load balancers share it.
+    pub fn by_address(&self) -> impl Iterator<Item = (IpAddr, usize)> + '_ {
+        self.by_ip.iter().map(|(ip, keys)| (*ip, keys.len()))
+    }
+
+    /// The pool gauges' figures, at `now_ms`: the index's addresses are distinct already, so
+    /// only the (few) live holds need a set.
+    pub fn pool_usage<'a>(
+        &self,
+        pools: &Pools,
+        holds: impl Iterator<Item = &'a Hold>,
+        now_ms: u64,
+    ) -> PoolUsage {
+        // The first pool holding an address is its pool (as `Pools::pool_of`).
+        let position = |ip: IpAddr| pools.iter().position(|p| p.contains(ip));
+        let mut usage = PoolUsage {
+            used: vec![0; pools.iter().count()],
+            outside: 0,
+        };
+        for (ip, load_balancers) in self.by_address() {
+            match position(ip) {
+                Some(i) => usage.used[i] += 1,
+                None => usage.outside += load_balancers as i64,
+            }
+        }
+        let held: std::collections::HashSet<IpAddr> = holds
+            .filter(|h| h.expires_unix_ms > now_ms && !self.is_occupied(h.ip))
+            .map(|h| h.ip)
+            .collect();
+        for i in held.into_iter().filter_map(position) {
+            usage.used[i] += 1;
+        }
+        usage
+    }
+
+    /// Whether a load balancer is at `ip`.
+    pub fn is_occupied(&self, ip: IpAddr) -> bool {
+        self.by_ip.contains_key(&ip)
     }
 
     /// Sets the load balancer of `key`, returning the one it replaces.
@@ -194,17 +240,65 @@ mod tests {
 
         records.remove("c1/a");
         assert!(names_at(&records, "", "10.0.0.1").is_empty());
-        let mut in_use: Vec<IpAddr> = records.addresses().collect();
+        let mut in_use: Vec<(IpAddr, usize)> = records.by_address().collect();
         in_use.sort();
         assert_eq!(
             in_use,
             vec![
-                "10.0.0.2".parse::<IpAddr>().unwrap(),
-                "10.0.0.3".parse().unwrap()
+                ("10.0.0.2".parse::<IpAddr>().unwrap(), 1),
+                ("10.0.0.3".parse().unwrap(), 1)
             ]
         );
+        assert!(records.is_occupied("10.0.0.2".parse().unwrap()));
+        assert!(!records.is_occupied("10.0.0.1".parse().unwrap()));
         assert_eq!(records.len(), 2);
         assert!(records.remove("c1/a").is_none());
+    }
+
+    #[test]
+    fn pool_usage_counts_each_address_once_and_live_holds_only() {
+        use crate::lb::pool::PoolSpec;
+        let pools = Pools::new(vec![
+            PoolSpec {
+                name: "a".into(),
+                addresses: vec!["10.0.0.0/30".into()],
+                auto_assign: true,
+            },
+            PoolSpec {
+                name: "b".into(),
+                addresses: vec!["10.0.1.0/30".into()],
+                auto_assign: false,
+            },
+        ])
+        .unwrap();
+        let mut records = Records::default();
+        // Two Services sharing 10.0.0.1, one on 10.0.1.1, two outside every pool.
+        records.insert("c1/a".into(), record("a", "10.0.0.1"));
+        records.insert("c1/b".into(), record("b", "10.0.0.1"));
+        records.insert("c1/c".into(), record("c", "10.0.1.1"));
+        records.insert("c1/d".into(), record("d", "192.0.2.1"));
+        records.insert("c1/e".into(), record("e", "192.0.2.2"));
+        let hold = |ip: &str, expires_unix_ms: u64| Hold {
+            cluster: "c1".into(),
+            namespace: "ns".into(),
+            name: format!("held-{ip}"),
+            uid: "old".into(),
+            ip: ip.parse().unwrap(),
+            expires_unix_ms,
+        };
+        let holds = [
+            hold("10.0.0.2", 2_000), // live
+            hold("10.0.0.2", 3_000), // the same address twice
+            hold("10.0.0.1", 2_000), // on an address in use: counted once
+            hold("10.0.1.2", 500),   // expired
+        ];
+        assert_eq!(
+            records.pool_usage(&pools, holds.iter(), 1_000),
+            PoolUsage {
+                used: vec![2, 1],
+                outside: 2,
+            }
+        );
     }
 
     #[test]
