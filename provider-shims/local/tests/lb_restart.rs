@@ -37,6 +37,15 @@ fn spawn(dir: &Path, metrics_port: u16, run: u32) -> Process {
     .unwrap()
 }
 
+/// Writes the `--lb-config` with one pool, `default`, of `cidr`.
+fn write_pool(dir: &Path, cidr: &str) {
+    std::fs::write(
+        dir.join("lb.yaml"),
+        format!("pools:\n  - name: default\n    addresses: [{cidr}]\n"),
+    )
+    .unwrap();
+}
+
 async fn connect(dir: &Path) -> LoadBalancerClient<CpiChannel> {
     let path = dir.join("local.sock");
     wait_for(
@@ -94,11 +103,7 @@ async fn kill_and_restart_keeps_addresses_and_listeners() {
     let dir = tempfile::tempdir().unwrap();
     let dir = dir.path();
     std::fs::write(dir.join("inventory.yaml"), INVENTORY).unwrap();
-    std::fs::write(
-        dir.join("lb.yaml"),
-        "pools:\n  - name: default\n    addresses: [127.0.220.0/24]\n",
-    )
-    .unwrap();
+    write_pool(dir, "127.0.220.0/24");
     let nodes = vec![node("n1", "127.120.0.1")];
     tcp_echo(SocketAddr::new(ip("127.120.0.1"), 30080), "b1").await;
     let services: Vec<pb::Service> = (0..3)
@@ -127,11 +132,7 @@ async fn kill_and_restart_keeps_addresses_and_listeners() {
     );
 
     // The operator moves the pool while the shim is down: existing addresses must not move.
-    std::fs::write(
-        dir.join("lb.yaml"),
-        "pools:\n  - name: default\n    addresses: [127.0.221.0/24]\n",
-    )
-    .unwrap();
+    write_pool(dir, "127.0.221.0/24");
     let second = spawn(dir, metrics_port, 2);
     let mut lb = connect(dir).await;
     // Before any Ensure: the same addresses, and the listeners serve.
@@ -181,11 +182,7 @@ async fn backend_lists_are_stored_once_and_go_with_their_last_load_balancer() {
     let dir = tempfile::tempdir().unwrap();
     let dir = dir.path();
     std::fs::write(dir.join("inventory.yaml"), INVENTORY).unwrap();
-    std::fs::write(
-        dir.join("lb.yaml"),
-        "pools:\n  - name: default\n    addresses: [127.0.222.0/24]\n",
-    )
-    .unwrap();
+    write_pool(dir, "127.0.222.0/24");
     let one = vec![node("n1", "127.121.0.1")];
     let two = vec![node("n1", "127.121.0.1"), node("n2", "127.121.0.2")];
     tcp_echo(SocketAddr::new(ip("127.121.0.1"), 30080), "b1").await;

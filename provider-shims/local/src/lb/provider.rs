@@ -57,6 +57,9 @@ pub enum LbError {
     /// The state database failed.
     #[error(transparent)]
     Store(#[from] StoreError),
+    /// The stored load balancers could not be converted to the current schema.
+    #[error("converting the state database's load balancers to schema 3: {0}")]
+    Migrate(serde_json::Error),
     /// A stored row cannot be read; refusing to start rather than hand its address out again.
     #[error(
         "state database {table} row {key:?} is unreadable ({error}); refusing to start, as \
@@ -242,11 +245,11 @@ fn decode<T: serde::de::DeserializeOwned>(
 }
 
 fn encode<T: serde::Serialize>(value: &T) -> Result<Vec<u8>, CpiError> {
-    serde_json::to_vec(value).map_err(|e| CpiError::Cloud(format!("encoding a record: {e}")))
+    serde_json::to_vec(value).map_err(encoding_failed)
 }
 
 fn encode_record(record: &LbRecord) -> Result<Vec<u8>, CpiError> {
-    stored::encode_record(record).map_err(|e| CpiError::Cloud(format!("encoding a record: {e}")))
+    stored::encode_record(record).map_err(encoding_failed)
 }
 
 /// Waits until the queued write behind `durable` is committed; every failure is retryable
@@ -260,16 +263,22 @@ async fn durable(durable: oneshot::Receiver<Result<(), CommitError>>) -> Result<
     Err(CpiError::Cloud(err.to_string()))
 }
 
+impl From<stored::RowError> for LbError {
+    fn from(e: stored::RowError) -> Self {
+        Self::Corrupt {
+            table: e.table,
+            key: e.key,
+            error: e.error,
+        }
+    }
+}
+
 /// Load balancers (with what a schema migration needs) and holds by key, as stored.
 type Durable = (stored::Decoded, HashMap<String, Hold>);
 
 /// Decodes the stored rows of the load-balancer tables.
 fn decode_rows(rows: &crate::store::LbRows) -> Result<Durable, LbError> {
-    let records = stored::decode(&rows.records, &rows.backends).map_err(|e| LbError::Corrupt {
-        table: e.table,
-        key: e.key,
-        error: e.error,
-    })?;
+    let records = stored::decode(&rows.records, &rows.backends)?;
     let mut holds = HashMap::with_capacity(rows.holds.len());
     for (key, value) in &rows.holds {
         holds.insert(key.clone(), decode("lb_holds_v1", key, value)?);
@@ -333,11 +342,7 @@ impl LocalLoadBalancer {
         let pools = flags.pools()?;
         let rows = store.load_lb_rows()?;
         let (decoded, holds) = decode_rows(&rows)?;
-        let migration = stored::migration(&decoded).map_err(|e| LbError::Corrupt {
-            table: "lb_records_v1",
-            key: String::new(),
-            error: format!("re-encoding for schema 3: {e}"),
-        })?;
+        let migration = stored::migration(&decoded).map_err(LbError::Migrate)?;
         if !migration.is_empty() {
             store.write_lb(&migration)?;
             tracing::info!(
@@ -542,7 +547,7 @@ impl Manager {
     }
 
     /// The digest naming the interned `list` in the state database, computed once per list.
-    fn list_id(&self, list: &Arc<[Backend]>) -> Arc<str> {
+    fn list_id(&self, list: &Arc<[Backend]>) -> Result<Arc<str>, CpiError> {
         let key = list.as_ptr() as usize;
         let mut shared = self.shared();
         if let Some((_, id)) = shared
@@ -550,9 +555,9 @@ impl Manager {
             .get(&key)
             .filter(|(weak, _)| weak.upgrade().is_some_and(|l| Arc::ptr_eq(&l, list)))
         {
-            return Arc::clone(id);
+            return Ok(Arc::clone(id));
         }
-        let id = stored::list_id(list);
+        let id = stored::list_id(list).map_err(encoding_failed)?;
         if shared.ids.len() >= shared.ids_prune_at {
             shared.ids.retain(|_, (weak, _)| weak.strong_count() > 0);
             shared.ids_prune_at = (shared.ids.len() * 2).max(64);
@@ -560,36 +565,38 @@ impl Manager {
         shared
             .ids
             .insert(key, (Arc::downgrade(list), Arc::clone(&id)));
-        id
+        Ok(id)
     }
+}
 
-    /// Adds to `write` the backend-list rows a change from `old` to `new` needs, given the
-    /// records as they are *after* the change: the new list stored with its first record, the
-    /// old one removed with its last.
-    fn list_rows(
-        records: &Records,
-        old: Option<&LbRecord>,
-        new: Option<&LbRecord>,
-        write: &mut LbWrite,
-    ) {
-        let new_id = new.map(|r| &r.backends_id);
-        if let Some(old) = old
-            && Some(&old.backends_id) != new_id
-            && !records.names_list(&old.backends_id)
-        {
-            write.delete_backends.push(old.backends_id.to_string());
-        }
-        if let Some(new) = new
-            && old.is_none_or(|o| o.backends_id != new.backends_id)
-            && records.names_once(&new.backends_id)
-        {
-            write.put_backends.push((
-                new.backends_id.to_string(),
-                stored::encode_list(&new.backends),
-            ));
-        }
+/// The backend-list row to store when the record of a key goes from `old` to `new`, decided on
+/// the records as they are *before* the change (so a failed encoding leaves them untouched):
+/// a list is stored with the first record naming it.
+fn list_to_store(
+    records: &Records,
+    old: Option<&LbRecord>,
+    new: &LbRecord,
+) -> Result<Option<(String, Vec<u8>)>, CpiError> {
+    if old.is_some_and(|o| o.backends_id == new.backends_id) || records.names_list(&new.backends_id)
+    {
+        return Ok(None);
     }
+    let value = stored::encode_list(&new.backends).map_err(encoding_failed)?;
+    Ok(Some((new.backends_id.to_string(), value)))
+}
 
+/// The backend list to remove once `old` was replaced by `new` (or removed), decided on the
+/// records as they are *after* the change: a list goes with the last record naming it.
+fn list_to_remove(records: &Records, old: &LbRecord, new: Option<&LbRecord>) -> Option<String> {
+    (new.is_none_or(|n| n.backends_id != old.backends_id) && !records.names_list(&old.backends_id))
+        .then(|| old.backends_id.to_string())
+}
+
+fn encoding_failed(e: serde_json::Error) -> CpiError {
+    CpiError::Cloud(format!("encoding a record: {e}"))
+}
+
+impl Manager {
     /// The backends of `record` with their health checks: the set already built for the same
     /// node list and policy, else a new one taking over `previous`'s entries for the nodes it
     /// keeps (registering checks only for the nodes that changed).
@@ -847,7 +854,7 @@ impl shim_framework::LoadBalancer for LocalLoadBalancer {
                 Decision::Keep(ip) => (ip, current.and_then(|r| r.pool.clone())),
                 Decision::Assign { ip, pool } => (ip, pool),
             };
-            let backends_id = m.list_id(&backends);
+            let backends_id = m.list_id(&backends)?;
             let record = LbRecord {
                 spec,
                 ip,
@@ -873,6 +880,9 @@ impl shim_framework::LoadBalancer for LocalLoadBalancer {
                 write
                     .put_records
                     .push((key.clone(), encode_record(&record)?));
+                write
+                    .put_backends
+                    .extend(list_to_store(&state.records, current, &record)?);
             }
             let queued = if write.is_empty() {
                 None
@@ -886,9 +896,12 @@ impl shim_framework::LoadBalancer for LocalLoadBalancer {
                     // its listeners close now rather than race that Service's bind.
                     state.live.remove(&key);
                 }
-                if changed {
-                    let old = state.records.insert(key.clone(), record.clone());
-                    Manager::list_rows(&state.records, old.as_ref(), Some(&record), &mut write);
+                if changed && let Some(old) = state.records.insert(key.clone(), record.clone()) {
+                    write.delete_backends.extend(list_to_remove(
+                        &state.records,
+                        &old,
+                        Some(&record),
+                    ));
                 }
                 Some((enqueue(m, &mut state, write), created, moved))
             };
@@ -945,16 +958,22 @@ impl shim_framework::LoadBalancer for LocalLoadBalancer {
             }
             let backends = m.intern(backends);
             let record = LbRecord {
-                backends_id: m.list_id(&backends),
+                backends_id: m.list_id(&backends)?,
                 backends,
                 ..current.clone()
             };
             let mut write = LbWrite {
                 put_records: vec![(key.clone(), encode_record(&record)?)],
+                put_backends: list_to_store(&state.records, Some(current), &record)?
+                    .into_iter()
+                    .collect(),
                 ..LbWrite::default()
             };
-            let old = state.records.insert(key.clone(), record.clone());
-            Manager::list_rows(&state.records, old.as_ref(), Some(&record), &mut write);
+            if let Some(old) = state.records.insert(key.clone(), record.clone()) {
+                write
+                    .delete_backends
+                    .extend(list_to_remove(&state.records, &old, Some(&record)));
+            }
             (record, enqueue(m, &mut state, write))
         };
         durable(queued).await?;
@@ -1001,7 +1020,9 @@ impl shim_framework::LoadBalancer for LocalLoadBalancer {
                 write.put_holds.push((hold_at.clone(), encode(hold)?));
             }
             state.records.remove(&key);
-            Manager::list_rows(&state.records, Some(&record), None, &mut write);
+            write
+                .delete_backends
+                .extend(list_to_remove(&state.records, &record, None));
             // Dropping the listeners closes them and their connections; now, not after the
             // commit, as the address may go to another Service as soon as it is durable (a
             // failed commit brings them back).

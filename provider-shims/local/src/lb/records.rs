@@ -58,11 +58,6 @@ impl Records {
         self.lists.contains_key(id)
     }
 
-    /// Whether exactly one record names the backend list `id` (it was just stored).
-    pub fn names_once(&self, id: &str) -> bool {
-        self.lists.get(id) == Some(&1)
-    }
-
     /// Every address in use, each once, with how many load balancers share it.
     pub fn by_address(&self) -> impl Iterator<Item = (IpAddr, usize)> + '_ {
         self.by_ip.iter().map(|(ip, keys)| (*ip, keys.len()))
@@ -309,9 +304,8 @@ mod tests {
         };
         let mut records = Records::default();
         records.insert("c1/a".into(), on("a", "x"));
-        assert!(records.names_once("x"));
         records.insert("c1/b".into(), on("b", "x"));
-        assert!(records.names_list("x") && !records.names_once("x"));
+        assert!(records.names_list("x"));
         records.insert("c1/a".into(), on("a", "y"));
         assert!(records.names_list("x") && records.names_list("y"));
         records.remove("c1/b");

@@ -53,19 +53,18 @@ pub struct RowError {
 
 /// The digest naming `list` in `lb_backends_v1`: the first 128 bits of the SHA-256 of its
 /// stored form, in hex.
-pub fn list_id(list: &[Backend]) -> Arc<str> {
-    let digest = ring::digest::digest(&ring::digest::SHA256, &encode_list(list));
-    digest.as_ref()[..16]
+pub fn list_id(list: &[Backend]) -> Result<Arc<str>, serde_json::Error> {
+    let digest = ring::digest::digest(&ring::digest::SHA256, &encode_list(list)?);
+    Ok(digest.as_ref()[..16]
         .iter()
         .map(|b| format!("{b:02x}"))
         .collect::<String>()
-        .into()
+        .into())
 }
 
 /// The stored form of a backend list.
-pub fn encode_list(list: &[Backend]) -> Vec<u8> {
-    // A list of plain strings and addresses always serialises.
-    serde_json::to_vec(list).unwrap_or_default()
+pub fn encode_list(list: &[Backend]) -> Result<Vec<u8>, serde_json::Error> {
+    serde_json::to_vec(list)
 }
 
 /// The stored form of `record` (its list is stored apart, under `record.backends_id`).
@@ -127,7 +126,10 @@ pub fn decode(
             }
             (None, Some(list)) => {
                 decoded.inline.push(key.clone());
-                (list_id(&list), list.into())
+                (
+                    list_id(&list).map_err(|e| row_error(e.to_string()))?,
+                    list.into(),
+                )
             }
             (None, None) => return Err(row_error("it has no backend list".into())),
         };
@@ -168,7 +170,7 @@ pub fn migration(decoded: &Decoded) -> Result<LbWrite, serde_json::Error> {
         if stored.insert(Arc::clone(&record.backends_id)) {
             write.put_backends.push((
                 record.backends_id.to_string(),
-                encode_list(&record.backends),
+                encode_list(&record.backends)?,
             ));
         }
         write
@@ -195,7 +197,7 @@ mod tests {
     fn record(name: &str, list: &[Backend]) -> LbRecord {
         LbRecord {
             backends: list.to_vec().into(),
-            backends_id: list_id(list),
+            backends_id: list_id(list).unwrap(),
             ..LbRecord::example(name, "127.0.100.1")
         }
     }
@@ -213,9 +215,15 @@ mod tests {
 
     #[test]
     fn the_digest_depends_on_the_list_alone() {
-        assert_eq!(list_id(&backends(3)), list_id(&backends(3)));
-        assert_ne!(list_id(&backends(3)), list_id(&backends(4)));
-        assert_eq!(list_id(&backends(3)).len(), 32);
+        assert_eq!(
+            list_id(&backends(3)).unwrap(),
+            list_id(&backends(3)).unwrap()
+        );
+        assert_ne!(
+            list_id(&backends(3)).unwrap(),
+            list_id(&backends(4)).unwrap()
+        );
+        assert_eq!(list_id(&backends(3)).unwrap().len(), 32);
     }
 
     #[test]
@@ -227,7 +235,7 @@ mod tests {
         assert!(row.len() < 600, "{} bytes", row.len());
         let decoded = decode(
             &[("c1/uid-web".into(), row)],
-            &[(record.backends_id.to_string(), encode_list(&list))],
+            &[(record.backends_id.to_string(), encode_list(&list).unwrap())],
         )
         .unwrap();
         assert_eq!(decoded.records, vec![("c1/uid-web".into(), record)]);
@@ -256,7 +264,7 @@ mod tests {
                 ("c1/uid-a".into(), schema_2_row(&a)),
                 ("c1/uid-b".into(), schema_2_row(&b)),
             ],
-            &[("stale".into(), encode_list(&backends(1)))],
+            &[("stale".into(), encode_list(&backends(1)).unwrap())],
         )
         .unwrap();
         assert_eq!(decoded.records.len(), 2);
@@ -266,7 +274,7 @@ mod tests {
         let write = migration(&decoded).unwrap();
         assert_eq!(
             write.put_backends,
-            vec![(a.backends_id.to_string(), encode_list(&list))]
+            vec![(a.backends_id.to_string(), encode_list(&list).unwrap())]
         );
         assert_eq!(write.put_records.len(), 2);
         assert_eq!(write.delete_backends, vec!["stale".to_string()]);
