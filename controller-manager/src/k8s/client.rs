@@ -9,6 +9,8 @@ use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
+use cpi_transport::Coalesced;
+use hyper_util::rt::TokioIo;
 use kube::config::{KubeConfigOptions, Kubeconfig};
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
@@ -105,6 +107,10 @@ pub fn build_clients(
         .https_or_http()
         .enable_all_versions()
         .wrap_connector(http);
+    // One write per flush instead of one per HTTP/2 frame (see `cpi_transport::Coalesced`).
+    let https = tower::ServiceExt::map_response(https, |conn| {
+        TokioIo::new(Coalesced::new(TokioIo::new(conn)))
+    });
     let hyper_client =
         hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
             // Detect a dead connection (its watches would hang) without a read timeout.

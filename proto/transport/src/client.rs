@@ -15,6 +15,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use hyper_util::rt::TokioIo;
+
+use crate::Coalesced;
 use tokio::net::{TcpStream, UnixStream};
 use tokio_rustls::TlsConnector;
 use tonic::transport::{Endpoint, Uri};
@@ -154,7 +156,7 @@ pub fn connect(
                             format!("connecting to unix socket {}: {err}", path.display()),
                         )
                     })?;
-                    Ok::<_, io::Error>(TokioIo::new(stream))
+                    Ok::<_, io::Error>(TokioIo::new(Coalesced::new(stream)))
                 }
             }))
         }
@@ -178,7 +180,9 @@ struct TlsTarget {
 }
 
 impl TlsTarget {
-    async fn connect(&self) -> io::Result<TokioIo<tokio_rustls::client::TlsStream<TcpStream>>> {
+    async fn connect(
+        &self,
+    ) -> io::Result<TokioIo<Coalesced<tokio_rustls::client::TlsStream<TcpStream>>>> {
         let tcp = TcpStream::connect((self.host.as_str(), self.port))
             .await
             .map_err(|err| {
@@ -203,6 +207,6 @@ impl TlsTarget {
                     ),
                 )
             })?;
-        Ok(TokioIo::new(stream))
+        Ok(TokioIo::new(Coalesced::new(stream)))
     }
 }

@@ -12,6 +12,7 @@
 
 pub mod accept;
 pub mod client;
+mod coalesce;
 mod endpoint;
 pub mod http;
 mod log_limit;
@@ -31,6 +32,7 @@ pub(crate) const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(10);
 
 pub use accept::{AcceptLimits, TrackedConnection, tcp_incoming, tls_incoming_with};
 pub use client::{ClientEndpoint, ConnectError, ConnectOptions, CpiChannel, connect};
+pub use coalesce::Coalesced;
 pub use endpoint::{EndpointError, EndpointTls, ProviderEndpoint, ProviderFlags};
 pub use http::serve_http1;
 pub use log_limit::WARN_INTERVAL;

@@ -49,7 +49,7 @@ use crate::log_limit::{LogLimiter, warn_limited};
 pub use crate::accept::HANDSHAKE_TIMEOUT;
 use crate::accept::{AcceptLimits, TrackedConnection, tls_incoming_with};
 use crate::tls::ServerTls;
-use crate::{KEEPALIVE_INTERVAL, KEEPALIVE_TIMEOUT};
+use crate::{Coalesced, KEEPALIVE_INTERVAL, KEEPALIVE_TIMEOUT};
 
 /// HTTP/2 streams (calls) one connection may have open at once; without a value tonic allows
 /// any number. A client with more calls in flight queues them until a stream is free (h2 clients
@@ -298,7 +298,7 @@ impl Bound {
             } => {
                 info!(addr = %local, ?limits, "serving gRPC over mutual TLS");
                 let incoming = tls_incoming_with(listener, move || tls.current_config(), limits)
-                    .map(Ok::<_, io::Error>);
+                    .map(|conn| Ok::<_, io::Error>(Coalesced::new(conn)));
                 router
                     .serve_with_incoming_shutdown(incoming, shutdown)
                     .await
@@ -319,7 +319,8 @@ impl Bound {
                 let limiter = LogLimiter::default();
                 let incoming =
                     UnixListenerStream::new(listener).filter_map(move |conn| match conn {
-                        Ok(stream) => admit_unix_peer(stream, &peers, own_uid, &limiter).map(Ok),
+                        Ok(stream) => admit_unix_peer(stream, &peers, own_uid, &limiter)
+                            .map(|stream| Ok(Coalesced::new(stream))),
                         // Accept errors go to tonic as before.
                         Err(err) => Some(Err(err)),
                     });
