@@ -8,7 +8,8 @@
 //!
 //! Every TCP port is accepted under [`AcceptLimits`] (handshake timeout and cap, connection cap,
 //! idle timeout; see [`accept`]); plain HTTP/1.1 endpoints are served with [`serve_http1`], which
-//! adds a header-read timeout.
+//! adds a header-read timeout. CPI connections, both ends, gather their writes until HTTP/2
+//! flushes ([`Coalesced`]; the controller-manager's API-server connection uses it too).
 
 pub mod accept;
 pub mod client;
