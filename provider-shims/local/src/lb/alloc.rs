@@ -261,8 +261,9 @@ impl AllocError {
     }
 }
 
-/// Who holds an address: the allocator asks once per candidate address, so the provider
-/// answers from an index rather than a scan of every load balancer (quadratic in a burst).
+/// Who holds an address: the allocator asks for the first free one of a pool's addresses, so
+/// the provider answers from an index rather than a scan of every load balancer (quadratic in
+/// a burst).
 pub trait Occupants {
     /// The other load balancers (all clusters, never the caller's own) at `ip`.
     fn at(&self, ip: IpAddr) -> Vec<&LbRecord>;
@@ -270,6 +271,16 @@ pub trait Occupants {
     /// Whether no other load balancer is at `ip`.
     fn is_free(&self, ip: IpAddr) -> bool {
         self.at(ip).is_empty()
+    }
+
+    /// The first of `candidates` that is free and not in `held`: the lowest free address of a
+    /// pool, when the candidates are its addresses in order.
+    fn first_free(
+        &self,
+        mut candidates: impl Iterator<Item = IpAddr>,
+        held: &HashSet<IpAddr>,
+    ) -> Option<IpAddr> {
+        candidates.find(|ip| !held.contains(ip) && self.is_free(*ip))
     }
 }
 
@@ -436,10 +447,7 @@ pub fn decide(input: &AllocInput<'_, impl Occupants + ?Sized>) -> Result<Decisio
         .map(|h| h.ip)
         .collect();
     for pool in &candidates {
-        if let Some(ip) = pool
-            .addresses(spec.family)
-            .find(|ip| !held.contains(ip) && input.others.is_free(*ip))
-        {
+        if let Some(ip) = input.others.first_free(pool.addresses(spec.family), &held) {
             return Ok(Decision::Assign {
                 ip,
                 pool: Some(pool.name.clone()),

@@ -1,10 +1,9 @@
-//! The load balancers by key, indexed by address. Allocation asks who is at an address once
-//! per candidate, and the pool gauges count distinct addresses: with the index both cost what
-//! the change touches, not a scan of every load balancer per call (quadratic in a burst of
-//! creations).
+//! The load balancers by key, indexed by address. Allocation walks the index in address order
+//! for a pool's lowest free address, and the pool gauges count distinct addresses: with the
+//! index neither scans every load balancer per call (quadratic in a burst of creations).
 
-use std::collections::HashMap;
-use std::collections::hash_map::Entry;
+use std::collections::btree_map::Entry;
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::IpAddr;
 use std::sync::Arc;
 
@@ -25,8 +24,9 @@ pub struct PoolUsage {
 #[derive(Debug, Default)]
 pub struct Records {
     by_key: HashMap<String, LbRecord>,
-    /// Keys by address; more than one only for Services sharing an address.
-    by_ip: HashMap<IpAddr, Vec<String>>,
+    /// Keys by address, in address order (so the lowest free address of a range is one walk);
+    /// more than one only for Services sharing an address.
+    by_ip: BTreeMap<IpAddr, Vec<String>>,
     /// Records naming each stored backend list: a list is stored with its first record and
     /// removed with its last.
     lists: HashMap<Arc<str>, usize>,
@@ -186,6 +186,39 @@ impl Occupants for Others<'_> {
             .get(&ip)
             .is_none_or(|keys| keys.iter().all(|key| key == self.own))
     }
+
+    /// Walks the address index alongside the candidates: a step per taken address instead of
+    /// a lookup per candidate. A candidate below the one before (a pool's next range) starts
+    /// the walk again from there.
+    fn first_free(
+        &self,
+        candidates: impl Iterator<Item = IpAddr>,
+        held: &HashSet<IpAddr>,
+    ) -> Option<IpAddr> {
+        let taken_from = |ip: IpAddr| {
+            self.records
+                .by_ip
+                .range(ip..)
+                .filter(|(_, keys)| keys.iter().any(|key| key != self.own))
+                .map(|(ip, _)| *ip)
+                .peekable()
+        };
+        let mut walk: Option<(IpAddr, std::iter::Peekable<_>)> = None;
+        for ip in candidates {
+            let taken = match &mut walk {
+                Some((last, taken)) if *last < ip => {
+                    *last = ip;
+                    taken
+                }
+                _ => &mut walk.insert((ip, taken_from(ip))).1,
+            };
+            while taken.next_if(|t| *t < ip).is_some() {}
+            if taken.peek() != Some(&ip) && !held.contains(&ip) {
+                return Some(ip);
+            }
+        }
+        None
+    }
 }
 
 #[cfg(test)]
@@ -248,6 +281,76 @@ mod tests {
         assert!(!records.is_occupied("10.0.0.1".parse().unwrap()));
         assert_eq!(records.len(), 2);
         assert!(records.remove("c1/a").is_none());
+    }
+
+    #[test]
+    fn first_free_is_the_first_candidate_no_other_load_balancer_or_hold_has() {
+        let ip = |last: u8| IpAddr::from([10, 0, 0, last]);
+        let mut records = Records::default();
+        records.insert("c1/a".into(), record("a", "10.0.0.1"));
+        records.insert("c1/b".into(), record("b", "10.0.0.2"));
+        records.insert("c1/own".into(), record("own", "10.0.0.3"));
+        records.insert("c1/c".into(), record("c", "10.0.0.4"));
+        let range = |from: u8, to: u8| (from..=to).map(ip);
+        let none = HashSet::new();
+        // A Service's own address is free to it.
+        assert_eq!(
+            records.others("c1/own").first_free(range(1, 8), &none),
+            Some(ip(3))
+        );
+        assert_eq!(
+            records.others("").first_free(range(1, 8), &none),
+            Some(ip(5))
+        );
+        let held: HashSet<IpAddr> = [ip(5), ip(6)].into();
+        assert_eq!(
+            records.others("").first_free(range(1, 8), &held),
+            Some(ip(7))
+        );
+        assert_eq!(records.others("").first_free(range(1, 4), &none), None);
+        // A pool's ranges in configuration order, the later one lower.
+        assert_eq!(
+            records
+                .others("")
+                .first_free(range(4, 4).chain(range(1, 8)), &none),
+            Some(ip(5))
+        );
+    }
+
+    #[test]
+    fn first_free_walk_agrees_with_a_lookup_per_candidate() {
+        // Pseudo-random load balancers, holds and two ranges in either order, checked against
+        // the trait's default (one `is_free` per candidate).
+        let mut seed: u64 = 0x2545_f491_4f6c_dd1d;
+        let mut next = |below: u64| {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed % below
+        };
+        for case in 0..300 {
+            let mut records = Records::default();
+            let ip = |last: u64| IpAddr::from([10, 0, 0, last as u8]);
+            for n in 0..next(14) {
+                let at = ip(next(16));
+                records.insert(
+                    format!("c1/s{n}"),
+                    record(&format!("s{n}"), &at.to_string()),
+                );
+            }
+            let held: HashSet<IpAddr> = (0..next(4)).map(|_| ip(next(16))).collect();
+            let own = format!("c1/s{}", next(14));
+            let (a, b) = (next(16), next(16));
+            let (c, d) = (next(16), next(16));
+            let candidates = || (a.min(b)..=a.max(b)).chain(c.min(d)..=c.max(d)).map(ip);
+            let others = records.others(&own);
+            let expected = candidates().find(|ip| !held.contains(ip) && others.is_free(*ip));
+            assert_eq!(
+                others.first_free(candidates(), &held),
+                expected,
+                "case {case}"
+            );
+        }
     }
 
     #[test]
