@@ -270,6 +270,7 @@ impl Env {
             self.services.clone(),
             self.nodes.clone(),
             nodes_ready,
+            self.node_changes.clone(),
             self.h.recorder("service-controller"),
         ))
     }
@@ -1667,6 +1668,7 @@ async fn stale_fence__ensure_refused_by_the_shim() {
         env.services.clone(),
         env.nodes.clone(),
         env.nodes_ready.clone(),
+        env.node_changes.clone(),
         env.h.recorder("service-controller"),
     ));
     other
@@ -1750,6 +1752,7 @@ fn run_resyncing(
         informer.store.clone(),
         env.nodes.clone(),
         nodes_ready,
+        env.node_changes.clone(),
         env.h.recorder("service-controller"),
     ));
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();

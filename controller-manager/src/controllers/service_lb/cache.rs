@@ -49,47 +49,65 @@ impl Backends {
 /// The current backend set, rebuilt only when a node passing the predicates changed.
 #[derive(Default)]
 pub struct BackendCache {
-    latest: Mutex<Arc<Backends>>,
+    latest: Mutex<Latest>,
+}
+
+/// The last backend set and the node cache generation it was taken at.
+#[derive(Default)]
+struct Latest {
+    generation: Option<u64>,
+    backends: Arc<Backends>,
 }
 
 impl BackendCache {
-    /// The backend set of `nodes` (all cached nodes), reusing the last one when no node in it
-    /// changed; `view` converts the nodes that pass the predicates.
+    /// The backend set of the node cache at `generation` (its change counter, read before
+    /// `nodes`), reusing the last one when the generation is the same or no node in the set
+    /// changed; `nodes` lists every cached node and `view` converts those passing the
+    /// predicates. A generation read before the cache changed only costs a rebuild later.
     pub fn current(
         &self,
-        nodes: &[Arc<CachedNode>],
+        generation: u64,
+        nodes: impl FnOnce() -> Vec<Arc<CachedNode>>,
         view: impl FnOnce(&[&CachedNode]) -> Vec<v1::Node>,
     ) -> Arc<Backends> {
+        let latest = {
+            let latest = self.lock();
+            if latest.generation == Some(generation) {
+                return Arc::clone(&latest.backends);
+            }
+            Arc::clone(&latest.backends)
+        };
+        let nodes = nodes();
         let mut stable: Vec<&CachedNode> = nodes
             .iter()
             .map(AsRef::as_ref)
             .filter(|n| stable_node(n))
             .collect();
         stable.sort_unstable_by(|a, b| a.meta().name.cmp(&b.meta().name));
-        let latest = self.latest();
-        if latest.matches(&stable) {
-            return latest;
-        }
-        let built = Arc::new(Backends {
-            hosts: stable
-                .iter()
-                .map(|n| (Box::from(n.name_any()), n.provider_id().map(Box::from)))
-                .collect(),
-            versions: stable
-                .iter()
-                .map(|n| Box::from(n.resource_version().unwrap_or_default()))
-                .collect(),
-            nodes: NodeSet::new(view(&stable)),
-        });
-        *self.latest.lock().unwrap_or_else(PoisonError::into_inner) = built.clone();
-        built
+        let backends = if latest.matches(&stable) {
+            latest
+        } else {
+            Arc::new(Backends {
+                hosts: stable
+                    .iter()
+                    .map(|n| (Box::from(n.name_any()), n.provider_id().map(Box::from)))
+                    .collect(),
+                versions: stable
+                    .iter()
+                    .map(|n| Box::from(n.resource_version().unwrap_or_default()))
+                    .collect(),
+                nodes: NodeSet::new(view(&stable)),
+            })
+        };
+        *self.lock() = Latest {
+            generation: Some(generation),
+            backends: Arc::clone(&backends),
+        };
+        backends
     }
 
-    fn latest(&self) -> Arc<Backends> {
-        self.latest
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .clone()
+    fn lock(&self) -> MutexGuard<'_, Latest> {
+        self.latest.lock().unwrap_or_else(PoisonError::into_inner)
     }
 }
 
@@ -217,17 +235,39 @@ mod tests {
             vec![v1::Node::default(); nodes.len()]
         };
         let nodes = vec![node("b", "1", "fake://b"), node("a", "1", "fake://a")];
-        let first = cache.current(&nodes, &mut view);
+        let first = cache.current(1, || nodes.clone(), &mut view);
         assert_eq!(
             first.hosts.iter().map(|h| &*h.0).collect::<Vec<_>>(),
             ["a", "b"]
         );
-        let again = cache.current(&nodes, &mut view);
+        // A new generation whose stable nodes are the same keeps the set.
+        let again = cache.current(2, || nodes.clone(), &mut view);
         assert!(Arc::ptr_eq(&first, &again));
         let changed = vec![node("b", "2", "fake://b"), node("a", "1", "fake://a")];
-        let third = cache.current(&changed, &mut view);
+        let third = cache.current(3, || changed.clone(), &mut view);
         assert!(!Arc::ptr_eq(&first, &third));
         assert_eq!(first.hosts, third.hosts);
         assert_eq!(built, 2);
+    }
+
+    #[test]
+    fn backends_of_an_unchanged_generation_do_not_list_the_nodes() {
+        let cache = BackendCache::default();
+        let view = |nodes: &[&CachedNode]| vec![v1::Node::default(); nodes.len()];
+        let first = cache.current(7, || vec![node("a", "1", "fake://a")], view);
+        let listed = std::cell::Cell::new(0);
+        let again = cache.current(
+            7,
+            || {
+                listed.set(listed.get() + 1);
+                vec![node("a", "2", "fake://a")]
+            },
+            view,
+        );
+        assert!(Arc::ptr_eq(&first, &again));
+        assert_eq!(listed.get(), 0);
+        // The next generation looks at the nodes again and sees the change.
+        let next = cache.current(8, || vec![node("a", "2", "fake://a")], view);
+        assert!(!Arc::ptr_eq(&first, &next));
     }
 }

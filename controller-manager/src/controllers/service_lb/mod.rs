@@ -216,6 +216,7 @@ impl Controller for ServiceLbController {
             informer.store.clone(),
             ctx.nodes.cache(),
             ctx.nodes.ready(),
+            ctx.nodes.changes(),
             ctx.recorder(Self::NAMES.event_component),
         )
         .with_workers(usize::from(flags.concurrent_service_syncs))
@@ -245,6 +246,8 @@ pub struct ServiceLb {
     services: Store<CachedService>,
     nodes: Store<CachedNode>,
     nodes_ready: watch::Receiver<bool>,
+    /// The node cache's change counter, which keys the backend set.
+    node_changes: watch::Receiver<u64>,
     cache: ServiceCache,
     backends: BackendCache,
     queue: WorkQueue,
@@ -267,6 +270,7 @@ impl ServiceLb {
         services: Store<CachedService>,
         nodes: Store<CachedNode>,
         nodes_ready: watch::Receiver<bool>,
+        node_changes: watch::Receiver<u64>,
         recorder: Recorder,
     ) -> Self {
         Self {
@@ -278,6 +282,7 @@ impl ServiceLb {
             services,
             nodes,
             nodes_ready,
+            node_changes,
             cache: ServiceCache::default(),
             backends: BackendCache::default(),
             queue: WorkQueue::default(),
@@ -724,10 +729,13 @@ impl ServiceLb {
         if !*self.nodes_ready.borrow() {
             return None;
         }
-        let nodes = self.nodes.state();
-        Some(self.backends.current(&nodes, |stable| {
-            backend_nodes(&self.cloud, stable.iter().copied())
-        }))
+        // The generation first: a change after it only costs a rebuild on the next call.
+        let generation = *self.node_changes.borrow();
+        Some(self.backends.current(
+            generation,
+            || self.nodes.state(),
+            |stable| backend_nodes(&self.cloud, stable.iter().copied()),
+        ))
     }
 
     /// Upstream `addFinalizer`: a PATCH only when the finalizer is missing.
