@@ -13,7 +13,7 @@
 //! Schema versions: 1 had `fence_marks` without the lease UID; opening it drops those marks
 //! (they cannot be compared with fences that carry a UID), as a reset would. 2 kept each load
 //! balancer's backends inside its record; 3 rows name a list in `lb_backends_v1` instead (2
-//! rows are still read, and rewritten as 3 rows when next changed). A schema-2 build refuses a
+//! rows are still read, and rewritten as 3 rows when the shim starts). A schema-2 build refuses a
 //! schema-3 database rather than misread it.
 
 use std::path::{Path, PathBuf};

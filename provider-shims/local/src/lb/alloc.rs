@@ -67,9 +67,7 @@ impl LbRecord {
     pub(crate) fn example(name: &str, ip: &str) -> Self {
         LbRecord {
             spec: LbSpec::example(name),
-            ip: ip
-                .parse()
-                .unwrap_or(IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED)),
+            ip: ip.parse().expect("an example address"),
             pool: Some("default".into()),
             backends: Arc::from([]),
             backends_id: Arc::from(""),

@@ -2,18 +2,20 @@
 //!
 //! The controller sends every load balancer the same node list, so at the bench's scale (1000
 //! Services on 100 nodes) the shim would otherwise keep 1000 copies of one 100-entry list and
-//! of its health-check handles. [`Interner`] hands out one `Arc<[T]>` per distinct list;
-//! [`reuse_plan`] says which entries of an old list a new one can take over, so a changed node
-//! list registers health checks only for the nodes that changed.
+//! of its health-check handles. [`Interner`] hands out one `Arc<[T]>` per distinct list, with
+//! what was derived from it once (the digest it is stored under); [`reuse_plan`] says which
+//! entries of an old list a new one can take over, so a changed node list registers health
+//! checks only for the nodes that changed.
 
-use std::collections::HashSet;
+use std::collections::HashMap;
 use std::hash::Hash;
 use std::sync::Arc;
 
-/// Lists interned; an entry only the interner still holds is forgotten on a later call.
+/// Lists interned, each with a value derived from it when it was first interned; an entry only
+/// the interner still holds is forgotten on a later call.
 #[derive(Debug)]
-pub struct Interner<T> {
-    lists: HashSet<Arc<[T]>>,
+pub struct Interner<T, D> {
+    lists: HashMap<Arc<[T]>, D>,
     /// Size at which unused entries are pruned next (doubles with the live count, so pruning
     /// costs O(1) per call amortised).
     prune_at: usize,
@@ -22,28 +24,34 @@ pub struct Interner<T> {
 /// Entries the interner keeps before its first prune.
 const FIRST_PRUNE_AT: usize = 64;
 
-impl<T> Default for Interner<T> {
+impl<T, D> Default for Interner<T, D> {
     fn default() -> Self {
         Self {
-            lists: HashSet::new(),
+            lists: HashMap::new(),
             prune_at: FIRST_PRUNE_AT,
         }
     }
 }
 
-impl<T: Eq + Hash> Interner<T> {
-    /// The shared list equal to `list`, creating it when none is held.
-    pub fn intern(&mut self, list: Vec<T>) -> Arc<[T]> {
-        if let Some(shared) = self.lists.get(list.as_slice()) {
-            return Arc::clone(shared);
+impl<T: Eq + Hash, D: Clone> Interner<T, D> {
+    /// The shared list equal to `list` and its derived value; `derive` runs only for a list
+    /// not held yet, and its error leaves the interner unchanged.
+    pub fn intern<E>(
+        &mut self,
+        list: impl AsRef<[T]> + Into<Arc<[T]>>,
+        derive: impl FnOnce(&[T]) -> Result<D, E>,
+    ) -> Result<(Arc<[T]>, D), E> {
+        if let Some((shared, derived)) = self.lists.get_key_value(list.as_ref()) {
+            return Ok((Arc::clone(shared), derived.clone()));
         }
+        let derived = derive(list.as_ref())?;
         if self.lists.len() >= self.prune_at {
-            self.lists.retain(|l| Arc::strong_count(l) > 1);
+            self.lists.retain(|l, _| Arc::strong_count(l) > 1);
             self.prune_at = (self.lists.len() * 2).max(FIRST_PRUNE_AT);
         }
         let shared: Arc<[T]> = list.into();
-        self.lists.insert(Arc::clone(&shared));
-        shared
+        self.lists.insert(Arc::clone(&shared), derived.clone());
+        Ok((shared, derived))
     }
 
     /// Lists held (used or not yet pruned).
@@ -66,27 +74,59 @@ pub fn reuse_plan<K: Eq + Hash>(old: &[K], new: &[K]) -> Vec<Option<usize>> {
 mod tests {
     use super::*;
 
+    use std::convert::Infallible;
+
+    /// Interns `list` deriving its length, counting the derivations in `derived`.
+    fn intern(
+        interner: &mut Interner<i32, usize>,
+        list: Vec<i32>,
+        derived: &mut usize,
+    ) -> Arc<[i32]> {
+        let Ok((shared, len)) = interner.intern(list, |l| {
+            *derived += 1;
+            Ok::<_, Infallible>(l.len())
+        });
+        assert_eq!(len, shared.len());
+        shared
+    }
+
     #[test]
-    fn identical_lists_share_one_allocation() {
+    fn identical_lists_share_one_allocation_and_one_derivation() {
         let mut interner = Interner::default();
-        let a = interner.intern(vec![1, 2, 3]);
-        let b = interner.intern(vec![1, 2, 3]);
-        let c = interner.intern(vec![1, 2, 3, 4]);
+        let mut derived = 0;
+        let a = intern(&mut interner, vec![1, 2, 3], &mut derived);
+        let b = intern(&mut interner, vec![1, 2, 3], &mut derived);
+        let c = intern(&mut interner, vec![1, 2, 3, 4], &mut derived);
         assert!(Arc::ptr_eq(&a, &b));
         assert!(!Arc::ptr_eq(&a, &c));
         assert_eq!(interner.len(), 2);
+        assert_eq!(derived, 2);
+        // An already shared list is taken as it is.
+        let Ok((d, _)) = interner.intern(Arc::clone(&a), |_| Ok::<_, Infallible>(0));
+        assert!(Arc::ptr_eq(&a, &d));
+    }
+
+    #[test]
+    fn a_failed_derivation_interns_nothing() {
+        let mut interner: Interner<i32, usize> = Interner::default();
+        assert_eq!(interner.intern(vec![1], |_| Err("no")), Err("no"));
+        assert_eq!(interner.len(), 0);
     }
 
     #[test]
     fn lists_nobody_uses_are_forgotten() {
         let mut interner = Interner::default();
-        let kept = interner.intern(vec![0]);
+        let mut derived = 0;
+        let kept = intern(&mut interner, vec![0], &mut derived);
         for i in 1..=1000 {
-            drop(interner.intern(vec![i]));
+            drop(intern(&mut interner, vec![i], &mut derived));
         }
         // Pruned as it grew: bounded by twice the live entries (or the first threshold).
         assert!(interner.len() <= FIRST_PRUNE_AT + 1, "{}", interner.len());
-        assert!(Arc::ptr_eq(&kept, &interner.intern(vec![0])));
+        assert!(Arc::ptr_eq(
+            &kept,
+            &intern(&mut interner, vec![0], &mut derived)
+        ));
     }
 
     #[test]

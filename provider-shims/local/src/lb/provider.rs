@@ -9,6 +9,7 @@
 //! any lock.
 
 use std::collections::HashMap;
+use std::convert::Infallible;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, OnceLock, PoisonError, Weak};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -149,19 +150,34 @@ impl Drop for KeyGuard<'_> {
     }
 }
 
-/// Shared backend lists and the health-check sets built for them.
+/// Shared backend lists (each with the digest it is stored under) and the health-check sets
+/// built for them.
 #[derive(Default)]
 struct Shared {
-    lists: Interner<Backend>,
+    lists: Interner<Backend, Arc<str>>,
     /// By (policy, address of the interned list); an entry is valid while its set lives and
     /// was built from that very list.
     sets: HashMap<(HealthPolicy, usize), Weak<Backends>>,
     /// Size at which dead `sets` entries are pruned next.
     sets_prune_at: usize,
-    /// Digests of the interned lists by their address; valid while the list lives.
-    ids: HashMap<usize, (Weak<[Backend]>, Arc<str>)>,
-    /// Size at which dead `ids` entries are pruned next.
-    ids_prune_at: usize,
+}
+
+impl Shared {
+    /// Stored records with their lists shared, each under the digest it is stored by.
+    fn intern_records(&mut self, records: Vec<(String, LbRecord)>) -> Records {
+        records
+            .into_iter()
+            .map(|(key, mut record)| {
+                let id = Arc::clone(&record.backends_id);
+                let Ok((list, id)) = self
+                    .lists
+                    .intern(record.backends, |_| Ok::<_, Infallible>(id));
+                record.backends = list;
+                record.backends_id = id;
+                (key, record)
+            })
+            .collect()
+    }
 }
 
 struct Manager {
@@ -353,14 +369,7 @@ impl LocalLoadBalancer {
             );
         }
         let mut shared = Shared::default();
-        let records = decoded
-            .records
-            .into_iter()
-            .map(|(key, mut record)| {
-                record.backends = shared.lists.intern(record.backends.to_vec());
-                (key, record)
-            })
-            .collect();
+        let records = shared.intern_records(decoded.records);
         let state = State {
             records,
             holds,
@@ -489,14 +498,7 @@ impl Manager {
             .and_then(|rows| decode_rows(&rows));
         match loaded {
             Ok((decoded, holds)) => {
-                state.records = decoded
-                    .records
-                    .into_iter()
-                    .map(|(key, mut record)| {
-                        record.backends = self.intern(record.backends.to_vec());
-                        (key, record)
-                    })
-                    .collect();
+                state.records = self.shared().intern_records(decoded.records);
                 state.holds = holds;
                 state.stale = None;
                 // Listeners dropped at decision time (a delete or move that failed) come back;
@@ -541,31 +543,12 @@ impl Manager {
         self.shared.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// The shared copy of `list`.
-    fn intern(&self, list: Vec<Backend>) -> Arc<[Backend]> {
-        self.shared().lists.intern(list)
-    }
-
-    /// The digest naming the interned `list` in the state database, computed once per list.
-    fn list_id(&self, list: &Arc<[Backend]>) -> Result<Arc<str>, CpiError> {
-        let key = list.as_ptr() as usize;
-        let mut shared = self.shared();
-        if let Some((_, id)) = shared
-            .ids
-            .get(&key)
-            .filter(|(weak, _)| weak.upgrade().is_some_and(|l| Arc::ptr_eq(&l, list)))
-        {
-            return Ok(Arc::clone(id));
-        }
-        let id = stored::list_id(list).map_err(encoding_failed)?;
-        if shared.ids.len() >= shared.ids_prune_at {
-            shared.ids.retain(|_, (weak, _)| weak.strong_count() > 0);
-            shared.ids_prune_at = (shared.ids.len() * 2).max(64);
-        }
-        shared
-            .ids
-            .insert(key, (Arc::downgrade(list), Arc::clone(&id)));
-        Ok(id)
+    /// The shared copy of `list` and the digest naming it in the state database (computed
+    /// once per distinct list).
+    fn intern(&self, list: Vec<Backend>) -> Result<(Arc<[Backend]>, Arc<str>), CpiError> {
+        self.shared()
+            .lists
+            .intern(list, |l| stored::list_id(l).map_err(encoding_failed))
     }
 }
 
@@ -829,7 +812,7 @@ impl shim_framework::LoadBalancer for LocalLoadBalancer {
     ) -> Result<EnsureLoadBalancerResponse, CpiError> {
         let m = &self.inner;
         let spec = parse_service(&cluster_name, &service)?;
-        let backends = m.intern(backends(&nodes, spec.family));
+        let (backends, backends_id) = m.intern(backends(&nodes, spec.family))?;
         let key = lb_key(&spec.cluster, &spec.uid);
         let _serial = m.key_locks.lock(&key).await;
         let now_ms = unix_ms();
@@ -854,7 +837,6 @@ impl shim_framework::LoadBalancer for LocalLoadBalancer {
                 Decision::Keep(ip) => (ip, current.and_then(|r| r.pool.clone())),
                 Decision::Assign { ip, pool } => (ip, pool),
             };
-            let backends_id = m.list_id(&backends)?;
             let record = LbRecord {
                 spec,
                 ip,
@@ -956,9 +938,9 @@ impl shim_framework::LoadBalancer for LocalLoadBalancer {
             if *backends == *current.backends {
                 return Ok(UpdateLoadBalancerResponse {});
             }
-            let backends = m.intern(backends);
+            let (backends, backends_id) = m.intern(backends)?;
             let record = LbRecord {
-                backends_id: m.list_id(&backends)?,
+                backends_id,
                 backends,
                 ..current.clone()
             };

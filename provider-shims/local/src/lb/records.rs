@@ -83,7 +83,7 @@ impl Records {
                 None => usage.outside += load_balancers as i64,
             }
         }
-        let held: std::collections::HashSet<IpAddr> = holds
+        let held: HashSet<IpAddr> = holds
             .filter(|h| h.expires_unix_ms > now_ms && !self.is_occupied(h.ip))
             .map(|h| h.ip)
             .collect();
