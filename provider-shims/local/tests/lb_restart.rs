@@ -46,6 +46,27 @@ fn write_pool(dir: &Path, cidr: &str) {
     .unwrap();
 }
 
+/// A shim directory with the example inventory and one pool, `default`, of `cidr`.
+fn shim_dir(cidr: &str) -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("inventory.yaml"), INVENTORY).unwrap();
+    write_pool(dir.path(), cidr);
+    dir
+}
+
+/// Three Services `{prefix}-{i}` (UID `{prefix}-uid-{i}`), each 8080/TCP to node port 30080.
+fn three_services(prefix: &str) -> Vec<pb::Service> {
+    (0..3)
+        .map(|i| {
+            service(
+                &format!("{prefix}-{i}"),
+                &format!("{prefix}-uid-{i}"),
+                &[("TCP", 8080, 30080)],
+            )
+        })
+        .collect()
+}
+
 async fn connect(dir: &Path) -> LoadBalancerClient<CpiChannel> {
     let path = dir.join("local.sock");
     wait_for(
@@ -100,21 +121,11 @@ async fn get(lb: &mut LoadBalancerClient<CpiChannel>, svc: &pb::Service) -> Opti
 
 #[tokio::test]
 async fn kill_and_restart_keeps_addresses_and_listeners() {
-    let dir = tempfile::tempdir().unwrap();
+    let dir = shim_dir("127.0.220.0/24");
     let dir = dir.path();
-    std::fs::write(dir.join("inventory.yaml"), INVENTORY).unwrap();
-    write_pool(dir, "127.0.220.0/24");
     let nodes = vec![node("n1", "127.120.0.1")];
     tcp_echo(SocketAddr::new(ip("127.120.0.1"), 30080), "b1").await;
-    let services: Vec<pb::Service> = (0..3)
-        .map(|i| {
-            service(
-                &format!("web-{i}"),
-                &format!("uid-{i}"),
-                &[("TCP", 8080, 30080)],
-            )
-        })
-        .collect();
+    let services = three_services("web");
 
     let metrics_port = free_port().unwrap();
     let first = spawn(dir, metrics_port, 1);
@@ -179,22 +190,12 @@ async fn kill_and_restart_keeps_addresses_and_listeners() {
 /// bring every load balancer back with its backends.
 #[tokio::test]
 async fn backend_lists_are_stored_once_and_go_with_their_last_load_balancer() {
-    let dir = tempfile::tempdir().unwrap();
+    let dir = shim_dir("127.0.222.0/24");
     let dir = dir.path();
-    std::fs::write(dir.join("inventory.yaml"), INVENTORY).unwrap();
-    write_pool(dir, "127.0.222.0/24");
     let one = vec![node("n1", "127.121.0.1")];
     let two = vec![node("n1", "127.121.0.1"), node("n2", "127.121.0.2")];
     tcp_echo(SocketAddr::new(ip("127.121.0.1"), 30080), "b1").await;
-    let services: Vec<pb::Service> = (0..3)
-        .map(|i| {
-            service(
-                &format!("lists-{i}"),
-                &format!("lists-uid-{i}"),
-                &[("TCP", 8080, 30080)],
-            )
-        })
-        .collect();
+    let services = three_services("lists");
     let rows = || {
         let store = local_shim::Store::open(&dir.join("state")).unwrap();
         store.load_lb_rows().unwrap()
