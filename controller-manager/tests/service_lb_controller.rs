@@ -1759,10 +1759,7 @@ fn run_resyncing(
     let stop = Box::pin(async move {
         let _ = stop_rx.await;
     });
-    tokio::spawn(
-        ctrl.clone()
-            .run(informer, env.node_changes.clone(), resync, stop),
-    );
+    tokio::spawn(ctrl.clone().run(informer, resync, stop));
     (ctrl, stop_tx)
 }
 

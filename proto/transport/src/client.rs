@@ -15,15 +15,13 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use hyper_util::rt::TokioIo;
-
-use crate::Coalesced;
 use tokio::net::{TcpStream, UnixStream};
 use tokio_rustls::TlsConnector;
 use tonic::transport::{Endpoint, Uri};
 
 use crate::tls::ClientTls;
 use crate::trace::ClientInterceptor;
-use crate::{KEEPALIVE_INTERVAL, KEEPALIVE_TIMEOUT};
+use crate::{Coalesced, KEEPALIVE_INTERVAL, KEEPALIVE_TIMEOUT};
 
 /// URI given to tonic for Unix sockets: it needs one, the connector ignores it.
 const UNIX_PLACEHOLDER_URI: &str = "http://[::]:50051";

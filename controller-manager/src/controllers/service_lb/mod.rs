@@ -174,7 +174,6 @@ impl HostUpdateError {
 pub struct ServiceLbController {
     state: Arc<ServiceLb>,
     informer: ServiceInformer,
-    node_changes: watch::Receiver<u64>,
     resync: Duration,
 }
 
@@ -224,15 +223,12 @@ impl Controller for ServiceLbController {
         Ok(Self {
             state: Arc::new(state),
             informer,
-            node_changes: ctx.nodes.changes(),
             resync: flags.load_balancer_resync_period,
         })
     }
 
     async fn run(self, stop: Stop) {
-        self.state
-            .run(self.informer, self.node_changes, self.resync, stop)
-            .await;
+        self.state.run(self.informer, self.resync, stop).await;
     }
 }
 
@@ -246,7 +242,7 @@ pub struct ServiceLb {
     services: Store<CachedService>,
     nodes: Store<CachedNode>,
     nodes_ready: watch::Receiver<bool>,
-    /// The node cache's change counter, which keys the backend set.
+    /// The node cache's change counter: it wakes the node worker and keys the backend set.
     node_changes: watch::Receiver<u64>,
     cache: ServiceCache,
     backends: BackendCache,
@@ -327,13 +323,7 @@ impl ServiceLb {
 
     /// Runs the controller until `stop`: the Service watch, the service workers once both
     /// caches have synced, the node worker, and every `resync` (unless zero) a full pass.
-    pub async fn run(
-        self: Arc<Self>,
-        informer: ServiceInformer,
-        node_changes: watch::Receiver<u64>,
-        resync: Duration,
-        stop: Stop,
-    ) {
+    pub async fn run(self: Arc<Self>, informer: ServiceInformer, resync: Duration, stop: Stop) {
         let mut stop = stop;
         let (stop_tx, stop_rx) = watch::channel(false);
         let stopped = |mut rx: watch::Receiver<bool>| async move {
@@ -365,7 +355,7 @@ impl ServiceLb {
             }
             let node_worker = tokio::spawn(
                 self.clone()
-                    .node_worker(node_changes, stopped(stop_rx.clone())),
+                    .node_worker(self.node_changes.clone(), stopped(stop_rx.clone())),
             );
             let resync_loop = (!resync.is_zero())
                 .then(|| tokio::spawn(self.clone().resync_loop(resync, stopped(stop_rx.clone()))));
