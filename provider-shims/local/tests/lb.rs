@@ -487,6 +487,60 @@ async fn update_changes_backends_without_dropping_established_connections() {
 }
 
 #[tokio::test]
+async fn a_node_set_put_again_under_its_id_gives_the_new_backends() {
+    // The shim reuses the backends it built from a node set while callers name that very set;
+    // a set put again under the same id is a new set, so the next call must see its nodes.
+    let dir = tempfile::tempdir().unwrap();
+    let shim = Shim::start(dir.path(), 211, "", &[]).await;
+    let mut lb = shim.client();
+    let (nodes, _) = backends(111, 2, 30080, 31087).await;
+    let svc = service("web", "uid-web", &[("TCP", 8080, 30080)]);
+    let put = |nodes: &[pb::Node]| pb::PutNodeSetRequest {
+        node_set_id: "set-a".into(),
+        nodes: nodes.to_vec(),
+    };
+    lb.put_node_set(put(&nodes[..1])).await.unwrap();
+    let status = lb
+        .ensure_load_balancer(pb::EnsureLoadBalancerRequest {
+            cluster_name: CLUSTER.into(),
+            service: Some(svc.clone()),
+            node_set_id: "set-a".into(),
+            fence: fence(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .status
+        .unwrap();
+    assert_eq!(
+        backend_of(ip(CLIENT), at(&status, 8080)).await.as_deref(),
+        Some("b1")
+    );
+
+    lb.put_node_set(put(&nodes[1..])).await.unwrap();
+    let update = pb::UpdateLoadBalancerRequest {
+        cluster_name: CLUSTER.into(),
+        service: Some(svc.clone()),
+        nodes: Vec::new(),
+        fence: fence(),
+        node_set_id: "set-a".into(),
+    };
+    lb.update_load_balancer(update.clone()).await.unwrap();
+    assert_eq!(
+        backend_of(ip(CLIENT), at(&status, 8080)).await.as_deref(),
+        Some("b2")
+    );
+    // The same set named again changes nothing.
+    lb.update_load_balancer(update).await.unwrap();
+    assert_eq!(
+        backend_of(ip(CLIENT), at(&status, 8080)).await.as_deref(),
+        Some("b2")
+    );
+    shim.stop().await;
+}
+
+#[tokio::test]
 async fn deleted_service_frees_listeners_and_address_after_the_grace_period() {
     let dir = tempfile::tempdir().unwrap();
     let shim = Shim::start(dir.path(), 208, "", &["--lb-address-hold=1500ms"]).await;

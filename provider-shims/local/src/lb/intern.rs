@@ -3,7 +3,8 @@
 //! The controller sends every load balancer the same node list, so at the bench's scale (1000
 //! Services on 100 nodes) the shim would otherwise keep 1000 copies of one 100-entry list and
 //! of its health-check handles. [`Interner`] hands out one `Arc<[T]>` per distinct list, with
-//! what was derived from it once (the digest it is stored under); [`reuse_plan`] says which
+//! what was derived from it once (the digest it is stored under); [`LastDerived`] skips even
+//! building the list when a call names the node set the previous one did; [`reuse_plan`] says which
 //! entries of an old list a new one can take over, so a changed node list registers health
 //! checks only for the nodes that changed.
 
@@ -58,6 +59,41 @@ impl<T: Eq + Hash, D: Clone> Interner<T, D> {
     #[cfg(test)]
     fn len(&self) -> usize {
         self.lists.len()
+    }
+}
+
+/// What was last derived from a shared slice, per key, found by the slice's identity: a caller
+/// handing over the same `Arc<[S]>` again gets it back without the slice being read. The entry
+/// holds its `Arc`, so the address cannot be reused by another slice while it is kept.
+#[derive(Debug)]
+pub struct LastDerived<S, K, V> {
+    /// One entry per key (a handful: the keys are address families).
+    entries: Vec<(K, Arc<[S]>, V)>,
+}
+
+impl<S, K, V> Default for LastDerived<S, K, V> {
+    fn default() -> Self {
+        Self {
+            entries: Vec::new(),
+        }
+    }
+}
+
+impl<S, K: PartialEq, V> LastDerived<S, K, V> {
+    /// The value kept for `key`, if it was derived from this very `source`.
+    pub fn get(&self, source: &Arc<[S]>, key: &K) -> Option<&V> {
+        self.entries
+            .iter()
+            .find(|(k, s, _)| k == key && Arc::ptr_eq(s, source))
+            .map(|(_, _, v)| v)
+    }
+
+    /// Keeps `value`, derived from `source`, as the value for `key` (replacing the one before).
+    pub fn put(&mut self, source: Arc<[S]>, key: K, value: V) {
+        match self.entries.iter_mut().find(|(k, _, _)| *k == key) {
+            Some(entry) => *entry = (key, source, value),
+            None => self.entries.push((key, source, value)),
+        }
     }
 }
 
@@ -127,6 +163,26 @@ mod tests {
             &kept,
             &intern(&mut interner, vec![0], &mut derived)
         ));
+    }
+
+    #[test]
+    fn a_derived_value_is_found_by_the_same_slice_and_key_only() {
+        let mut last: LastDerived<i32, u8, &str> = LastDerived::default();
+        let nodes: Arc<[i32]> = Arc::from(vec![1, 2]);
+        let equal: Arc<[i32]> = Arc::from(vec![1, 2]);
+        assert_eq!(last.get(&nodes, &4), None);
+        last.put(Arc::clone(&nodes), 4, "v4");
+        last.put(Arc::clone(&nodes), 6, "v6");
+        assert_eq!(last.get(&nodes, &4), Some(&"v4"));
+        assert_eq!(last.get(&nodes, &6), Some(&"v6"));
+        // Equal content is not the same slice: it is derived afresh.
+        assert_eq!(last.get(&equal, &4), None);
+        // A new slice for a key replaces the old entry of that key only.
+        last.put(Arc::clone(&equal), 4, "v4 again");
+        assert_eq!(last.get(&nodes, &4), None);
+        assert_eq!(last.get(&equal, &4), Some(&"v4 again"));
+        assert_eq!(last.get(&nodes, &6), Some(&"v6"));
+        assert_eq!(last.entries.len(), 2);
     }
 
     #[test]

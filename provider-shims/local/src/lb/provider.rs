@@ -28,9 +28,9 @@ use super::alloc::{AllocError, AllocInput, Decision, Hold, LbRecord, decide, hol
 use super::commit::{CommitError, Queue, settle};
 use super::config::{LbConfigError, LbFlags};
 use super::health::HealthChecks;
-use super::intern::{Interner, reuse_plan};
+use super::intern::{Interner, LastDerived, reuse_plan};
 use super::metrics::{LbMetrics, PoolLabel, ReasonLabel};
-use super::pool::Pools;
+use super::pool::{Family, Pools};
 use super::proxy::{
     BackendRt, Backends, Listener, ProxyConfig, Runtime, Snapshot, bind_tcp, bind_udp,
     listener_name, spawn_tcp, spawn_udp,
@@ -150,11 +150,16 @@ impl Drop for KeyGuard<'_> {
     }
 }
 
+/// A shared backend list and the digest it is stored under.
+type SharedList = (Arc<[Backend]>, Arc<str>);
+
 /// Shared backend lists (each with the digest it is stored under) and the health-check sets
 /// built for them.
 #[derive(Default)]
 struct Shared {
     lists: Interner<Backend, Arc<str>>,
+    /// The list (and digest) last built from a node set, per family.
+    by_node_set: LastDerived<Node, Family, SharedList>,
     /// By (policy, address of the interned list); an entry is valid while its set lives and
     /// was built from that very list.
     sets: HashMap<(HealthPolicy, usize), Weak<Backends>>,
@@ -545,10 +550,25 @@ impl Manager {
 
     /// The shared copy of `list` and the digest naming it in the state database (computed
     /// once per distinct list).
-    fn intern(&self, list: Vec<Backend>) -> Result<(Arc<[Backend]>, Arc<str>), CpiError> {
+    fn intern(&self, list: Vec<Backend>) -> Result<SharedList, CpiError> {
         self.shared()
             .lists
             .intern(list, |l| stored::list_id(l).map_err(encoding_failed))
+    }
+
+    /// The shared backends of `nodes` for `family`, with their digest. The manager names one
+    /// node set (the same `Arc`) in every call until its nodes change, so the nodes are read,
+    /// sorted and interned once per set and family rather than once per load balancer.
+    fn backends_of(&self, nodes: &Arc<[Node]>, family: Family) -> Result<SharedList, CpiError> {
+        let last = self.shared().by_node_set.get(nodes, &family).cloned();
+        if let Some(found) = last {
+            return Ok(found);
+        }
+        let found = self.intern(backends(nodes, family))?;
+        self.shared()
+            .by_node_set
+            .put(Arc::clone(nodes), family, found.clone());
+        Ok(found)
     }
 }
 
@@ -812,7 +832,7 @@ impl shim_framework::LoadBalancer for LocalLoadBalancer {
     ) -> Result<EnsureLoadBalancerResponse, CpiError> {
         let m = &self.inner;
         let spec = parse_service(&cluster_name, &service)?;
-        let (backends, backends_id) = m.intern(backends(&nodes, spec.family))?;
+        let (backends, backends_id) = m.backends_of(&nodes, spec.family)?;
         let key = lb_key(&spec.cluster, &spec.uid);
         let _serial = m.key_locks.lock(&key).await;
         let now_ms = unix_ms();
@@ -934,11 +954,10 @@ impl shim_framework::LoadBalancer for LocalLoadBalancer {
                     load_balancer_name(&cluster, &uid)
                 )));
             };
-            let backends = backends(&nodes, current.spec.family);
-            if *backends == *current.backends {
+            let (backends, backends_id) = m.backends_of(&nodes, current.spec.family)?;
+            if backends == current.backends {
                 return Ok(UpdateLoadBalancerResponse {});
             }
-            let (backends, backends_id) = m.intern(backends)?;
             let record = LbRecord {
                 backends_id,
                 backends,

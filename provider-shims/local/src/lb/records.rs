@@ -195,11 +195,16 @@ impl Occupants for Others<'_> {
         candidates: impl Iterator<Item = IpAddr>,
         held: &HashSet<IpAddr>,
     ) -> Option<IpAddr> {
+        // Only the caller's own address can be free while indexed, so the walk compares keys
+        // there alone; elsewhere a step reads nothing but the index (no key strings).
+        let own_ip = self.records.by_key.get(self.own).map(|own| own.ip);
         let taken_from = |ip: IpAddr| {
             self.records
                 .by_ip
                 .range(ip..)
-                .filter(|(_, keys)| keys.iter().any(|key| key != self.own))
+                .filter(move |(ip, keys)| {
+                    Some(**ip) != own_ip || keys.iter().any(|key| key != self.own)
+                })
                 .map(|(ip, _)| *ip)
                 .peekable()
         };
