@@ -9,13 +9,16 @@ fn main() -> ExitCode {
     let options = Options::parse();
     // One crypto provider for every rustls user in the process (kube, tonic, the secure port).
     let _ = rustls::crypto::ring::default_provider().install_default();
-    let mut builder = tokio::runtime::Builder::new_multi_thread();
     // The manager's work is I/O-bound (a few hundred node syncs a second need a fifth of one
     // core): one runtime thread saves the cross-thread wake-ups of a second one, 8-15% of the
-    // CPU in `bench node-init`. TOKIO_WORKER_THREADS, read by tokio, still overrides it.
-    if std::env::var_os("TOKIO_WORKER_THREADS").is_none() {
-        builder.worker_threads(1);
-    }
+    // CPU in `bench node-init`, and the current-thread scheduler is the cheaper one for it (no
+    // work-stealing queues; the main future and the tasks share the thread). Setting
+    // TOKIO_WORKER_THREADS asks for the multi-threaded scheduler with that many workers.
+    let mut builder = if std::env::var_os("TOKIO_WORKER_THREADS").is_none() {
+        tokio::runtime::Builder::new_current_thread()
+    } else {
+        tokio::runtime::Builder::new_multi_thread()
+    };
     let runtime = match builder.enable_all().build() {
         Ok(rt) => rt,
         Err(err) => {
