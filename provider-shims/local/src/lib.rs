@@ -23,6 +23,7 @@ pub mod lb;
 pub mod reload;
 pub mod routes;
 pub mod shrink;
+mod state_file;
 pub mod store;
 pub mod volumes;
 

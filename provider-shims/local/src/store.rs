@@ -22,6 +22,8 @@ use std::sync::Arc;
 use redb::{Database, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition};
 use shim_framework::{FenceMark, FenceStore, FenceStoreError};
 
+use crate::state_file::ZeroFilledFile;
+
 /// Schema version written by this build; a newer one on disk refuses to open.
 const SCHEMA_VERSION: u64 = 3;
 const SCHEMA_KEY: &str = "schema_version";
@@ -198,9 +200,12 @@ impl Store {
     pub fn open(state_dir: &Path) -> Result<Self, StoreError> {
         prepare_state_dir(state_dir)?;
         let path = state_dir.join(Self::FILE_NAME);
-        let db = Database::builder()
-            .set_cache_size(CACHE_BYTES)
-            .create(&path)
+        let db = ZeroFilledFile::open(&path)
+            .and_then(|file| {
+                Database::builder()
+                    .set_cache_size(CACHE_BYTES)
+                    .create_with_backend(file)
+            })
             .map_err(|err| match err {
                 redb::DatabaseError::DatabaseAlreadyOpen => {
                     StoreError::InUse { path: path.clone() }
