@@ -2079,3 +2079,98 @@ async fn running__every_node_excluded_at_once_keeps_the_backends_and_warns() {
         Some(&vec![node_names[0].clone()])
     );
 }
+
+/// The Service cache keeps up with a burst of writes like the controller's own (a finalizer
+/// PATCH and a status PATCH per Service, 50 in flight), and ends holding every last version:
+/// kube-apiserver v1.20 has been seen to stop feeding a watcher during such a burst without
+/// closing it, which would leave the cache stale until the watch timed out.
+#[tokio::test]
+async fn service_cache_follows_a_burst_of_finalizer_and_status_writes() {
+    use futures::StreamExt as _;
+
+    const SERVICES: usize = 300;
+    let cp = ControlPlane::shared().await.expect("shared control plane");
+    let client = cp.client().expect("admin client");
+    let ns = unique_name("burst");
+    Api::<Namespace>::all(client.clone())
+        .create(
+            &PostParams::default(),
+            &serde_json::from_value(serde_json::json!({"metadata": {"name": ns}})).unwrap(),
+        )
+        .await
+        .expect("create namespace");
+    let api: Api<Service> = Api::namespaced(client.clone(), &ns);
+    futures::stream::iter(0..SERVICES)
+        .map(|i| {
+            let api = api.clone();
+            let ns = ns.clone();
+            async move {
+                api.create(
+                    &PostParams::default(),
+                    &test_support::load_balancer_service(&ns, &format!("s{i}"), &[("TCP", 80)]),
+                )
+                .await
+                .expect("create service");
+            }
+        })
+        .buffer_unordered(50)
+        .collect::<Vec<()>>()
+        .await;
+
+    let informer = ServiceInformer::selecting(
+        Api::namespaced(client.clone(), &ns),
+        watcher::Config::default(),
+    );
+    let store = informer.store.clone();
+    let mut ready = informer.ready();
+    let task = tokio::spawn(informer.run(|_| {}, std::future::pending()));
+    tokio::time::timeout(WAIT, ready.wait_for(|r| *r))
+        .await
+        .expect("service cache synced in time")
+        .unwrap();
+
+    futures::stream::iter(0..SERVICES)
+        .map(|i| {
+            let api = api.clone();
+            async move {
+                let name = format!("s{i}");
+                let finalizer = serde_json::json!({"metadata": {"finalizers": [FINALIZER]}});
+                api.patch(&name, &PatchParams::default(), &Patch::Merge(&finalizer))
+                    .await
+                    .expect("finalizer patch");
+                let status = serde_json::json!({"status": {"loadBalancer": {"ingress": [
+                    {"ip": format!("198.51.100.{}", i % 250 + 1)}
+                ]}}});
+                api.patch_status(&name, &PatchParams::default(), &Patch::Merge(&status))
+                    .await
+                    .expect("status patch");
+            }
+        })
+        .buffer_unordered(50)
+        .collect::<Vec<()>>()
+        .await;
+
+    let served = |store: &Store<CachedService>| {
+        store
+            .state()
+            .iter()
+            .filter(|s| {
+                s.finalizers().iter().any(|f| f == FINALIZER)
+                    && s.load_balancer()
+                        .ingress
+                        .as_ref()
+                        .is_some_and(|i| !i.is_empty())
+            })
+            .count()
+    };
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while served(&store) < SERVICES && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(
+        served(&store),
+        SERVICES,
+        "the cache holds the last version of only some Services {WAIT:?} after the burst"
+    );
+    task.abort();
+}
