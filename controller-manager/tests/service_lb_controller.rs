@@ -198,6 +198,19 @@ fn fake() -> FakeCloud {
     }
 }
 
+/// Creates a namespace named from `prefix` and returns its name.
+async fn create_namespace(client: &kube::Client, prefix: &str) -> String {
+    let ns = unique_name(prefix);
+    Api::<Namespace>::all(client.clone())
+        .create(
+            &PostParams::default(),
+            &serde_json::from_value(serde_json::json!({"metadata": {"name": ns}})).unwrap(),
+        )
+        .await
+        .expect("create namespace");
+    ns
+}
+
 impl Env {
     async fn new(fake: FakeCloud) -> Env {
         let h = harness(fake).await;
@@ -207,14 +220,7 @@ impl Env {
             .expect("client builder")
             .with_layer(&api)
             .build();
-        let ns = unique_name("lb");
-        Api::<Namespace>::all(h.client.clone())
-            .create(
-                &PostParams::default(),
-                &serde_json::from_value(serde_json::json!({"metadata": {"name": ns}})).unwrap(),
-            )
-            .await
-            .expect("create namespace");
+        let ns = create_namespace(&h.client, "lb").await;
         let label = unique_name("n");
         let informer = ServiceInformer::selecting(
             Api::namespaced(h.client.clone(), &ns),
@@ -2091,14 +2097,7 @@ async fn service_cache_follows_a_burst_of_finalizer_and_status_writes() {
     const SERVICES: usize = 300;
     let cp = ControlPlane::shared().await.expect("shared control plane");
     let client = cp.client().expect("admin client");
-    let ns = unique_name("burst");
-    Api::<Namespace>::all(client.clone())
-        .create(
-            &PostParams::default(),
-            &serde_json::from_value(serde_json::json!({"metadata": {"name": ns}})).unwrap(),
-        )
-        .await
-        .expect("create namespace");
+    let ns = create_namespace(&client, "burst").await;
     let api: Api<Service> = Api::namespaced(client.clone(), &ns);
     futures::stream::iter(0..SERVICES)
         .map(|i| {
@@ -2150,27 +2149,33 @@ async fn service_cache_follows_a_burst_of_finalizer_and_status_writes() {
         .collect::<Vec<()>>()
         .await;
 
-    let served = |store: &Store<CachedService>| {
-        store
-            .state()
-            .iter()
-            .filter(|s| {
-                s.finalizers().iter().any(|f| f == FINALIZER)
-                    && s.load_balancer()
-                        .ingress
-                        .as_ref()
-                        .is_some_and(|i| !i.is_empty())
-            })
-            .count()
-    };
-    let deadline = tokio::time::Instant::now() + WAIT;
-    while served(&store) < SERVICES && tokio::time::Instant::now() < deadline {
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    assert_eq!(
-        served(&store),
-        SERVICES,
-        "the cache holds the last version of only some Services {WAIT:?} after the burst"
-    );
+    test_support::wait_for(
+        "the cache to hold every Service's last version",
+        WAIT,
+        || {
+            let served = store
+                .state()
+                .iter()
+                .filter(|s| {
+                    s.finalizers().iter().any(|f| f == FINALIZER)
+                        && s.load_balancer()
+                            .ingress
+                            .as_ref()
+                            .is_some_and(|i| !i.is_empty())
+                })
+                .count();
+            async move {
+                if served == SERVICES {
+                    Ok(())
+                } else {
+                    Err(format!(
+                        "{served} of {SERVICES} with the finalizer and an address"
+                    ))
+                }
+            }
+        },
+    )
+    .await
+    .unwrap();
     task.abort();
 }

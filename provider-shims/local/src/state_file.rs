@@ -35,16 +35,16 @@ pub(crate) struct ZeroFilledFile {
 impl ZeroFilledFile {
     /// Opens (creating if needed) the database file at `path`, as redb's own `create` does.
     pub(crate) fn open(path: &Path) -> Result<Self, DatabaseError> {
+        Self::open_with_limit(path, MAX_FILLED_GROWTH)
+    }
+
+    fn open_with_limit(path: &Path, max_filled_growth: u64) -> Result<Self, DatabaseError> {
         let file = OpenOptions::new()
             .read(true)
             .write(true)
             .create(true)
             .truncate(false)
             .open(path)?;
-        Self::with_limit(file, MAX_FILLED_GROWTH)
-    }
-
-    fn with_limit(file: File, max_filled_growth: u64) -> Result<Self, DatabaseError> {
         let writer = file.try_clone()?;
         Ok(Self {
             inner: FileBackend::new(file)?,
@@ -160,14 +160,7 @@ mod tests {
     fn a_growth_over_the_limit_is_left_sparse() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("state.redb");
-        let file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .open(&path)
-            .unwrap();
-        let backend = ZeroFilledFile::with_limit(file, 64 * 1024).unwrap();
+        let backend = ZeroFilledFile::open_with_limit(&path, 64 * 1024).unwrap();
         backend.set_len(1 << 20).unwrap();
         assert_eq!(backend.len().unwrap(), 1 << 20);
         assert!(allocated(&path) < 1 << 20, "{}", allocated(&path));

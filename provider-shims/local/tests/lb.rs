@@ -91,23 +91,34 @@ impl Shim {
     }
 }
 
+/// Sends `request` with the test fence and returns the status it got.
+async fn send_ensure(
+    client: &mut LoadBalancerClient<CpiChannel>,
+    request: pb::EnsureLoadBalancerRequest,
+) -> Result<pb::LoadBalancerStatus, CpiError> {
+    client
+        .ensure_load_balancer(pb::EnsureLoadBalancerRequest {
+            fence: fence(),
+            ..request
+        })
+        .await
+        .map(|r| r.into_inner().status.unwrap())
+        .map_err(cpi)
+}
+
 async fn ensure_in(
     client: &mut LoadBalancerClient<CpiChannel>,
     cluster: &str,
     svc: &pb::Service,
     nodes: &[pb::Node],
 ) -> Result<pb::LoadBalancerStatus, CpiError> {
-    client
-        .ensure_load_balancer(pb::EnsureLoadBalancerRequest {
-            cluster_name: cluster.into(),
-            service: Some(svc.clone()),
-            nodes: nodes.to_vec(),
-            fence: fence(),
-            ..Default::default()
-        })
-        .await
-        .map(|r| r.into_inner().status.unwrap())
-        .map_err(cpi)
+    let request = pb::EnsureLoadBalancerRequest {
+        cluster_name: cluster.into(),
+        service: Some(svc.clone()),
+        nodes: nodes.to_vec(),
+        ..Default::default()
+    };
+    send_ensure(client, request).await
 }
 
 async fn ensure(
@@ -500,19 +511,13 @@ async fn a_node_set_put_again_under_its_id_gives_the_new_backends() {
         nodes: nodes.to_vec(),
     };
     lb.put_node_set(put(&nodes[..1])).await.unwrap();
-    let status = lb
-        .ensure_load_balancer(pb::EnsureLoadBalancerRequest {
-            cluster_name: CLUSTER.into(),
-            service: Some(svc.clone()),
-            node_set_id: "set-a".into(),
-            fence: fence(),
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .status
-        .unwrap();
+    let request = pb::EnsureLoadBalancerRequest {
+        cluster_name: CLUSTER.into(),
+        service: Some(svc.clone()),
+        node_set_id: "set-a".into(),
+        ..Default::default()
+    };
+    let status = send_ensure(&mut lb, request).await.unwrap();
     assert_eq!(
         backend_of(ip(CLIENT), at(&status, 8080)).await.as_deref(),
         Some("b1")

@@ -4,9 +4,9 @@
 //! Services on 100 nodes) the shim would otherwise keep 1000 copies of one 100-entry list and
 //! of its health-check handles. [`Interner`] hands out one `Arc<[T]>` per distinct list, with
 //! what was derived from it once (the digest it is stored under); [`LastDerived`] skips even
-//! building the list when a call names the node set the previous one did; [`reuse_plan`] says which
-//! entries of an old list a new one can take over, so a changed node list registers health
-//! checks only for the nodes that changed.
+//! building the list when a call names the node set the previous one did; [`reuse_plan`] says
+//! which entries of an old list a new one can take over, so a changed node list registers
+//! health checks only for the nodes that changed.
 
 use std::collections::HashMap;
 use std::hash::Hash;
