@@ -18,7 +18,7 @@ use crate::controllers::{
 };
 use crate::flags::FlagError;
 use crate::health::{Health, Scope, Unhealthy};
-use crate::k8s::{ClientError, ClientMetrics, EventBroadcaster, NodeInformer};
+use crate::k8s::{ClientError, ClientMetrics, EventBroadcaster, NodeInformer, WatchMetrics};
 use crate::leader::{Acquired, LeaderElector, LeaseConfig, Lost, SharedStatus};
 use crate::metrics::ManagerMetrics;
 use crate::options::{GenericOptions, OptionsError};
@@ -156,9 +156,13 @@ pub async fn run(
     // Events are written off the reconcile path, by one sink for every controller.
     let events = EventBroadcaster::start(clients.controllers.clone(), &identity);
     let (succession_tx, succession) = Succession::channel();
+    let watch_metrics = WatchMetrics::register(&mut registry);
     let ctx = ControllerContext {
         client: clients.controllers.clone(),
-        nodes: SharedNodes::new(NodeInformer::new(clients.controllers)),
+        nodes: SharedNodes::new(
+            NodeInformer::new(clients.controllers).with_metrics(watch_metrics.clone()),
+        ),
+        watch_metrics,
         cloud,
         cluster: ClusterSettings {
             name: options

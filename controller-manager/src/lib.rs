@@ -38,6 +38,6 @@ pub use flags::{FeatureGateError, FeatureGates, parse_feature_gates};
 pub use health::{Health, Scope, Unhealthy};
 pub use k8s::{
     CachedNode, CachedService, EventType, NodeInformer, Recorder, ServiceChange, ServiceInformer,
-    events, well_known,
+    WatchMetrics, events, well_known,
 };
 pub use leader::Acquired;

@@ -38,7 +38,7 @@ use std::time::Duration;
 use cloud_controller_manager::well_known::TAINT_NOT_READY;
 use cloud_controller_manager::{
     CachedNode, CachedService, Cloud, Fence, NodeInformer, Op, ServiceChange, ServiceInformer,
-    ServiceLb, ServiceSyncError,
+    ServiceLb, ServiceSyncError, WatchMetrics,
 };
 use fake_provider::{CpiError, FakeCloud, FakeZone, call};
 use k8s_openapi::api::core::v1::{
@@ -2116,10 +2116,12 @@ async fn service_cache_follows_a_burst_of_finalizer_and_status_writes() {
         .collect::<Vec<()>>()
         .await;
 
+    let mut registry = prometheus_client::registry::Registry::default();
     let informer = ServiceInformer::selecting(
         Api::namespaced(client.clone(), &ns),
         watcher::Config::default(),
-    );
+    )
+    .with_metrics(WatchMetrics::register(&mut registry));
     let store = informer.store.clone();
     let mut ready = informer.ready();
     let task = tokio::spawn(informer.run(|_| {}, std::future::pending()));
@@ -2177,5 +2179,18 @@ async fn service_cache_follows_a_burst_of_finalizer_and_status_writes() {
     )
     .await
     .unwrap();
+    // One listed Service each, then each write as its own event: nothing was lost or relisted.
+    let mut text = String::new();
+    prometheus_client::encoding::text::encode(&mut text, &registry).unwrap();
+    for line in [
+        format!(r#"ccm_watch_events_total{{resource="services",event="init_apply"}} {SERVICES}"#),
+        format!(
+            r#"ccm_watch_events_total{{resource="services",event="apply"}} {}"#,
+            2 * SERVICES
+        ),
+        r#"ccm_watch_events_total{resource="services",event="init"} 1"#.to_string(),
+    ] {
+        assert!(text.contains(&line), "{line:?} not in\n{text}");
+    }
     task.abort();
 }

@@ -9,7 +9,7 @@ use kube::runtime::reflector::{ReflectHandle, Store};
 use crate::cloud::{Cloud, Predecessor};
 use crate::cluster_cidrs::ClusterCidrs;
 use crate::flags::FeatureGates;
-use crate::k8s::{CachedNode, EventBroadcaster, NodeInformer, Recorder};
+use crate::k8s::{CachedNode, EventBroadcaster, NodeInformer, Recorder, WatchMetrics};
 
 /// Upstream's shared cloud settings (`KubeCloudSharedConfiguration`) that more than one
 /// controller reads.
@@ -130,6 +130,8 @@ pub struct ControllerContext {
     pub cloud: Cloud,
     /// The shared Node watch.
     pub nodes: SharedNodes,
+    /// Counters for the watches controllers start themselves (the Node watch has them already).
+    pub watch_metrics: WatchMetrics,
     /// Cluster-wide settings.
     pub cluster: ClusterSettings,
     /// The Event sink shared by every controller (reporting instance: our identity).

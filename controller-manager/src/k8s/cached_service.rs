@@ -19,6 +19,8 @@ use kube::runtime::{WatchStreamExt, watcher};
 use serde::Deserialize;
 use tracing::warn;
 
+use super::watch_metrics::WatchMetrics;
+
 /// A `core/v1` Service as the service-lb controller caches it (see the module documentation).
 #[derive(Clone, Debug, Default, PartialEq, Deserialize)]
 #[serde(from = "Service")]
@@ -130,6 +132,9 @@ pub enum ServiceChange {
     Deleted(Arc<CachedService>),
 }
 
+/// The `resource` label of the Service watch's metrics.
+const RESOURCE: &str = "services";
+
 /// The watch of Services: a read cache plus a callback for every change.
 pub struct ServiceInformer {
     /// The cache.
@@ -138,6 +143,7 @@ pub struct ServiceInformer {
     api: Api<CachedService>,
     config: watcher::Config,
     ready: tokio::sync::watch::Sender<bool>,
+    metrics: WatchMetrics,
 }
 
 impl ServiceInformer {
@@ -156,7 +162,15 @@ impl ServiceInformer {
             api,
             config,
             ready: tokio::sync::watch::channel(false).0,
+            metrics: WatchMetrics::default(),
         }
+    }
+
+    /// Counts what the watch delivers in `metrics` (as resource `services`).
+    #[must_use]
+    pub fn with_metrics(mut self, metrics: WatchMetrics) -> Self {
+        self.metrics = metrics;
+        self
     }
 
     /// Turns true once the initial list is in the cache.
@@ -182,10 +196,12 @@ impl ServiceInformer {
                 let event = match event {
                     Ok(event) => event,
                     Err(err) => {
+                        self.metrics.error(RESOURCE);
                         warn!(error = %err, "service watch error; retrying with backoff");
                         continue;
                     }
                 };
+                self.metrics.event(RESOURCE, &event);
                 match event {
                     watcher::Event::Apply(service) => {
                         let key = ObjectRef::from_obj(&service);

@@ -8,12 +8,16 @@ use kube::runtime::{WatchStreamExt, watcher};
 use tracing::warn;
 
 use super::cached_node::CachedNode;
+use super::watch_metrics::WatchMetrics;
 
 /// Nodes per page of the initial list. Pages bound the memory of decoding the list; they only
 /// work for a list from etcd: a list at resourceVersion "0" (served from the API server's watch
 /// cache, as client-go's informers do) ignores the limit and returns every node in one body —
 /// megabytes at a few thousand nodes.
 const LIST_PAGE_SIZE: u32 = 100;
+
+/// The `resource` label of the Node watch's metrics.
+const RESOURCE: &str = "nodes";
 
 /// Events buffered per subscriber before the shared watch waits for slow consumers.
 const SUBSCRIBER_BUFFER: usize = 1024;
@@ -28,6 +32,7 @@ pub struct NodeInformer {
     config: watcher::Config,
     ready: tokio::sync::watch::Sender<bool>,
     changes: tokio::sync::watch::Sender<u64>,
+    metrics: WatchMetrics,
 }
 
 impl NodeInformer {
@@ -47,7 +52,15 @@ impl NodeInformer {
             config: config.page_size(LIST_PAGE_SIZE),
             ready: tokio::sync::watch::channel(false).0,
             changes: tokio::sync::watch::channel(0).0,
+            metrics: WatchMetrics::default(),
         }
+    }
+
+    /// Counts what the watch delivers in `metrics` (as resource `nodes`).
+    #[must_use]
+    pub fn with_metrics(mut self, metrics: WatchMetrics) -> Self {
+        self.metrics = metrics;
+        self
     }
 
     /// Turns true once the initial list is in the cache. (Not `Store::wait_until_ready`: with
@@ -77,7 +90,12 @@ impl NodeInformer {
             reflector::reflector(writer, watcher(api, self.config.clone()).default_backoff());
         let ready = &self.ready;
         let changes = &self.changes;
+        let metrics = &self.metrics;
         let drive = stream.for_each(|event| async move {
+            match &event {
+                Ok(event) => metrics.event(RESOURCE, event),
+                Err(_) => metrics.error(RESOURCE),
+            }
             match event {
                 Ok(watcher::Event::InitDone) => {
                     ready.send_replace(true);

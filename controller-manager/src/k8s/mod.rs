@@ -1,5 +1,5 @@
 //! The Kubernetes side of the manager: the API clients, Events, the shared Node watch and its
-//! compact cache, the Service watch and its compact cache, and the API's well-known label,
+//! compact cache, the Service watch and its compact cache, the watches' counters, and the API's well-known label,
 //! taint, annotation, finalizer and condition names.
 
 mod cached_node;
@@ -7,6 +7,7 @@ mod cached_service;
 mod client;
 pub mod events;
 mod informer;
+mod watch_metrics;
 pub mod well_known;
 
 /// `text` cut to at most `max` bytes on a character boundary, marked when cut: error texts
@@ -28,3 +29,4 @@ pub use cached_service::{CachedService, ServiceChange, ServiceInformer, services
 pub use client::{ClientError, ClientMetrics, build_clients, load_config, nodes, send_write};
 pub use events::{EventBroadcaster, EventType, Recorder};
 pub use informer::NodeInformer;
+pub use watch_metrics::WatchMetrics;

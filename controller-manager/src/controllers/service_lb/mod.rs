@@ -207,7 +207,8 @@ impl Controller for ServiceLbController {
         registry: &mut Registry,
     ) -> Result<Self, BuildError> {
         cluster_name_owns_load_balancers(&ctx.cluster)?;
-        let informer = ServiceInformer::new(ctx.client.clone());
+        let informer =
+            ServiceInformer::new(ctx.client.clone()).with_metrics(ctx.watch_metrics.clone());
         let state = ServiceLb::new(
             ctx.client.clone(),
             ctx.cloud.clone(),
