@@ -77,13 +77,13 @@ fn parse_labels(raw: &str) -> Option<BTreeMap<String, String>> {
     }
 }
 
-/// Sum of every sample named `name`.
+/// Sum of every sample named `name` (0 when there is none).
 pub fn sum(samples: &[Sample], name: &str) -> f64 {
+    // Not `Iterator::sum`: the float sum of nothing is -0, printed as "-0".
     samples
         .iter()
         .filter(|s| s.name == name)
-        .map(|s| s.value)
-        .sum()
+        .fold(0.0, |sum, s| sum + s.value)
 }
 
 /// Sum of every sample named `name`, or `None` when there is none.
@@ -184,6 +184,8 @@ weird{a="x\"y,z",b="2"} 1.5
         assert_eq!(sum(&samples, "ccm_uninitialized_nodes"), 0.0);
         assert_eq!(total(&samples, "ccm_uninitialized_nodes"), Some(0.0));
         assert_eq!(total(&samples, "absent_total"), None);
+        // Positive zero, so a report prints "0", not "-0".
+        assert_eq!(format!("{:.0}", sum(&samples, "absent_total")), "0");
         let weird = samples.iter().find(|s| s.name == "weird").unwrap();
         assert_eq!(weird.labels["a"], "x\"y,z");
         assert_eq!(weird.labels["b"], "2");

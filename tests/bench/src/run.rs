@@ -376,6 +376,12 @@ pub(crate) async fn start_control_plane()
         extra_apiserver_args: vec![
             "--max-requests-inflight=2000".into(),
             "--max-mutating-requests-inflight=1000".into(),
+            // With its watch cache, this kube-apiserver (v1.20.2 on etcd 3.4.23) stops sending
+            // Service events in the middle of `bench lb`'s burst, to every watcher or to the
+            // manager's alone, and never resumes: the manager's cache then misses most of its
+            // own writes and the run measures less work than a working watch causes. Served
+            // from etcd, every watch receives every event (see tests/bench/README.md).
+            "--watch-cache=false".into(),
         ],
         ..Options::default()
     })
