@@ -20,7 +20,7 @@ use crate::metrics;
 use crate::nodes::{PlainNode, plain_inventory};
 use crate::procfs;
 use crate::report::{
-    PhaseCpu, Usage, verdict, write_baseline, write_per, write_phases, write_usage,
+    PhaseCpu, Usage, WatchSeen, verdict, write_baseline, write_per, write_phases, write_usage,
 };
 use crate::run::{
     Machine, ServingFiles, create_all, exited, keep_logs, progress, settled_metrics, spawn_ccm,
@@ -75,11 +75,9 @@ pub struct LbReport {
     pub api_requests_by_method: BTreeMap<String, f64>,
     /// CPI calls by method over the same span.
     pub cpi_calls_by_method: BTreeMap<String, f64>,
-    /// Events of the controller-manager's Service watch by event (`init_apply`, `apply`, …)
-    /// over the same span: whether it saw its own writes.
-    pub service_watch_events: BTreeMap<String, f64>,
-    /// Failed requests of that watch.
-    pub service_watch_errors: f64,
+    /// What the controller-manager's Service watch delivered over the same span: whether it
+    /// saw its own writes.
+    pub service_watch: WatchSeen,
     /// From the new Node's creation to one UpdateLoadBalancer per Service.
     pub node_added_seconds: Option<f64>,
     /// UpdateLoadBalancer calls made for the new Node (after settling).
@@ -139,7 +137,7 @@ pub async fn lb(args: &LbArgs) -> anyhow::Result<LbReport> {
 
     let work = temp_dir("ccm-bench-lb-", Location::System).context("creating a work directory")?;
     let dir = work.path();
-    let (cp, client, cp_pids) = start_control_plane().await?;
+    let (cp, client, cp_pids) = start_control_plane(&args.run).await?;
 
     // 1. Nodes (one more for the second phase), their health responders, the Services.
     let all_nodes: Vec<PlainNode> = (0..=n_nodes).map(lb_node).collect();
@@ -249,11 +247,6 @@ pub async fn lb(args: &LbArgs) -> anyhow::Result<LbReport> {
         all_served.as_secs_f64()
     ));
     let samples = settled_metrics(&scraper).await?;
-    let service_watch: Vec<metrics::Sample> = samples
-        .iter()
-        .filter(|s| s.labels.get("resource").is_some_and(|r| r == "services"))
-        .cloned()
-        .collect();
     let ccm_usage = procfs::usage(&ccm.pid().to_string(), ticks)?;
     let shim_usage = procfs::usage(&shim.pid().to_string(), ticks)?;
 
@@ -317,8 +310,7 @@ pub async fn lb(args: &LbArgs) -> anyhow::Result<LbReport> {
         shim_peak_rss_mib: mib(shim_usage.peak_rss_bytes),
         api_requests_by_method: metrics::sum_by(&samples, "rest_client_requests_total", "method"),
         cpi_calls_by_method: metrics::sum_by(&samples, "cloudprovider_requests_total", "method"),
-        service_watch_events: metrics::sum_by(&service_watch, "ccm_watch_events_total", "event"),
-        service_watch_errors: metrics::sum(&service_watch, "ccm_watch_errors_total"),
+        service_watch: WatchSeen::of(&samples, "services"),
         node_added_seconds: node_added,
         node_added_updates,
         ccm_phase,
@@ -478,22 +470,9 @@ pub fn render_text(r: &LbReport) -> String {
         &r.cpi_calls_by_method,
         r.services,
     );
-    let watched = |event: &str| r.service_watch_events.get(event).copied().unwrap_or(0.0);
     // Each Service's finalizer and status PATCH comes back as one watch event.
-    let writes = 2 * r.services;
-    let _ = writeln!(
-        out,
-        "  controller-manager's Service watch: {:.0} listed in {:.0} list(s), {:.0} changes seen for its {writes} writes, {:.0} errors {}",
-        watched("init_apply"),
-        watched("init"),
-        watched("apply"),
-        r.service_watch_errors,
-        if watched("apply") >= writes as f64 {
-            "(kept up)"
-        } else {
-            "(FELL BEHIND: this run measured less work than a working watch causes)"
-        }
-    );
+    r.service_watch
+        .write_line(&mut out, "Service", 2 * r.services);
     match r.node_added_seconds {
         Some(s) => {
             let _ = writeln!(

@@ -172,6 +172,10 @@ pub struct RunArgs {
     /// Print the report as JSON instead of text.
     #[arg(long)]
     pub json: bool,
+    /// Run kube-apiserver with its watch cache (off by default: with it, this v1.20.2 server
+    /// stops sending watch events in the middle of a burst; see tests/bench/README.md).
+    #[arg(long)]
+    pub apiserver_watch_cache: bool,
 }
 
 /// Flags of `bench node-init`.

@@ -100,6 +100,8 @@ pub struct NodeInitReport {
     pub cpi_calls: Option<f64>,
     /// Calls to the shim by method.
     pub cpi_calls_by_method: BTreeMap<String, f64>,
+    /// What the controller-manager's Node watch delivered.
+    pub node_watch: WatchSeen,
 
     /// Control-plane CPU while the Nodes were registered.
     pub create_phase: PhaseCpu,
@@ -107,6 +109,58 @@ pub struct NodeInitReport {
     pub ccm_phase: PhaseCpu,
     /// Control-plane CPU during the baseline writes.
     pub baseline_phase: PhaseCpu,
+}
+
+/// What the controller-manager's watch of one resource delivered until the counts were read
+/// (`ccm_watch_events_total`, `ccm_watch_errors_total`).
+#[derive(Debug, Clone, Copy, Default, Serialize)]
+pub struct WatchSeen {
+    /// Objects listed, over every (re)list.
+    pub listed: f64,
+    /// (Re)lists started.
+    pub lists: f64,
+    /// Changes delivered while watching (applied and deleted objects).
+    pub changes: f64,
+    /// Failed watch or list requests.
+    pub errors: f64,
+}
+
+impl WatchSeen {
+    /// The counts of the watch of `resource` (e.g. `services`) in one scrape.
+    pub fn of(samples: &[crate::metrics::Sample], resource: &str) -> Self {
+        let ours: Vec<crate::metrics::Sample> = samples
+            .iter()
+            .filter(|s| s.labels.get("resource").is_some_and(|r| r == resource))
+            .cloned()
+            .collect();
+        let events = crate::metrics::sum_by(&ours, "ccm_watch_events_total", "event");
+        let event = |name: &str| events.get(name).copied().unwrap_or(0.0);
+        Self {
+            listed: event("init_apply"),
+            lists: event("init"),
+            changes: event("apply") + event("delete"),
+            errors: crate::metrics::sum(&ours, "ccm_watch_errors_total"),
+        }
+    }
+
+    /// Appends one line saying whether the watch of `what` (e.g. "Service") brought back the
+    /// controller-manager's own `writes` to it: a run whose watch fell behind measured less
+    /// work than a working watch causes.
+    pub fn write_line(&self, out: &mut String, what: &str, writes: usize) {
+        let _ = writeln!(
+            out,
+            "  controller-manager's {what} watch: {:.0} listed in {:.0} list(s), {:.0} changes seen for its {writes} writes, {:.0} errors {}",
+            self.listed,
+            self.lists,
+            self.changes,
+            self.errors,
+            if self.changes >= writes as f64 {
+                "(kept up)"
+            } else {
+                "(FELL BEHIND: this run measured less work than a working watch causes)"
+            }
+        );
+    }
 }
 
 /// Appends the control plane's CPU per phase (as a share of `cores`) to a text report.
@@ -371,6 +425,8 @@ impl NodeInitReport {
                 );
             }
         }
+        // Each Node's PUT (taint, provider ID, labels) and status PATCH comes back as a change.
+        self.node_watch.write_line(&mut out, "Node", 2 * n);
         write_phases(
             &mut out,
             self.cores,
@@ -420,6 +476,12 @@ mod tests {
             api_requests_by_code: BTreeMap::new(),
             cpi_calls: Some(200.0),
             cpi_calls_by_method: BTreeMap::new(),
+            node_watch: WatchSeen {
+                listed: 200.0,
+                lists: 1.0,
+                changes: 399.0,
+                errors: 0.0,
+            },
             create_phase: PhaseCpu::default(),
             ccm_phase: PhaseCpu::default(),
             baseline_phase: PhaseCpu::default(),
@@ -433,5 +495,9 @@ mod tests {
         );
         assert!(text.contains("API requests per node: 3.01"), "{text}");
         assert!(text.contains("PUT 1.00"), "{text}");
+        assert!(
+            text.contains("399 changes seen for its 400 writes, 0 errors (FELL BEHIND"),
+            "{text}"
+        );
     }
 }

@@ -111,7 +111,7 @@ pub async fn routes(args: &RoutesArgs) -> anyhow::Result<RoutesReport> {
     netns
         .add_link("ccm0", &[NODE_NET])
         .context("giving the namespace the nodes' subnet")?;
-    let (cp, client, cp_pids) = start_control_plane().await?;
+    let (cp, client, cp_pids) = start_control_plane(&args.run).await?;
 
     // 1. Nodes without pod CIDRs.
     let all: Vec<PlainNode> = (0..n).map(node).collect();

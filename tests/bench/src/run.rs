@@ -72,7 +72,7 @@ pub async fn node_init(args: &NodeInitArgs) -> anyhow::Result<NodeInitReport> {
     let work = temp_dir("ccm-bench-", Location::System).context("creating a work directory")?;
     let dir = work.path();
 
-    let (cp, client, cp_pids) = start_control_plane().await?;
+    let (cp, client, cp_pids) = start_control_plane(&args.run).await?;
 
     // 1. Inventory and tainted Nodes.
     let machines: Vec<nodes::Machine> = (0..n)
@@ -240,6 +240,7 @@ pub async fn node_init(args: &NodeInitArgs) -> anyhow::Result<NodeInitReport> {
         api_requests_by_code: metrics::sum_by(&samples, requests, "code"),
         cpi_calls: metrics::total(&samples, cpi),
         cpi_calls_by_method: metrics::sum_by(&samples, cpi, "method"),
+        node_watch: report::WatchSeen::of(&samples, "nodes"),
         create_phase,
         ccm_phase,
         baseline_phase,
@@ -369,19 +370,21 @@ where
 
 /// Starts etcd and kube-apiserver with room for the bench's bursts of requests; returns them,
 /// an admin client and their PIDs.
-pub(crate) async fn start_control_plane()
--> anyhow::Result<(ControlPlane, kube::Client, ControlPlanePids)> {
+pub(crate) async fn start_control_plane(
+    args: &RunArgs,
+) -> anyhow::Result<(ControlPlane, kube::Client, ControlPlanePids)> {
     progress(format_args!("starting etcd + kube-apiserver"));
+    // With its watch cache, this kube-apiserver (v1.20.2 on etcd 3.4.23) stops sending Service
+    // events in the middle of `bench lb`'s burst, to every watcher or to the manager's alone,
+    // and never resumes: the manager's cache then misses most of its own writes and the run
+    // measures less work than a working watch causes. Served from etcd, every watch receives
+    // every event (see tests/bench/README.md).
+    let watch_cache = format!("--watch-cache={}", args.apiserver_watch_cache);
     let cp = ControlPlane::start_with(Options {
         extra_apiserver_args: vec![
             "--max-requests-inflight=2000".into(),
             "--max-mutating-requests-inflight=1000".into(),
-            // With its watch cache, this kube-apiserver (v1.20.2 on etcd 3.4.23) stops sending
-            // Service events in the middle of `bench lb`'s burst, to every watcher or to the
-            // manager's alone, and never resumes: the manager's cache then misses most of its
-            // own writes and the run measures less work than a working watch causes. Served
-            // from etcd, every watch receives every event (see tests/bench/README.md).
-            "--watch-cache=false".into(),
+            watch_cache,
         ],
         ..Options::default()
     })
