@@ -187,21 +187,18 @@ impl ServiceInformer {
         mut on_change: impl FnMut(ServiceChange) + Send,
         shutdown: impl Future<Output = ()> + Send,
     ) {
-        let mut stream = watcher(self.api.clone(), self.config.clone())
-            .default_backoff()
-            .boxed();
+        let watch = watcher(self.api.clone(), self.config.clone()).default_backoff();
+        let mut stream = self.metrics.counted(RESOURCE, watch).boxed();
         let mut listed: Vec<Arc<CachedService>> = Vec::new();
         let drive = async {
             while let Some(event) = stream.next().await {
                 let event = match event {
                     Ok(event) => event,
                     Err(err) => {
-                        self.metrics.error(RESOURCE);
                         warn!(error = %err, "service watch error; retrying with backoff");
                         continue;
                     }
                 };
-                self.metrics.event(RESOURCE, &event);
                 match event {
                     watcher::Event::Apply(service) => {
                         let key = ObjectRef::from_obj(&service);

@@ -86,16 +86,11 @@ impl NodeInformer {
             return;
         };
         let api: Api<CachedNode> = Api::all(self.client.clone());
-        let stream =
-            reflector::reflector(writer, watcher(api, self.config.clone()).default_backoff());
+        let watch = watcher(api, self.config.clone()).default_backoff();
+        let stream = reflector::reflector(writer, self.metrics.counted(RESOURCE, watch));
         let ready = &self.ready;
         let changes = &self.changes;
-        let metrics = &self.metrics;
         let drive = stream.for_each(|event| async move {
-            match &event {
-                Ok(event) => metrics.event(RESOURCE, event),
-                Err(_) => metrics.error(RESOURCE),
-            }
             match event {
                 Ok(watcher::Event::InitDone) => {
                     ready.send_replace(true);

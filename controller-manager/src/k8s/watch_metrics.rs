@@ -1,6 +1,7 @@
 //! Counters of the shared watches: what each delivered and how often it failed, so that a watch
 //! that stopped delivering can be told apart from a cluster where nothing changes.
 
+use futures::{Stream, StreamExt as _};
 use kube::runtime::watcher;
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
@@ -49,8 +50,25 @@ impl WatchMetrics {
         metrics
     }
 
+    /// `stream` (a watcher's) with each of its events and errors counted for `resource`, as it
+    /// is read: the one place both watches are counted, so they count alike.
+    pub(crate) fn counted<K, S>(
+        &self,
+        resource: &'static str,
+        stream: S,
+    ) -> impl Stream<Item = S::Item> + use<K, S>
+    where
+        S: Stream<Item = Result<watcher::Event<K>, watcher::Error>>,
+    {
+        let metrics = self.clone();
+        stream.inspect(move |item| match item {
+            Ok(event) => metrics.event(resource, event),
+            Err(_) => metrics.error(resource),
+        })
+    }
+
     /// Counts one event of `resource`'s watch.
-    pub(crate) fn event<K>(&self, resource: &'static str, event: &watcher::Event<K>) {
+    fn event<K>(&self, resource: &'static str, event: &watcher::Event<K>) {
         self.events
             .get_or_create(&EventLabels {
                 resource,
@@ -60,7 +78,7 @@ impl WatchMetrics {
     }
 
     /// Counts one failed request of `resource`'s watch.
-    pub(crate) fn error(&self, resource: &'static str) {
+    fn error(&self, resource: &'static str) {
         self.errors
             .get_or_create(&ResourceLabels { resource })
             .inc();
@@ -83,17 +101,24 @@ mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
 
-    #[test]
-    fn events_and_errors_are_counted_per_resource_and_event() {
+    #[tokio::test]
+    async fn events_and_errors_are_counted_per_resource_and_event() {
         let mut registry = Registry::default();
         let metrics = WatchMetrics::register(&mut registry);
-        metrics.event("services", &watcher::Event::<()>::Init);
-        metrics.event("services", &watcher::Event::InitApply(()));
-        metrics.event("services", &watcher::Event::InitApply(()));
-        metrics.event("services", &watcher::Event::<()>::InitDone);
-        metrics.event("services", &watcher::Event::Apply(()));
-        metrics.event("nodes", &watcher::Event::Delete(()));
-        metrics.error("nodes");
+        let services = futures::stream::iter([
+            Ok(watcher::Event::Init),
+            Ok(watcher::Event::InitApply(())),
+            Ok(watcher::Event::InitApply(())),
+            Ok(watcher::Event::InitDone),
+            Ok(watcher::Event::Apply(())),
+        ]);
+        let nodes = futures::stream::iter([
+            Ok(watcher::Event::Delete(())),
+            Err(watcher::Error::NoResourceVersion),
+        ]);
+        // Every item is passed on as it was.
+        assert_eq!(metrics.counted("services", services).count().await, 5);
+        assert_eq!(metrics.counted("nodes", nodes).count().await, 2);
         let mut text = String::new();
         prometheus_client::encoding::text::encode(&mut text, &registry).unwrap();
         for line in [

@@ -128,19 +128,22 @@ pub struct WatchSeen {
 impl WatchSeen {
     /// The counts of the watch of `resource` (e.g. `services`) in one scrape.
     pub fn of(samples: &[crate::metrics::Sample], resource: &str) -> Self {
-        let ours: Vec<crate::metrics::Sample> = samples
+        let mut seen = Self::default();
+        let ours = samples
             .iter()
-            .filter(|s| s.labels.get("resource").is_some_and(|r| r == resource))
-            .cloned()
-            .collect();
-        let events = crate::metrics::sum_by(&ours, "ccm_watch_events_total", "event");
-        let event = |name: &str| events.get(name).copied().unwrap_or(0.0);
-        Self {
-            listed: event("init_apply"),
-            lists: event("init"),
-            changes: event("apply") + event("delete"),
-            errors: crate::metrics::sum(&ours, "ccm_watch_errors_total"),
+            .filter(|s| s.labels.get("resource").is_some_and(|r| r == resource));
+        for sample in ours {
+            let event = sample.labels.get("event").map(String::as_str);
+            let count = match (sample.name.as_str(), event) {
+                ("ccm_watch_events_total", Some("init_apply")) => &mut seen.listed,
+                ("ccm_watch_events_total", Some("init")) => &mut seen.lists,
+                ("ccm_watch_events_total", Some("apply" | "delete")) => &mut seen.changes,
+                ("ccm_watch_errors_total", _) => &mut seen.errors,
+                _ => continue,
+            };
+            *count += sample.value;
         }
+        seen
     }
 
     /// Appends one line saying whether the watch of `what` (e.g. "Service") brought back the
@@ -443,6 +446,32 @@ impl NodeInitReport {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn watch_counts_are_read_for_one_resource() {
+        let samples = crate::metrics::parse(
+            r#"ccm_watch_events_total{resource="services",event="init"} 1
+ccm_watch_events_total{resource="services",event="init_apply"} 1001
+ccm_watch_events_total{resource="services",event="init_done"} 1
+ccm_watch_events_total{resource="services",event="apply"} 1990
+ccm_watch_events_total{resource="services",event="delete"} 10
+ccm_watch_events_total{resource="nodes",event="apply"} 7
+ccm_watch_errors_total{resource="services"} 2
+"#,
+        );
+        let seen = WatchSeen::of(&samples, "services");
+        assert_eq!(
+            (seen.listed, seen.lists, seen.changes, seen.errors),
+            (1001.0, 1.0, 2000.0, 2.0)
+        );
+        let mut line = String::new();
+        seen.write_line(&mut line, "Service", 2000);
+        assert!(
+            line.contains("2000 changes seen for its 2000 writes, 2 errors (kept up)"),
+            "{line}"
+        );
+        assert_eq!(WatchSeen::of(&samples, "nodes").changes, 7.0);
+    }
 
     #[test]
     fn text_report_names_targets_and_verdicts() {
